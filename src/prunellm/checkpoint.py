@@ -1,0 +1,108 @@
+"""The one checkpoint format: a Hugging Face model directory that any transformers tool loads.
+
+Uniform widths give a standard config (no remote code). Per-layer widths are written to ``config.json``
+(``prunellm_layers``) with ``auto_map`` pointing at ``modeling_prunellm.py`` saved beside the weights, so
+``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` works without prunellm installed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from . import hf_modeling
+from .errors import PrunellmError
+from .hf_modeling import PRUNED_LAYERS_KEY, pruned_class
+from .models import DType, torch_dtype
+from .paths import atomic_dir
+
+log = logging.getLogger(__name__)
+
+MODELING_FILE = "modeling_prunellm.py"
+
+
+def is_pruned_checkpoint(path: str | Path) -> bool:
+    """True when ``path`` is a local directory whose config carries per-layer widths."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        return False
+    return bool(json.loads(config_file.read_text()).get(PRUNED_LAYERS_KEY))
+
+
+def _base_class_name(model: PreTrainedModel) -> str:
+    for cls in type(model).__mro__:
+        if cls.__module__.startswith("transformers.") and cls.__name__.endswith("ForCausalLM"):
+            return cls.__name__
+    raise PrunellmError(f"{type(model).__name__} is not a transformers *ForCausalLM model")
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | Path) -> Path:
+    """Save ``model`` (and tokenizer) to ``out_dir`` atomically, with remote code when widths vary per layer."""
+    out_dir = Path(out_dir)
+    non_uniform = bool(getattr(model.config, PRUNED_LAYERS_KEY, None))
+    base_name = _base_class_name(model)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        config_path = tmp / "config.json"
+        config = json.loads(config_path.read_text())
+        config.pop("auto_map", None)
+        config["architectures"] = [base_name]
+        if non_uniform:
+            source = Path(hf_modeling.__file__).read_text()
+            source += (
+                f"\n\nfrom transformers import {base_name} as _Base  # noqa: E402\n\n"
+                f"Pruned{base_name} = pruned_class(_Base)\n"
+            )
+            (tmp / MODELING_FILE).write_text(source)
+            config["auto_map"] = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.Pruned{base_name}"}
+            config["architectures"] = [f"Pruned{base_name}"]
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return out_dir
+
+
+def load_pruned(path: str | Path, dtype: DType = "float32", device: str = "cpu") -> PreTrainedModel:
+    """Load a prunellm checkpoint (per-layer widths or standard) with prunellm's own copy of the modeling code."""
+    path = Path(path)
+    config = AutoConfig.from_pretrained(path)
+    base_name = (config.architectures or [""])[0].removeprefix("Pruned")
+    base = getattr(transformers, base_name, None)
+    if base is None:
+        raise PrunellmError(f"'{path}' names architecture '{base_name}', which this transformers does not have")
+    cls = pruned_class(base) if getattr(config, PRUNED_LAYERS_KEY, None) else base
+    kwargs: dict = {"dtype": torch_dtype(dtype)}
+    if device == "auto":
+        kwargs["device_map"] = "auto"
+    model = cls.from_pretrained(path, config=config, **kwargs)
+    if device != "auto":
+        model.to(device)
+    model.eval()
+    return model
+
+
+def import_legacy_pickle(path: str | Path, trust_pickle: bool = False):
+    """Load an LLM-Pruner style ``pruned_model.bin`` ({'model': ..., 'tokenizer': ...}) pickle.
+
+    Unpickling runs arbitrary code, so this refuses unless ``trust_pickle`` is set by the user.
+    """
+    path = Path(path)
+    if not trust_pickle:
+        raise PrunellmError(
+            f"'{path}' is a pickle (loading it runs code from the file): pass --trust_pickle only if you trust "
+            "its source, then save it once with prunellm to get a safe safetensors checkpoint"
+        )
+    if not path.is_file():
+        raise PrunellmError(f"legacy checkpoint '{path}' does not exist")
+    log.warning("unpickling %s with weights_only=False because --trust_pickle was given", path)
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(payload, dict) and "model" in payload:
+        return payload["model"], payload.get("tokenizer")
+    if isinstance(payload, PreTrainedModel):
+        return payload, None
+    raise PrunellmError(f"'{path}' holds {type(payload).__name__}, not an LLM-Pruner {{'model', 'tokenizer'}} dict")

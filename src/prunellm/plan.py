@@ -1,0 +1,88 @@
+"""The pruning Plan: what to keep, why, and how to replay it on the original weights."""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import PrunellmError
+from .paths import write_json_atomic
+
+PLAN_VERSION = 1
+
+
+@dataclass
+class LayerPlan:
+    """Kept indices of one original decoder layer (``None`` = that unit kind is left as it is)."""
+
+    kv_groups: list[int] | None = None
+    mlp_channels: list[int] | None = None
+
+
+@dataclass
+class Plan:
+    """Kept units per layer, removed layers, the budget and everything needed to replay the pruning."""
+
+    base_model: str
+    method: str  # "global" | "layers" | "allocation"
+    criterion: str
+    target_ratio: float | None
+    params_before: int
+    params_after: int
+    layers: list[LayerPlan]  # one entry per ORIGINAL layer
+    removed_layers: list[int] = field(default_factory=list)  # original indices, removed after slicing
+    recipe: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    versions: dict[str, str] = field(default_factory=dict)
+    reconstruction: dict[str, Any] = field(default_factory=dict)
+    version: int = PLAN_VERSION
+
+    @property
+    def achieved_ratio(self) -> float:
+        """Fraction of the model's total parameters removed."""
+        return 1.0 - self.params_after / self.params_before
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["achieved_ratio"] = round(self.achieved_ratio, 6)
+        return data
+
+    def save(self, path: Path) -> None:
+        """Write the plan as JSON (atomically)."""
+        write_json_atomic(Path(path), self.to_dict())
+
+    @classmethod
+    def load(cls, path: Path | str, flag: str = "--plan") -> "Plan":
+        """Read a plan written by :meth:`save`."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise PrunellmError(f"{flag} '{path}' is not a readable plan JSON: {exc}") from exc
+        if data.get("version") != PLAN_VERSION:
+            raise PrunellmError(f"{flag} '{path}' has plan version {data.get('version')}; this prunellm reads {PLAN_VERSION}")
+        data.pop("achieved_ratio", None)
+        data["layers"] = [LayerPlan(**entry) for entry in data["layers"]]
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise PrunellmError(f"{flag} '{path}' does not match the plan schema: {exc}") from exc
+
+
+def package_versions() -> dict[str, str]:
+    """Versions that decide the numbers a plan produces."""
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {
+        "prunellm": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }

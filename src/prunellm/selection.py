@@ -1,0 +1,177 @@
+"""Global selection: rank every unit of every layer by importance per parameter and remove from the bottom.
+
+Values compared across layers are ``score / cost``, optionally normalised per block or per layer and scaled
+by a layer/block prior. Removal is greedy over a heap of per-unit-set candidates, so constraints (minimum KV
+groups per layer, MLP widths that stay multiples of ``round_to``) shape the candidates instead of being
+repaired afterwards. The removed parameter count ends within one candidate's cost of the target.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .calibration import UnitKey
+from .errors import PrunellmError
+from .units import LayerUnits
+
+Normalization = Literal["none", "block", "layer"]
+
+
+@dataclass(frozen=True)
+class SelectionConstraints:
+    """What selection must respect."""
+
+    min_kv_groups: int = 1
+    min_mlp_channels: int = 0
+    round_to: int = 1
+
+
+@dataclass
+class Selection:
+    """Result of selection: kept indices per unit set and the per-index table behind the decision."""
+
+    kept: dict[UnitKey, list[int]]
+    removed_params: int
+    target_params: int
+    table: list[dict]  # one row per unit index: layer, kind, index, score, cost, value, removed
+
+
+def normalized_values(
+    units: list[LayerUnits],
+    scores: dict[UnitKey, torch.Tensor],
+    normalization: Normalization,
+    priors: dict[UnitKey, float] | None = None,
+) -> dict[UnitKey, torch.Tensor]:
+    """Importance per parameter for every index, normalised and scaled by priors (float64)."""
+    per_param = {
+        (u.layer, u.kind): scores[(u.layer, u.kind)].double() / u.cost for u in units if u.count > 0
+    }
+    for key, value in per_param.items():
+        if not torch.isfinite(value).all():
+            raise PrunellmError(
+                f"non-finite importance scores in layer {key[0]} ({key[1]}): run scoring in float32 (--dtype float32)"
+            )
+    if normalization == "block":
+        # parameter-weighted mean of the block = Σscore / Σcost
+        denominators = {key: value.mean() for key, value in per_param.items()}
+    elif normalization == "layer":
+        totals: dict[int, list[float]] = {}
+        for u in units:
+            if u.count > 0:
+                entry = totals.setdefault(u.layer, [0.0, 0.0])
+                entry[0] += float(scores[(u.layer, u.kind)].double().sum())
+                entry[1] += u.cost * u.count
+        denominators = {key: torch.tensor(totals[key[0]][0] / totals[key[0]][1]) for key in per_param}
+    elif normalization == "none":
+        denominators = {key: torch.tensor(1.0) for key in per_param}
+    else:
+        raise PrunellmError(f"--normalization '{normalization}' is not valid: use one of none, block, layer")
+    out = {}
+    for key, value in per_param.items():
+        denom = float(denominators[key])
+        value = value / denom if denom > 0 else value
+        if priors is not None:
+            value = value * priors.get(key, 1.0)
+        out[key] = value
+    return out
+
+
+def _chunks(unit: LayerUnits, order: torch.Tensor, constraints: SelectionConstraints) -> list[torch.Tensor]:
+    """Removal candidates of one unit set, cheapest-value first, honouring minimum width and rounding."""
+    if unit.kind == "kv_group":
+        removable = max(unit.count - constraints.min_kv_groups, 0)
+        return [order[i : i + 1] for i in range(removable)]
+    step = max(constraints.round_to, 1)
+    floor = constraints.min_mlp_channels
+    if step > 1:
+        floor = max(floor, step) if floor > 0 else floor
+        floor = -(-floor // step) * step  # the kept width must itself be a multiple of step
+    removable = max(unit.count - floor, 0)
+    chunks: list[torch.Tensor] = []
+    first = unit.count % step  # bring the width onto a multiple of step first
+    position = 0
+    if step > 1 and first:
+        if first > removable:
+            return []
+        chunks.append(order[:first])
+        position = first
+    while position + step <= removable:
+        chunks.append(order[position : position + step])
+        position += step
+    return chunks
+
+
+def select_global(
+    units: list[LayerUnits],
+    values: dict[UnitKey, torch.Tensor],
+    scores: dict[UnitKey, torch.Tensor],
+    target_params: int,
+    constraints: SelectionConstraints,
+    total_params: int,
+) -> Selection:
+    """Remove the lowest-value candidates across all unit sets until ``target_params`` are gone."""
+    candidates: dict[UnitKey, list[torch.Tensor]] = {}
+    heap: list[tuple[float, int, UnitKey, int]] = []
+    cost_of = {(u.layer, u.kind): u.cost for u in units}
+    for u in units:
+        key = (u.layer, u.kind)
+        if u.count == 0:
+            continue
+        order = torch.argsort(values[key], stable=True)
+        candidates[key] = _chunks(u, order, constraints)
+        if candidates[key]:
+            chunk = candidates[key][0]
+            heapq.heappush(heap, (float(values[key][chunk].mean()), len(heap), key, 0))
+    removed: dict[UnitKey, list[int]] = {key: [] for key in candidates}
+    removed_params = 0
+    tiebreak = len(heap)
+    while heap and removed_params < target_params:
+        value, _, key, position = heapq.heappop(heap)
+        chunk = candidates[key][position]
+        cost = cost_of[key] * len(chunk)
+        if removed_params + cost > target_params:
+            # overshooting: take it only if that lands closer to the target, then stop; else let smaller
+            # candidates of other unit sets fill the gap
+            if removed_params + cost - target_params < target_params - removed_params:
+                removed[key].extend(chunk.tolist())
+                removed_params += cost
+                break
+            continue
+        removed[key].extend(chunk.tolist())
+        removed_params += cost
+        if position + 1 < len(candidates[key]):
+            nxt = candidates[key][position + 1]
+            tiebreak += 1
+            heapq.heappush(heap, (float(values[key][nxt].mean()), tiebreak, key, position + 1))
+    if removed_params < target_params:
+        max_removable = sum(cost_of[key] * sum(len(c) for c in chunks) for key, chunks in candidates.items())
+        smallest = min((cost_of[k] * len(c[0]) for k, c in candidates.items() if c), default=0)
+        if target_params - removed_params > smallest:
+            raise PrunellmError(
+                f"--pruning_ratio {target_params / total_params:.4f} is unreachable under the constraints "
+                f"(frozen layers, --min_kv_groups, --round_to, --units): at most "
+                f"{max_removable / total_params:.4f} of the parameters can be removed"
+            )
+    table = []
+    kept: dict[UnitKey, list[int]] = {}
+    for u in units:
+        key = (u.layer, u.kind)
+        gone = set(removed.get(key, []))
+        kept[key] = [i for i in range(u.count) if i not in gone]
+        for i in range(u.count):
+            table.append(
+                {
+                    "layer": u.layer,
+                    "unit": u.kind,
+                    "index": i,
+                    "score": float(scores[key][i]) if key in scores else float("nan"),
+                    "cost": u.cost,
+                    "value": float(values[key][i]) if key in values else float("nan"),
+                    "removed": i in gone,
+                }
+            )
+    return Selection(kept=kept, removed_params=removed_params, target_params=target_params, table=table)

@@ -1,0 +1,145 @@
+"""Prunable units resolved from a spec and a model.
+
+A unit kind is a list of coupled slices: index ``i`` of a ``kv_group`` owns rows ``[i*w, (i+1)*w)`` of q
+(w = g·d_h), of k and v (w = d_h), and the same columns of o; index ``i`` of an ``mlp_channel`` owns row ``i``
+of gate and up and column ``i`` of down. Biases follow their rows. Scoring, cost accounting, surgery and
+tests all read the same description, so they cannot disagree about what a unit is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Literal
+
+import torch
+from torch import nn
+
+from .hf_modeling import ZeroAttention, ZeroMLP
+from .specs import ArchitectureSpec, spec_for
+
+UnitKind = Literal["kv_group", "mlp_channel"]
+UNIT_KINDS: tuple[UnitKind, ...] = ("kv_group", "mlp_channel")
+
+
+@dataclass(frozen=True)
+class Slice:
+    """One coupled slice: ``module`` (path from the decoder layer) cut along ``dim`` in chunks of ``width``."""
+
+    module: str
+    dim: int  # 0 = output rows (and the bias), 1 = input columns
+    width: int
+
+
+@dataclass(frozen=True)
+class LayerUnits:
+    """The units of one kind in one decoder layer."""
+
+    layer: int
+    kind: UnitKind
+    count: int  # how many indices exist now
+    cost: int  # exact parameters per index, biases included
+    slices: tuple[Slice, ...]
+
+
+def get_module(root: nn.Module, path: str) -> nn.Module:
+    """Follow a dotted path of attribute names from ``root``."""
+    for name in path.split("."):
+        root = getattr(root, name)
+    return root
+
+
+def set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Replace the module at a dotted path."""
+    parent, _, name = path.rpartition(".")
+    setattr(get_module(root, parent) if parent else root, name, module)
+
+
+def decoder_layers(model: nn.Module, spec: ArchitectureSpec | None = None) -> nn.ModuleList:
+    """The model's decoder layer list."""
+    spec = spec or spec_for(model.config)
+    return get_module(model, spec.layers)
+
+
+def head_dim(config, spec: ArchitectureSpec) -> int:
+    """Per-head width, explicit in the config or hidden / heads."""
+    value = getattr(config, spec.config.head_dim, None)
+    if value:
+        return int(value)
+    return getattr(config, spec.config.hidden) // getattr(config, spec.config.num_heads)
+
+
+def _slice_cost(linear: nn.Linear, s: Slice) -> int:
+    if s.dim == 0:
+        return s.width * (linear.in_features + (1 if linear.bias is not None else 0))
+    return s.width * linear.out_features
+
+
+def layer_units(model: nn.Module, layer: int, kind: UnitKind, spec: ArchitectureSpec | None = None) -> LayerUnits:
+    """Resolve the units of ``kind`` in decoder layer ``layer`` from the modules as they are now."""
+    spec = spec or spec_for(model.config)
+    block = decoder_layers(model, spec)[layer]
+    if kind == "kv_group":
+        a = spec.attention
+        attn = get_module(block, a.module)
+        if isinstance(attn, ZeroAttention):
+            return LayerUnits(layer, kind, 0, 0, ())
+        d_h = head_dim(model.config, spec)
+        q, k = get_module(attn, a.q), get_module(attn, a.k)
+        n_kv = k.out_features // d_h
+        group = q.out_features // k.out_features  # query heads per KV head
+        slices = (
+            Slice(f"{a.module}.{a.q}", 0, group * d_h),
+            Slice(f"{a.module}.{a.k}", 0, d_h),
+            Slice(f"{a.module}.{a.v}", 0, d_h),
+            Slice(f"{a.module}.{a.o}", 1, group * d_h),
+        )
+        count = n_kv
+    else:
+        m = spec.mlp
+        mlp = get_module(block, m.module)
+        if isinstance(mlp, ZeroMLP):
+            return LayerUnits(layer, kind, 0, 0, ())
+        count = get_module(mlp, m.gate).out_features
+        slices = (Slice(f"{m.module}.{m.gate}", 0, 1), Slice(f"{m.module}.{m.up}", 0, 1), Slice(f"{m.module}.{m.down}", 1, 1))
+    cost = sum(_slice_cost(get_module(block, s.module), s) for s in slices)
+    return LayerUnits(layer, kind, count, cost, slices)
+
+
+def all_units(model: nn.Module, kinds: tuple[UnitKind, ...] = UNIT_KINDS) -> Iterator[LayerUnits]:
+    """Every (layer, kind) unit set of the model, in layer order."""
+    spec = spec_for(model.config)
+    for layer in range(len(decoder_layers(model, spec))):
+        for kind in kinds:
+            yield layer_units(model, layer, kind, spec)
+
+
+def reduce_to_units(values: torch.Tensor, s: Slice, count: int, is_bias: bool = False) -> torch.Tensor:
+    """Sum a per-element tensor shaped like a sliced weight (or bias) into one value per unit index.
+
+    weight (out, in) with dim 0: view (count, width, in) -> sum over width and in;
+    weight (out, in) with dim 1: view (out, count, width) -> sum over out and width;
+    bias (out,) only exists for dim-0 slices: view (count, width).
+    """
+    values = values.float()
+    if is_bias:
+        return values.view(count, s.width).sum(1)
+    if s.dim == 0:
+        return values.reshape(count, s.width, -1).sum((1, 2))
+    return values.reshape(values.shape[0], count, s.width).sum((0, 2))
+
+
+def index_ranges(indices: torch.Tensor, width: int) -> torch.Tensor:
+    """Expand unit indices into element indices: unit i -> [i*width, (i+1)*width)."""
+    offsets = torch.arange(width, device=indices.device)
+    return (indices[:, None] * width + offsets[None, :]).reshape(-1)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of distinct parameters (tied weights counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
