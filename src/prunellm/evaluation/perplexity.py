@@ -1,0 +1,159 @@
+"""Perplexity under the two protocols of the field, token-weighted, batched.
+
+* ``128``: non-overlapping windows of 128 tokens (LLM-Pruner's protocol); every token but each window's first
+  is scored.
+* ``2048/512``: windows of 2048 tokens moved by 512; only the tokens new to each window are scored (the first
+  window scores all but its first token), so every token is scored once with up to 2048 tokens of context
+  (the Hugging Face perplexity guide's protocol).
+
+PPL = exp(Σ NLL / number of scored tokens). The text is tokenized once without special tokens: no BOS is
+inserted between windows. Only the scored positions go through the LM head (``logits_to_keep``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..errors import PrunellmError
+from ..models import input_device
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A window length and a stride (stride == seq_len means non-overlapping windows)."""
+
+    seq_len: int
+    stride: int
+
+    @property
+    def name(self) -> str:
+        return str(self.seq_len) if self.stride == self.seq_len else f"{self.seq_len}/{self.stride}"
+
+    @classmethod
+    def parse(cls, text: str, flag: str = "--ppl_protocols") -> "Protocol":
+        """``"128"`` -> (128, 128); ``"2048/512"`` -> (2048, 512)."""
+        try:
+            parts = [int(p) for p in str(text).split("/")]
+        except ValueError:
+            raise PrunellmError(f"{flag} '{text}' is not a protocol: use a window length like 128 or window/stride like 2048/512") from None
+        seq_len, stride = (parts[0], parts[0]) if len(parts) == 1 else (parts[0], parts[1]) if len(parts) == 2 else (0, 0)
+        if seq_len <= 0 or stride <= 0 or stride > seq_len:
+            raise PrunellmError(f"{flag} '{text}': window and stride must be positive with stride <= window (e.g. 128 or 2048/512)")
+        return cls(seq_len, stride)
+
+
+@dataclass
+class PerplexityResult:
+    """One perplexity measurement and how it was made."""
+
+    dataset: str
+    protocol: str
+    seq_len: int
+    stride: int
+    ppl: float
+    nll_sum: float
+    scored_tokens: int
+    windows: int
+    total_tokens: int
+    add_special_tokens: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def windows(n_tokens: int, protocol: Protocol) -> list[tuple[int, int, int]]:
+    """(begin, end, n_scored) of every window: the last ``n_scored`` targets of ``[begin, end)`` are scored."""
+    L, S = protocol.seq_len, protocol.stride
+    if S == L:
+        return [(b, b + L, L - 1) for b in range(0, n_tokens - L + 1, L)]
+    out, prev_end = [], 0
+    for begin in range(0, n_tokens, S):
+        end = min(begin + L, n_tokens)
+        if end - begin < 2:
+            break
+        n_scored = end - max(prev_end, begin + 1)  # targets new to this window (token `begin` has no context)
+        out.append((begin, end, n_scored))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return out
+
+
+@torch.no_grad()
+def perplexity(
+    model,
+    token_ids: torch.Tensor,
+    protocol: Protocol,
+    *,
+    dataset: str = "text",
+    batch_size: int = 4,
+    max_windows: int | None = None,
+    progress: bool = True,
+) -> PerplexityResult:
+    """Token-weighted perplexity of ``model`` on a 1-D tensor of token ids.
+
+    Args:
+        token_ids: the whole evaluation text, tokenized once, shape (N,).
+        protocol: window length and stride.
+        batch_size: windows per forward pass.
+        max_windows: score only the first N windows (quick checks).
+    """
+    max_len = getattr(model.config, "max_position_embeddings", None)
+    if max_len and protocol.seq_len > max_len:
+        raise PrunellmError(
+            f"--ppl_protocols window {protocol.seq_len} exceeds the model's context of {max_len} tokens"
+        )
+    if batch_size < 1:
+        raise PrunellmError(f"--ppl_batch_size {batch_size} must be at least 1")
+    if max_windows is not None and max_windows < 1:
+        raise PrunellmError(f"--ppl_max_windows {max_windows} must be at least 1")
+    spans = windows(int(token_ids.numel()), protocol)
+    if not spans:
+        raise PrunellmError(
+            f"the evaluation text '{dataset}' has {token_ids.numel()} tokens, fewer than one {protocol.seq_len}-token window"
+        )
+    if max_windows is not None:
+        spans = spans[:max_windows]
+    device = input_device(model)
+    # group windows of equal shape so each batch is one dense tensor
+    groups: dict[tuple[int, int], list[int]] = {}
+    for begin, end, n_scored in spans:
+        groups.setdefault((end - begin, n_scored), []).append(begin)
+    nll_sum, scored = 0.0, 0
+    bar = tqdm(total=len(spans), desc=f"perplexity {dataset} ({protocol.name})", disable=not progress, leave=False)
+    was_training = model.training
+    model.eval()
+    try:
+        for (length, n_scored), begins in groups.items():
+            for start in range(0, len(begins), batch_size):
+                chunk = begins[start : start + batch_size]
+                batch = torch.stack([token_ids[b : b + length] for b in chunk]).to(device)  # (B, length)
+                # logits at positions length-1-n_scored .. length-2 predict the scored targets
+                logits = model(input_ids=batch, use_cache=False, logits_to_keep=n_scored + 1).logits[:, :-1]
+                targets = batch[:, length - n_scored :]
+                nll = F.cross_entropy(
+                    logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1).to(logits.device), reduction="sum"
+                )
+                nll_sum += float(nll)
+                scored += targets.numel()
+                bar.update(len(chunk))
+    finally:
+        bar.close()
+        model.train(was_training)
+    ppl = math.exp(nll_sum / scored)
+    return PerplexityResult(
+        dataset=dataset,
+        protocol=protocol.name,
+        seq_len=protocol.seq_len,
+        stride=protocol.stride,
+        ppl=ppl,
+        nll_sum=nll_sum,
+        scored_tokens=scored,
+        windows=len(spans),
+        total_tokens=int(token_ids.numel()),
+    )

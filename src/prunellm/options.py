@@ -1,0 +1,178 @@
+"""Typed options: one field per option with its default and one-line help; the CLI is generated from them.
+
+What to run (recipes: pruning, evaluation) is kept apart from how to run it (:class:`RunOptions`: device,
+dtype, seed, output folder). Every model is strict (``extra="forbid"``): a misspelt key fails at load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import PrunellmError
+
+
+class _Options(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunOptions(_Options):
+    """How to run: hardware, numerics, randomness and where results go."""
+
+    output_dir: str = Field("results", description="parent folder; the run is written to <output_dir>/<output_name>/")
+    device: str = Field("cpu", description="cpu, cuda, cuda:N, or auto (accelerate device_map='auto' over all GPUs)")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="weights dtype while scoring (accumulation is always float32)"
+    )
+    seed: int = Field(42, description="seed for calibration sampling and random scores")
+    overwrite: bool = Field(False, description="replace an existing output folder")
+    trust_pickle: bool = Field(False, description="allow importing a legacy pickled pruned_model.bin (runs code from it)")
+
+
+class EvalOptions(_Options):
+    """What to evaluate."""
+
+    metrics: str = Field("ppl", description="comma-separated metrics: ppl")
+    ppl_datasets: str = Field(
+        "shakespeare", description="comma-separated evaluation texts: shakespeare, wikitext2, ptb, c4 or local files"
+    )
+    ppl_protocols: str = Field("128,2048/512", description="comma-separated window[/stride] protocols, e.g. 128,2048/512")
+    ppl_seq_len: int | None = Field(None, description="shorthand for one non-overlapping protocol of this window length")
+    ppl_max_windows: int | None = Field(None, description="score only the first N windows of each protocol (quick checks)")
+    ppl_batch_size: int = Field(4, description="windows per forward pass")
+
+    @field_validator("ppl_seq_len")
+    @classmethod
+    def _positive_seq_len(cls, value):
+        if value is not None and value <= 0:
+            raise ValueError("must be a positive number of tokens")
+        return value
+
+    @field_validator("ppl_max_windows", "ppl_batch_size")
+    @classmethod
+    def _positive(cls, value):
+        if value is not None and value <= 0:
+            raise ValueError("must be at least 1")
+        return value
+
+    def protocol_names(self) -> list[str]:
+        """The protocols to run (``--ppl_seq_len`` overrides ``--ppl_protocols``)."""
+        if self.ppl_seq_len is not None:
+            return [str(self.ppl_seq_len)]
+        return [p.strip() for p in self.ppl_protocols.split(",") if p.strip()]
+
+
+def split_list(value: str) -> list[str]:
+    """``"a, b,,c"`` -> ``["a", "b", "c"]``."""
+    return [item.strip() for item in str(value).split(",") if item.strip()]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# argparse generated from the option models
+
+
+def parse_bool(text: str) -> bool:
+    """Accept the seed's ``--flag True`` / ``--flag False`` as well as a bare ``--flag``."""
+    lowered = str(text).strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
+
+
+def _unwrap_optional(annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+def add_options(parser: argparse.ArgumentParser, model: type[BaseModel], title: str | None = None) -> None:
+    """Add one ``--field`` per field of ``model`` (help and default from the field)."""
+    group = parser.add_argument_group(title or model.__name__, (model.__doc__ or "").strip().splitlines()[0])
+    for name, field in model.model_fields.items():
+        annotation = _unwrap_optional(field.annotation)
+        help_text = field.description or ""
+        default = field.default
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
+        if annotation is bool:
+            kwargs.update(nargs="?", const=True, type=parse_bool, metavar="BOOL")
+        elif typing.get_origin(annotation) is Literal:
+            choices = typing.get_args(annotation)
+            kwargs.update(choices=choices, type=type(choices[0]))
+        elif annotation in (int, float, str):
+            kwargs.update(type=annotation)
+        else:
+            kwargs.update(type=str)
+        group.add_argument(f"--{name}", help=f"{help_text} (default: {default})", **kwargs)
+
+
+def build_options(model: type[BaseModel], namespace: argparse.Namespace) -> BaseModel:
+    """Instantiate ``model`` from the parsed flags that belong to it; errors name the flag."""
+    values = {name: getattr(namespace, name) for name in model.model_fields if hasattr(namespace, name)}
+    try:
+        return model(**values)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        flag = f"--{error['loc'][0]}" if error.get("loc") else model.__name__
+        raise PrunellmError(f"{flag} {values.get(error['loc'][0], '') if error.get('loc') else ''}: {error['msg']}") from None
+
+
+class PruneRecipe(_Options):
+    """What to prune and how (global structured pruning)."""
+
+    base_model: str = Field("smollm2-135m", description="smollm2-135m, a local model directory, or a hub id")
+    output_name: str = Field("", description="run name; results go to <output_dir>/<output_name>/ (default: derived)")
+    pruning_ratio: float = Field(0.2, description="fraction of the model's TOTAL parameters to remove, in (0, 1)")
+    importance_method: str = Field("taylor", description="criterion: taylor, taylor_2nd, taylor_mix, magnitude, wanda, random")
+    magnitude_norm: Literal["l1", "l2"] = Field("l2", description="norm of the magnitude criterion")
+    units: str = Field("kv_group,mlp_channel", description="comma-separated unit kinds that may be pruned")
+    normalization: Literal["none", "block", "layer"] = Field(
+        "none", description="divide importance/cost by its block or layer mean before global ranking"
+    )
+    dataset: str = Field("shakespeare", description="calibration text: shakespeare, wikitext2, ptb, c4 or a local file/folder")
+    taylor_num_samples: int = Field(128, description="calibration windows for scoring")
+    taylor_seq_len: int = Field(128, description="tokens per calibration window")
+    gradient_batch_size: int = Field(4, description="calibration windows per forward(+backward) pass")
+    temperature: float = Field(0.0, description="layer/block prior exponent T (0 = no prior, skips the ablation passes)")
+    tau: str = Field("auto", description="prior switch: layer Δ below tau uses the layer prior, else the block's; auto, a number, inf, -inf")
+    layer_importance_num_samples: int = Field(16, description="calibration windows for the layer ablation prior")
+    block_importance_num_samples: int = Field(16, description="calibration windows for the block ablation prior")
+    freeze_first_n_layers: int = Field(0, description="never prune the first N layers")
+    freeze_last_n_layers: int = Field(0, description="never prune the last N layers")
+    layer_start: int = Field(0, description="first layer that may be pruned")
+    layer_end: int | None = Field(None, description="one past the last layer that may be pruned (default: all)")
+    min_kv_groups: int = Field(1, description="KV groups every layer keeps (0 allows removing a whole attention block)")
+    round_to: int = Field(1, description="kept MLP channels per layer are a multiple of N")
+    use_gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory)")
+    plan: str | None = Field(None, description="replay this plan.json on the original weights instead of scoring")
+    run_evaluation: str = Field("", description="evaluate before and after pruning, e.g. ppl (empty: none)")
+
+    @field_validator("pruning_ratio")
+    @classmethod
+    def _ratio(cls, value):
+        if not 0.0 < value < 1.0:
+            raise ValueError("must be a fraction strictly between 0 and 1")
+        return value
+
+    @field_validator("taylor_num_samples", "taylor_seq_len", "gradient_batch_size", "round_to",
+                     "layer_importance_num_samples", "block_importance_num_samples")
+    @classmethod
+    def _at_least_one(cls, value):
+        if value < 1:
+            raise ValueError("must be at least 1")
+        return value
+
+    @field_validator("freeze_first_n_layers", "freeze_last_n_layers", "layer_start", "min_kv_groups")
+    @classmethod
+    def _not_negative(cls, value):
+        if value < 0:
+            raise ValueError("must be 0 or more")
+        return value

@@ -1,0 +1,106 @@
+"""Layer and block priors (H-GSP): how much the calibration loss rises when a whole layer or block is removed.
+
+Removal is a true ablation: the block's output is replaced by zero, so the residual stream passes through
+unchanged (for a whole layer: the layer returns its input). Δloss is clamped at 0, and every unit's score is
+multiplied by ``ln(1 + Δ)^T`` with the layer's Δ when it is below ``tau`` and the block's Δ otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator, Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibration import UnitKey, batches_of
+from .errors import PrunellmError
+from .models import input_device
+from .specs import spec_for
+from .units import decoder_layers, get_module
+
+Target = Literal["layer", "attention", "mlp"]
+
+
+def _zero_output_hook(module, args, kwargs, output):
+    if isinstance(output, tuple):  # attention returns (output, weights)
+        return (torch.zeros_like(output[0]),) + tuple(output[1:])
+    return torch.zeros_like(output)
+
+
+def _identity_layer_hook(module, args, kwargs, output):
+    hidden = args[0] if args else kwargs["hidden_states"]
+    if isinstance(output, tuple):
+        return (hidden,) + tuple(output[1:])
+    return hidden
+
+
+@contextlib.contextmanager
+def ablated(model: nn.Module, layer: int, target: Target) -> Iterator[None]:
+    """Within the block, ``target`` of decoder layer ``layer`` outputs zero (a layer: passes its input on)."""
+    spec = spec_for(model.config)
+    block = decoder_layers(model, spec)[layer]
+    if target == "layer":
+        handle = block.register_forward_hook(_identity_layer_hook, with_kwargs=True)
+    else:
+        path = spec.attention.module if target == "attention" else spec.mlp.module
+        handle = get_module(block, path).register_forward_hook(_zero_output_hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 4) -> float:
+    """Token-weighted mean next-token loss over calibration windows (no padding)."""
+    device = input_device(model)
+    total, count = 0.0, 0
+    for batch in batches_of(input_ids, batch_size):
+        batch = batch.to(device)
+        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        n = batch.shape[0] * (batch.shape[1] - 1)
+        total += float(loss) * n
+        count += n
+    return total / count
+
+
+def ablation_deltas(
+    model: nn.Module, input_ids: torch.Tensor, target: Target, batch_size: int = 4, layers: list[int] | None = None
+) -> list[float]:
+    """Δloss (clamped at 0) of ablating ``target`` in each layer."""
+    base = mean_loss(model, input_ids, batch_size)
+    indices = range(len(decoder_layers(model))) if layers is None else layers
+    deltas = []
+    for layer in tqdm(indices, desc=f"{target} ablation", leave=False):
+        with ablated(model, layer, target):
+            deltas.append(max(mean_loss(model, input_ids, batch_size) - base, 0.0))
+    return deltas
+
+
+def resolve_tau(tau: str | float, layer_deltas: list[float]) -> float:
+    """``auto`` = 25th percentile of the layer Δ; ``inf``/``-inf`` give pure layer/block mode."""
+    if isinstance(tau, str) and tau.strip().lower() == "auto":
+        return float(torch.quantile(torch.tensor(layer_deltas, dtype=torch.float64), 0.25))
+    try:
+        return float(tau)
+    except ValueError:
+        raise PrunellmError(f"--tau '{tau}' is not valid: use auto, a number, inf or -inf") from None
+
+
+def prior_multipliers(
+    layer_deltas: list[float],
+    attention_deltas: list[float],
+    mlp_deltas: list[float],
+    temperature: float,
+    tau: float,
+) -> dict[UnitKey, float]:
+    """``ln(1+Δ)^T`` per (layer, kind): layer Δ when below ``tau``, else the block's own Δ."""
+    out: dict[UnitKey, float] = {}
+    for layer, layer_delta in enumerate(layer_deltas):
+        for kind, block_deltas in (("kv_group", attention_deltas), ("mlp_channel", mlp_deltas)):
+            delta = layer_delta if layer_delta < tau else block_deltas[layer]
+            out[(layer, kind)] = math.log1p(delta) ** temperature
+    return out
