@@ -135,7 +135,7 @@ class PruneRecipe(_Options):
     magnitude_norm: Literal["l1", "l2"] = Field("l2", description="norm of the magnitude criterion")
     units: str = Field("kv_group,mlp_channel", description="comma-separated unit kinds that may be pruned")
     normalization: Literal["none", "block", "layer"] = Field(
-        "none", description="divide importance/cost by its block or layer mean before global ranking"
+        "block", description="divide importance/cost by its block's (or layer's) mean before global ranking"
     )
     dataset: str = Field("shakespeare", description="calibration text: shakespeare, wikitext2, ptb, c4 or a local file/folder")
     taylor_num_samples: int = Field(128, description="calibration windows for scoring")

@@ -1,0 +1,92 @@
+"""Global selection: budget accuracy, constraints, frozen layers, unreachable targets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_model
+
+from prunellm.errors import PrunellmError
+from prunellm.priors import prior_multipliers, resolve_tau
+from prunellm.selection import SelectionConstraints, normalized_values, select_global
+from prunellm.units import all_units, count_parameters
+
+
+def _setup(seed: int = 0, layers: int = 4):
+    model = make_tiny_model("llama", num_hidden_layers=layers)
+    units = list(all_units(model))
+    generator = torch.Generator().manual_seed(seed)
+    scores = {(u.layer, u.kind): torch.rand(u.count, generator=generator) * u.cost for u in units}
+    return model, units, scores, count_parameters(model)
+
+
+@pytest.mark.parametrize("ratio", [0.05, 0.2, 0.4])
+def test_removed_params_within_one_unit_of_target(ratio):
+    model, units, scores, total = _setup()
+    values = normalized_values(units, scores, "none")
+    target = round(ratio * total)
+    selection = select_global(units, values, scores, target, SelectionConstraints(), total)
+    assert abs(selection.removed_params - target) <= max(u.cost for u in units)
+    removed = sum(u.cost * (u.count - len(selection.kept[(u.layer, u.kind)])) for u in units)
+    assert removed == selection.removed_params
+
+
+def test_lowest_value_units_go_first():
+    model, units, scores, total = _setup()
+    values = normalized_values(units, scores, "none")
+    selection = select_global(units, values, scores, round(0.1 * total), SelectionConstraints(), total)
+    removed = [row["value"] for row in selection.table if row["removed"]]
+    kept = [row["value"] for row in selection.table if not row["removed"] and row["unit"] == "mlp_channel"]
+    # every removed MLP channel is worth less per parameter than every kept one (KV groups may be skipped
+    # when they would overshoot the budget, MLP channels never are at this ratio)
+    removed_mlp = [row["value"] for row in selection.table if row["removed"] and row["unit"] == "mlp_channel"]
+    assert removed and max(removed_mlp) <= min(kept)
+
+
+def test_round_to_and_min_kv_groups():
+    model, units, scores, total = _setup()
+    values = normalized_values(units, scores, "none")
+    constraints = SelectionConstraints(min_kv_groups=2, round_to=8)
+    selection = select_global(units, values, scores, round(0.3 * total), constraints, total)
+    for (layer, kind), kept in selection.kept.items():
+        if kind == "mlp_channel":
+            assert len(kept) % 8 == 0
+        else:
+            assert len(kept) == 2  # tiny models have 2 KV groups: none may go
+
+
+def test_unreachable_ratio_names_the_maximum():
+    model, units, scores, total = _setup()
+    values = normalized_values(units, scores, "none")
+    with pytest.raises(PrunellmError, match=r"unreachable.*at most 0\.\d+"):
+        select_global(units, values, scores, round(0.9 * total), SelectionConstraints(), total)
+
+
+def test_normalization_block_gives_every_block_mean_one():
+    model, units, scores, total = _setup()
+    values = normalized_values(units, scores, "block")
+    for value in values.values():
+        assert float(value.mean()) == pytest.approx(1.0)
+    with pytest.raises(PrunellmError, match="--normalization"):
+        normalized_values(units, scores, "bogus")
+
+
+def test_nonfinite_scores_are_refused_with_the_layer():
+    model, units, scores, total = _setup()
+    scores[(2, "mlp_channel")][3] = float("nan")
+    with pytest.raises(PrunellmError, match="layer 2"):
+        normalized_values(units, scores, "none")
+
+
+def test_priors_switch_between_layer_and_block():
+    layer, attn, mlp = [0.0, 0.5, 2.0], [0.1, 0.2, 0.3], [1.0, 1.5, 3.0]
+    mult = prior_multipliers(layer, attn, mlp, temperature=1.0, tau=1.0)
+    import math
+
+    assert mult[(0, "kv_group")] == 0.0  # a layer whose removal costs nothing gets prior 0
+    assert mult[(1, "mlp_channel")] == pytest.approx(math.log1p(0.5))  # below tau: layer prior
+    assert mult[(2, "kv_group")] == pytest.approx(math.log1p(0.3))  # above tau: the block's own
+    assert resolve_tau("auto", [0.0, 1.0, 2.0, 3.0, 4.0]) == pytest.approx(1.0)
+    assert resolve_tau("-inf", layer) == float("-inf")
+    with pytest.raises(PrunellmError, match="--tau"):
+        resolve_tau("sometimes", layer)
