@@ -1,0 +1,273 @@
+"""Global structured pruning, top to bottom.
+
+``load → units → calibrate → score → (priors) → select (Plan) → surgery → save → evaluate → report``.
+Score, plan and surgery stay separate steps with the Plan in the middle, so a plan can be replayed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from .analysis import analyze_model, compare_models, format_layer_table, write_analysis
+from .calibration import Stats, UnitKey, collect_activation_stats, collect_gradient_stats
+from .checkpoint import save_model
+from .criteria import CriterionOptions, get_criterion
+from .data import describe_source, sample_calibration, tensor_hash
+from .errors import PrunellmError
+from .evaluation import evaluate, save_results
+from .models import load_model, load_tokenizer
+from .options import EvalOptions, PruneRecipe, RunOptions, split_list
+from .paths import atomic_dir, write_json_atomic, write_text_atomic
+from .plan import LayerPlan, Plan, package_versions
+from .priors import ablation_deltas, prior_multipliers, resolve_tau
+from .selection import SelectionConstraints, normalized_values, select_global
+from .specs import spec_for
+from .surgery import apply_plan
+from .units import UNIT_KINDS, LayerUnits, all_units, count_parameters, decoder_layers
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneResult:
+    """What a pruning run produced."""
+
+    output_dir: Path
+    plan: Plan
+    model: nn.Module
+    tokenizer: Any
+    evaluation: dict[str, Any] = field(default_factory=dict)  # "base" / "pruned" -> results document
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def default_output_name(recipe: PruneRecipe) -> str:
+    """``<model>_<criterion>_p<ratio>`` when ``--output_name`` is not given."""
+    model = Path(recipe.base_model).name or "model"
+    return f"{model}_{recipe.importance_method}_p{round(recipe.pruning_ratio * 100)}"
+
+
+def check_output_dir(run: RunOptions, name: str) -> Path:
+    """The run folder; an existing one is refused unless ``--overwrite``."""
+    out = Path(run.output_dir) / name
+    if out.exists() and not run.overwrite:
+        raise PrunellmError(f"--output_name '{name}': {out} already exists; pass --overwrite to replace it or choose another name")
+    return out
+
+
+@contextlib.contextmanager
+def log_to_file(path: Path) -> Iterator[None]:
+    """Also send this package's log records to ``path`` for the duration of the block."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("prunellm")
+    root.addHandler(handler)
+    previous = root.level
+    if root.getEffectiveLevel() > logging.INFO:
+        root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous)
+        handler.close()
+
+
+def eligible_layers(recipe: PruneRecipe, num_layers: int) -> list[int]:
+    """Layers that may be pruned under the layer range and the freeze flags."""
+    end = num_layers if recipe.layer_end is None else recipe.layer_end
+    if not 0 <= recipe.layer_start < end <= num_layers:
+        raise PrunellmError(
+            f"--layer_start {recipe.layer_start} / --layer_end {recipe.layer_end} must satisfy 0 <= start < end <= {num_layers}"
+        )
+    first, last = recipe.freeze_first_n_layers, num_layers - recipe.freeze_last_n_layers
+    layers = [i for i in range(recipe.layer_start, end) if first <= i < last]
+    if not layers:
+        raise PrunellmError("--freeze_first_n_layers/--freeze_last_n_layers leave no layer that may be pruned")
+    return layers
+
+
+def unit_kinds(recipe: PruneRecipe) -> tuple[str, ...]:
+    """Validated ``--units``."""
+    kinds = tuple(split_list(recipe.units))
+    bad = [k for k in kinds if k not in UNIT_KINDS]
+    if bad or not kinds:
+        raise PrunellmError(f"--units '{recipe.units}' is not valid: use a comma-separated subset of {', '.join(UNIT_KINDS)}")
+    return kinds
+
+
+def collect_stats(model: nn.Module, calibration: torch.Tensor | None, units: list[LayerUnits], recipe: PruneRecipe) -> Stats:
+    """Run the one calibration pass the criterion needs."""
+    criterion = get_criterion(recipe.importance_method)
+    if "gradients" in criterion.needs:
+        return collect_gradient_stats(
+            model,
+            calibration,
+            units,
+            terms=set(criterion.taylor_terms),
+            batch_size=recipe.gradient_batch_size,
+            gradient_checkpointing=recipe.use_gradient_checkpointing,
+        )
+    if "activations" in criterion.needs:
+        return collect_activation_stats(model, calibration, units, batch_size=recipe.gradient_batch_size)
+    return Stats()
+
+
+def compute_priors(
+    model: nn.Module, tokenizer, recipe: PruneRecipe, run: RunOptions, out: Path
+) -> dict[UnitKey, float] | None:
+    """Layer/block Δloss priors (skipped when ``--temperature 0``); writes both JSON files."""
+    if recipe.temperature == 0:
+        return None
+    if recipe.temperature < 0:
+        raise PrunellmError(f"--temperature {recipe.temperature} must be 0 (off) or positive")
+    # separate windows from the scoring calibration (a different seed), same train part: never eval text
+    layer_ids = sample_calibration(tokenizer, recipe.dataset, recipe.layer_importance_num_samples, recipe.taylor_seq_len, run.seed + 1)
+    block_ids = sample_calibration(tokenizer, recipe.dataset, recipe.block_importance_num_samples, recipe.taylor_seq_len, run.seed + 2)
+    layer_d = ablation_deltas(model, layer_ids, "layer", recipe.gradient_batch_size)
+    attn_d = ablation_deltas(model, block_ids, "attention", recipe.gradient_batch_size)
+    mlp_d = ablation_deltas(model, block_ids, "mlp", recipe.gradient_batch_size)
+    tau = resolve_tau(recipe.tau, layer_d)
+    write_json_atomic(out / "layer_importance_loss.json", {"metric": "delta_loss_zero_ablation", "layers": layer_d, "tau": tau})
+    write_json_atomic(out / "block_importance_loss.json", {"metric": "delta_loss_zero_ablation", "attention": attn_d, "mlp": mlp_d})
+    return prior_multipliers(layer_d, attn_d, mlp_d, recipe.temperature, tau)
+
+
+def plan_from_selection(
+    model: nn.Module, kept: dict[UnitKey, list[int]], recipe: PruneRecipe, params_before: int, params_after: int,
+    calibration: dict[str, Any], seed: int,
+) -> Plan:
+    """Record kept indices of every original layer (``None`` where a kind was not considered)."""
+    layers = []
+    for index in range(len(decoder_layers(model))):
+        layers.append(LayerPlan(kv_groups=kept.get((index, "kv_group")), mlp_channels=kept.get((index, "mlp_channel"))))
+    return Plan(
+        base_model=recipe.base_model,
+        method="global",
+        criterion=recipe.importance_method,
+        target_ratio=recipe.pruning_ratio,
+        params_before=params_before,
+        params_after=params_after,
+        layers=layers,
+        recipe=recipe.model_dump(),
+        calibration=calibration,
+        seed=seed,
+        versions=package_versions(),
+    )
+
+
+def score_and_plan(model: nn.Module, tokenizer, recipe: PruneRecipe, run: RunOptions, out: Path) -> tuple[Plan, list[dict]]:
+    """Score every eligible unit, rank globally and return the Plan plus the per-unit table (no surgery)."""
+    spec_for(model.config)  # refuse unknown families before any work
+    kinds = unit_kinds(recipe)
+    criterion = get_criterion(recipe.importance_method)
+    layers = eligible_layers(recipe, len(decoder_layers(model)))
+    units = [u for u in all_units(model, kinds) if u.layer in layers]
+    total = count_parameters(model)
+    calibration_info: dict[str, Any] = {"needs": sorted(criterion.needs)}
+    calibration = None
+    if criterion.needs & {"gradients", "activations"}:
+        calibration = sample_calibration(tokenizer, recipe.dataset, recipe.taylor_num_samples, recipe.taylor_seq_len, run.seed)
+        calibration_info.update(
+            source=describe_source(recipe.dataset, "train"),
+            num_samples=recipe.taylor_num_samples,
+            seq_len=recipe.taylor_seq_len,
+            hash=tensor_hash(calibration),
+        )
+    started = time.perf_counter()
+    stats = collect_stats(model, calibration, units, recipe)
+    scores = criterion.score(model, units, stats, CriterionOptions(seed=run.seed, magnitude_norm=recipe.magnitude_norm))
+    calibration_info["scoring_seconds"] = round(time.perf_counter() - started, 3)
+    priors = compute_priors(model, tokenizer, recipe, run, out)
+    values = normalized_values(units, scores, recipe.normalization, priors)
+    constraints = SelectionConstraints(min_kv_groups=recipe.min_kv_groups, round_to=recipe.round_to)
+    selection = select_global(units, values, scores, round(recipe.pruning_ratio * total), constraints, total)
+    plan = plan_from_selection(model, selection.kept, recipe, total, total - selection.removed_params, calibration_info, run.seed)
+    return plan, selection.table
+
+
+def load_plan_for(model: nn.Module, recipe: PruneRecipe) -> Plan:
+    """Read ``--plan`` and check it was made for this model's original weights."""
+    plan = Plan.load(recipe.plan)
+    total = count_parameters(model)
+    if plan.params_before != total or len(plan.layers) != len(decoder_layers(model)):
+        raise PrunellmError(
+            f"--plan '{recipe.plan}' was made for a model with {plan.params_before} parameters and {len(plan.layers)} "
+            f"layers, but --base_model has {total} and {len(decoder_layers(model))}"
+        )
+    return plan
+
+
+def print_summary(console, plan: Plan, comparison: dict, evaluation: dict[str, Any]) -> None:
+    """Final table: parameters, achieved ratio, per-layer widths and PPL before/after."""
+    from rich.table import Table
+
+    table = Table(title=f"prunellm: {plan.criterion}, target {plan.target_ratio}")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_row("parameters before", f"{plan.params_before:,}")
+    table.add_row("parameters after", f"{plan.params_after:,}")
+    table.add_row("achieved ratio", f"{plan.achieved_ratio:.4f}")
+    for label in ("base", "pruned"):
+        for row in (evaluation.get(label) or {}).get("metrics", {}).get("ppl", []):
+            table.add_row(f"PPL {label} {row['dataset']} ({row['protocol']}, {row['scored_tokens']} tok)", f"{row['ppl']:.3f}")
+    console.print(table)
+    console.print(format_layer_table(comparison))
+
+
+def prune(recipe: PruneRecipe, run: RunOptions, eval_options: EvalOptions | None = None, argv: list[str] | None = None) -> PruneResult:
+    """Run global structured pruning end to end and write ``<output_dir>/<output_name>/``.
+
+    Everything is written into a temporary folder that becomes the run folder only when the run succeeds,
+    so an interrupted run leaves no half-written model.
+    """
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    name = recipe.output_name or default_output_name(recipe)
+    out = check_output_dir(run, name)
+    torch.manual_seed(run.seed)
+    tokenizer = load_tokenizer(recipe.base_model)
+    model = load_model(recipe.base_model, dtype=run.dtype, device=run.device)
+    evaluate_what = split_list(recipe.run_evaluation)
+    eval_options = (eval_options or EvalOptions()).model_copy(update={"metrics": ",".join(evaluate_what) or "ppl"})
+    timings: dict[str, float] = {}
+    evaluation: dict[str, Any] = {}
+    with atomic_dir(out) as tmp, log_to_file(tmp / "logs" / "prune.log"):
+        write_text_atomic(tmp / "logs" / "command.sh", "#!/usr/bin/env bash\n" + shlex.join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])) + "\n")
+        original = analyze_model(model)
+        if evaluate_what:
+            evaluation["base"] = evaluate(model, tokenizer, eval_options, model_path=recipe.base_model)
+            save_results(evaluation["base"], tmp / "evaluation_results_base.json")
+        started = time.perf_counter()
+        if recipe.plan:
+            plan, table = load_plan_for(model, recipe), []
+        else:
+            plan, table = score_and_plan(model, tokenizer, recipe, run, tmp)
+        apply_plan(model, plan)
+        timings["prune_seconds"] = round(time.perf_counter() - started, 3)
+        actual = count_parameters(model)
+        if actual != plan.params_after:
+            raise RuntimeError(f"surgery left {actual} parameters, the plan accounts for {plan.params_after}")
+        log.info("pruned %s: %d -> %d parameters (%.4f removed)", recipe.base_model, plan.params_before, actual, plan.achieved_ratio)
+        plan.save(tmp / "plan.json")
+        save_model(model, tokenizer, tmp / "model")
+        pruned = analyze_model(model)
+        comparison = compare_models(original, pruned, plan.removed_layers)
+        write_analysis(tmp, original, pruned, table, plan.removed_layers)
+        if evaluate_what:
+            evaluation["pruned"] = evaluate(model, tokenizer, eval_options, model_path=str(out / "model"))
+            save_results(evaluation["pruned"], tmp / "evaluation_results.json")
+    print_summary(console, plan, comparison, evaluation)
+    console.print(f"results: {out}")
+    return PruneResult(output_dir=out, plan=plan, model=model, tokenizer=tokenizer, evaluation=evaluation, timings=timings)

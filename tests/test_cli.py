@@ -1,0 +1,151 @@
+"""The command line end to end on a tiny model directory: outputs, replay, refusals and one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_tiny_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from prunellm.checkpoint import load_pruned
+from prunellm.cli import main
+from prunellm.models import load_tokenizer
+
+TEXT = " ".join(
+    "the king and the queen walked to the castle while the people sang of war and peace and love".split() * 120
+)
+
+
+def _tokenizer() -> PreTrainedTokenizerFast:
+    words = sorted(set(TEXT.split()))
+    vocab = {"[UNK]": 0, "[PAD]": 1, "[EOS]": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    # a tiny random model with a real tokenizer (transformers 5 picks the tokenizer class from model_type,
+    # so a model directory needs a tokenizer of its family's kind: SmolLM2's BPE serves)
+    root = tmp_path_factory.mktemp("cli")
+    tokenizer = load_tokenizer("smollm2-135m")
+    model = make_tiny_model("qwen2", num_hidden_layers=3, vocab_size=len(tokenizer))
+    model.save_pretrained(root / "tiny")
+    tokenizer.save_pretrained(root / "tiny")
+    (root / "text.txt").write_text(TEXT)
+    return root
+
+
+def _prune_args(ws, name: str, *extra: str) -> list[str]:
+    return [
+        "prune", "--base_model", str(ws / "tiny"), "--output_dir", str(ws / "results"), "--output_name", name,
+        "--dataset", str(ws / "text.txt"), "--taylor_num_samples", "8", "--taylor_seq_len", "32",
+        "--pruning_ratio", "0.015", *extra,
+    ]  # fmt: skip
+
+
+def test_prune_writes_the_whole_results_layout(workspace):
+    args = _prune_args(workspace, "run1", "--run_evaluation", "ppl", "--ppl_datasets", str(workspace / "text.txt"),
+                       "--ppl_seq_len", "32", "--ppl_max_windows", "4", "--temperature", "1",
+                       "--layer_importance_num_samples", "4", "--block_importance_num_samples", "4")  # fmt: skip
+    assert main(args) == 0
+    out = workspace / "results" / "run1"
+    for rel in (
+        "model/config.json", "model/model.safetensors", "model/tokenizer.json", "plan.json", "logs/command.sh",
+        "logs/prune.log", "evaluation_results.json", "evaluation_results_base.json", "layer_importance_loss.json",
+        "block_importance_loss.json", "analysis/original_model_analysis.json", "analysis/pruned_model_analysis.json",
+        "analysis/model_comparison.json", "analysis/global_group_table.csv", "analysis/groups_to_prune.csv",
+        "analysis/pruning_summary_by_layer.txt", "visualization/pruning_ratio_per_layer.png",
+        "visualization/param_breakdown.png",
+    ):  # fmt: skip
+        assert (out / rel).is_file(), rel
+    plan = json.loads((out / "plan.json").read_text())
+    assert abs(plan["achieved_ratio"] - 0.015) < 0.005  # the tied 49k-token embedding is most of this model
+    assert plan["calibration"]["hash"] and plan["versions"]["transformers"]
+    model = load_pruned(out / "model")
+    assert sum(p.numel() for p in model.parameters()) == plan["params_after"]
+    result = json.loads((out / "evaluation_results.json").read_text())
+    assert result["metrics"]["ppl"][0]["protocol"] == "32" and result["metrics"]["ppl"][0]["scored_tokens"] == 4 * 31
+    assert "--pruning_ratio 0.015" in (out / "logs" / "command.sh").read_text()
+    assert not [p for p in (workspace / "results").iterdir() if p.name.startswith(".")]  # no temp folders left
+
+
+def test_plan_replay_gives_the_identical_model(workspace):
+    assert main(_prune_args(workspace, "orig", "--importance_method", "wanda")) == 0
+    plan = workspace / "results" / "orig" / "plan.json"
+    assert main(_prune_args(workspace, "replay", "--plan", str(plan))) == 0
+    a = load_file(workspace / "results" / "orig" / "model" / "model.safetensors")
+    b = load_file(workspace / "results" / "replay" / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_existing_output_is_refused_without_overwrite(workspace, capsys):
+    assert main(_prune_args(workspace, "twice", "--importance_method", "magnitude")) == 0
+    before = (workspace / "results" / "twice" / "plan.json").read_text()
+    assert main(_prune_args(workspace, "twice", "--importance_method", "magnitude")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: --output_name 'twice'") and "--overwrite" in err[-1]
+    assert (workspace / "results" / "twice" / "plan.json").read_text() == before
+    assert main(_prune_args(workspace, "twice", "--importance_method", "random", "--overwrite")) == 0
+    assert json.loads((workspace / "results" / "twice" / "plan.json").read_text())["criterion"] == "random"
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--pruning_ratio", "1.5"], "--pruning_ratio"),
+        (["--importance_method", "psychic"], "--importance_method 'psychic' is not a criterion"),
+        (["--units", "heads"], "--units 'heads'"),
+        (["--dataset", "no_such_corpus"], "--dataset 'no_such_corpus'"),
+        (["--pruning_ratio", "0.9"], "unreachable"),
+        (["--freeze_first_n_layers", "3"], "no layer that may be pruned"),
+        (["--taylor_seq_len", "100000"], "--seq_len"),
+    ],
+)
+def test_bad_input_gives_one_line(workspace, capsys, extra, expected):
+    args = _prune_args(workspace, "bad", *extra)
+    assert main(args) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and expected in err[0], err
+    assert not (workspace / "results" / "bad").exists()
+
+
+def test_unknown_architecture_is_refused(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
+    _tokenizer().save_pretrained(tmp_path / "gpt2")
+    (tmp_path / "t.txt").write_text(TEXT)
+    code = main(["prune", "--base_model", str(tmp_path / "gpt2"), "--output_dir", str(tmp_path / "r"), "--output_name", "x",
+                 "--dataset", str(tmp_path / "t.txt"), "--importance_method", "magnitude"])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "architecture 'gpt2' has no prunellm spec" in err and "llama" in err and "gpt2.yaml" in err
+
+
+def test_eval_command_on_a_model_directory_and_text_file(workspace, tmp_path):
+    out = tmp_path / "eval.json"
+    code = main(["eval", "--model_path", str(workspace / "tiny"), "--metrics", "ppl", "--ppl_datasets", str(workspace / "text.txt"),
+                 "--ppl_seq_len", "16", "--ppl_max_windows", "8", "--output", str(out)])  # fmt: skip
+    assert code == 0
+    result = json.loads(out.read_text())
+    row = result["metrics"]["ppl"][0]
+    assert row["windows"] == 8 and row["scored_tokens"] == 8 * 15 and row["ppl"] > 1
+    assert result["model"]["params"] == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(workspace / "tiny").parameters())
+
+
+def test_eval_rejects_nonpositive_seq_len(workspace, capsys):
+    assert main(["eval", "--model_path", str(workspace / "tiny"), "--ppl_seq_len", "0"]) == 2
+    assert "--ppl_seq_len" in capsys.readouterr().err
+
+
+def test_legacy_pickle_needs_trust(tmp_path, capsys):
+    path = tmp_path / "pruned_model.bin"
+    torch.save({"model": "anything"}, path)
+    assert main(["eval", "--model_path", str(path)]) == 2
+    assert "--trust_pickle" in capsys.readouterr().err
