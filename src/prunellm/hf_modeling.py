@@ -8,7 +8,8 @@ installed. prunellm itself imports the same code.
 The config carries::
 
     prunellm_modules: {"attention": "self_attn", "q": "q_proj", ..., "mlp": "mlp", "gate": ..., "up": ..., "down": ...}
-    prunellm_layers:  [{"num_attention_heads": 6, "num_key_value_heads": 2, "intermediate_size": 1200}, ...]
+    prunellm_layers:  [{"num_attention_heads": 6, "num_key_value_heads": 2, "intermediate_size": 1200,
+                        "bias_modules": ["self_attn.o_proj"]}, ...]   # bias_modules only after bias compensation
 
 and every decoder layer's projections are resized from its entry. A block with no unit left (0 KV heads or
 0 MLP channels) becomes a zero-output block, so the residual stream passes through unchanged.
@@ -21,6 +22,9 @@ from torch import nn
 
 PRUNED_LAYERS_KEY = "prunellm_layers"
 PRUNED_MODULES_KEY = "prunellm_modules"
+# set when retraining-free bias compensation gave o_proj/down_proj a bias the family's config does not build;
+# each prunellm_layers entry then lists those projections under "bias_modules"
+BIAS_COMPENSATION_KEY = "prunellm_bias_compensation"
 
 
 class ZeroAttention(nn.Module):
@@ -101,6 +105,10 @@ def resize_layers(model: nn.Module, config) -> None:
             _set(mlp, names["down"], _resized_linear(down, inter, down.out_features))
             if names.get("mlp_size_attr") and hasattr(mlp, names["mlp_size_attr"]):
                 setattr(mlp, names["mlp_size_attr"], inter)
+        for path in width.get("bias_modules", []):
+            linear = _get(layer, path)
+            if linear.bias is None:
+                linear.bias = nn.Parameter(torch.zeros(linear.out_features, device=linear.weight.device, dtype=linear.weight.dtype))
 
 
 def pruned_class(base: type) -> type:

@@ -152,6 +152,12 @@ class PruneRecipe(_Options):
     min_kv_groups: int = Field(1, description="KV groups every layer keeps (0 allows removing a whole attention block)")
     round_to: int = Field(1, description="kept MLP channels per layer are a multiple of N")
     use_gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory)")
+    reconstruct: Literal["none", "bias", "lstsq"] = Field(
+        "lstsq", description="retraining-free compensation of o_proj/down_proj after pruning: none, bias (FLAP), lstsq"
+    )
+    reconstruct_num_samples: int = Field(64, description="calibration windows for reconstruction")
+    reconstruct_seq_len: int = Field(128, description="tokens per reconstruction window")
+    reconstruct_damp: float = Field(0.01, description="ridge damping of the least-squares refit, relative to mean(diag XᵀX)")
     plan: str | None = Field(None, description="replay this plan.json on the original weights instead of scoring")
     run_evaluation: str = Field("", description="evaluate before and after pruning, e.g. ppl (empty: none)")
 
@@ -163,14 +169,15 @@ class PruneRecipe(_Options):
         return value
 
     @field_validator("taylor_num_samples", "taylor_seq_len", "gradient_batch_size", "round_to",
-                     "layer_importance_num_samples", "block_importance_num_samples")
+                     "layer_importance_num_samples", "block_importance_num_samples",
+                     "reconstruct_num_samples", "reconstruct_seq_len")
     @classmethod
     def _at_least_one(cls, value):
         if value < 1:
             raise ValueError("must be at least 1")
         return value
 
-    @field_validator("freeze_first_n_layers", "freeze_last_n_layers", "layer_start", "min_kv_groups")
+    @field_validator("freeze_first_n_layers", "freeze_last_n_layers", "layer_start", "min_kv_groups", "reconstruct_damp")
     @classmethod
     def _not_negative(cls, value):
         if value < 0:

@@ -41,6 +41,16 @@ class Plan:
     reconstruction: dict[str, Any] = field(default_factory=dict)
     version: int = PLAN_VERSION
 
+    def kept_units(self) -> dict[tuple[int, str], list[int]]:
+        """Kept indices keyed by (original layer, unit kind), for the kinds the plan constrains."""
+        kept: dict[tuple[int, str], list[int]] = {}
+        for index, entry in enumerate(self.layers):
+            if entry.kv_groups is not None:
+                kept[(index, "kv_group")] = entry.kv_groups
+            if entry.mlp_channels is not None:
+                kept[(index, "mlp_channel")] = entry.mlp_channels
+        return kept
+
     @property
     def achieved_ratio(self) -> float:
         """Fraction of the model's total parameters removed."""

@@ -32,7 +32,8 @@ from .plan import LayerPlan, Plan, package_versions
 from .priors import ablation_deltas, prior_multipliers, resolve_tau
 from .selection import SelectionConstraints, normalized_values, select_global
 from .specs import spec_for
-from .surgery import apply_plan
+from .reconstruction import prune_with_reconstruction
+from .surgery import remove_layers
 from .units import UNIT_KINDS, LayerUnits, all_units, count_parameters, decoder_layers
 
 log = logging.getLogger(__name__)
@@ -196,6 +197,39 @@ def score_and_plan(model: nn.Module, tokenizer, recipe: PruneRecipe, run: RunOpt
     return plan, selection.table
 
 
+def reconstruction_settings(recipe: PruneRecipe, seed: int) -> dict[str, Any]:
+    """What the plan records so that a replay reconstructs from the same calibration windows."""
+    if recipe.reconstruct == "none":
+        return {"mode": "none"}
+    return {
+        "mode": recipe.reconstruct,
+        "dataset": recipe.dataset,
+        "num_samples": recipe.reconstruct_num_samples,
+        "seq_len": recipe.reconstruct_seq_len,
+        "damp": recipe.reconstruct_damp,
+        "seed": seed + 3,  # windows apart from the scoring calibration, same train part (never eval text)
+    }
+
+
+def apply_plan_with_reconstruction(model: nn.Module, tokenizer, plan: Plan) -> dict[str, Any]:
+    """Surgery as the plan says, with the plan's reconstruction; returns the reconstruction report."""
+    settings = plan.reconstruction or {"mode": "none"}
+    ids = None
+    if settings["mode"] != "none":
+        ids = sample_calibration(tokenizer, settings["dataset"], settings["num_samples"], settings["seq_len"], settings["seed"])
+        if settings.get("hash") and settings["hash"] != tensor_hash(ids):
+            raise PrunellmError(
+                f"the plan's reconstruction calibration ({settings['dataset']}) tokenizes differently here "
+                f"(hash {tensor_hash(ids)} != {settings['hash']}): use the same tokenizer and corpus"
+            )
+        settings["hash"] = tensor_hash(ids)
+    started = time.perf_counter()
+    report = prune_with_reconstruction(model, plan.kept_units(), ids, settings["mode"], settings.get("damp", 0.01))
+    remove_layers(model, plan.removed_layers)
+    settings["seconds"] = round(time.perf_counter() - started, 3)
+    return {"settings": settings, "layers": report.layers}
+
+
 def load_plan_for(model: nn.Module, recipe: PruneRecipe) -> Plan:
     """Read ``--plan`` and check it was made for this model's original weights."""
     plan = Plan.load(recipe.plan)
@@ -254,9 +288,15 @@ def prune(recipe: PruneRecipe, run: RunOptions, eval_options: EvalOptions | None
             plan, table = load_plan_for(model, recipe), []
         else:
             plan, table = score_and_plan(model, tokenizer, recipe, run, tmp)
-        apply_plan(model, plan)
+            plan.reconstruction = reconstruction_settings(recipe, run.seed)
+        reconstruction = apply_plan_with_reconstruction(model, tokenizer, plan)
+        plan.reconstruction = reconstruction["settings"]
+        if reconstruction["layers"]:
+            write_json_atomic(tmp / "analysis" / "reconstruction.json", reconstruction)
         timings["prune_seconds"] = round(time.perf_counter() - started, 3)
         actual = count_parameters(model)
+        if plan.reconstruction["mode"] == "bias" and not recipe.plan:
+            plan.params_after = actual  # compensation biases the family did not have count as parameters
         if actual != plan.params_after:
             raise RuntimeError(f"surgery left {actual} parameters, the plan accounts for {plan.params_after}")
         log.info("pruned %s: %d -> %d parameters (%.4f removed)", recipe.base_model, plan.params_before, actual, plan.achieved_ratio)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .calibration import UnitKey
-from .hf_modeling import PRUNED_LAYERS_KEY, PRUNED_MODULES_KEY, ZeroAttention, ZeroMLP
+from .hf_modeling import BIAS_COMPENSATION_KEY, PRUNED_LAYERS_KEY, PRUNED_MODULES_KEY, ZeroAttention, ZeroMLP
 from .plan import Plan
 from .specs import ArchitectureSpec, spec_for
 from .units import decoder_layers, get_module, head_dim, index_ranges, layer_units, set_module
@@ -101,8 +101,18 @@ def sync_config(model: nn.Module, spec: ArchitectureSpec | None = None) -> None:
     # head_dim must become explicit: transformers derives it from hidden / heads when absent
     setattr(config, keys.head_dim, head_dim(config, spec))
     widths = layer_widths(model, spec)
+    compensated = bool(getattr(config, BIAS_COMPENSATION_KEY, False))
     uniform = all(w == widths[0] for w in widths) and widths[0]["num_key_value_heads"] > 0 and widths[0]["intermediate_size"] > 0
-    if uniform:
+    if compensated:
+        for width, layer in zip(widths, decoder_layers(model, spec)):
+            width["bias_modules"] = [
+                path
+                for path in (f"{spec.attention.module}.{spec.attention.o}", f"{spec.mlp.module}.{spec.mlp.down}")
+                if isinstance(get_module(layer, path.rpartition(".")[0]), nn.Module)
+                and not isinstance(get_module(layer, path.rpartition(".")[0]), (ZeroAttention, ZeroMLP))
+                and get_module(layer, path).bias is not None
+            ]
+    if uniform and not compensated:
         setattr(config, keys.num_heads, widths[0]["num_attention_heads"])
         setattr(config, keys.num_kv_heads, widths[0]["num_key_value_heads"])
         setattr(config, keys.intermediate, widths[0]["intermediate_size"])
@@ -138,12 +148,6 @@ def sync_config(model: nn.Module, spec: ArchitectureSpec | None = None) -> None:
 
 
 def apply_plan(model: nn.Module, plan: Plan) -> None:
-    """Replay a plan on the original model: slice every layer, then remove layers."""
-    kept: dict[UnitKey, list[int]] = {}
-    for index, entry in enumerate(plan.layers):
-        if entry.kv_groups is not None:
-            kept[(index, "kv_group")] = entry.kv_groups
-        if entry.mlp_channels is not None:
-            kept[(index, "mlp_channel")] = entry.mlp_channels
-    prune_units(model, kept)
+    """Replay a plan on the original model: slice every layer, then remove layers (no reconstruction)."""
+    prune_units(model, plan.kept_units())
     remove_layers(model, plan.removed_layers)

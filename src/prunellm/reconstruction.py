@@ -1,0 +1,239 @@
+"""Retraining-free recovery: prune layer by layer and refit what the removed units contributed.
+
+For each decoder layer in order, calibration hidden states are run through the *already pruned* earlier
+layers (so later layers see the inputs they will really get), and for the two projections that read the
+pruned units (o_proj reads the kept heads, down_proj the kept channels):
+
+* ``bias`` (FLAP): add Σ_{j removed} W[:, j]·mean(x_j) to the projection's bias, which preserves the mean output
+  over calibration tokens exactly;
+* ``lstsq``: refit the kept columns so the projection's output on calibration inputs is preserved in the least
+  squares sense: W'_Sᵀ = (H_SS + λI)⁻¹ H_S,: Wᵀ with H = XᵀX accumulated in float64 and λ = damp·mean(diag H_SS)
+  (Cholesky; λ is raised automatically when the system is ill-conditioned, and never NaN weights are written).
+  A refit that would not lower the layer's calibration reconstruction error is discarded.
+
+Memory is bounded by one layer's statistics (in×in float64) plus the calibration hidden states.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibration import UnitKey, batches_of
+from .errors import PrunellmError
+from .hf_modeling import BIAS_COMPENSATION_KEY
+from .models import input_device
+from .specs import spec_for
+from .surgery import prune_units, sync_config
+from .units import decoder_layers, get_module, index_ranges, layer_units
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["none", "bias", "lstsq"]
+
+
+@dataclass
+class InputStats:
+    """Σ x and Σ xxᵀ (float64) of one projection's input over calibration tokens."""
+
+    sum: torch.Tensor
+    gram: torch.Tensor | None
+    tokens: int = 0
+
+
+@dataclass
+class ReconstructionReport:
+    """What reconstruction did, per projection: error before/after (relative) and damping used."""
+
+    mode: str
+    layers: list[dict] = field(default_factory=list)
+
+
+class _StopForward(Exception):
+    pass
+
+
+def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int) -> tuple[list[torch.Tensor], list[dict]]:
+    """Hidden states entering decoder layer 0 and the keyword arguments every layer receives, per batch."""
+    layer0 = decoder_layers(model)[0]
+    hidden, kwargs_list = [], []
+
+    def hook(module, args, kwargs):
+        hidden.append((args[0] if args else kwargs.pop("hidden_states")).detach())
+        kwargs_list.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        raise _StopForward
+
+    handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
+    device = input_device(model)
+    try:
+        with torch.no_grad():
+            for batch in batches_of(input_ids, batch_size):
+                try:
+                    model(input_ids=batch.to(device), use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    return hidden, kwargs_list
+
+
+def _run_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs_list: list[dict]) -> list[torch.Tensor]:
+    out = []
+    with torch.no_grad():
+        for h, kw in zip(hidden, kwargs_list):
+            result = layer(h, **kw)
+            out.append(result[0] if isinstance(result, tuple) else result)
+    return out
+
+
+def _collect_input_stats(
+    layer: nn.Module, path: str, hidden: list[torch.Tensor], kwargs_list: list[dict], need_gram: bool
+) -> InputStats:
+    linear = get_module(layer, path)
+    stats = InputStats(sum=torch.zeros(linear.in_features, dtype=torch.float64), gram=None)
+    if need_gram:
+        stats.gram = torch.zeros(linear.in_features, linear.in_features, dtype=torch.float64)
+
+    def hook(module, args):
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64).cpu()  # (tokens, in)
+        stats.sum += x.sum(0)
+        if need_gram:
+            stats.gram += x.T @ x
+        stats.tokens += x.shape[0]
+
+    handle = linear.register_forward_pre_hook(hook)
+    try:
+        _run_layer(layer, hidden, kwargs_list)
+    finally:
+        handle.remove()
+    return stats
+
+
+def _output_error(weight: torch.Tensor, gram: torch.Tensor, new_weight: torch.Tensor, kept: torch.Tensor) -> float:
+    """‖X Wᵀ − X_S W'ᵀ‖² through the Gram matrix (float64): tr(W H Wᵀ) − 2 tr(W' H_S,: Wᵀ) + tr(W' H_SS W'ᵀ)."""
+    w, wn = weight.double(), new_weight.double()
+    full = torch.einsum("oi,ij,oj->", w, gram, w)
+    cross = torch.einsum("ok,kj,oj->", wn, gram[kept], w)
+    own = torch.einsum("ok,kl,ol->", wn, gram[kept][:, kept], wn)
+    return float(full - 2 * cross + own)
+
+
+def solve_lstsq(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """Least-squares refit of the kept columns: returns (W'_S, damping actually used)."""
+    h_ss = gram[kept][:, kept]
+    rhs = gram[kept] @ weight.double().T  # (k, out)
+    scale = float(h_ss.diagonal().mean()) or 1.0
+    lam = damp
+    for _ in range(8):
+        system = h_ss + lam * scale * torch.eye(len(kept), dtype=torch.float64)
+        factor, info = torch.linalg.cholesky_ex(system)
+        pivots = factor.diagonal().abs()
+        # a factorisation that "succeeds" on a numerically singular system has a vanishing pivot
+        well_conditioned = int(info) == 0 and float((pivots.min() / pivots.max()) ** 2) > 1e-12
+        if well_conditioned:
+            solution = torch.cholesky_solve(rhs, factor).T  # (out, k)
+            if torch.isfinite(solution).all():
+                return solution, lam
+        lam = max(lam * 10, 1e-6)
+    raise PrunellmError(f"least-squares reconstruction stayed singular up to damping {lam:g}: raise --reconstruct_damp")
+
+
+def compensate_projection(
+    linear: nn.Linear, stats: InputStats, kept_columns: torch.Tensor, mode: Mode, damp: float
+) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """New (out, k) weight and bias for a projection that keeps only ``kept_columns`` of its input.
+
+    Returns the weight, the bias (``None`` = unchanged) and a report entry.
+    """
+    weight = linear.weight.detach()
+    removed = torch.ones(linear.in_features, dtype=torch.bool)
+    removed[kept_columns] = False
+    report: dict = {"kept_columns": int(kept_columns.numel()), "removed_columns": int(removed.sum())}
+    new_weight, new_bias = weight[:, kept_columns].clone(), None
+    if not removed.any():
+        return new_weight, None, report
+    if mode == "bias":
+        mean = stats.sum / max(stats.tokens, 1)  # (in,) float64
+        shift = (weight.double().cpu()[:, removed] @ mean[removed]).to(weight.dtype).to(weight.device)  # (out,)
+        new_bias = shift if linear.bias is None else linear.bias.detach() + shift
+    elif mode == "lstsq":
+        if stats.tokens < kept_columns.numel():
+            raise PrunellmError(
+                f"--reconstruct_num_samples x --reconstruct_seq_len gives {stats.tokens} tokens, fewer than the "
+                f"{kept_columns.numel()} kept input columns of a projection: use at least {kept_columns.numel()} tokens"
+            )
+        w = weight.cpu()
+        total = float(torch.einsum("oi,ij,oj->", w.double(), stats.gram, w.double())) or 1.0
+        baseline = _output_error(w, stats.gram, new_weight.cpu(), kept_columns)
+        solution, used = solve_lstsq(w, stats.gram, kept_columns, damp)
+        refit = _output_error(w, stats.gram, solution, kept_columns)
+        report.update(damp=used, error_before=baseline / total, error_after=min(refit, baseline) / total)
+        if refit < baseline:
+            new_weight = solution.to(weight.dtype).to(weight.device)
+        else:  # never make the layer's calibration error worse
+            report["kept_original"] = True
+    return new_weight, new_bias, report
+
+
+def prune_with_reconstruction(
+    model: nn.Module,
+    kept: dict[UnitKey, list[int]],
+    input_ids: torch.Tensor,
+    mode: Mode,
+    damp: float = 0.01,
+    batch_size: int = 8,
+) -> ReconstructionReport:
+    """Prune every layer's units as ``kept`` says, in layer order, compensating o_proj/down_proj inputs."""
+    if mode == "none":
+        prune_units(model, kept)
+        return ReconstructionReport(mode="none")
+    if mode not in ("bias", "lstsq"):
+        raise PrunellmError(f"--reconstruct '{mode}' is not valid: use one of none, bias, lstsq")
+    if damp < 0:
+        raise PrunellmError(f"--reconstruct_damp {damp} must be 0 or more")
+    spec = spec_for(model.config)
+    layers = decoder_layers(model, spec)
+    hidden, kwargs_list = capture_layer_inputs(model, input_ids, batch_size)
+    report = ReconstructionReport(mode=mode)
+    compensated = False
+    for index in tqdm(range(len(layers)), desc=f"reconstruction ({mode})", leave=False):
+        layer = layers[index]
+        entry: dict = {"layer": index}
+        for kind, block_path, proj in (
+            ("kv_group", spec.attention.module, spec.attention.o),
+            ("mlp_channel", spec.mlp.module, spec.mlp.down),
+        ):
+            key = (index, kind)
+            units = layer_units(model, index, kind, spec)
+            if key not in kept or len(kept[key]) == units.count:
+                continue
+            if not kept[key]:  # the whole block goes: a zero-output block, nothing to refit
+                prune_units(model, {key: []})
+                continue
+            path = f"{block_path}.{proj}"
+            stats = _collect_input_stats(layer, path, hidden, kwargs_list, need_gram=(mode == "lstsq"))
+            keep = torch.as_tensor(sorted(kept[key]), dtype=torch.long)
+            width = next(s.width for s in units.slices if s.module == path)
+            new_weight, new_bias, entry[kind] = compensate_projection(
+                get_module(layer, path), stats, index_ranges(keep, width), mode, damp
+            )
+            prune_units(model, {key: kept[key]})  # slices the unit's rows and the projection's columns
+            projection = get_module(layer, path)
+            with torch.no_grad():
+                projection.weight.copy_(new_weight)
+            if new_bias is not None:
+                projection.bias = nn.Parameter(new_bias, requires_grad=projection.weight.requires_grad)
+                compensated = True
+        hidden = _run_layer(layer, hidden, kwargs_list)
+        report.layers.append(entry)
+    if compensated:
+        # o_proj/down_proj may now carry a bias their family's config does not build: the checkpoint must
+        # record it per layer (see hf_modeling.resize_layers)
+        setattr(model.config, BIAS_COMPENSATION_KEY, True)
+        sync_config(model, spec)
+    return report

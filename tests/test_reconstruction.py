@@ -1,0 +1,108 @@
+"""Retraining-free reconstruction: exactness where it must be exact, never worse, never NaN."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import calibration_ids, make_tiny_model
+from transformers import AutoModelForCausalLM
+
+from prunellm.checkpoint import load_pruned, save_model
+from prunellm.errors import PrunellmError
+from prunellm.reconstruction import InputStats, compensate_projection, prune_with_reconstruction, solve_lstsq
+from prunellm.surgery import prune_units
+from prunellm.units import count_parameters, decoder_layers, layer_units
+
+
+def _kept_mlp(model, layer: int, drop_every: int = 3) -> list[int]:
+    width = layer_units(model, layer, "mlp_channel").count
+    return [i for i in range(width) if i % drop_every]
+
+
+def _capture(model, module, ids):
+    seen = []
+    handle = module.register_forward_hook(lambda m, a, out: seen.append(out.detach().reshape(-1, out.shape[-1])))
+    with torch.no_grad():
+        model(ids)
+    handle.remove()
+    return torch.cat(seen)
+
+
+def test_lstsq_with_nothing_removed_returns_the_weights():
+    torch.manual_seed(0)
+    x = torch.randn(400, 12, dtype=torch.float64)
+    weight = torch.randn(5, 12)
+    solution, _ = solve_lstsq(weight, x.T @ x, torch.arange(12), damp=1e-8)
+    torch.testing.assert_close(solution.float(), weight, rtol=1e-5, atol=1e-5)
+    model = make_tiny_model("llama")
+    ids = calibration_ids()
+    before = model(ids).logits
+    kept = {(i, k): list(range(layer_units(model, i, k).count)) for i in range(2) for k in ("kv_group", "mlp_channel")}
+    prune_with_reconstruction(model, kept, ids, "lstsq", damp=1e-8)
+    torch.testing.assert_close(model(ids).logits, before)
+
+
+def test_bias_compensation_preserves_the_mean_output(family):
+    model = make_tiny_model(family)
+    ids = calibration_ids(n=8, length=32)
+    down = decoder_layers(model)[0].mlp.down_proj
+    mean_before = _capture(model, down, ids).mean(0)
+    prune_with_reconstruction(model, {(0, "mlp_channel"): _kept_mlp(model, 0)}, ids, "bias", batch_size=4)
+    down = decoder_layers(model)[0].mlp.down_proj
+    torch.testing.assert_close(_capture(model, down, ids).mean(0), mean_before, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["mlp_channel", "kv_group"])
+def test_lstsq_never_increases_the_layer_error(family, kind):
+    model = make_tiny_model(family)
+    reference = make_tiny_model(family)
+    ids = calibration_ids(n=16, length=32)
+    count = layer_units(model, 0, kind).count
+    keep = [0] if kind == "kv_group" else _kept_mlp(model, 0, 2)
+    proj = decoder_layers(reference)[0].self_attn.o_proj if kind == "kv_group" else decoder_layers(reference)[0].mlp.down_proj
+    target = _capture(reference, proj, ids)  # the unpruned projection's output on the same calibration
+    plain = make_tiny_model(family)
+    prune_units(plain, {(0, kind): keep})
+    report = prune_with_reconstruction(model, {(0, kind): keep}, ids, "lstsq", damp=1e-4)
+    proj_of = lambda m: decoder_layers(m)[0].self_attn.o_proj if kind == "kv_group" else decoder_layers(m)[0].mlp.down_proj  # noqa: E731
+    err_plain = (_capture(plain, proj_of(plain), ids) - target).pow(2).sum()
+    err_lstsq = (_capture(model, proj_of(model), ids) - target).pow(2).sum()
+    assert count > len(keep)
+    assert err_lstsq <= err_plain * (1 + 1e-6)
+    entry = report.layers[0][kind]
+    assert entry["error_after"] <= entry["error_before"]
+
+
+def test_rank_deficient_inputs_stay_finite():
+    torch.manual_seed(1)
+    base = torch.randn(300, 4, dtype=torch.float64)
+    x = torch.cat([base, base, base[:, :2]], dim=1)  # 10 columns of rank 4: singular Gram
+    linear = torch.nn.Linear(10, 6, bias=False)
+    stats = InputStats(sum=x.sum(0), gram=x.T @ x, tokens=300)
+    weight, bias, report = compensate_projection(linear, stats, torch.tensor([0, 1, 2, 5, 7]), "lstsq", damp=0.0)
+    assert torch.isfinite(weight).all() and bias is None
+    assert report["damp"] > 0  # raised automatically
+    assert report["error_after"] <= report["error_before"]
+
+
+def test_too_few_tokens_is_refused():
+    linear = torch.nn.Linear(10, 6, bias=False)
+    x = torch.randn(4, 10, dtype=torch.float64)
+    stats = InputStats(sum=x.sum(0), gram=x.T @ x, tokens=4)
+    with pytest.raises(PrunellmError, match="at least 8 tokens"):
+        compensate_projection(linear, stats, torch.arange(8), "lstsq", damp=0.01)
+
+
+@pytest.mark.parametrize("mode", ["bias", "lstsq"])
+def test_reconstructed_checkpoint_loads_both_ways(mode, tmp_path):
+    model = make_tiny_model("mistral")  # no biases anywhere: bias compensation must add them
+    ids = calibration_ids(n=8, length=32)
+    kept = {(0, "mlp_channel"): _kept_mlp(model, 0), (1, "kv_group"): [1], (1, "mlp_channel"): _kept_mlp(model, 1, 4)}
+    prune_with_reconstruction(model, kept, ids, mode)
+    logits = model(ids[:2]).logits
+    assert torch.isfinite(logits).all()
+    save_model(model, None, tmp_path / "m")
+    torch.testing.assert_close(load_pruned(tmp_path / "m")(ids[:2]).logits, logits, rtol=0, atol=0)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "m", trust_remote_code=True).eval()
+    torch.testing.assert_close(theirs(ids[:2]).logits, logits, rtol=0, atol=0)
+    assert count_parameters(theirs) == count_parameters(model)
