@@ -61,3 +61,25 @@ def test_taylor_beats_random_and_magnitude_at_20_percent(smollm, eval_ids):
         result[name] = _ppl(model, eval_ids)
     assert dense < result["taylor"] < result["random"], result
     assert result["taylor"] < result["magnitude"], result
+
+
+def test_depth_pruning_informed_beats_last_and_random_layers(smollm, eval_ids):
+    import random
+
+    from prunellm.layers import choose_layers_to_remove
+    from prunellm.surgery import remove_layers
+
+    base, tokenizer = smollm
+    calibration = sample_calibration(tokenizer, "shakespeare", 8, 128, seed=0)
+
+    def ppl_without(layers: list[int]) -> float:
+        model = copy.deepcopy(base)
+        remove_layers(model, layers)
+        return _ppl(model, eval_ids)
+
+    last = ppl_without(list(range(24, 30)))
+    randoms = sorted(ppl_without(sorted(random.Random(seed).sample(range(30), 6))) for seed in range(3))
+    for method in ("block_influence", "ppl"):
+        removed, _ = choose_layers_to_remove(base, calibration, method, 6, batch_size=8)
+        informed = ppl_without(removed)
+        assert informed < last and informed < randoms[1], (method, removed, informed, last, randoms)

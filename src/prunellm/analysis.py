@@ -270,6 +270,28 @@ def plot_pruning_ratio(comparison: dict[str, Any], path: Path) -> None:
         plt.close(fig)
 
 
+def plot_layer_importance(scores: list[float], method: str, path: Path, highlight: list[int] | None = None) -> None:
+    """Bar chart of one importance score per layer; ``highlight`` marks removed layers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    marked = set(highlight or [])
+    fig, ax = plt.subplots(figsize=(_figure_width(len(scores)), 4.0))
+    try:
+        colors = ["tab:red" if i in marked else "tab:blue" for i in range(len(scores))]
+        ax.bar(range(len(scores)), scores, color=colors)
+        ax.set_title(f"Layer importance ({method})" + (" — red: removed" if marked else ""))
+        ax.set_xlabel("layer")
+        ax.set_ylabel(method)
+        ax.set_xticks(range(len(scores)))
+        _save_figure_atomic(fig, path)
+    finally:
+        plt.close(fig)
+
+
 def plot_param_breakdown(comparison: dict[str, Any], path: Path) -> None:
     """Stacked bars per original layer, attention under MLP, original and pruned side by side."""
     import matplotlib

@@ -13,7 +13,7 @@ from pathlib import Path
 from pydantic import Field
 
 from .errors import PrunellmError
-from .options import EvalOptions, PruneRecipe, RunOptions, _Options, add_options, build_options
+from .options import EvalOptions, LayersRecipe, PruneRecipe, RunOptions, _Options, add_options, build_options
 
 log = logging.getLogger("prunellm")
 
@@ -26,6 +26,12 @@ class EvalTarget(_Options):
     device: str = Field("cpu", description="cpu, cuda, cuda:N or auto")
     dtype: str = Field("float32", description="float32, bfloat16 or float16")
     trust_pickle: bool = Field(False, description="allow loading a legacy pickled .bin model (runs code from it)")
+
+
+class ReportTarget(_Options):
+    """Where the comparison report goes."""
+
+    output: str = Field("report", description="folder for report.md, report.csv, report.html and the charts")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -43,9 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     prune = commands.add_parser("prune", help="global structured pruning (GQA groups + MLP channels)")
     add_prune_arguments(prune)
-    evaluate = commands.add_parser("eval", help="evaluate a model (perplexity)")
+    layers = commands.add_parser("layers", help="depth pruning: remove whole decoder layers")
+    add_options(layers, LayersRecipe, "recipe")
+    add_options(layers, RunOptions, "run")
+    add_options(layers, EvalOptions, "evaluation")
+    evaluate = commands.add_parser("eval", help="evaluate a model (perplexity, zero-shot, speed, memory)")
     add_options(evaluate, EvalTarget, "model")
     add_options(evaluate, EvalOptions, "evaluation")
+    report = commands.add_parser("report", help="one comparison table and charts over many run folders")
+    report.add_argument("results_dirs", nargs="+", metavar="RESULTS_DIR", help="run folders holding evaluation_results.json")
+    add_options(report, ReportTarget, "report")
     return parser
 
 
@@ -64,6 +77,46 @@ def run_prune(args: argparse.Namespace, argv: list[str]) -> int:
     eval_options = build_options(EvalOptions, args)
     prune(recipe, run, eval_options, argv=argv)
     return 0
+
+
+def run_layers(args: argparse.Namespace, argv: list[str]) -> int:
+    from .pruner import prune_layers
+
+    prune_layers(build_options(LayersRecipe, args), build_options(RunOptions, args), build_options(EvalOptions, args), argv=argv)
+    return 0
+
+
+# the seed's layer_pruning.py flags and what they are called here
+SEED_LAYER_FLAGS = {
+    "--save_ckpt_log_name": "--output_name",
+    "--layer_importance_samples": "--layer_importance_num_samples",
+    "--channel_importance_samples": "--taylor_num_samples",
+    "--eval_seq_len": "--ppl_seq_len",
+}
+SEED_EVAL_FLAGS = ("--test_original_ppl", "--test_after_prune")
+
+
+def translate_seed_layer_flags(argv: list[str]) -> list[str]:
+    """Map ``layer_pruning.py``'s flags onto ``prunellm prune --allocation layerwise``."""
+    out = ["prune", "--allocation", "layerwise"]
+    wants_eval = False
+    i = 0
+    while i < len(argv):
+        flag, _, inline = argv[i].partition("=")
+        takes_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+        if flag in SEED_EVAL_FLAGS or flag == "--save_model":
+            value = inline or (argv[i + 1] if takes_value else "true")
+            i += 1 if inline or not takes_value else 2
+            if flag in SEED_EVAL_FLAGS and value.lower() in ("1", "true", "yes"):
+                wants_eval = True
+            elif flag == "--save_model" and value.lower() in ("0", "false", "no"):
+                log.warning("--save_model False: the pruned model is always saved (it is the run's main output)")
+            continue
+        out.append(SEED_LAYER_FLAGS.get(flag, flag) + (f"={inline}" if inline else ""))
+        i += 1
+    if wants_eval and "--run_evaluation" not in out:
+        out += ["--run_evaluation", "ppl"]
+    return out
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -97,9 +150,37 @@ def run_eval(args: argparse.Namespace) -> int:
         table.add_column(column)
     for row in results["metrics"].get("ppl", []):
         table.add_row(row["dataset"], row["protocol"], f"{row['ppl']:.3f}", str(row["scored_tokens"]), str(row["windows"]))
-    Console().print(table)
+    if "ppl" in results["metrics"]:
+        Console().print(table)
+    _print_other_metrics(results, Console())
     log.info("results written to %s", out)
     log.debug(json.dumps(results["metrics"]))
+    return 0
+
+
+def _print_other_metrics(results: dict, console) -> None:
+    """Zero-shot, speed and memory figures of one results document, as the report shows them."""
+    from rich.table import Table
+
+    from .report import summarize
+
+    rows = [(header, value) for header, value in summarize(results) if not header.startswith("PPL ")]
+    if any(key in results["metrics"] for key in ("zeroshot", "speed", "memory")):
+        table = Table()
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for header, value in rows:
+            table.add_row(header, value)
+        console.print(table)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from .report import build_report
+
+    target: ReportTarget = build_options(ReportTarget, args)
+    report = build_report(args.results_dirs, target.output)
+    print(report["markdown"], end="")
+    log.info("report written to %s", target.output)
     return 0
 
 
@@ -112,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "prune":
             return run_prune(args, argv)
+        if args.command == "layers":
+            return run_layers(args, argv)
+        if args.command == "report":
+            return run_report(args)
         return run_eval(args)
     except PrunellmError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -36,7 +36,7 @@ class RunOptions(_Options):
 class EvalOptions(_Options):
     """What to evaluate."""
 
-    metrics: str = Field("ppl", description="comma-separated metrics: ppl")
+    metrics: str = Field("ppl", description="comma-separated metrics: ppl, zeroshot, speed, memory")
     ppl_datasets: str = Field(
         "shakespeare", description="comma-separated evaluation texts: shakespeare, wikitext2, ptb, c4 or local files"
     )
@@ -44,6 +44,20 @@ class EvalOptions(_Options):
     ppl_seq_len: int | None = Field(None, description="shorthand for one non-overlapping protocol of this window length")
     ppl_max_windows: int | None = Field(None, description="score only the first N windows of each protocol (quick checks)")
     ppl_batch_size: int = Field(4, description="windows per forward pass")
+    zeroshot_tasks: str = Field(
+        "boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa",
+        description="comma-separated lm-eval tasks; offline: bigbench_strategyqa, bigbench_wikihow_step, bigbench_social_iqa",
+    )
+    num_fewshot: int = Field(0, description="in-context examples per zero-shot question (0 = zero-shot)")
+    limit: int | None = Field(None, description="score only the first N examples of each zero-shot task (quick checks)")
+    zeroshot_batch_size: int = Field(8, description="lm-eval requests per forward pass")
+    zeroshot_include_path: str | None = Field(None, description="extra folder of lm-eval task YAMLs (local JSON/JSONL data)")
+    speed_batch_sizes: str = Field("1,4", description="comma-separated batch sizes for speed and memory")
+    speed_prompt_tokens: int = Field(128, description="prompt length of the speed/memory runs")
+    speed_new_tokens: int = Field(32, description="greedy tokens generated per speed/memory run")
+    speed_repeats: int = Field(3, description="timed runs per measurement (the median is kept)")
+    speed_warmup: int = Field(1, description="untimed warm-up runs per batch size")
+    compare_base: str | None = Field(None, description="also measure speed/memory of this dense model in the same run, with ratios")
 
     @field_validator("ppl_seq_len")
     @classmethod
@@ -52,11 +66,26 @@ class EvalOptions(_Options):
             raise ValueError("must be a positive number of tokens")
         return value
 
-    @field_validator("ppl_max_windows", "ppl_batch_size")
+    @field_validator("ppl_max_windows", "ppl_batch_size", "limit", "zeroshot_batch_size", "speed_prompt_tokens",
+                     "speed_repeats")
     @classmethod
     def _positive(cls, value):
         if value is not None and value <= 0:
             raise ValueError("must be at least 1")
+        return value
+
+    @field_validator("num_fewshot", "speed_warmup")
+    @classmethod
+    def _zero_or_more(cls, value):
+        if value < 0:
+            raise ValueError("must be 0 or more")
+        return value
+
+    @field_validator("speed_new_tokens")
+    @classmethod
+    def _decode_steps(cls, value):
+        if value < 2:
+            raise ValueError("must be at least 2 (the first token is prefill, the rest decode)")
         return value
 
     def protocol_names(self) -> list[str]:
@@ -159,6 +188,22 @@ class PruneRecipe(_Options):
     reconstruct_seq_len: int = Field(128, description="tokens per reconstruction window")
     reconstruct_damp: float = Field(0.01, description="ridge damping of the least-squares refit, relative to mean(diag XᵀX)")
     plan: str | None = Field(None, description="replay this plan.json on the original weights instead of scoring")
+    allocation: Literal["global", "layerwise"] = Field(
+        "global", description="global importance/cost ranking, or per-layer rates from layer importance (layer_pruning.py)"
+    )
+    layer_importance_method: Literal["removal", "activation"] = Field(
+        "removal", description="layerwise: layer importance from removal Δloss or relative activation change"
+    )
+    pruning_strategy: Literal["inverse", "proportional", "uniform"] = Field(
+        "inverse", description="layerwise: inverse = less important layers lose more; proportional; uniform"
+    )
+    layer_importance_weight: float = Field(1.0, description="layerwise: exponent applied to normalised layer importance")
+    min_pruning_rate: float = Field(0.0, description="layerwise: lowest per-layer pruning rate")
+    max_pruning_rate: float = Field(0.9, description="layerwise: highest per-layer pruning rate")
+    freeze_top_n_layers: int = Field(0, description="layerwise: never prune the last (top) N layers")
+    pruning_distribution: str = Field(
+        "auto", description="layerwise: attention:MLP split of each layer's removed parameters, e.g. 1:3; auto = by their sizes"
+    )
     run_evaluation: str = Field("", description="evaluate before and after pruning, e.g. ppl (empty: none)")
 
     @field_validator("pruning_ratio")
@@ -177,9 +222,44 @@ class PruneRecipe(_Options):
             raise ValueError("must be at least 1")
         return value
 
-    @field_validator("freeze_first_n_layers", "freeze_last_n_layers", "layer_start", "min_kv_groups", "reconstruct_damp")
+    @field_validator("freeze_first_n_layers", "freeze_last_n_layers", "layer_start", "min_kv_groups", "reconstruct_damp",
+                     "freeze_top_n_layers")
     @classmethod
     def _not_negative(cls, value):
         if value < 0:
             raise ValueError("must be 0 or more")
+        return value
+
+
+class LayersRecipe(_Options):
+    """What depth pruning removes: whole decoder layers ranked by a layer importance criterion."""
+
+    base_model: str = Field("smollm2-135m", description="smollm2-135m, a local model directory, or a hub id")
+    output_name: str = Field("", description="run name; results go to <output_dir>/<output_name>/ (default: derived)")
+    layer_importance_method: Literal["block_influence", "ppl", "taylor"] = Field(
+        "block_influence", description="block_influence (1 − cos(in, out)), ppl (Δloss of removal) or taylor"
+    )
+    n_remove_layers: int | None = Field(None, description="number of decoder layers to remove")
+    pruning_ratio: float | None = Field(None, description="or: fraction of total parameters (nearest whole number of layers)")
+    iterative: bool = Field(False, description="re-score the remaining layers after each removal (SLEB style)")
+    dataset: str = Field("shakespeare", description="calibration text: shakespeare, wikitext2, ptb, c4 or a local file/folder")
+    num_samples: int = Field(32, description="calibration windows")
+    seq_len: int = Field(128, description="tokens per calibration window")
+    batch_size: int = Field(4, description="calibration windows per forward pass")
+    freeze_first_n_layers: int = Field(0, description="never remove the first N layers")
+    freeze_last_n_layers: int = Field(0, description="never remove the last N layers")
+    run_evaluation: str = Field("", description="evaluate before and after, e.g. ppl (empty: none)")
+
+    @field_validator("num_samples", "seq_len", "batch_size")
+    @classmethod
+    def _at_least_one(cls, value):
+        if value < 1:
+            raise ValueError("must be at least 1")
+        return value
+
+    @field_validator("pruning_ratio")
+    @classmethod
+    def _ratio(cls, value):
+        if value is not None and not 0.0 < value < 1.0:
+            raise ValueError("must be a fraction strictly between 0 and 1")
         return value

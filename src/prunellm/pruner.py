@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -26,7 +26,16 @@ from .data import describe_source, sample_calibration, tensor_hash
 from .errors import PrunellmError
 from .evaluation import evaluate, save_results
 from .models import load_model, load_tokenizer
-from .options import EvalOptions, PruneRecipe, RunOptions, split_list
+from .layers import (
+    allocate_rates,
+    choose_layers_to_remove,
+    layer_importance,
+    layer_params,
+    layers_for_ratio,
+    parse_distribution,
+    select_layerwise,
+)
+from .options import EvalOptions, LayersRecipe, PruneRecipe, RunOptions, split_list
 from .paths import atomic_dir, write_json_atomic, write_text_atomic
 from .plan import LayerPlan, Plan, package_versions
 from .priors import ablation_deltas, prior_multipliers, resolve_tau
@@ -191,8 +200,11 @@ def score_and_plan(model: nn.Module, tokenizer, recipe: PruneRecipe, run: RunOpt
     calibration_info["scoring_seconds"] = round(time.perf_counter() - started, 3)
     priors = compute_priors(model, tokenizer, recipe, run, out)
     values = normalized_values(units, scores, recipe.normalization, priors)
-    constraints = SelectionConstraints(min_kv_groups=recipe.min_kv_groups, round_to=recipe.round_to)
-    selection = select_global(units, values, scores, round(recipe.pruning_ratio * total), constraints, total)
+    if recipe.allocation == "layerwise":
+        selection = select_by_layer_rates(model, tokenizer, units, values, scores, recipe, run, out, total)
+    else:
+        constraints = SelectionConstraints(min_kv_groups=recipe.min_kv_groups, round_to=recipe.round_to)
+        selection = select_global(units, values, scores, round(recipe.pruning_ratio * total), constraints, total)
     plan = plan_from_selection(model, selection.kept, recipe, total, total - selection.removed_params, calibration_info, run.seed)
     return plan, selection.table
 
@@ -230,6 +242,77 @@ def apply_plan_with_reconstruction(model: nn.Module, tokenizer, plan: Plan) -> d
     return {"settings": settings, "layers": report.layers}
 
 
+def select_by_layer_rates(model, tokenizer, units, values, scores, recipe: PruneRecipe, run: RunOptions, out: Path, total: int):
+    """Per-layer allocation: layer importance -> per-layer rates meeting the budget -> lowest units per layer."""
+    ids = sample_calibration(tokenizer, recipe.dataset, recipe.layer_importance_num_samples, recipe.taylor_seq_len, run.seed + 1)
+    importance = layer_importance(model, ids, recipe.layer_importance_method, recipe.gradient_batch_size)
+    n_layers = len(importance)
+    eligible = {u.layer for u in units}
+    frozen = {i for i in range(n_layers) if i not in eligible or i >= n_layers - recipe.freeze_top_n_layers}
+    prunable = [0] * n_layers
+    for u in units:
+        prunable[u.layer] += u.cost * u.count
+    rates = allocate_rates(
+        importance, prunable, round(recipe.pruning_ratio * total), strategy=recipe.pruning_strategy,
+        weight=recipe.layer_importance_weight, min_rate=recipe.min_pruning_rate, max_rate=recipe.max_pruning_rate,
+        frozen=frozen,
+    )  # fmt: skip
+    write_layer_importance(out, recipe.layer_importance_method, importance, rates=rates)
+    return select_layerwise(
+        units, values, scores, rates, parse_distribution(recipe.pruning_distribution), recipe.min_kv_groups, recipe.round_to
+    )
+
+
+def write_layer_importance(out: Path, method: str, scores: list[float], rates: list[float] | None = None, removed: list[int] | None = None) -> None:
+    """``layer_importance.json`` and its chart."""
+    from .analysis import plot_layer_importance
+
+    data: dict[str, Any] = {"method": method, "scores": scores}
+    if rates is not None:
+        data["pruning_rates"] = rates
+    if removed is not None:
+        data["removed_layers"] = removed
+    write_json_atomic(out / "layer_importance.json", data)
+    plot_layer_importance(scores, method, out / "visualization" / "layer_importance.png", highlight=removed)
+
+
+def prune_layers(recipe: LayersRecipe, run: RunOptions, eval_options: EvalOptions | None = None, argv: list[str] | None = None) -> PruneResult:
+    """Depth pruning: remove whole decoder layers, into ``<output_dir>/<output_name>/`` (standard HF checkpoint)."""
+
+    def make_plan(model: nn.Module, tokenizer, tmp: Path) -> tuple[Plan, list[dict]]:
+        n_layers = len(decoder_layers(model))
+        total = count_parameters(model)
+        if recipe.n_remove_layers is not None:
+            n_remove = recipe.n_remove_layers
+        elif recipe.pruning_ratio is not None:
+            n_remove = layers_for_ratio(model, recipe.pruning_ratio, total)
+        else:
+            raise PrunellmError("give --n_remove_layers N or --pruning_ratio r")
+        if not 1 <= n_remove < n_layers:
+            raise PrunellmError(f"--n_remove_layers {n_remove} must be between 1 and {n_layers - 1} (the model has {n_layers} layers)")
+        candidates = [i for i in range(recipe.freeze_first_n_layers, n_layers - recipe.freeze_last_n_layers)]
+        ids = sample_calibration(tokenizer, recipe.dataset, recipe.num_samples, recipe.seq_len, run.seed)
+        removed, scores = choose_layers_to_remove(
+            model, ids, recipe.layer_importance_method, n_remove, iterative=recipe.iterative,
+            batch_size=recipe.batch_size, candidates=candidates,
+        )  # fmt: skip
+        write_layer_importance(tmp, recipe.layer_importance_method, scores, removed=removed)
+        per_layer = layer_params(model)
+        plan = Plan(
+            base_model=recipe.base_model, method="layers", criterion=recipe.layer_importance_method,
+            target_ratio=recipe.pruning_ratio, params_before=total,
+            params_after=total - sum(per_layer[i] for i in removed),
+            layers=[LayerPlan() for _ in range(n_layers)], removed_layers=removed, recipe=recipe.model_dump(),
+            calibration={"source": describe_source(recipe.dataset, "train"), "num_samples": recipe.num_samples,
+                         "seq_len": recipe.seq_len, "hash": tensor_hash(ids)},
+            seed=run.seed, versions=package_versions(), reconstruction={"mode": "none"},
+        )  # fmt: skip
+        return plan, []
+
+    name = recipe.output_name or f"{Path(recipe.base_model).name}_layers_{recipe.layer_importance_method}"
+    return execute_run(recipe.base_model, name, recipe.run_evaluation, run, eval_options, argv, make_plan)
+
+
 def load_plan_for(model: nn.Module, recipe: PruneRecipe) -> Plan:
     """Read ``--plan`` and check it was made for this model's original weights."""
     plan = Plan.load(recipe.plan)
@@ -259,47 +342,55 @@ def print_summary(console, plan: Plan, comparison: dict, evaluation: dict[str, A
     console.print(format_layer_table(comparison))
 
 
-def prune(recipe: PruneRecipe, run: RunOptions, eval_options: EvalOptions | None = None, argv: list[str] | None = None) -> PruneResult:
-    """Run global structured pruning end to end and write ``<output_dir>/<output_name>/``.
+PlanMaker = Callable[[nn.Module, Any, Path], tuple[Plan, list[dict]]]
 
-    Everything is written into a temporary folder that becomes the run folder only when the run succeeds,
-    so an interrupted run leaves no half-written model.
+
+def execute_run(
+    base_model: str,
+    name: str,
+    run_evaluation: str,
+    run: RunOptions,
+    eval_options: EvalOptions | None,
+    argv: list[str] | None,
+    make_plan: PlanMaker,
+) -> PruneResult:
+    """The shared run: load, evaluate dense, make the plan, apply it, save, analyse, evaluate pruned.
+
+    Everything is written into a temporary folder that becomes ``<output_dir>/<name>/`` only when the run
+    succeeds, so an interrupted run leaves no half-written model.
     """
     from rich.console import Console
 
     console = Console(stderr=True)
-    name = recipe.output_name or default_output_name(recipe)
     out = check_output_dir(run, name)
     torch.manual_seed(run.seed)
-    tokenizer = load_tokenizer(recipe.base_model)
-    model = load_model(recipe.base_model, dtype=run.dtype, device=run.device)
-    evaluate_what = split_list(recipe.run_evaluation)
+    tokenizer = load_tokenizer(base_model)
+    model = load_model(base_model, dtype=run.dtype, device=run.device)
+    evaluate_what = split_list(run_evaluation)
     eval_options = (eval_options or EvalOptions()).model_copy(update={"metrics": ",".join(evaluate_what) or "ppl"})
     timings: dict[str, float] = {}
     evaluation: dict[str, Any] = {}
     with atomic_dir(out) as tmp, log_to_file(tmp / "logs" / "prune.log"):
-        write_text_atomic(tmp / "logs" / "command.sh", "#!/usr/bin/env bash\n" + shlex.join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])) + "\n")
+        command = shlex.join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))
+        write_text_atomic(tmp / "logs" / "command.sh", "#!/usr/bin/env bash\n" + command + "\n")
         original = analyze_model(model)
         if evaluate_what:
-            evaluation["base"] = evaluate(model, tokenizer, eval_options, model_path=recipe.base_model)
+            evaluation["base"] = evaluate(model, tokenizer, eval_options, model_path=base_model)
             save_results(evaluation["base"], tmp / "evaluation_results_base.json")
         started = time.perf_counter()
-        if recipe.plan:
-            plan, table = load_plan_for(model, recipe), []
-        else:
-            plan, table = score_and_plan(model, tokenizer, recipe, run, tmp)
-            plan.reconstruction = reconstruction_settings(recipe, run.seed)
+        plan, table = make_plan(model, tokenizer, tmp)
+        fresh = "hash" not in plan.reconstruction  # a replayed plan carries its calibration hash
         reconstruction = apply_plan_with_reconstruction(model, tokenizer, plan)
         plan.reconstruction = reconstruction["settings"]
         if reconstruction["layers"]:
             write_json_atomic(tmp / "analysis" / "reconstruction.json", reconstruction)
         timings["prune_seconds"] = round(time.perf_counter() - started, 3)
         actual = count_parameters(model)
-        if plan.reconstruction["mode"] == "bias" and not recipe.plan:
+        if plan.reconstruction["mode"] == "bias" and fresh:
             plan.params_after = actual  # compensation biases the family did not have count as parameters
         if actual != plan.params_after:
             raise RuntimeError(f"surgery left {actual} parameters, the plan accounts for {plan.params_after}")
-        log.info("pruned %s: %d -> %d parameters (%.4f removed)", recipe.base_model, plan.params_before, actual, plan.achieved_ratio)
+        log.info("pruned %s: %d -> %d parameters (%.4f removed)", base_model, plan.params_before, actual, plan.achieved_ratio)
         plan.save(tmp / "plan.json")
         save_model(model, tokenizer, tmp / "model")
         pruned = analyze_model(model)
@@ -311,3 +402,17 @@ def prune(recipe: PruneRecipe, run: RunOptions, eval_options: EvalOptions | None
     print_summary(console, plan, comparison, evaluation)
     console.print(f"results: {out}")
     return PruneResult(output_dir=out, plan=plan, model=model, tokenizer=tokenizer, evaluation=evaluation, timings=timings)
+
+
+def prune(recipe: PruneRecipe, run: RunOptions, eval_options: EvalOptions | None = None, argv: list[str] | None = None) -> PruneResult:
+    """Structured pruning (global ranking or per-layer allocation) end to end into ``<output_dir>/<output_name>/``."""
+
+    def make_plan(model: nn.Module, tokenizer, tmp: Path) -> tuple[Plan, list[dict]]:
+        if recipe.plan:
+            return load_plan_for(model, recipe), []
+        plan, table = score_and_plan(model, tokenizer, recipe, run, tmp)
+        plan.reconstruction = reconstruction_settings(recipe, run.seed)
+        return plan, table
+
+    name = recipe.output_name or default_output_name(recipe)
+    return execute_run(recipe.base_model, name, recipe.run_evaluation, run, eval_options, argv, make_plan)

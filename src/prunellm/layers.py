@@ -1,0 +1,311 @@
+"""Layer-aware pruning: layer importance, depth pruning (remove whole layers) and per-layer rate allocation.
+
+Layer importance criteria:
+
+* ``block_influence`` (ShortGPT): 1 − cos(h_in, h_out) per token, token-weighted over calibration windows; a
+  forward hook reduces each batch to a sum, so memory is O(tokens), never O(tokens²).
+* ``ppl``: calibration loss increase when the layer is removed, by true zero-output ablation (the layer passes
+  its input on), as in Shortened-LLaMA.
+* ``taylor``: the sum of the layer's first-order Taylor saliency Σ|w·G| over its prunable projections.
+* ``activation`` (allocation only): the relative size of the layer's update ‖h_out − h_in‖ / ‖h_in‖.
+
+``iterative`` re-scores after each removal (SLEB style) for ``block_influence`` and ``ppl``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibration import batches_of, collect_gradient_stats
+from .errors import PrunellmError
+from .models import input_device
+from .priors import ablation_deltas
+from .units import UNIT_KINDS, all_units, decoder_layers
+
+LayerCriterion = Literal["block_influence", "ppl", "taylor", "activation", "removal"]
+LAYER_CRITERIA: tuple[str, ...] = ("block_influence", "ppl", "taylor")
+
+
+@torch.no_grad()
+def hidden_change_scores(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 4) -> dict[str, list[float]]:
+    """Per layer, token-weighted means of 1 − cos(h_in, h_out) and ‖h_out − h_in‖ / ‖h_in‖."""
+    layers = decoder_layers(model)
+    n = len(layers)
+    sums = {"block_influence": [0.0] * n, "activation": [0.0] * n}
+    tokens = [0] * n
+    handles = []
+
+    def hook_for(index: int):
+        def hook(module, args, kwargs, output):
+            h_in = (args[0] if args else kwargs["hidden_states"]).float()  # (B, T, H)
+            h_out = (output[0] if isinstance(output, tuple) else output).float()
+            cos = torch.nn.functional.cosine_similarity(h_in, h_out, dim=-1)  # (B, T)
+            rel = (h_out - h_in).norm(dim=-1) / h_in.norm(dim=-1).clamp_min(1e-6)
+            sums["block_influence"][index] += float((1 - cos).sum())
+            sums["activation"][index] += float(rel.sum())
+            tokens[index] += cos.numel()
+
+        return hook
+
+    for index, layer in enumerate(layers):
+        handles.append(layer.register_forward_hook(hook_for(index), with_kwargs=True))
+    device = input_device(model)
+    try:
+        for batch in tqdm(batches_of(input_ids, batch_size), desc="layer influence", leave=False):
+            model(input_ids=batch.to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {key: [value / max(t, 1) for value, t in zip(values, tokens)] for key, values in sums.items()}
+
+
+def taylor_layer_scores(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 4) -> list[float]:
+    """Σ|w·G| over every prunable projection of each layer."""
+    units = list(all_units(model, UNIT_KINDS))
+    stats = collect_gradient_stats(model, input_ids, units, terms={"first"}, batch_size=batch_size)
+    scores = [0.0] * len(decoder_layers(model))
+    for (layer, _), value in stats.taylor_first.items():
+        scores[layer] += float(value.sum())
+    return scores
+
+
+def layer_importance(model: nn.Module, input_ids: torch.Tensor, method: str, batch_size: int = 4) -> list[float]:
+    """One importance score per decoder layer (higher = more important)."""
+    if method in ("block_influence", "activation"):
+        return hidden_change_scores(model, input_ids, batch_size)[method]
+    if method in ("ppl", "removal"):
+        return ablation_deltas(model, input_ids, "layer", batch_size)
+    if method == "taylor":
+        return taylor_layer_scores(model, input_ids, batch_size)
+    raise PrunellmError(
+        f"--layer_importance_method '{method}' is not valid: use one of block_influence, ppl, taylor (or removal, activation for allocation)"
+    )
+
+
+class _LayerDropped:
+    """Temporarily make some decoder layers pass their input through (for iterative re-scoring)."""
+
+    def __init__(self, model: nn.Module, dropped: list[int]):
+        self.layers = decoder_layers(model)
+        self.dropped = dropped
+        self.handles: list = []
+
+    def __enter__(self):
+        def identity(module, args, kwargs, output):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+
+        self.handles = [self.layers[i].register_forward_hook(identity, with_kwargs=True) for i in self.dropped]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+
+def choose_layers_to_remove(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    method: str,
+    n_remove: int,
+    *,
+    iterative: bool = False,
+    batch_size: int = 4,
+    candidates: list[int] | None = None,
+) -> tuple[list[int], list[float]]:
+    """The ``n_remove`` least important layers (and the first-round scores of every layer)."""
+    n_layers = len(decoder_layers(model))
+    if not 1 <= n_remove < n_layers:
+        raise PrunellmError(f"--n_remove_layers {n_remove} must be between 1 and {n_layers - 1} (the model has {n_layers} layers)")
+    allowed = list(range(n_layers)) if candidates is None else candidates
+    scores = layer_importance(model, input_ids, method, batch_size)
+    if not iterative or method == "taylor":
+        order = sorted(allowed, key=lambda i: scores[i])
+        if len(order) < n_remove:
+            raise PrunellmError(f"only {len(order)} layers may be removed under the freeze flags, not {n_remove}")
+        return sorted(order[:n_remove]), scores
+    removed: list[int] = []
+    for _ in range(n_remove):
+        with _LayerDropped(model, removed):
+            current = layer_importance(model, input_ids, method, batch_size)
+        left = [i for i in allowed if i not in removed]
+        if not left:
+            raise PrunellmError(f"only {len(removed)} layers may be removed under the freeze flags, not {n_remove}")
+        removed.append(min(left, key=lambda i: current[i]))
+    return sorted(removed), scores
+
+
+def layer_params(model: nn.Module) -> list[int]:
+    """Parameters of each decoder layer."""
+    return [sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(model)]
+
+
+def layers_for_ratio(model: nn.Module, ratio: float, total: int) -> int:
+    """Number of layers whose removal comes nearest to ``ratio`` of the total parameters."""
+    per_layer = sum(layer_params(model)) / len(decoder_layers(model))
+    n = max(1, round(ratio * total / per_layer))
+    return min(n, len(decoder_layers(model)) - 1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# per-layer rate allocation
+
+Strategy = Literal["inverse", "proportional", "uniform"]
+STRATEGIES: tuple[str, ...] = ("inverse", "proportional", "uniform")
+
+
+def allocate_rates(
+    importance: list[float],
+    prunable: list[int],
+    budget: int,
+    *,
+    strategy: str,
+    weight: float = 1.0,
+    min_rate: float = 0.0,
+    max_rate: float = 0.9,
+    frozen: set[int] = frozenset(),
+) -> list[float]:
+    """Per-layer pruning rates (fraction of each layer's prunable parameters) that remove ``budget`` in total.
+
+    ``inverse``: rate ∝ (1 / normalised importance)^weight — less important layers lose more;
+    ``proportional``: rate ∝ (normalised importance)^weight; ``uniform``: one rate for all. Rates are clamped
+    to [min_rate, max_rate] (frozen layers: 0) and a common scale is found by bisection.
+    """
+    if strategy not in STRATEGIES:
+        raise PrunellmError(f"--pruning_strategy '{strategy}' is not valid: use one of {', '.join(STRATEGIES)}")
+    if min_rate > max_rate:
+        raise PrunellmError(f"--min_pruning_rate {min_rate} is larger than --max_pruning_rate {max_rate}")
+    if not 0 <= min_rate <= 1 or not 0 <= max_rate <= 1:
+        raise PrunellmError("--min_pruning_rate and --max_pruning_rate must lie in [0, 1]")
+    n = len(importance)
+    values = torch.tensor(importance, dtype=torch.float64)
+    lo, hi = float(values.min()), float(values.max())
+    normalised = (values - lo) / (hi - lo) if hi > lo else torch.ones(n, dtype=torch.float64)
+    normalised = normalised * 0.9 + 0.1  # in [0.1, 1]: no layer gets an infinite or zero share
+    if strategy == "uniform":
+        shares = torch.ones(n, dtype=torch.float64)
+    elif strategy == "inverse":
+        shares = normalised.pow(-weight)
+    else:
+        shares = normalised.pow(weight)
+    active = [i for i in range(n) if i not in frozen]
+
+    def rates_for(scale: float) -> list[float]:
+        return [0.0 if i in frozen else min(max(scale * float(shares[i]), min_rate), max_rate) for i in range(n)]
+
+    def removed(scale: float) -> float:
+        return sum(r * p for r, p in zip(rates_for(scale), prunable))
+
+    reachable_low, reachable_high = removed(0.0), removed(1e12)
+    if not active or not reachable_low <= budget <= reachable_high:
+        total = sum(prunable)
+        raise PrunellmError(
+            f"--pruning_ratio cannot be met with --min_pruning_rate {min_rate} / --max_pruning_rate {max_rate} and "
+            f"{len(frozen)} frozen layers: reachable are {reachable_low / total:.3f}–{reachable_high / total:.3f} of the prunable parameters"
+        )
+    a, b = 0.0, 1.0
+    while removed(b) < budget:
+        b *= 2
+    for _ in range(100):
+        mid = (a + b) / 2
+        if removed(mid) < budget:
+            a = mid
+        else:
+            b = mid
+    return rates_for(b)
+
+
+def split_layer_budget(
+    removed_params: float,
+    kv_cost: int,
+    n_kv: int,
+    mlp_cost: int,
+    n_mlp: int,
+    attention_share: float,
+    min_kv_groups: int,
+    round_to: int = 1,
+) -> tuple[int, int]:
+    """How many KV groups and MLP channels to remove from one layer.
+
+    The attention share is rounded to whole KV groups; the rounding error moves to the MLP budget, which is
+    rounded to whole channels (multiples of ``round_to`` in the kept width).
+    """
+    kv_remove = round(removed_params * attention_share / kv_cost) if kv_cost else 0
+    kv_remove = max(0, min(kv_remove, n_kv - min_kv_groups))
+    mlp_budget = removed_params - kv_remove * kv_cost
+    mlp_remove = max(0, min(round(mlp_budget / mlp_cost), n_mlp)) if mlp_cost else 0
+    if round_to > 1:
+        kept = n_mlp - mlp_remove
+        kept = max(round_to, int(math.floor(kept / round_to + 0.5)) * round_to)
+        mlp_remove = max(0, n_mlp - kept)
+    return kv_remove, mlp_remove
+
+
+def parse_distribution(text: str) -> float | None:
+    """``"A:M"`` -> attention share A/(A+M); ``"auto"`` -> None (each layer's own attention:MLP parameter split)."""
+    if str(text).strip().lower() == "auto":
+        return None
+    try:
+        a, m = (float(x) for x in str(text).split(":"))
+    except ValueError:
+        raise PrunellmError(f"--pruning_distribution '{text}' is not valid: use A:M like 1:3, or auto") from None
+    if a < 0 or m < 0 or a + m == 0:
+        raise PrunellmError(f"--pruning_distribution '{text}' needs non-negative parts, not both zero")
+    return a / (a + m)
+
+
+def select_layerwise(
+    units: list,
+    values: dict,
+    scores: dict,
+    rates: list[float],
+    attention_share: float | None,
+    min_kv_groups: int,
+    round_to: int,
+):
+    """Per-layer selection: each layer removes ``rate × its prunable parameters``, lowest-value units first.
+
+    Rounding errors are carried from layer to layer, so the total ends within one unit of the budget.
+    """
+    from .selection import Selection
+
+    by_layer: dict[int, dict[str, object]] = {}
+    for u in units:
+        by_layer.setdefault(u.layer, {})[u.kind] = u
+    kept: dict = {}
+    removed_params = 0
+    target = 0.0
+    carry = 0.0
+    for layer in sorted(by_layer):
+        kv, mlp = by_layer[layer].get("kv_group"), by_layer[layer].get("mlp_channel")
+        kv_cost, n_kv = (kv.cost, kv.count) if kv is not None and kv.count else (0, 0)
+        mlp_cost, n_mlp = (mlp.cost, mlp.count) if mlp is not None and mlp.count else (0, 0)
+        prunable = kv_cost * n_kv + mlp_cost * n_mlp
+        want = rates[layer] * prunable
+        target += want
+        share = attention_share if attention_share is not None else (kv_cost * n_kv / prunable if prunable else 0.0)
+        kv_remove, mlp_remove = split_layer_budget(
+            want + carry, kv_cost, n_kv, mlp_cost, n_mlp, share if kv_cost else 0.0, min_kv_groups, round_to
+        )
+        got = kv_remove * kv_cost + mlp_remove * mlp_cost
+        carry = want + carry - got
+        removed_params += got
+        for unit, n_remove in ((kv, kv_remove), (mlp, mlp_remove)):
+            if unit is None or unit.count == 0:
+                continue
+            key = (unit.layer, unit.kind)
+            order = torch.argsort(values[key], stable=True)
+            gone = set(order[:n_remove].tolist())
+            kept[key] = [i for i in range(unit.count) if i not in gone]
+    table = [
+        {"layer": u.layer, "unit": u.kind, "index": i, "score": float(scores[(u.layer, u.kind)][i]), "cost": u.cost,
+         "value": float(values[(u.layer, u.kind)][i]), "removed": i not in set(kept.get((u.layer, u.kind), range(u.count)))}
+        for u in units if u.count
+        for i in range(u.count)
+    ]  # fmt: skip
+    return Selection(kept=kept, removed_params=removed_params, target_params=round(target), table=table)

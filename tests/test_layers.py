@@ -1,0 +1,134 @@
+"""Layer-aware pruning: depth surgery equals ablation, HF-native checkpoints, and allocation meets its budget."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import calibration_ids, make_tiny_model
+from transformers import AutoModelForCausalLM
+
+from prunellm.checkpoint import save_model
+from prunellm.cli import main, translate_seed_layer_flags
+from prunellm.errors import PrunellmError
+from prunellm.layers import allocate_rates, choose_layers_to_remove, hidden_change_scores, select_layerwise
+from prunellm.priors import ablated
+from prunellm.selection import normalized_values
+from prunellm.surgery import remove_layers
+from prunellm.units import all_units, count_parameters, decoder_layers
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_removing_a_layer_equals_its_zero_output_ablation(family, k):
+    model = make_tiny_model(family, num_hidden_layers=3)
+    ids = calibration_ids(n=2, length=16)
+    with ablated(model, k, "layer"):
+        expected = model(ids).logits
+    remove_layers(model, [k])
+    assert model.config.num_hidden_layers == 2 and len(decoder_layers(model)) == 2
+    assert [layer.self_attn.layer_idx for layer in decoder_layers(model)] == [0, 1]
+    layer_types = getattr(model.config, "layer_types", None)
+    assert layer_types is None or len(layer_types) == 2
+    torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=0)
+
+
+def test_depth_pruned_checkpoint_is_plain_hf_and_generates(tmp_path):
+    model = make_tiny_model("qwen2", num_hidden_layers=4)
+    remove_layers(model, [1, 2])
+    save_model(model, None, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert "auto_map" not in config and config["num_hidden_layers"] == 2 and len(config["layer_types"]) == 2
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()  # no trust_remote_code
+    prompt = calibration_ids(n=1, length=6, seed=2)
+    torch.testing.assert_close(reloaded(prompt).logits, model(prompt).logits, rtol=0, atol=0)
+    cached = reloaded.generate(prompt, max_new_tokens=5, do_sample=False, use_cache=True)
+    uncached = reloaded.generate(prompt, max_new_tokens=5, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_block_influence_matches_by_hand():
+    model = make_tiny_model("llama", num_hidden_layers=3)
+    ids = calibration_ids(n=4, length=16)
+    with torch.no_grad():
+        states = model(ids, output_hidden_states=True).hidden_states  # embeddings, then after each layer (last normed)
+    scores = hidden_change_scores(model, ids, batch_size=2)["block_influence"]
+    for layer in range(2):  # the last entry of hidden_states has the final norm applied
+        cos = torch.nn.functional.cosine_similarity(states[layer], states[layer + 1], dim=-1)
+        assert scores[layer] == pytest.approx(float((1 - cos).mean()), rel=1e-4)
+
+
+def test_iterative_and_frozen_choice():
+    model = make_tiny_model("llama", num_hidden_layers=4)
+    ids = calibration_ids(n=4, length=16)
+    removed, scores = choose_layers_to_remove(model, ids, "block_influence", 2, iterative=True, candidates=[1, 2, 3])
+    assert len(removed) == 2 and 0 not in removed and len(scores) == 4
+    with pytest.raises(PrunellmError, match="--n_remove_layers 4"):
+        choose_layers_to_remove(model, ids, "ppl", 4)
+
+
+def test_allocation_meets_budget_and_respects_limits():
+    model = make_tiny_model("llama", num_hidden_layers=6, intermediate_size=128)
+    units = list(all_units(model))
+    total = count_parameters(model)
+    prunable = [0] * 6
+    for u in units:
+        prunable[u.layer] += u.cost * u.count
+    importance = [0.5, 0.1, 0.9, 0.3, 0.7, 0.2]
+    budget = round(0.2 * total)
+    rates = allocate_rates(importance, prunable, budget, strategy="inverse", min_rate=0.05, max_rate=0.6, frozen={5})
+    assert rates[5] == 0.0 and all(0.05 <= r <= 0.6 for r in rates[:5])
+    assert rates[1] > rates[2]  # less important layer loses more
+    assert sum(r * p for r, p in zip(rates, prunable)) == pytest.approx(budget, rel=1e-6)
+    scores = {(u.layer, u.kind): torch.rand(u.count) * u.cost for u in units}
+    selection = select_layerwise(units, normalized_values(units, scores, "none"), scores, rates, None, 1, 1)
+    assert abs(selection.removed_params - budget) <= max(u.cost for u in units)
+    assert len(selection.kept[(5, "mlp_channel")]) == 128 and len(selection.kept[(5, "kv_group")]) == 2
+    with pytest.raises(PrunellmError, match="reachable"):
+        allocate_rates(importance, prunable, round(0.95 * sum(prunable)), strategy="uniform", max_rate=0.5)
+    with pytest.raises(PrunellmError, match="--min_pruning_rate"):
+        allocate_rates(importance, prunable, budget, strategy="uniform", min_rate=0.6, max_rate=0.5)
+    with pytest.raises(PrunellmError, match="--pruning_strategy"):
+        allocate_rates(importance, prunable, budget, strategy="sideways")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from prunellm.models import load_tokenizer
+
+    root = tmp_path_factory.mktemp("layers")
+    tokenizer = load_tokenizer("smollm2-135m")
+    make_tiny_model("llama", num_hidden_layers=4, vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256).save_pretrained(root / "tiny")
+    tokenizer.save_pretrained(root / "tiny")
+    (root / "text.txt").write_text("Now is the winter of our discontent made glorious summer by this sun of York. " * 200)
+    return root
+
+
+def test_layers_command_end_to_end(tiny_dir):
+    code = main(["layers", "--base_model", str(tiny_dir / "tiny"), "--output_dir", str(tiny_dir / "r"), "--output_name", "d",
+                 "--n_remove_layers", "1", "--dataset", str(tiny_dir / "text.txt"), "--num_samples", "4", "--seq_len", "32"])  # fmt: skip
+    assert code == 0
+    out = tiny_dir / "r" / "d"
+    plan = json.loads((out / "plan.json").read_text())
+    importance = json.loads((out / "layer_importance.json").read_text())
+    assert len(plan["removed_layers"]) == 1 and plan["removed_layers"] == importance["removed_layers"]
+    assert (out / "visualization" / "layer_importance.png").is_file()
+    assert AutoModelForCausalLM.from_pretrained(out / "model").config.num_hidden_layers == 3
+
+
+def test_layer_pruning_script_flags(tiny_dir):
+    argv = translate_seed_layer_flags([
+        "--base_model", str(tiny_dir / "tiny"), "--save_ckpt_log_name", "alloc", "--pruning_ratio", "0.05",
+        "--layer_importance_samples", "4", "--channel_importance_samples", "4", "--taylor_seq_len", "32",
+        "--save_model", "--test_original_ppl", "True", "--eval_seq_len", "32", "--min_pruning_rate", "0.0",
+        "--max_pruning_rate", "0.8", "--pruning_strategy", "inverse", "--pruning_distribution", "1:3",
+        "--dataset", str(tiny_dir / "text.txt"), "--output_dir", str(tiny_dir / "r"), "--ppl_datasets", str(tiny_dir / "text.txt"),
+        "--ppl_max_windows", "2", "--reconstruct", "none",
+    ])  # fmt: skip
+    assert argv[:3] == ["prune", "--allocation", "layerwise"] and "--output_name" in argv and "--run_evaluation" in argv
+    assert main(argv) == 0
+    out = tiny_dir / "r" / "alloc"
+    plan = json.loads((out / "plan.json").read_text())
+    assert abs(plan["achieved_ratio"] - 0.05) < 0.01
+    assert len(json.loads((out / "layer_importance.json").read_text())["pruning_rates"]) == 4
+    assert (out / "evaluation_results.json").is_file() and (out / "evaluation_results_base.json").is_file()
