@@ -94,16 +94,20 @@ def _run_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs_list: list[d
 def _collect_input_stats(
     layer: nn.Module, path: str, hidden: list[torch.Tensor], kwargs_list: list[dict], need_gram: bool
 ) -> InputStats:
+    """Run the layer over every batch, accumulating Σx (and XᵀX) of ``path``'s input.
+
+    Each batch's XᵀX is computed in float32 (fast BLAS) and summed into a float64 accumulator.
+    """
     linear = get_module(layer, path)
     stats = InputStats(sum=torch.zeros(linear.in_features, dtype=torch.float64), gram=None)
     if need_gram:
         stats.gram = torch.zeros(linear.in_features, linear.in_features, dtype=torch.float64)
 
     def hook(module, args):
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64).cpu()  # (tokens, in)
-        stats.sum += x.sum(0)
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (tokens, in)
+        stats.sum += x.sum(0).double().cpu()
         if need_gram:
-            stats.gram += x.T @ x
+            stats.gram += (x.T @ x).double().cpu()
         stats.tokens += x.shape[0]
 
     handle = linear.register_forward_pre_hook(hook)
@@ -114,17 +118,20 @@ def _collect_input_stats(
     return stats
 
 
-def _output_error(weight: torch.Tensor, gram: torch.Tensor, new_weight: torch.Tensor, kept: torch.Tensor) -> float:
-    """‖X Wᵀ − X_S W'ᵀ‖² through the Gram matrix (float64): tr(W H Wᵀ) − 2 tr(W' H_S,: Wᵀ) + tr(W' H_SS W'ᵀ)."""
+def _output_error(gram: torch.Tensor, weight: torch.Tensor, new_weight: torch.Tensor, kept: torch.Tensor) -> tuple[float, float]:
+    """(‖X Wᵀ − X_S W'ᵀ‖², ‖X Wᵀ‖²) through the Gram matrix, in float64."""
     w, wn = weight.double(), new_weight.double()
-    full = torch.einsum("oi,ij,oj->", w, gram, w)
-    cross = torch.einsum("ok,kj,oj->", wn, gram[kept], w)
-    own = torch.einsum("ok,kl,ol->", wn, gram[kept][:, kept], wn)
-    return float(full - 2 * cross + own)
+    target_sq = float(torch.einsum("oi,ij,oj->", w, gram, w))
+    fit = float((wn * (gram[kept] @ w.T).T).sum())  # tr(W' H_S,: Wᵀ)
+    own = float(torch.einsum("ok,kl,ol->", wn, gram[kept][:, kept], wn))
+    return target_sq - 2 * fit + own, target_sq
 
 
 def solve_lstsq(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
-    """Least-squares refit of the kept columns: returns (W'_S, damping actually used)."""
+    """Least-squares refit of the kept columns: returns (W'_S, damping actually used).
+
+    Solves (H_SS + λI) W'_Sᵀ = H_S,: Wᵀ, i.e. keeps X Wᵀ on calibration inputs as well as X_S W'_Sᵀ can.
+    """
     h_ss = gram[kept][:, kept]
     rhs = gram[kept] @ weight.double().T  # (k, out)
     scale = float(h_ss.diagonal().mean()) or 1.0
@@ -168,10 +175,10 @@ def compensate_projection(
                 f"{kept_columns.numel()} kept input columns of a projection: use at least {kept_columns.numel()} tokens"
             )
         w = weight.cpu()
-        total = float(torch.einsum("oi,ij,oj->", w.double(), stats.gram, w.double())) or 1.0
-        baseline = _output_error(w, stats.gram, new_weight.cpu(), kept_columns)
+        baseline, total = _output_error(stats.gram, w, new_weight.cpu(), kept_columns)
         solution, used = solve_lstsq(w, stats.gram, kept_columns, damp)
-        refit = _output_error(w, stats.gram, solution, kept_columns)
+        refit, _ = _output_error(stats.gram, w, solution, kept_columns)
+        total = total or 1.0
         report.update(damp=used, error_before=baseline / total, error_after=min(refit, baseline) / total)
         if refit < baseline:
             new_weight = solution.to(weight.dtype).to(weight.device)
@@ -204,9 +211,9 @@ def prune_with_reconstruction(
     for index in tqdm(range(len(layers)), desc=f"reconstruction ({mode})", leave=False):
         layer = layers[index]
         entry: dict = {"layer": index}
-        for kind, block_path, proj in (
-            ("kv_group", spec.attention.module, spec.attention.o),
-            ("mlp_channel", spec.mlp.module, spec.mlp.down),
+        for kind, proj in (
+            ("kv_group", f"{spec.attention.module}.{spec.attention.o}"),
+            ("mlp_channel", f"{spec.mlp.module}.{spec.mlp.down}"),
         ):
             key = (index, kind)
             units = layer_units(model, index, kind, spec)
@@ -215,21 +222,21 @@ def prune_with_reconstruction(
             if not kept[key]:  # the whole block goes: a zero-output block, nothing to refit
                 prune_units(model, {key: []})
                 continue
-            path = f"{block_path}.{proj}"
-            stats = _collect_input_stats(layer, path, hidden, kwargs_list, need_gram=(mode == "lstsq"))
+            # statistics of the projection's input with the attention of this layer already pruned
+            stats = _collect_input_stats(layer, proj, hidden, kwargs_list, need_gram=(mode == "lstsq"))
             keep = torch.as_tensor(sorted(kept[key]), dtype=torch.long)
-            width = next(s.width for s in units.slices if s.module == path)
+            width = next(s.width for s in units.slices if s.module == proj)
             new_weight, new_bias, entry[kind] = compensate_projection(
-                get_module(layer, path), stats, index_ranges(keep, width), mode, damp
+                get_module(layer, proj), stats, index_ranges(keep, width), mode, damp
             )
             prune_units(model, {key: kept[key]})  # slices the unit's rows and the projection's columns
-            projection = get_module(layer, path)
+            projection = get_module(layer, proj)
             with torch.no_grad():
                 projection.weight.copy_(new_weight)
             if new_bias is not None:
                 projection.bias = nn.Parameter(new_bias, requires_grad=projection.weight.requires_grad)
                 compensated = True
-        hidden = _run_layer(layer, hidden, kwargs_list)
+        hidden = _run_layer(layer, hidden, kwargs_list)  # the next layer sees this layer's pruned output
         report.layers.append(entry)
     if compensated:
         # o_proj/down_proj may now carry a bias their family's config does not build: the checkpoint must
