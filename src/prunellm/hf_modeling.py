@@ -55,15 +55,17 @@ class ZeroMLP(nn.Module):
         return torch.zeros_like(hidden_states)
 
 
-def _get(root: nn.Module, path: str) -> nn.Module:
+def get_module(root: nn.Module, path: str) -> nn.Module:
+    """Follow a dotted path of attribute names from ``root``."""
     for name in path.split("."):
         root = getattr(root, name)
     return root
 
 
-def _set(root: nn.Module, path: str, module: nn.Module) -> None:
+def set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Replace the module at a dotted path."""
     parent, _, name = path.rpartition(".")
-    setattr(_get(root, parent) if parent else root, name, module)
+    setattr(get_module(root, parent) if parent else root, name, module)
 
 
 def _resized_linear(old: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
@@ -82,31 +84,31 @@ def resize_layers(model: nn.Module, config) -> None:
     if not widths:
         return
     names = getattr(config, PRUNED_MODULES_KEY)
-    layers = _get(model, names["layers"])
+    layers = get_module(model, names["layers"])
     head_dim = config.head_dim
     for index, (layer, width) in enumerate(zip(layers, widths)):
         n_heads, n_kv, inter = width["num_attention_heads"], width["num_key_value_heads"], width["intermediate_size"]
-        attn = _get(layer, names["attention"])
+        attn = get_module(layer, names["attention"])
         if n_kv == 0:
-            _set(layer, names["attention"], ZeroAttention(getattr(attn, "layer_idx", index), head_dim))
+            set_module(layer, names["attention"], ZeroAttention(getattr(attn, "layer_idx", index), head_dim))
         else:
-            q, k, v, o = (_get(attn, names[key]) for key in ("q", "k", "v", "o"))
-            _set(attn, names["q"], _resized_linear(q, q.in_features, n_heads * head_dim))
-            _set(attn, names["k"], _resized_linear(k, k.in_features, n_kv * head_dim))
-            _set(attn, names["v"], _resized_linear(v, v.in_features, n_kv * head_dim))
-            _set(attn, names["o"], _resized_linear(o, n_heads * head_dim, o.out_features))
-        mlp = _get(layer, names["mlp"])
+            q, k, v, o = (get_module(attn, names[key]) for key in ("q", "k", "v", "o"))
+            set_module(attn, names["q"], _resized_linear(q, q.in_features, n_heads * head_dim))
+            set_module(attn, names["k"], _resized_linear(k, k.in_features, n_kv * head_dim))
+            set_module(attn, names["v"], _resized_linear(v, v.in_features, n_kv * head_dim))
+            set_module(attn, names["o"], _resized_linear(o, n_heads * head_dim, o.out_features))
+        mlp = get_module(layer, names["mlp"])
         if inter == 0:
-            _set(layer, names["mlp"], ZeroMLP())
+            set_module(layer, names["mlp"], ZeroMLP())
         else:
-            gate, up, down = (_get(mlp, names[key]) for key in ("gate", "up", "down"))
-            _set(mlp, names["gate"], _resized_linear(gate, gate.in_features, inter))
-            _set(mlp, names["up"], _resized_linear(up, up.in_features, inter))
-            _set(mlp, names["down"], _resized_linear(down, inter, down.out_features))
+            gate, up, down = (get_module(mlp, names[key]) for key in ("gate", "up", "down"))
+            set_module(mlp, names["gate"], _resized_linear(gate, gate.in_features, inter))
+            set_module(mlp, names["up"], _resized_linear(up, up.in_features, inter))
+            set_module(mlp, names["down"], _resized_linear(down, inter, down.out_features))
             if names.get("mlp_size_attr") and hasattr(mlp, names["mlp_size_attr"]):
                 setattr(mlp, names["mlp_size_attr"], inter)
         for path in width.get("bias_modules", []):
-            linear = _get(layer, path)
+            linear = get_module(layer, path)
             if linear.bias is None:
                 linear.bias = nn.Parameter(torch.zeros(linear.out_features, device=linear.weight.device, dtype=linear.weight.dtype))
 

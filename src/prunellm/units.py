@@ -14,7 +14,7 @@ from typing import Iterator, Literal
 import torch
 from torch import nn
 
-from .hf_modeling import ZeroAttention, ZeroMLP
+from .hf_modeling import ZeroAttention, ZeroMLP, get_module, set_module  # noqa: F401  (re-exported)
 from .specs import ArchitectureSpec, spec_for
 
 UnitKind = Literal["kv_group", "mlp_channel"]
@@ -39,19 +39,6 @@ class LayerUnits:
     count: int  # how many indices exist now
     cost: int  # exact parameters per index, biases included
     slices: tuple[Slice, ...]
-
-
-def get_module(root: nn.Module, path: str) -> nn.Module:
-    """Follow a dotted path of attribute names from ``root``."""
-    for name in path.split("."):
-        root = getattr(root, name)
-    return root
-
-
-def set_module(root: nn.Module, path: str, module: nn.Module) -> None:
-    """Replace the module at a dotted path."""
-    parent, _, name = path.rpartition(".")
-    setattr(get_module(root, parent) if parent else root, name, module)
 
 
 def decoder_layers(model: nn.Module, spec: ArchitectureSpec | None = None) -> nn.ModuleList:
