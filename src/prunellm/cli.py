@@ -1,4 +1,4 @@
-"""``prunellm prune | eval``: the command line, generated from the typed options.
+"""``prunellm prune | layers | finetune | eval | report``: the command line, generated from the typed options.
 
 Bad input exits with status 2 and one line: ``error: <what, where, what is valid>``.
 """
@@ -13,7 +13,22 @@ from pathlib import Path
 from pydantic import Field
 
 from .errors import PrunellmError
-from .options import EvalOptions, LayersRecipe, PruneRecipe, RunOptions, _Options, add_options, build_options
+from .options import (
+    DistillOptions,
+    EvalOptions,
+    FinetuneData,
+    FinetuneOptions,
+    FinetuneTarget,
+    LayersRecipe,
+    LoraOptions,
+    PruneRecipe,
+    RunOptions,
+    TrackingOptions,
+    TrainOptions,
+    _Options,
+    add_options,
+    build_options,
+)
 
 log = logging.getLogger("prunellm")
 
@@ -56,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="evaluate a model (perplexity, zero-shot, speed, memory)")
     add_options(evaluate, EvalTarget, "model")
     add_options(evaluate, EvalOptions, "evaluation")
+    finetune = commands.add_parser("finetune", help="recovery fine-tuning (LoRA or full) of a pruned model")
+    add_finetune_arguments(finetune)
     report = commands.add_parser("report", help="one comparison table and charts over many run folders")
     report.add_argument("results_dirs", nargs="+", metavar="RESULTS_DIR", help="run folders holding evaluation_results.json")
     add_options(report, ReportTarget, "report")
@@ -67,6 +84,19 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     add_options(parser, PruneRecipe, "recipe")
     add_options(parser, RunOptions, "run")
     add_options(parser, EvalOptions, "evaluation")
+    add_options(parser, FinetuneOptions, "recovery")
+
+
+FINETUNE_GROUPS = (
+    (FinetuneTarget, "model"), (FinetuneData, "data"), (LoraOptions, "lora"), (TrainOptions, "training"),
+    (TrackingOptions, "tracking"), (DistillOptions, "distillation"), (EvalOptions, "evaluation"),
+)  # fmt: skip
+
+
+def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``prunellm finetune`` (also used by finetune_lora.py)."""
+    for model, title in FINETUNE_GROUPS:
+        add_options(parser, model, title)
 
 
 def run_prune(args: argparse.Namespace, argv: list[str]) -> int:
@@ -75,7 +105,30 @@ def run_prune(args: argparse.Namespace, argv: list[str]) -> int:
     recipe = build_options(PruneRecipe, args)
     run = build_options(RunOptions, args)
     eval_options = build_options(EvalOptions, args)
-    prune(recipe, run, eval_options, argv=argv)
+    prune(recipe, run, eval_options, argv=argv, finetune=build_options(FinetuneOptions, args))
+    return 0
+
+
+def run_finetune(args: argparse.Namespace, argv: list[str]) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .finetune import run_finetune as finetune
+
+    metrics = finetune(*(build_options(model, args) for model, _ in FINETUNE_GROUPS), argv=argv)
+    if metrics.get("model_dir") is None:
+        return 0  # another process of a multi-process run; the main one reports
+    table = Table(title=f"prunellm finetune ({metrics['method']}, {metrics['steps']} steps)")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    for label, key in (("train loss", "train_loss"), ("held-out loss before", "eval_loss_before"),
+                       ("held-out loss after", "eval_loss"), ("tokens/s", "tokens_per_second")):  # fmt: skip
+        if metrics.get(key) is not None:
+            table.add_row(label, f"{metrics[key]:.4f}" if "loss" in key else f"{metrics[key]:.1f}")
+    for row in (metrics.get("evaluation") or {}).get("metrics", {}).get("ppl", []):
+        table.add_row(f"PPL {row['dataset']} ({row['protocol']}, {row['scored_tokens']} tok)", f"{row['ppl']:.3f}")
+    Console(stderr=True).print(table)
+    log.info("results: %s", metrics["output_dir"])
     return 0
 
 
@@ -197,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_layers(args, argv)
         if args.command == "report":
             return run_report(args)
+        if args.command == "finetune":
+            return run_finetune(args, argv)
         return run_eval(args)
     except PrunellmError as exc:
         print(f"error: {exc}", file=sys.stderr)

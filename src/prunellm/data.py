@@ -197,8 +197,23 @@ def sample_calibration(
             f"{flag} '{source}' has {n_tokens} tokens with this tokenizer, but --seq_len {seq_len} needs at "
             f"least {seq_len + 1}: lower --seq_len or use a longer text"
         )
+    return random_windows(tokens, num_samples, seq_len, seed)
+
+
+def random_windows(tokens: torch.Tensor, num_samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """Cut ``num_samples`` windows of ``seq_len`` tokens at seeded random starts of a 1-D token tensor.
+
+    Args:
+        tokens: A 1-D LongTensor of at least ``seq_len`` tokens.
+        num_samples: Number of windows.
+        seq_len: Tokens per window.
+        seed: Seed of the start positions.
+
+    Returns:
+        A ``(num_samples, seq_len)`` LongTensor.
+    """
     generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, n_tokens - seq_len + 1, (num_samples,), generator=generator)
+    starts = torch.randint(0, tokens.numel() - seq_len + 1, (num_samples,), generator=generator)
     return tokens[starts[:, None] + torch.arange(seq_len)]  # (num_samples, seq_len)
 
 

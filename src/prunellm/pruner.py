@@ -35,7 +35,7 @@ from .layers import (
     parse_distribution,
     select_layerwise,
 )
-from .options import EvalOptions, LayersRecipe, PruneRecipe, RunOptions, split_list
+from .options import EvalOptions, FinetuneOptions, LayersRecipe, PruneRecipe, RunOptions, split_list
 from .paths import atomic_dir, write_json_atomic, write_text_atomic
 from .plan import LayerPlan, Plan, package_versions
 from .priors import ablation_deltas, prior_multipliers, resolve_tau
@@ -335,7 +335,7 @@ def print_summary(console, plan: Plan, comparison: dict, evaluation: dict[str, A
     table.add_row("parameters before", f"{plan.params_before:,}")
     table.add_row("parameters after", f"{plan.params_after:,}")
     table.add_row("achieved ratio", f"{plan.achieved_ratio:.4f}")
-    for label in ("base", "pruned"):
+    for label in ("base", "pruned", "recovered"):
         for row in (evaluation.get(label) or {}).get("metrics", {}).get("ppl", []):
             table.add_row(f"PPL {label} {row['dataset']} ({row['protocol']}, {row['scored_tokens']} tok)", f"{row['ppl']:.3f}")
     console.print(table)
@@ -353,6 +353,7 @@ def execute_run(
     eval_options: EvalOptions | None,
     argv: list[str] | None,
     make_plan: PlanMaker,
+    finetune: FinetuneOptions | None = None,
 ) -> PruneResult:
     """The shared run: load, evaluate dense, make the plan, apply it, save, analyse, evaluate pruned.
 
@@ -399,13 +400,33 @@ def execute_run(
         if evaluate_what:
             evaluation["pruned"] = evaluate(model, tokenizer, eval_options, model_path=str(out / "model"))
             save_results(evaluation["pruned"], tmp / "evaluation_results.json")
+        if finetune is not None and finetune.finetune:  # recovery in the same process (model trained in place)
+            from .finetune import finetune_after_pruning
+
+            started = time.perf_counter()
+            recovered = finetune_after_pruning(
+                model, tokenizer, tmp, finetune, eval_options if evaluate_what else None, base_model=base_model, seed=run.seed
+            )
+            timings["finetune_seconds"] = round(time.perf_counter() - started, 3)
+            if recovered["evaluation"]:
+                evaluation["recovered"] = recovered["evaluation"]
     print_summary(console, plan, comparison, evaluation)
     console.print(f"results: {out}")
     return PruneResult(output_dir=out, plan=plan, model=model, tokenizer=tokenizer, evaluation=evaluation, timings=timings)
 
 
-def prune(recipe: PruneRecipe, run: RunOptions, eval_options: EvalOptions | None = None, argv: list[str] | None = None) -> PruneResult:
-    """Structured pruning (global ranking or per-layer allocation) end to end into ``<output_dir>/<output_name>/``."""
+def prune(
+    recipe: PruneRecipe,
+    run: RunOptions,
+    eval_options: EvalOptions | None = None,
+    argv: list[str] | None = None,
+    finetune: FinetuneOptions | None = None,
+) -> PruneResult:
+    """Structured pruning (global ranking or per-layer allocation) end to end into ``<output_dir>/<output_name>/``.
+
+    With ``finetune.finetune`` the pruned model is then fine-tuned into ``<run>/finetuned/`` and evaluated again
+    ("recovered"); the returned ``model`` is then the recovered one.
+    """
 
     def make_plan(model: nn.Module, tokenizer, tmp: Path) -> tuple[Plan, list[dict]]:
         if recipe.plan:
@@ -415,4 +436,4 @@ def prune(recipe: PruneRecipe, run: RunOptions, eval_options: EvalOptions | None
         return plan, table
 
     name = recipe.output_name or default_output_name(recipe)
-    return execute_run(recipe.base_model, name, recipe.run_evaluation, run, eval_options, argv, make_plan)
+    return execute_run(recipe.base_model, name, recipe.run_evaluation, run, eval_options, argv, make_plan, finetune)

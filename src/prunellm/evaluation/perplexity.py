@@ -7,7 +7,8 @@
   (the Hugging Face perplexity guide's protocol).
 
 PPL = exp(Σ NLL / number of scored tokens). The text is tokenized once without special tokens: no BOS is
-inserted between windows. Only the scored positions go through the LM head (``logits_to_keep``).
+inserted between windows. Only the positions that predict scored tokens go through the LM head
+(``logits_to_keep`` as an index tensor).
 """
 
 from __future__ import annotations
@@ -124,6 +125,8 @@ def perplexity(
     groups: dict[tuple[int, int], list[int]] = {}
     for begin, end, n_scored in spans:
         groups.setdefault((end - begin, n_scored), []).append(begin)
+    # index tensors stay on the CPU: indexing works on any device, also across an accelerate-dispatched model
+    keep = {(length, n): torch.arange(length - 1 - n, length - 1) for length, n in groups}
     nll_sum, scored = 0.0, 0
     bar = tqdm(total=len(spans), desc=f"perplexity {dataset} ({protocol.name})", disable=not progress, leave=False)
     was_training = model.training
@@ -133,8 +136,9 @@ def perplexity(
             for start in range(0, len(begins), batch_size):
                 chunk = begins[start : start + batch_size]
                 batch = torch.stack([token_ids[b : b + length] for b in chunk]).to(device)  # (B, length)
-                # logits at positions length-1-n_scored .. length-2 predict the scored targets
-                logits = model(input_ids=batch, use_cache=False, logits_to_keep=n_scored + 1).logits[:, :-1]
+                # only positions length-1-n_scored .. length-2 predict the scored targets: the LM head runs on
+                # those alone and the logits come out contiguous, (B, n_scored, V), so reshape copies nothing
+                logits = model(input_ids=batch, use_cache=False, logits_to_keep=keep[length, n_scored]).logits
                 targets = batch[:, length - n_scored :]
                 nll = F.cross_entropy(
                     logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1).to(logits.device), reduction="sum"

@@ -1,0 +1,157 @@
+"""Recovery fine-tuning: one engine (:class:`FineTuner`, on the HF Trainer) behind three faces.
+
+* Python: ``FineTuner(model, tokenizer, use_lora=True).finetune(dataset_name="shakespeare", ...)``;
+* ``prunellm finetune`` / ``finetune_lora.py``: :func:`run_finetune` on a saved (pruned) model;
+* ``prunellm prune --finetune``: :func:`finetune_after_pruning`, in the same process, into ``<run>/finetuned/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..errors import PrunellmError
+from ..options import (
+    DistillOptions,
+    EvalOptions,
+    FinetuneData,
+    FinetuneOptions,
+    FinetuneTarget,
+    LoraOptions,
+    TrackingOptions,
+    TrainOptions,
+)
+from .data import NATURAL_INSTRUCTIONS, alpaca_prompt, build_natural_instructions
+from .engine import FineTuner, gradient_accumulation, resolve_checkpoint
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "NATURAL_INSTRUCTIONS",
+    "FineTuner",
+    "alpaca_prompt",
+    "build_natural_instructions",
+    "finetune_after_pruning",
+    "default_output_dir",
+    "load_for_finetuning",
+    "run_finetune",
+]
+
+
+def finetune_after_pruning(
+    model: nn.Module,
+    tokenizer: Any,
+    run_dir: Path,
+    options: FinetuneOptions,
+    eval_options: EvalOptions | None = None,
+    *,
+    base_model: str | None = None,
+    seed: int = 42,
+) -> dict[str, Any]:
+    """Fine-tune a just-pruned in-memory model into ``<run_dir>/finetuned/`` and evaluate it (``eval_options``).
+
+    The model is trained in place (full) or gets LoRA adapters merged into it. ``base_model`` is the unpruned
+    model, the teacher when ``finetune_distill_alpha > 0``.
+
+    Returns:
+        The metrics of :meth:`FineTuner.finetune`; ``evaluation`` holds the recovered model's results.
+    """
+    if options.finetune_batch_size % options.finetune_micro_batch_size:
+        raise PrunellmError(
+            f"--finetune_micro_batch_size {options.finetune_micro_batch_size} does not divide "
+            f"--finetune_batch_size {options.finetune_batch_size}: use a divisor of it"
+        )
+    data = FinetuneData(
+        data_path=options.finetune_data_path,
+        dataset_name=options.finetune_dataset,
+        num_samples=options.finetune_num_samples,
+        seq_len=options.finetune_seq_len,
+        val_set_size=options.finetune_val_set_size,
+    )
+    training = TrainOptions(
+        num_epochs=options.finetune_epochs,
+        max_steps=options.finetune_max_steps,
+        learning_rate=options.finetune_learning_rate,
+        batch_size=options.finetune_batch_size,
+        micro_batch_size=options.finetune_micro_batch_size,
+        save_steps=0,  # the run folder is written atomically: an interrupted run leaves nothing to resume
+        seed=seed,
+    )
+    distill = None
+    if options.finetune_distill_alpha > 0:
+        distill = DistillOptions(distill_from=base_model, distill_alpha=options.finetune_distill_alpha)
+    tuner = FineTuner(model, tokenizer, use_lora=options.finetune_method == "lora", training=training, distill=distill)
+    return tuner.finetune(data=data, output_dir=Path(run_dir) / "finetuned", evaluation=eval_options)
+
+
+def default_output_dir(pruned_model: str) -> Path:
+    """``results/<name>_finetuned``: ``<name>`` is the results folder, model directory, or legacy file's folder."""
+    from ..models import resolve_model_path
+
+    if pruned_model.endswith((".bin", ".pt", ".pth")):
+        path = Path(pruned_model).resolve()
+        return Path("results") / f"{path.parent.name or path.stem}_finetuned"
+    path = Path(resolve_model_path(pruned_model, "--pruned_model"))
+    name = path.parent.name if path.name == "model" and path.exists() else path.name
+    return Path("results") / f"{name}_finetuned"
+
+
+def load_for_finetuning(target: FinetuneTarget) -> tuple[nn.Module, Any]:
+    """Load ``--pruned_model`` (results folder, model directory, hub id, or legacy pickle) and its tokenizer."""
+    from ..checkpoint import import_legacy_pickle
+    from ..models import load_model, load_tokenizer, torch_dtype
+
+    ref = target.pruned_model
+    if ref.endswith((".bin", ".pt", ".pth")):
+        from ..surgery import sync_config
+
+        model, tokenizer = import_legacy_pickle(ref, target.trust_pickle)
+        if tokenizer is None:
+            raise PrunellmError(f"--pruned_model '{ref}' carries no tokenizer: re-save it with its tokenizer")
+        sync_config(model)  # the pickled modules' widths into the config, so the saved model reloads
+        model.to(torch_dtype(target.dtype))
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return model, tokenizer
+    return load_model(ref, dtype=target.dtype, flag="--pruned_model"), load_tokenizer(ref, "--pruned_model")
+
+
+def run_finetune(
+    target: FinetuneTarget,
+    data: FinetuneData,
+    lora: LoraOptions,
+    training: TrainOptions,
+    tracking: TrackingOptions,
+    distill: DistillOptions,
+    evaluation: EvalOptions,
+    argv: list[str] | None = None,
+) -> dict[str, Any]:
+    """``prunellm finetune``: load the pruned model, fine-tune, save and evaluate into ``--output_dir``."""
+    from ..paths import write_text_atomic
+    from ..pruner import log_to_file
+
+    if not target.pruned_model:
+        raise PrunellmError("--pruned_model is required: a prunellm results folder, a model directory, or a legacy .bin")
+    gradient_accumulation(training)  # refuse bad input before loading anything
+    out = Path(target.output_dir) if target.output_dir else default_output_dir(target.pruned_model)
+    resolve_checkpoint(target.resume_from_checkpoint, out / "checkpoints")
+    model, tokenizer = load_for_finetuning(target)
+    tuner = FineTuner(model, tokenizer, use_lora=target.method == "lora", lora=lora, training=training, tracking=tracking, distill=distill)
+    if int(os.environ.get("RANK", "0")) != 0:  # the other processes of a multi-process run only train
+        return tuner.finetune(data=data, output_dir=out, resume_from_checkpoint=target.resume_from_checkpoint)
+    command = shlex.join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))
+    write_text_atomic(out / "logs" / "command.sh", "#!/usr/bin/env bash\n" + command + "\n")
+    with log_to_file(out / "logs" / "finetune.log"):
+        log.info("fine-tuning %s (%s) into %s", target.pruned_model, target.method, out)
+        return tuner.finetune(
+            data=data,
+            output_dir=out,
+            resume_from_checkpoint=target.resume_from_checkpoint,
+            evaluation=None if target.skip_evaluation else evaluation,
+        )

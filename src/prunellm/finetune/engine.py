@@ -1,0 +1,410 @@
+"""The one recovery fine-tuning engine: the Hugging Face ``Trainer``, full-parameter or LoRA through peft.
+
+Mixed precision, gradient accumulation, gradient checkpointing, checkpoints, resume and multi-process runs
+(``accelerate launch`` / ``torchrun``, DDP) all come from the library. This module only chooses its
+arguments, builds the data, adds distillation (a ``compute_loss`` override), stops on a NaN loss, and saves
+the result in prunellm's checkpoint format.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from ..checkpoint import save_model
+from ..errors import PrunellmError
+from ..evaluation import evaluate, save_results
+from ..options import DistillOptions, EvalOptions, FinetuneData, LoraOptions, TrackingOptions, TrainOptions, split_list
+from ..paths import atomic_dir, write_json_atomic
+from ..specs import spec_for
+from .data import IGNORE_INDEX, PadCollator, TrainingData, training_data
+
+log = logging.getLogger(__name__)
+
+
+# --- checks that fail before any work ----------------------------------------------------------------------
+
+
+def gradient_accumulation(training: TrainOptions, world_size: int | None = None) -> int:
+    """Accumulation steps so that one optimizer step sees ``batch_size`` examples over all processes."""
+    world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    micro, batch = training.micro_batch_size, training.batch_size
+    if batch % micro:
+        raise PrunellmError(f"--micro_batch_size {micro} does not divide --batch_size {batch}: use a divisor of {batch}")
+    if batch % (micro * world):
+        raise PrunellmError(
+            f"--batch_size {batch} is not a multiple of --micro_batch_size {micro} × {world} processes: "
+            f"use a batch size that is a multiple of {micro * world}"
+        )
+    return batch // (micro * world)
+
+
+def resolve_checkpoint(value: str | None, checkpoints: Path) -> str | None:
+    """``--resume_from_checkpoint``: a checkpoint folder, or ``last`` (the newest under ``checkpoints``)."""
+    if not value:
+        return None
+    if value.lower() in ("last", "latest", "true"):
+        last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+        if last is None:
+            raise PrunellmError(f"--resume_from_checkpoint {value}: no checkpoint-N folder in {checkpoints}")
+        return last
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise PrunellmError(f"--resume_from_checkpoint '{value}' does not exist: give a checkpoint-N folder (see {checkpoints}) or 'last'")
+    if not (path / "trainer_state.json").is_file():
+        raise PrunellmError(f"--resume_from_checkpoint '{value}' is not a Trainer checkpoint (no trainer_state.json): give a checkpoint-N folder")
+    return str(path)
+
+
+def lora_targets(model: nn.Module, requested: str = "") -> list[str]:
+    """Module names LoRA adapts: ``requested`` (comma-separated) or every q/k/v/o and gate/up/down of the spec.
+
+    Raises:
+        PrunellmError: A requested name matches no linear module (the message lists those that exist).
+    """
+    names = split_list(requested)
+    if not names:
+        spec = spec_for(model.config)
+        names = [spec.attention.q, spec.attention.k, spec.attention.v, spec.attention.o, spec.mlp.gate, spec.mlp.up, spec.mlp.down]
+    linear = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    missing = [n for n in names if not any(full == n or full.endswith("." + n) for full in linear)]
+    if missing:
+        existing = sorted({full.rsplit(".", 1)[-1] for full in linear})
+        raise PrunellmError(
+            f"--lora_target_modules {','.join(missing)} match no linear module of this model: it has {', '.join(existing)}"
+        )
+    return names
+
+
+def report_to(tracking: TrackingOptions) -> str:
+    """The Trainer's ``report_to``; ``--wandb_project`` sets WANDB_PROJECT and implies wandb."""
+    target = tracking.report_to
+    if tracking.wandb_project:
+        os.environ["WANDB_PROJECT"] = tracking.wandb_project
+        target = "wandb" if target == "none" else target
+    packages = {"wandb": ("wandb",), "tensorboard": ("tensorboard", "tensorboardX")}
+    if target != "none" and not any(importlib.util.find_spec(p) for p in packages[target]):
+        raise PrunellmError(f"--report_to {target} needs the '{packages[target][0]}' package: pip install {packages[target][0]}")
+    return target
+
+
+def use_bf16(precision: str) -> bool:
+    """bf16 mixed precision: asked for, or ``auto`` on a GPU that supports it. fp16 is never chosen."""
+    if precision == "auto":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return precision == "bf16"
+
+
+# --- Trainer pieces ----------------------------------------------------------------------------------------
+
+
+class _LogAndStopOnNan(TrainerCallback):
+    """Send loss and learning rate to prunellm's log; stop with the step and a hint when the loss is not finite."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" in logs and not math.isfinite(logs["loss"]):
+            raise PrunellmError(
+                f"the training loss became {logs['loss']} by step {state.global_step}: lower --learning_rate, "
+                "use --precision fp32, or check the data (empty responses, bad tokens)"
+            )
+        if state.is_world_process_zero and "loss" in logs:
+            log.info("step %d/%d: loss %.4f, learning rate %.3g", state.global_step, state.max_steps, logs["loss"], logs.get("learning_rate", 0.0))
+        if state.is_world_process_zero and "eval_loss" in logs:
+            log.info("step %d: validation loss %.4f", state.global_step, logs["eval_loss"])
+
+
+class _Progress(ProgressCallback):
+    """The library's progress bar without its raw printing of every log dict (prunellm's log reports them)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        return None
+
+
+class _DistillTrainer(Trainer):
+    """Trainer whose training loss is (1 − α)·NLL + α·T²·KL(teacher ‖ student) over the labelled positions.
+
+    Both terms are summed over the positions whose next-token label is not −100 (padding and, by default,
+    prompt tokens never count) and divided like the library's own loss: by ``num_items_in_batch`` (all
+    labelled tokens of the accumulated batch) when the Trainer passes it, else by this batch's count.
+    Validation uses the plain LM loss, so validation losses stay comparable with and without distillation.
+    """
+
+    def __init__(self, *args, teacher: nn.Module, distill: DistillOptions, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher.to(self.args.device).eval()
+        self.teacher.requires_grad_(False)
+        self.distill = distill
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        labels = inputs["labels"][:, 1:]  # (B, T-1): the token each position predicts
+        mask = labels != IGNORE_INDEX
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        with torch.no_grad():
+            teacher_logits = self.teacher(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        student = outputs.logits[:, :-1][mask].float()  # (N, V) labelled positions only
+        teacher = teacher_logits[:, :-1][mask].float()
+        t, alpha = self.distill.distill_temperature, self.distill.distill_alpha
+        nll = F.cross_entropy(student, labels[mask], reduction="sum")
+        kl = F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True, reduction="sum") * t * t
+        count = num_items_in_batch if num_items_in_batch is not None else mask.sum().clamp(min=1)
+        loss = ((1 - alpha) * nll + alpha * kl) / count
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count is global
+        return (loss, outputs) if return_outputs else loss
+
+
+def training_arguments(
+    out: Path, training: TrainOptions, tracking: TrackingOptions, accumulation: int, has_validation: bool
+) -> TrainingArguments:
+    """The library's arguments for one run (checkpoints under ``out/checkpoints``)."""
+    save = training.save_steps > 0
+    periodic_eval = has_validation and training.eval_steps is not None
+    return TrainingArguments(
+        output_dir=str(out / "checkpoints"),
+        per_device_train_batch_size=training.micro_batch_size,
+        per_device_eval_batch_size=training.micro_batch_size,
+        gradient_accumulation_steps=accumulation,
+        num_train_epochs=training.num_epochs,
+        max_steps=training.max_steps or -1,
+        learning_rate=training.learning_rate,
+        lr_scheduler_type=training.lr_scheduler,
+        warmup_steps=training.warmup_steps,
+        weight_decay=training.weight_decay,
+        max_grad_norm=training.max_grad_norm,
+        bf16=use_bf16(training.precision),
+        fp16=False,
+        use_cpu=not torch.cuda.is_available(),  # also makes `accelerate launch`/torchrun use gloo on CPU machines
+        activation_checkpointing=training.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        train_sampling_strategy="group_by_length" if training.group_by_length else "random",
+        logging_steps=tracking.logging_steps,
+        logging_nan_inf_filter=False,  # a NaN must reach the log (and _LogAndStopOnNan)
+        report_to=report_to(tracking),
+        eval_strategy="steps" if periodic_eval else "no",
+        eval_steps=training.eval_steps if periodic_eval else None,
+        save_strategy="steps" if save else "no",
+        save_steps=training.save_steps if save else 500,
+        save_total_limit=training.save_total_limit,
+        seed=training.seed,
+        data_seed=training.seed,
+        remove_unused_columns=False,  # our examples hold exactly input_ids, attention_mask, labels
+        prediction_loss_only=True,  # never gather (B, T, vocab) logits during validation
+        include_num_input_tokens_seen="non_padding",
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+
+
+# --- the engine --------------------------------------------------------------------------------------------
+
+
+class FineTuner:
+    """Recovery fine-tuning of a (pruned) causal LM: full-parameter or LoRA, on the HF Trainer.
+
+    Args:
+        model: The model to train, e.g. a pruned model from :func:`prunellm.checkpoint.load_pruned`.
+        tokenizer: Its tokenizer; a missing pad token becomes EOS (padding is masked, never id 0).
+        use_lora: Train LoRA adapters (merged into the weights at the end) instead of every parameter.
+        lora: LoRA rank, alpha, dropout and target modules.
+        training: Optimisation settings (epochs, learning rate, batch sizes, precision, checkpoints, seed).
+        tracking: ``report_to`` and logging interval.
+        distill: Distillation weight and temperature; on when ``distill_from`` names a teacher or ``teacher`` is given.
+        teacher: An already loaded teacher (the unpruned model) for distillation.
+        callbacks: Extra ``TrainerCallback`` objects.
+
+    Example:
+        >>> tuner = FineTuner(model, tokenizer, use_lora=True)
+        >>> metrics = tuner.finetune(dataset_name="shakespeare", num_samples=500, lr=1e-4, epochs=1)
+        >>> metrics["eval_loss"], metrics["model_dir"]
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        use_lora: bool = False,
+        *,
+        lora: LoraOptions | None = None,
+        training: TrainOptions | None = None,
+        tracking: TrackingOptions | None = None,
+        distill: DistillOptions | None = None,
+        teacher: nn.Module | None = None,
+        callbacks: Sequence[TrainerCallback] = (),
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.use_lora = use_lora
+        self.lora = lora or LoraOptions()
+        self.training = training or TrainOptions()
+        self.tracking = tracking or TrackingOptions()
+        self.distill = distill
+        self.teacher = teacher
+        self.callbacks = list(callbacks)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token  # masked by the attention mask and label −100
+
+    def finetune(
+        self,
+        dataset_name: str | None = None,
+        num_samples: int | None = None,
+        lr: float | None = None,
+        epochs: float | None = None,
+        *,
+        data_path: str | None = None,
+        data: FinetuneData | None = None,
+        output_dir: str | Path = "results/finetuned",
+        resume_from_checkpoint: str | None = None,
+        evaluation: EvalOptions | None = None,
+    ) -> dict[str, Any]:
+        """Train, save ``<output_dir>/model/`` (+ ``lora_adapter/``), optionally evaluate; return the metrics.
+
+        ``dataset_name``, ``num_samples``, ``data_path``, ``lr`` and ``epochs`` override the matching fields of
+        ``data`` and of the ``training`` options given to the constructor (``None`` keeps them).
+
+        Returns:
+            ``train_loss``, ``eval_loss_before``, ``eval_loss`` (held-out), ``tokens_per_second``,
+            ``train_tokens``, ``steps``, ``trainable_params``, ``model_dir``, ``adapter_dir``, ``evaluation`` …
+        """
+        overrides = {"dataset_name": dataset_name, "num_samples": num_samples, "data_path": data_path}
+        data = (data or FinetuneData()).model_copy(update={k: v for k, v in overrides.items() if v is not None})
+        data = FinetuneData.model_validate(data.model_dump())
+        training = self.training.model_copy(update={k: v for k, v in {"learning_rate": lr, "num_epochs": epochs}.items() if v is not None})
+        training = TrainOptions.model_validate(training.model_dump())
+        out = Path(output_dir)
+        report_to(self.tracking)  # refuse a missing tracker before any work
+        resume = resolve_checkpoint(resume_from_checkpoint, out / "checkpoints")
+        accumulation = gradient_accumulation(training)
+        targets = lora_targets(self.model, self.lora.lora_target_modules) if self.use_lora else []
+        if not self.use_lora and any(p.dtype == torch.float16 for p in self.model.parameters()):
+            raise PrunellmError("full fine-tuning of float16 weights has no loss scaler: load the model in float32 or bfloat16")
+        examples = training_data(self.tokenizer, data, training.seed)
+        teacher = self._teacher()
+        model = self._trainable(targets)
+        args = training_arguments(out, training, self.tracking, accumulation, bool(examples.validation))
+        trainer = self._trainer(model, args, examples, teacher)
+        use_cache = getattr(self.model.config, "use_cache", None)
+        self.model.config.use_cache = False  # no KV cache while training
+        for config in (self.model.config, getattr(self.model, "generation_config", None)):
+            if config is not None:  # the pad id the batches use (saved with the model)
+                config.pad_token_id = self.tokenizer.pad_token_id
+
+        before = trainer.evaluate()["eval_loss"] if examples.validation and resume is None else None
+        tokens_at_start = json.loads((Path(resume) / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0) if resume else 0
+        result = trainer.train(resume_from_checkpoint=resume)
+        after = trainer.evaluate()["eval_loss"] if examples.validation else None
+
+        runtime = result.metrics.get("train_runtime", 0.0)
+        tokens = trainer.state.num_input_tokens_seen - tokens_at_start
+        metrics: dict[str, Any] = {
+            "method": "lora" if self.use_lora else "full",
+            "train_loss": result.training_loss,
+            "eval_loss_before": before,
+            "eval_loss": after,
+            "steps": trainer.state.global_step,
+            "train_tokens": tokens,
+            "train_seconds": round(runtime, 3),
+            "tokens_per_second": round(tokens / runtime, 2) if runtime else None,
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "bf16": args.bf16,
+            "processes": args.world_size,
+            "gradient_accumulation_steps": accumulation,
+            "lora_target_modules": targets,
+            "data": examples.source,
+            "output_dir": str(out),
+            "model_dir": None,
+            "adapter_dir": None,
+            "evaluation": None,
+        }
+        self.model = self._save(trainer, out, metrics, evaluation, use_cache)
+        return metrics
+
+    # -- steps of finetune() --
+
+    def _teacher(self) -> nn.Module | None:
+        # distillation is on when a teacher is given (``teacher`` or ``distill_from``) and its weight is not 0
+        if self.distill is None or self.distill.distill_alpha == 0 or (self.teacher is None and not self.distill.distill_from):
+            return None
+        teacher = self.teacher
+        if teacher is None:
+            from ..models import load_model
+
+            teacher = load_model(self.distill.distill_from, flag="--distill_from")
+        if teacher.config.vocab_size != self.model.config.vocab_size:
+            raise PrunellmError(
+                f"--distill_from has a vocabulary of {teacher.config.vocab_size}, the model {self.model.config.vocab_size}: "
+                "distil from the model this one was pruned from"
+            )
+        self.teacher = teacher
+        return teacher
+
+    def _trainable(self, targets: list[str]) -> nn.Module:
+        if not self.use_lora:
+            self.model.requires_grad_(True)
+            return self.model
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            r=self.lora.lora_r,
+            lora_alpha=self.lora.lora_alpha,
+            lora_dropout=self.lora.lora_dropout,
+            target_modules=targets,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        torch.manual_seed(self.training.seed)  # the adapters' initialisation
+        return get_peft_model(self.model, config)
+
+    def _trainer(self, model: nn.Module, args: TrainingArguments, examples: TrainingData, teacher: nn.Module | None) -> Trainer:
+        from datasets import Dataset
+
+        kwargs: dict[str, Any] = dict(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(examples.train),
+            eval_dataset=Dataset.from_list(examples.validation) if examples.validation else None,
+            data_collator=PadCollator(self.tokenizer.pad_token_id),
+            processing_class=self.tokenizer,
+            callbacks=[_LogAndStopOnNan(), *self.callbacks],
+        )
+        trainer = _DistillTrainer(teacher=teacher, distill=self.distill, **kwargs) if teacher is not None else Trainer(**kwargs)
+        if trainer.pop_callback(ProgressCallback) is not None:
+            trainer.add_callback(_Progress)
+        return trainer
+
+    def _save(self, trainer: Trainer, out: Path, metrics: dict[str, Any], evaluation: EvalOptions | None, use_cache) -> PreTrainedModel:
+        """Adapter, merged model, evaluation and metrics into ``out`` (main process only); return the merged model."""
+        main = trainer.is_world_process_zero()
+        checkpoints = out / "checkpoints"
+        if main and checkpoints.is_dir() and not any(checkpoints.iterdir()):
+            checkpoints.rmdir()  # the Trainer makes it even when it saves nothing
+        if main and self.use_lora:  # the adapter alone, before merging it away
+            with atomic_dir(out / "lora_adapter") as tmp:
+                trainer.model.save_pretrained(tmp)
+            metrics["adapter_dir"] = str(out / "lora_adapter")
+        merged = trainer.model.merge_and_unload() if self.use_lora else trainer.model
+        merged.config.use_cache = use_cache
+        if main:
+            save_model(merged, self.tokenizer, out / "model")
+            log.info("saved the fine-tuned model to %s", out / "model")
+            metrics["model_dir"] = str(out / "model")
+            if evaluation is not None:
+                merged.eval()
+                metrics["evaluation"] = evaluate(merged, self.tokenizer, evaluation, model_path=metrics["model_dir"])
+                save_results(metrics["evaluation"], out / "evaluation_results.json")
+            write_json_atomic(out / "finetune_results.json", metrics)
+        trainer.accelerator.wait_for_everyone()  # the other processes wait until the files are there
+        return merged

@@ -1,0 +1,293 @@
+"""``prunellm report``: one comparison table (markdown, CSV, HTML) and charts over many run folders.
+
+A run folder is ``results/<name>/`` holding ``evaluation_results.json`` and, when it was pruned, ``plan.json``
+and ``analysis/model_comparison.json``; any folder that directly holds ``evaluation_results.json`` is accepted.
+A folder without it is skipped with a warning.
+
+Columns: parameters, achieved pruning ratio (from ``plan.json``), PPL of every dataset × protocol, every
+zero-shot task in its LLM-Pruner metric (the header names it: ``acc`` or ``acc_norm``), both zero-shot averages,
+prefill and decode tokens/s per batch size, weight MB and peak memory delta per batch size.
+Charts: the kept fraction of every layer's parameters per run, and PPL against parameter count.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .analysis import _figure_width, _save_figure_atomic
+from .errors import PrunellmError
+from .evaluation.zeroshot import AVERAGES
+from .paths import write_text_atomic
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILE = "evaluation_results.json"
+MB = 1024 * 1024
+
+
+@dataclass
+class Run:
+    """What one run folder holds."""
+
+    name: str
+    folder: Path
+    results: dict[str, Any]
+    plan: dict[str, Any] | None = None
+    comparison: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Column:
+    """One table column: a header, how to read its value from a run, and how to print it."""
+
+    header: str
+    value: Callable[[Run], Any]
+    fmt: str = "{}"
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        log.warning("%s could not be read (%s); ignored", path, exc)
+        return None
+
+
+def load_runs(folders: list[str | Path]) -> list[Run]:
+    """Read every run folder; a folder without ``evaluation_results.json`` is skipped with a warning.
+
+    Raises:
+        PrunellmError: None of the folders holds results.
+    """
+    runs: list[Run] = []
+    for folder in map(Path, folders):
+        results = _read_json(folder / RESULTS_FILE)
+        if results is None:
+            log.warning("%s has no readable %s: skipped", folder, RESULTS_FILE)
+            continue
+        runs.append(Run(folder.resolve().name, folder, results, _read_json(folder / "plan.json"),
+                        _read_json(folder / "analysis" / "model_comparison.json")))  # fmt: skip
+    if not runs:
+        raise PrunellmError(f"none of the RESULTS_DIR folders holds {RESULTS_FILE}: give run folders such as results/<name>")
+    names = [run.name for run in runs]
+    for run in runs:  # same folder name in two places: prefix the parent
+        if names.count(run.name) > 1:
+            run.name = f"{run.folder.resolve().parent.name}/{run.name}"
+    return runs
+
+
+def _metric(run: Run, name: str) -> Any:
+    return run.results.get("metrics", {}).get(name)
+
+
+def _first_seen(items) -> list:
+    return list(dict.fromkeys(items))
+
+
+def _ppl_columns(runs: list[Run]) -> list[Column]:
+    keys = _first_seen((row["dataset"], row["protocol"]) for run in runs for row in _metric(run, "ppl") or [])
+
+    def getter(dataset: str, protocol: str) -> Callable[[Run], Any]:
+        return lambda run: next((r["ppl"] for r in _metric(run, "ppl") or [] if (r["dataset"], r["protocol"]) == (dataset, protocol)), None)
+
+    return [Column(f"PPL {Path(d).name} ({p})", getter(d, p), "{:.2f}") for d, p in keys]
+
+
+def _zeroshot_columns(runs: list[Run]) -> list[Column]:
+    tasks = _first_seen((row["task"], row["llm_pruner_metric"]) for run in runs for row in (_metric(run, "zeroshot") or {}).get("tasks", []))
+
+    def getter(task: str, metric: str) -> Callable[[Run], Any]:
+        return lambda run: next((r[metric] for r in (_metric(run, "zeroshot") or {}).get("tasks", []) if r["task"] == task), None)
+
+    def average(name: str) -> Callable[[Run], Any]:
+        return lambda run: ((_metric(run, "zeroshot") or {}).get("averages", {}).get(name) or {}).get("value")
+
+    columns = [Column(f"{task} {metric}", getter(task, metric), "{:.3f}") for task, metric in tasks]
+    if tasks:
+        columns += [Column("avg LLM-Pruner", average("llm_pruner"), "{:.3f}"),
+                    Column("avg acc_norm where available", average("acc_norm_where_available"), "{:.3f}")]  # fmt: skip
+    return columns
+
+
+def _per_batch(runs: list[Run], metric: str, key: str, header: str, scale: float, fmt: str) -> list[Column]:
+    sizes = _first_seen(row["batch_size"] for run in runs for row in (_metric(run, metric) or {}).get("rows", []))
+
+    def getter(size: int) -> Callable[[Run], Any]:
+        def value(run: Run) -> Any:
+            row = next((r for r in (_metric(run, metric) or {}).get("rows", []) if r["batch_size"] == size), {})
+            return None if row.get(key) is None else row[key] / scale
+
+        return value
+
+    return [Column(f"{header} bs={size}", getter(size), fmt) for size in sizes]
+
+
+def table_columns(runs: list[Run]) -> list[Column]:
+    """The columns of the comparison table: only those some run has a value for."""
+    columns = [
+        Column("run", lambda run: run.name),
+        Column("params", lambda run: run.results["model"]["params"], "{:,}"),
+        Column("achieved ratio", lambda run: (run.plan or {}).get("achieved_ratio"), "{:.4f}"),
+        *_ppl_columns(runs),
+        *_zeroshot_columns(runs),
+        *_per_batch(runs, "speed", "prefill_tokens_per_s", "prefill tok/s", 1.0, "{:.1f}"),
+        *_per_batch(runs, "speed", "decode_tokens_per_s", "decode tok/s", 1.0, "{:.1f}"),
+        Column("weights MB", lambda run: run.results["model"].get("weight_bytes", 0) / MB, "{:.1f}"),
+        *_per_batch(runs, "memory", "peak_delta_bytes", "peak Δ MB", MB, "{:.1f}"),
+    ]
+    return [c for c in columns if c.header == "run" or any(c.value(run) is not None for run in runs)]
+
+
+def _cell(column: Column, value: Any) -> str:
+    return "—" if value is None else column.fmt.format(value)
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    """A GitHub markdown table (``|`` in cells escaped)."""
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(headers), "|" + "---|" * len(headers), *(line(r) for r in rows)]) + "\n"
+
+
+def csv_table(headers: list[str], rows: list[list[Any]]) -> str:
+    """CSV text; ``None`` becomes an empty cell."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(headers)
+    writer.writerows([["" if v is None else v for v in row] for row in rows])
+    return buffer.getvalue()
+
+
+def html_table(headers: list[str], rows: list[list[str]]) -> str:
+    """An HTML ``<table>`` with escaped cells."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>\n" for row in rows)
+    return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table>\n"
+
+
+def _notes(runs: list[Run]) -> list[str]:
+    notes = ["Zero-shot columns give the task's LLM-Pruner metric (named in the header; fractions, lm-eval).",
+             *(f"avg {'LLM-Pruner' if k == 'llm_pruner' else 'acc_norm where available'}: {v}." for k, v in AVERAGES.items())]  # fmt: skip
+    speed = next((_metric(r, "speed") for r in runs if _metric(r, "speed")), None)
+    if speed:
+        notes.append(f"Speed: greedy generate, {speed['prompt_tokens']}-token prompt, {speed['new_tokens']} new tokens, "
+                     f"median of {speed['repeats']}, on {speed['device']} ({speed['dtype']}).")  # fmt: skip
+    if any(_metric(r, "memory") for r in runs):
+        notes.append("peak Δ MB: peak memory during one generate call minus the memory in use just before it.")
+    return notes
+
+
+def plot_kept_ratio(runs: list[Run], path: Path) -> bool:
+    """Kept fraction of each original layer's parameters, one line per run with a model comparison."""
+    with_layers = [run for run in runs if run.comparison and run.comparison.get("layers")]
+    if not with_layers:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    width = max(len(run.comparison["layers"]) for run in with_layers)
+    fig, ax = plt.subplots(figsize=(_figure_width(width), 4.5))
+    try:
+        for run in with_layers:
+            layers = run.comparison["layers"]
+            kept = [1.0 - layer["total_params"]["reduction_ratio"] for layer in layers]
+            ax.plot([layer["layer"] for layer in layers], kept, marker="o", markersize=3, label=run.name)
+        ax.set_title("Kept fraction of each layer's parameters")
+        ax.set_xlabel("layer (original numbering)")
+        ax.set_ylabel("kept ratio")
+        ax.set_ylim(0, 1.05)
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        _save_figure_atomic(fig, path)
+    finally:
+        plt.close(fig)
+    return True
+
+
+def plot_ppl_vs_params(runs: list[Run], columns: list[Column], path: Path) -> bool:
+    """PPL (log scale) against parameter count, one series per PPL column, points labelled by run."""
+    ppl_columns = [c for c in columns if c.header.startswith("PPL ")]
+    if not ppl_columns:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.0, 4.5))
+    try:
+        for column in ppl_columns:
+            points = [(run.results["model"]["params"] / 1e6, column.value(run), run.name) for run in runs if column.value(run) is not None]
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", linestyle="", label=column.header)
+            for x, y, name in points:
+                ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_yscale("log")
+        ax.set_title("Perplexity against parameter count")
+        ax.set_xlabel("parameters (millions)")
+        ax.set_ylabel("PPL (log scale)")
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        _save_figure_atomic(fig, path)
+    finally:
+        plt.close(fig)
+    return True
+
+
+def build_report(folders: list[str | Path], output: str | Path) -> dict[str, Any]:
+    """Write ``report.md``, ``report.csv``, ``report.html`` and the charts into ``output``.
+
+    Args:
+        folders: Run folders (``results/<name>/``) or folders that directly hold ``evaluation_results.json``.
+        output: Folder for the report (created).
+
+    Returns:
+        ``{"markdown": str, "files": {name: path}, "runs": [run names]}``.
+
+    Raises:
+        PrunellmError: None of the folders holds results.
+    """
+    runs = load_runs(folders)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    columns = table_columns(runs)
+    headers = [c.header for c in columns]
+    raw = [[c.value(run) for c in columns] for run in runs]
+    shown = [[_cell(c, v) for c, v in zip(columns, row)] for row in raw]
+    files: dict[str, Path] = {}
+    charts = []
+    if plot_kept_ratio(runs, out / "kept_ratio_per_layer.png"):
+        charts.append("kept_ratio_per_layer.png")
+    if plot_ppl_vs_params(runs, columns, out / "ppl_vs_params.png"):
+        charts.append("ppl_vs_params.png")
+    notes = _notes(runs)
+    table = markdown_table(headers, shown)
+    markdown = "\n".join(["# prunellm report", "", table, *(f"* {n}" for n in notes), "", *(f"![{c}]({c})" for c in charts)]) + "\n"
+    page = (
+        "<!doctype html>\n<html><head><meta charset='utf-8'><title>prunellm report</title>"
+        "<style>table{border-collapse:collapse}td,th{border:1px solid #999;padding:2px 6px;text-align:right}</style>"
+        "</head><body>\n<h1>prunellm report</h1>\n" + html_table(headers, shown)
+        + "<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>\n"
+        + "".join(f"<p><img src='{c}' alt='{c}'></p>\n" for c in charts) + "</body></html>\n"
+    )  # fmt: skip
+    for name, text in (("report.md", markdown), ("report.csv", csv_table(headers, raw)), ("report.html", page)):
+        files[name] = out / name
+        write_text_atomic(files[name], text)
+    files.update({c: out / c for c in charts})
+    log.info("report over %d runs written to %s", len(runs), out)
+    return {"markdown": table, "files": files, "runs": [run.name for run in runs]}
+
+
+def summarize(results: dict[str, Any]) -> list[tuple[str, str]]:
+    """(column, printed value) pairs of one results document, as a row of the comparison table shows them."""
+    run = Run("", Path("."), results)
+    return [(c.header, _cell(c, c.value(run))) for c in table_columns([run]) if c.header != "run"]

@@ -1,0 +1,291 @@
+"""The fine-tuning engine on pruned tiny models: it learns, it saves both ways, it resumes exactly, it runs on 2 processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, make_tiny_model
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments
+
+from prunellm.checkpoint import load_pruned, save_model
+from prunellm.cli import main
+from prunellm.data import load_text
+from prunellm.errors import PrunellmError
+from prunellm.finetune import FineTuner
+from prunellm.finetune.data import PadCollator, tokenize_instructions
+from prunellm.finetune.engine import _DistillTrainer
+from prunellm.models import load_tokenizer
+from prunellm.options import DistillOptions, FinetuneData, TrackingOptions, TrainOptions
+from prunellm.surgery import layer_widths, prune_units
+
+# non-uniform widths: layer 0 keeps 1 of 2 KV groups, layer 1 keeps half of its 96 MLP channels
+KEPT = {(0, "kv_group"): [1], (1, "mlp_channel"): list(range(0, 96, 2))}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("smollm2-135m")
+
+
+def pruned_model(tokenizer, family: str = "llama"):
+    model = make_tiny_model(family, vocab_size=len(tokenizer))
+    prune_units(model, KEPT)
+    return model
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "plays.txt"
+    path.write_text(load_text("shakespeare", "eval")[:60_000])  # real English; its tail is held out
+    return path
+
+
+def data(text_file: Path, **overrides) -> FinetuneData:
+    return FinetuneData(**{"dataset_name": str(text_file), "num_samples": 64, "seq_len": 32, "val_set_size": 8, **overrides})
+
+
+def training(**overrides) -> TrainOptions:
+    return TrainOptions(**{"batch_size": 4, "micro_batch_size": 4, "max_steps": 12, "warmup_steps": 0, "save_steps": 0, **overrides})
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(ids).logits
+
+
+@pytest.fixture(scope="module")
+def lora_run(tokenizer, text_file, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    model = pruned_model(tokenizer)
+    save_model(model, tokenizer, root / "pruned")
+    tuner = FineTuner(model, tokenizer, use_lora=True, training=training(learning_rate=2e-2))
+    metrics = tuner.finetune(data=data(text_file), output_dir=root / "out")
+    return root, tuner, metrics
+
+
+def test_lora_lowers_the_held_out_loss_of_a_pruned_model(lora_run):
+    _, tuner, metrics = lora_run
+    assert metrics["method"] == "lora" and metrics["steps"] == 12
+    assert metrics["eval_loss"] < metrics["eval_loss_before"] - 0.1
+    assert metrics["train_tokens"] == 12 * 4 * 32 and metrics["tokens_per_second"] > 0
+    assert 0 < metrics["trainable_params"] < 30_000  # adapters only
+    assert metrics["data"]["validation_windows"] == 8
+
+
+def test_full_finetuning_lowers_the_held_out_loss_of_a_pruned_model(tokenizer, text_file, tmp_path):
+    tuner = FineTuner(pruned_model(tokenizer, "qwen2"), tokenizer, use_lora=False, training=training(learning_rate=5e-3))
+    metrics = tuner.finetune(data=data(text_file), output_dir=tmp_path)
+    assert metrics["method"] == "full" and metrics["adapter_dir"] is None
+    assert metrics["eval_loss"] < metrics["eval_loss_before"] - 1.0
+    assert metrics["trainable_params"] == sum(p.numel() for p in tuner.model.parameters())
+
+
+def test_merged_lora_equals_the_adapter_and_keeps_the_pruned_shapes(lora_run, tokenizer):
+    root, tuner, metrics = lora_run
+    ids = torch.randint(0, len(tokenizer), (2, 16), generator=torch.Generator().manual_seed(0))
+    base = load_pruned(root / "pruned")
+    with_adapter = PeftModel.from_pretrained(load_pruned(root / "pruned"), metrics["adapter_dir"])
+    merged = load_pruned(metrics["model_dir"])
+    assert not torch.allclose(logits(base, ids), logits(merged, ids), atol=1e-4)  # training changed something
+    torch.testing.assert_close(logits(with_adapter, ids), logits(merged, ids), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits(tuner.model, ids), logits(merged, ids))
+    plain = AutoModelForCausalLM.from_pretrained(metrics["model_dir"], trust_remote_code=True)
+    torch.testing.assert_close(logits(plain, ids), logits(merged, ids))
+    expected = [
+        {"num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 96},
+        {"num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 48},
+    ]
+    assert layer_widths(merged) == layer_widths(plain) == expected
+    assert plain.model.layers[1].mlp.down_proj.weight.shape == (64, 48)
+    assert "lora" not in " ".join(name for name, _ in merged.named_parameters())
+
+
+class _Interrupt(TrainerCallback):
+    """Simulates a crash: raise at the end of step ``at``."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.at:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("use_lora", [True, False], ids=["lora", "full"])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tokenizer, text_file, tmp_path, use_lora):
+    options = training(max_steps=6, save_steps=3, learning_rate=1e-2, batch_size=4, micro_batch_size=2)
+    lora_data = data(text_file, num_samples=32, val_set_size=0)
+    whole = FineTuner(pruned_model(tokenizer), tokenizer, use_lora=use_lora, training=options)
+    whole.finetune(data=lora_data, output_dir=tmp_path / "whole")
+    crashed = FineTuner(pruned_model(tokenizer), tokenizer, use_lora=use_lora, training=options, callbacks=[_Interrupt(4)])
+    with pytest.raises(KeyboardInterrupt):
+        crashed.finetune(data=lora_data, output_dir=tmp_path / "crashed")
+    assert sorted(p.name for p in (tmp_path / "crashed" / "checkpoints").iterdir()) == ["checkpoint-3"]
+    resumed = FineTuner(pruned_model(tokenizer), tokenizer, use_lora=use_lora, training=options)
+    metrics = resumed.finetune(data=lora_data, output_dir=tmp_path / "crashed", resume_from_checkpoint="last")
+    assert metrics["steps"] == 6 and metrics["train_tokens"] == 3 * 4 * 32
+    expected, got = whole.model.state_dict(), resumed.model.state_dict()
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+
+
+def test_nan_loss_stops_with_the_step_and_a_hint(tokenizer, text_file, tmp_path):
+    model = pruned_model(tokenizer)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    tuner = FineTuner(model, tokenizer, use_lora=True, training=training(max_steps=4), tracking=TrackingOptions(logging_steps=1))
+    with pytest.raises(PrunellmError, match=r"loss became nan by step 1: lower --learning_rate"):
+        tuner.finetune(data=data(text_file, num_samples=16, val_set_size=0), output_dir=tmp_path)
+
+
+def test_distillation_loss_is_kl_plus_lm_over_labelled_tokens(tokenizer, tmp_path):
+    model = make_tiny_model("llama", vocab_size=len(tokenizer))
+    rows = [{"instruction": "Say hi.", "input": "", "output": "Hi there."}, {"instruction": "Count.", "input": "to 3", "output": "1 2 3"}]
+    batch = PadCollator(tokenizer.pad_token_id)(tokenize_instructions(tokenizer, rows, FinetuneData()))
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    same = _DistillTrainer(model=model, args=args, teacher=make_tiny_model("llama", vocab_size=len(tokenizer)), distill=DistillOptions(distill_alpha=0.5))
+    model.train()
+    with torch.no_grad():
+        lm = model(**batch).loss
+        # teacher == student: KL = 0, the loss is (1 − α)·LM; padding and prompts are outside both terms
+        torch.testing.assert_close(same.compute_loss(model, batch), 0.5 * lm, rtol=1e-5, atol=1e-5)
+        other = _DistillTrainer(model=model, args=args, teacher=make_tiny_model("llama", seed=1, vocab_size=len(tokenizer)),
+                                distill=DistillOptions(distill_alpha=0.5))  # fmt: skip
+        assert other.compute_loss(model, batch) > 0.5 * lm
+        model.eval()
+        torch.testing.assert_close(other.compute_loss(model, batch), lm)  # validation: the plain LM loss
+
+
+def test_distillation_from_the_unpruned_model_trains(tokenizer, text_file, tmp_path):
+    teacher = make_tiny_model("llama", vocab_size=len(tokenizer))
+    tuner = FineTuner(pruned_model(tokenizer), tokenizer, use_lora=False, training=training(max_steps=6, learning_rate=5e-3),
+                      distill=DistillOptions(distill_alpha=0.5), teacher=teacher)  # fmt: skip
+    metrics = tuner.finetune(data=data(text_file, num_samples=24), output_dir=tmp_path)
+    assert metrics["eval_loss"] < metrics["eval_loss_before"]
+
+
+# --- command line ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pruned_dir(tokenizer, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("pruned") / "tiny_p20" / "model"
+    save_model(pruned_model(tokenizer), tokenizer, path)
+    return path.parent
+
+
+def test_cli_finetunes_alpaca_data_into_the_results_layout(pruned_dir, tmp_path, monkeypatch, capsys):
+    from prunellm.finetune import build_natural_instructions
+
+    rows = sorted(json.loads(build_natural_instructions(per_task=2).read_text()), key=lambda r: len(json.dumps(r)))[:40]
+    data_file = tmp_path / "recovery set.jsonl"  # any name
+    data_file.write_text("\n".join(json.dumps(r) for r in rows))
+    monkeypatch.chdir(tmp_path)
+    args = ["finetune", "--pruned_model", str(pruned_dir), "--data_path", str(data_file), "--cutoff_len", "256",
+            "--val_set_size", "4", "--batch_size", "4", "--micro_batch_size", "2", "--max_steps", "3", "--lora_r", "4",
+            "--group_by_length", "--train_on_inputs", "False", "--ppl_datasets", str(data_file), "--ppl_seq_len", "32",
+            "--ppl_max_windows", "2", "--metrics", "ppl", "--logging_steps", "1"]  # fmt: skip
+    assert main(args) == 0
+    out = tmp_path / "results" / "tiny_p20_finetuned"  # the default: results/<name>_finetuned
+    for rel in ("model/config.json", "model/modeling_prunellm.py", "lora_adapter/adapter_config.json",
+                "finetune_results.json", "evaluation_results.json", "logs/finetune.log", "logs/command.sh"):  # fmt: skip
+        assert (out / rel).is_file(), rel
+    results = json.loads((out / "finetune_results.json").read_text())
+    assert results["steps"] == 3 and results["data"]["template"] == "alpaca" and results["gradient_accumulation_steps"] == 2
+    assert "held-out loss after" in capsys.readouterr().err
+    assert "step 3/3: loss" in (out / "logs" / "finetune.log").read_text()
+
+
+def test_cli_refuses_bad_input_in_one_line(pruned_dir, tmp_path, capsys):
+    base = ["finetune", "--pruned_model", str(pruned_dir), "--output_dir", str(tmp_path / "o")]
+    cases = [
+        (["--batch_size", "10", "--micro_batch_size", "4"], "--micro_batch_size 4 does not divide --batch_size 10"),
+        (["--resume_from_checkpoint", str(tmp_path / "gone")], "--resume_from_checkpoint"),
+        (["--lora_target_modules", "wq,wk"], "match no linear module"),
+        (["--report_to", "wandb"], "--report_to wandb needs the 'wandb' package"),
+    ]
+    for extra, message in cases:
+        if message.startswith("--report_to") and __import__("importlib").util.find_spec("wandb"):
+            continue
+        assert main(base + extra + ["--max_steps", "1"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: ") and message in err[-1], err
+    assert main(["finetune", "--pruned_model", str(tmp_path / "legacy.bin")]) == 2
+    assert "--trust_pickle" in capsys.readouterr().err
+
+
+def test_legacy_pickle_is_finetuned_into_a_safe_checkpoint(tokenizer, text_file, tmp_path):
+    legacy = tmp_path / "llm_pruner_run" / "pytorch_model.bin"
+    legacy.parent.mkdir()
+    model = make_tiny_model("llama", vocab_size=len(tokenizer))
+    prune_units(model, KEPT)
+    model.config.num_key_value_heads = 2  # LLM-Pruner left the config stale; sync_config rewrites it
+    torch.save({"model": model, "tokenizer": tokenizer}, legacy)
+    args = ["finetune", "--pruned_model", str(legacy), "--trust_pickle", "--method", "full", "--dataset_name", str(text_file),
+            "--num_samples", "8", "--seq_len", "32", "--val_set_size", "2", "--batch_size", "4", "--max_steps", "1",
+            "--skip_evaluation", "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    assert main(args) == 0
+    assert layer_widths(load_pruned(tmp_path / "out" / "model"))[0]["num_key_value_heads"] == 1
+
+
+def test_two_process_cpu_run_trains_and_saves_once(pruned_dir, text_file, tmp_path):
+    accelerate = Path(sys.executable).with_name("accelerate")
+    out = tmp_path / "ddp"
+    # accelerate's `--cpu` starts several processes only through mpirun; `--multi_gpu` starts them with torchrun,
+    # and the engine picks the CPU (gloo) backend because the machine has no GPU
+    command = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", str(REPO / "finetune_lora.py"), "--pruned_model", str(pruned_dir), "--dataset_name",
+               str(text_file), "--num_samples", "16", "--seq_len", "32", "--val_set_size", "4", "--batch_size", "4",
+               "--micro_batch_size", "2", "--max_steps", "2", "--skip_evaluation", "--output_dir", str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    results = json.loads((out / "finetune_results.json").read_text())
+    assert results["processes"] == 2 and results["steps"] == 2 and results["gradient_accumulation_steps"] == 1
+    assert results["train_tokens"] == 2 * 4 * 32  # 2 steps × 4 windows over both processes × 32 tokens
+    assert output.count("saved the fine-tuned model") == 1
+    assert layer_widths(load_pruned(out / "model"))[1]["intermediate_size"] == 48
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no half-written folders
+
+
+def test_prune_with_finetune_recovers_in_the_same_process(tokenizer, text_file, tmp_path, capsys):
+    dense = tmp_path / "dense"
+    make_tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(dense)
+    tokenizer.save_pretrained(dense)
+    args = ["prune", "--base_model", str(dense), "--output_dir", str(tmp_path / "results"), "--output_name", "p", "--dataset",
+            str(text_file), "--taylor_num_samples", "4", "--taylor_seq_len", "32", "--pruning_ratio", "0.01", "--reconstruct",
+            "none", "--run_evaluation", "ppl", "--ppl_datasets", str(text_file), "--ppl_seq_len", "32", "--ppl_max_windows", "4",
+            "--finetune", "True", "--finetune_method", "full", "--finetune_dataset", str(text_file), "--finetune_num_samples",
+            "32", "--finetune_seq_len", "32", "--finetune_val_set_size", "4", "--finetune_batch_size", "4",
+            "--finetune_max_steps", "8", "--finetune_learning_rate", "5e-3"]  # fmt: skip
+    assert main(args) == 0
+    run = tmp_path / "results" / "p"
+    for rel in ("model/config.json", "finetuned/model/config.json", "finetuned/evaluation_results.json", "finetuned/finetune_results.json"):
+        assert (run / rel).is_file(), rel
+    assert not (run / "finetuned" / "checkpoints").exists()
+    pruned = json.loads((run / "evaluation_results.json").read_text())["metrics"]["ppl"][0]["ppl"]
+    recovered = json.loads((run / "finetuned" / "evaluation_results.json").read_text())["metrics"]["ppl"][0]["ppl"]
+    assert recovered < pruned
+    summary = capsys.readouterr().err
+    assert "PPL base" in summary and "PPL pruned" in summary and "PPL recovered" in summary
+
+
+def test_finetune_flag_forms(tmp_path):
+    from prunellm.cli import build_parser
+    from prunellm.options import FinetuneOptions, build_options
+
+    def parsed(*flags: str) -> FinetuneOptions:
+        return build_options(FinetuneOptions, build_parser().parse_args(["prune", *flags]))
+
+    assert parsed().finetune is False and parsed("--finetune").finetune is True
+    assert parsed("--finetune", "True").finetune is True and parsed("--finetune", "False").finetune is False
+    assert parsed("--finetune_method", "full", "--finetune_epochs", "2").finetune_epochs == 2.0
