@@ -149,3 +149,10 @@ def test_legacy_pickle_needs_trust(tmp_path, capsys):
     torch.save({"model": "anything"}, path)
     assert main(["eval", "--model_path", str(path)]) == 2
     assert "--trust_pickle" in capsys.readouterr().err
+
+
+def test_prune_with_accelerate_device_map(workspace):
+    """--device auto loads through accelerate's device_map (all on CPU here) and scoring works on it."""
+    assert main(_prune_args(workspace, "auto", "--device", "auto", "--importance_method", "taylor")) == 0
+    plan = json.loads((workspace / "results" / "auto" / "plan.json").read_text())
+    assert plan["calibration"]["hash"] and abs(plan["achieved_ratio"] - 0.015) < 0.005

@@ -295,88 +295,46 @@ class FinetuneData(_Options):
     dataset_name: str = Field(
         "shakespeare", description="plain text: shakespeare, wikitext2, ptb, c4 or a local file (train part; validation from the eval part)"
     )
-    num_samples: int = Field(500, description="plain text: training windows drawn from the train part")
-    seq_len: int = Field(128, description="plain text: tokens per window")
-    cutoff_len: int = Field(256, description="instructions: tokens per example (longer ones are cut)")
-    val_set_size: int = Field(200, description="held-out examples (instructions) or eval-part windows (plain text); 0 = none")
+    num_samples: int = Field(500, ge=1, description="plain text: training windows drawn from the train part")
+    seq_len: int = Field(128, ge=1, description="plain text: tokens per window")
+    cutoff_len: int = Field(256, ge=1, description="instructions: tokens per example (longer ones are cut)")
+    val_set_size: int = Field(200, ge=0, description="held-out examples (instructions) or eval-part windows (plain text); 0 = none")
     train_on_inputs: bool = Field(False, description="instructions: also train on the prompt (default: prompt tokens get label -100)")
     add_eos_token: bool = Field(True, description="instructions: end every response with the EOS token")
-
-    @field_validator("num_samples", "seq_len", "cutoff_len")
-    @classmethod
-    def _at_least_one(cls, value):
-        if value < 1:
-            raise ValueError("must be at least 1")
-        return value
-
-    @field_validator("val_set_size")
-    @classmethod
-    def _not_negative(cls, value):
-        if value < 0:
-            raise ValueError("must be 0 or more")
-        return value
 
 
 class LoraOptions(_Options):
     """LoRA adapters (peft), with --method lora."""
 
-    lora_r: int = Field(8, description="rank of the LoRA update")
-    lora_alpha: int = Field(16, description="LoRA scaling numerator (scale = alpha / r)")
-    lora_dropout: float = Field(0.05, description="dropout on the LoRA input")
+    lora_r: int = Field(8, ge=1, description="rank of the LoRA update")
+    lora_alpha: int = Field(16, ge=1, description="LoRA scaling numerator (scale = alpha / r)")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
     lora_target_modules: str = Field(
         "", description="comma-separated module names (e.g. q_proj,v_proj); empty = every attention and MLP projection of the family"
     )
-
-    @field_validator("lora_r", "lora_alpha")
-    @classmethod
-    def _at_least_one(cls, value):
-        if value < 1:
-            raise ValueError("must be at least 1")
-        return value
 
 
 class TrainOptions(_Options):
     """Optimisation: how long, how fast, in which precision, how often to check and save."""
 
-    num_epochs: float = Field(2.0, description="passes over the training data")
-    max_steps: int | None = Field(None, description="stop after N optimizer steps (overrides --num_epochs)")
-    learning_rate: float = Field(1e-4, description="peak learning rate")
-    batch_size: int = Field(64, description="examples per optimizer step, over all processes")
-    micro_batch_size: int = Field(4, description="examples per forward pass and process (the rest is gradient accumulation)")
-    warmup_steps: float = Field(0.05, description="linear warm-up: a number of steps (>= 1) or a fraction of all steps (< 1)")
+    num_epochs: float = Field(2.0, gt=0, description="passes over the training data")
+    max_steps: int | None = Field(None, ge=1, description="stop after N optimizer steps (overrides --num_epochs)")
+    learning_rate: float = Field(1e-4, gt=0, description="peak learning rate")
+    batch_size: int = Field(64, ge=1, description="examples per optimizer step, over all processes")
+    micro_batch_size: int = Field(4, ge=1, description="examples per forward pass and process (the rest is gradient accumulation)")
+    warmup_steps: float = Field(0.05, ge=0, description="linear warm-up: a number of steps (>= 1) or a fraction of all steps (< 1)")
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field("linear", description="decay after warm-up")
-    weight_decay: float = Field(0.0, description="AdamW weight decay")
-    max_grad_norm: float = Field(1.0, description="gradient clipping norm")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto = bf16 mixed precision where the GPU supports it, else fp32 (fp16 without a scaler is never used)"
     )
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory, slower)")
     group_by_length: bool = Field(False, description="batch examples of similar length together (less padding)")
-    eval_steps: int | None = Field(None, description="validation loss every N steps (default: before and after training)")
-    save_steps: int = Field(200, description="checkpoint every N steps into <output_dir>/checkpoints (0 = none)")
-    save_total_limit: int = Field(2, description="checkpoints kept")
+    eval_steps: int | None = Field(None, ge=1, description="validation loss every N steps (default: before and after training)")
+    save_steps: int = Field(200, ge=0, description="checkpoint every N steps into <output_dir>/checkpoints (0 = none)")
+    save_total_limit: int = Field(2, ge=1, description="checkpoints kept")
     seed: int = Field(42, description="seed of initialisation, data order, sampling and dropout")
-
-    @field_validator("batch_size", "micro_batch_size")
-    @classmethod
-    def _at_least_one(cls, value):
-        if value < 1:
-            raise ValueError("must be at least 1")
-        return value
-
-    @field_validator("num_epochs", "learning_rate", "warmup_steps", "weight_decay", "save_steps", "save_total_limit")
-    @classmethod
-    def _not_negative(cls, value):
-        if value < 0:
-            raise ValueError("must be 0 or more")
-        return value
-
-    @field_validator("max_steps", "eval_steps")
-    @classmethod
-    def _positive_or_none(cls, value):
-        if value is not None and value < 1:
-            raise ValueError("must be at least 1")
-        return value
 
 
 class TrackingOptions(_Options):
@@ -384,36 +342,15 @@ class TrackingOptions(_Options):
 
     report_to: Literal["none", "wandb", "tensorboard"] = Field("none", description="where to send loss and learning rate")
     wandb_project: str = Field("", description="WandB project (sets WANDB_PROJECT; implies --report_to wandb)")
-    logging_steps: int = Field(10, description="log loss and learning rate every N steps")
-
-    @field_validator("logging_steps")
-    @classmethod
-    def _at_least_one(cls, value):
-        if value < 1:
-            raise ValueError("must be at least 1")
-        return value
+    logging_steps: int = Field(10, ge=1, description="log loss and learning rate every N steps")
 
 
 class DistillOptions(_Options):
     """Knowledge distillation from the unpruned model: loss = (1 − α)·LM + α·T²·KL(teacher ‖ student)."""
 
     distill_from: str | None = Field(None, description="teacher (the unpruned base model): smollm2-135m, a directory or a hub id")
-    distill_alpha: float = Field(0.5, description="weight of the KL term, in [0, 1]")
-    distill_temperature: float = Field(2.0, description="softmax temperature of both logits")
-
-    @field_validator("distill_alpha")
-    @classmethod
-    def _fraction(cls, value):
-        if not 0.0 <= value <= 1.0:
-            raise ValueError("must be between 0 and 1")
-        return value
-
-    @field_validator("distill_temperature")
-    @classmethod
-    def _positive(cls, value):
-        if value <= 0:
-            raise ValueError("must be positive")
-        return value
+    distill_alpha: float = Field(0.5, ge=0, le=1, description="weight of the KL term, in [0, 1]")
+    distill_temperature: float = Field(2.0, gt=0, description="softmax temperature of both logits")
 
 
 class FinetuneOptions(_Options):
@@ -423,19 +360,12 @@ class FinetuneOptions(_Options):
     finetune_method: Literal["lora", "full"] = Field("lora", description="LoRA adapters (merged) or full-parameter training")
     finetune_data_path: str = Field("", description="Alpaca data (hub name, .json/.jsonl, bigbench_natural_instructions); empty = plain text")
     finetune_dataset: str = Field("shakespeare", description="plain text for language modelling when --finetune_data_path is empty")
-    finetune_num_samples: int = Field(256, description="plain text: training windows")
-    finetune_seq_len: int = Field(128, description="plain text: tokens per window")
-    finetune_val_set_size: int = Field(32, description="held-out examples or eval-part windows for the validation loss")
-    finetune_epochs: float = Field(1.0, description="passes over the training data")
-    finetune_max_steps: int | None = Field(None, description="stop after N optimizer steps (overrides --finetune_epochs)")
-    finetune_learning_rate: float = Field(1e-4, description="peak learning rate")
-    finetune_batch_size: int = Field(16, description="examples per optimizer step")
-    finetune_micro_batch_size: int = Field(4, description="examples per forward pass")
-    finetune_distill_alpha: float = Field(0.0, description="> 0: distil from the unpruned --base_model with this KL weight")
-
-    @field_validator("finetune_num_samples", "finetune_seq_len", "finetune_batch_size", "finetune_micro_batch_size")
-    @classmethod
-    def _at_least_one(cls, value):
-        if value < 1:
-            raise ValueError("must be at least 1")
-        return value
+    finetune_num_samples: int = Field(256, ge=1, description="plain text: training windows")
+    finetune_seq_len: int = Field(128, ge=1, description="plain text: tokens per window")
+    finetune_val_set_size: int = Field(32, ge=0, description="held-out examples or eval-part windows for the validation loss")
+    finetune_epochs: float = Field(1.0, gt=0, description="passes over the training data")
+    finetune_max_steps: int | None = Field(None, ge=1, description="stop after N optimizer steps (overrides --finetune_epochs)")
+    finetune_learning_rate: float = Field(1e-4, gt=0, description="peak learning rate")
+    finetune_batch_size: int = Field(16, ge=1, description="examples per optimizer step")
+    finetune_micro_batch_size: int = Field(4, ge=1, description="examples per forward pass")
+    finetune_distill_alpha: float = Field(0.0, ge=0, le=1, description="> 0: distil from the unpruned --base_model with this KL weight")

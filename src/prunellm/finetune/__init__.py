@@ -44,6 +44,17 @@ __all__ = [
 ]
 
 
+# engine option <- the `prunellm prune --finetune_*` flag that sets it
+_DATA_FLAGS = {
+    "data_path": "finetune_data_path", "dataset_name": "finetune_dataset", "num_samples": "finetune_num_samples",
+    "seq_len": "finetune_seq_len", "val_set_size": "finetune_val_set_size",
+}  # fmt: skip
+_TRAIN_FLAGS = {
+    "num_epochs": "finetune_epochs", "max_steps": "finetune_max_steps", "learning_rate": "finetune_learning_rate",
+    "batch_size": "finetune_batch_size", "micro_batch_size": "finetune_micro_batch_size",
+}  # fmt: skip
+
+
 def finetune_after_pruning(
     model: nn.Module,
     tokenizer: Any,
@@ -67,19 +78,9 @@ def finetune_after_pruning(
             f"--finetune_micro_batch_size {options.finetune_micro_batch_size} does not divide "
             f"--finetune_batch_size {options.finetune_batch_size}: use a divisor of it"
         )
-    data = FinetuneData(
-        data_path=options.finetune_data_path,
-        dataset_name=options.finetune_dataset,
-        num_samples=options.finetune_num_samples,
-        seq_len=options.finetune_seq_len,
-        val_set_size=options.finetune_val_set_size,
-    )
+    data = FinetuneData(**{field: getattr(options, flag) for field, flag in _DATA_FLAGS.items()})
     training = TrainOptions(
-        num_epochs=options.finetune_epochs,
-        max_steps=options.finetune_max_steps,
-        learning_rate=options.finetune_learning_rate,
-        batch_size=options.finetune_batch_size,
-        micro_batch_size=options.finetune_micro_batch_size,
+        **{field: getattr(options, flag) for field, flag in _TRAIN_FLAGS.items()},
         save_steps=0,  # the run folder is written atomically: an interrupted run leaves nothing to resume
         seed=seed,
     )

@@ -21,8 +21,9 @@ from typing import Any, Callable
 import torch
 
 from ..bigbench import bigbench_dir
-from ..data import TEXT_SOURCES, _read_records, describe_source, random_windows, sample_calibration, tokenize_text
+from ..data import TEXT_SOURCES, _read_records, describe_source, load_text, random_windows, sample_calibration, tokenize_text
 from ..errors import PrunellmError
+from ..evaluation import eval_tokens
 from ..options import FinetuneData
 from ..paths import cache_dir, write_text_atomic
 
@@ -210,8 +211,6 @@ def _windows_as_examples(windows: torch.Tensor) -> list[dict[str, list[int]]]:
 
 def text_data(tokenizer: Any, options: FinetuneData, seed: int) -> TrainingData:
     """Random windows of a source's train part; validation = the first windows of its eval part."""
-    from ..evaluation import eval_tokens
-
     name, n, length = options.dataset_name, options.num_samples, options.seq_len
     if name in TEXT_SOURCES:
         train = sample_calibration(tokenizer, name, n, length, seed, flag="--dataset_name")
@@ -219,8 +218,6 @@ def text_data(tokenizer: Any, options: FinetuneData, seed: int) -> TrainingData:
         source = {"train": describe_source(name, "train"), "validation": describe_source(name, "eval")}
     else:
         # one text only: hold out its tail for validation so no validation token is ever trained on
-        from ..data import load_text
-
         tokens = tokenize_text(tokenizer, load_text(name, "train", flag="--dataset_name"))
         held = min(options.val_set_size * length, tokens.numel() // 2)
         train_part, held_out = tokens[: tokens.numel() - held], tokens[tokens.numel() - held :]
