@@ -111,7 +111,7 @@ def render_finetune_throughput(section: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="prunellm benchmarks on SmolLM2-135M")
-    parser.add_argument("--only", default="scoring", help="comma-separated sections: scoring, ppl_throughput, finetune_throughput")
+    parser.add_argument("--only", default="scoring", help="comma-separated sections: scoring, ppl_throughput, finetune_throughput, reconstruction")
     parser.add_argument("--num_samples", type=int, default=32)
     parser.add_argument("--seq_len", type=int, default=128)
     parser.add_argument("--batch_size", type=int, default=4)
@@ -141,6 +141,14 @@ def main() -> None:
         results["finetune_throughput"] = measure_finetune()
     if "finetune_throughput" in results:
         markdown.append(render_finetune_throughput(results["finetune_throughput"]))
+    if "reconstruction" in sections:
+        from benchmarks.reconstruction_quality import run as measure_reconstruction
+
+        results["reconstruction"] = measure_reconstruction()
+    if "reconstruction" in results:
+        from benchmarks.reconstruction_quality import render as render_reconstruction
+
+        markdown.append(render_reconstruction(results["reconstruction"]))
     (ROOT / "benchmarks" / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (ROOT / "docs").mkdir(exist_ok=True)
     (ROOT / "docs" / "benchmarks.md").write_text("\n".join(markdown))
