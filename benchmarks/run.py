@@ -1,17 +1,26 @@
 """Run the benchmarks on the real model and write ``benchmarks/results.json`` and ``docs/benchmarks.md``.
 
-    .venv/bin/python -m benchmarks.run            # everything
-    .venv/bin/python -m benchmarks.run --only scoring
+    bash scripts/benchmarks.sh                          # set up (+ the Torch-Pruning peer), then everything
+    .venv/bin/python -m benchmarks.run --only scoring   # one or more sections
 
-Sections:
+Sections (each in its own module; every quality figure uses ``benchmarks.common``'s texts and protocols):
 * ``scoring``: scoring time ÷ one forward+backward over the same calibration data, and peak memory ÷ weight
-  bytes, for every criterion (each measured in a fresh process; see ``benchmarks/scoring_cost.py``).
-* ``ppl_throughput``: perplexity evaluation tokens/s ÷ raw batched forward tokens/s on the same windows
-  (see ``benchmarks/ppl_throughput.py``).
-* ``finetune_throughput``: LoRA training tokens/s of prunellm's fine-tuning engine ÷ a plain HF Trainer + peft
-  script on the same model and windows (see ``benchmarks/finetune_throughput.py``).
+  bytes, for every criterion (each measured in a fresh process; ``benchmarks/scoring_cost.py``).
+* ``ppl_throughput``: perplexity evaluation tokens/s ÷ raw batched forward tokens/s (``ppl_throughput.py``).
+* ``finetune_throughput``: LoRA training tokens/s of the engine ÷ a plain Trainer + peft script
+  (``finetune_throughput.py``).
+* ``quality``: criteria × ratio grid, priors, reconstruction, layer-wise allocation, calibration size
+  (``quality.py``).
+* ``depth_width``: depth vs width pruning at the same parameter count: PPL and prefill/decode speed, width with
+  ``--round_to`` 1/8/64 (``depth_width.py``).
+* ``reconstruction``: none / bias / lstsq at 20 % of MLP channels and 20 % of all parameters
+  (``reconstruction_quality.py``).
+* ``recovery``: LoRA vs full fine-tuning vs distillation for the same token budget (``recovery.py``).
+* ``peer``: Torch-Pruning's Taylor and magnitude pruning at the same parameter count, when installed
+  (``peer_torch_pruning.py``; a crash is recorded as its error).
 
-Sections not run keep their last figures from ``benchmarks/results.json``.
+The same seed gives the same numbers for everything except timings. Sections not run keep their last figures
+from ``benchmarks/results.json``; ``docs/benchmarks.md`` is rewritten from all of them, headline first.
 """
 
 from __future__ import annotations
@@ -20,9 +29,12 @@ import argparse
 import datetime as dt
 import json
 import logging
+import os
 import platform
+import time
 from pathlib import Path
 
+from benchmarks.headline import render_headline
 from benchmarks.scoring_cost import run_isolated
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,50 +121,125 @@ def render_finetune_throughput(section: dict) -> str:
     ])
 
 
+def render_peer(section: dict) -> str:
+    """Markdown table of the peer section (a crash is a row with its error)."""
+    from prunellm.report import markdown_table
+
+    rows = []
+    for r in section["runs"]:
+        if r.get("error"):
+            rows.append([r.get("criterion", "?"), "—", "—", "—", "—", "—", f"error: {r['error']}"])
+            continue
+        ppl = " / ".join(f"{k} {v}" for k, v in r["ppl"].items())
+        rows.append([r["criterion"], f"{r['params']:,}", str(r["achieved_ratio"]), str(r.get("pruning_ratio", "")),
+                     str(r["seconds"]), str(r["memory_ratio"]), ppl])  # fmt: skip
+    return "\n".join([
+        "## Peer: Torch-Pruning on the same model and budget",
+        "",
+        f"Torch-Pruning {section.get('version') or '(not installed)'}, its LLM example's uniform pruning (heads, MLP and "
+        f"hidden channels, `global_pruning=False`) with its Taylor and magnitude importance, at the parameter count "
+        f"nearest {section['target_params']:,} (20 % of all parameters removed); the same "
+        "evaluation texts as prunellm's rows, calibration 32 windows of 128 tokens of the Shakespeare train plays. "
+        "Seconds and memory ratio cover its scoring and pruning, measured like the scoring section (fresh process, "
+        "RSS). Its adaptations to transformers 5 are listed in `benchmarks/peer_torch_pruning.py`.",
+        "",
+        markdown_table(["criterion", "params", "achieved ratio", "its pruning_ratio", "seconds", "memory ratio", "PPL"], rows),
+    ])
+
+
+def peer_section(total_params: int, ratio: float = 0.2) -> dict:
+    """Torch-Pruning's Taylor and magnitude pruning at our 20 % parameter count, each in a fresh process."""
+    from benchmarks.peer_torch_pruning import run_isolated as run_peer
+
+    target = round((1 - ratio) * total_params)
+    runs = [run_peer(criterion, target) for criterion in ("taylor", "magnitude")]
+    version = next((r.get("version") for r in runs if r.get("version")), None)
+    return {"target_params": target, "version": version, "runs": runs}
+
+
+def _section_modules() -> dict:
+    """Section name -> (measure, render) for the sections that live in their own module."""
+    from benchmarks import depth_width, quality, reconstruction_quality, recovery
+
+    return {
+        "quality": (quality.run, quality.render),
+        "depth_width": (depth_width.run, depth_width.render),
+        "reconstruction": (reconstruction_quality.run, reconstruction_quality.render),
+        "recovery": (recovery.run, recovery.render),
+    }
+
+
+SECTIONS = ("scoring", "ppl_throughput", "finetune_throughput", "quality", "depth_width", "reconstruction", "recovery", "peer")
+SMOLLM2_PARAMS = 134_515_008
+
+
+def measure_section(name: str, args: argparse.Namespace) -> dict:
+    """Run one section and return its JSON-able result."""
+    if name == "scoring":
+        return scoring_section(args.num_samples, args.seq_len, args.batch_size)
+    if name == "ppl_throughput":
+        from benchmarks.ppl_throughput import measure
+
+        return measure(args.num_samples, args.seq_len, args.batch_size)
+    if name == "finetune_throughput":
+        from benchmarks.finetune_throughput import measure as measure_finetune
+
+        return measure_finetune()
+    if name == "peer":
+        return peer_section(SMOLLM2_PARAMS)
+    return _section_modules()[name][0]()
+
+
+def render_section(name: str, section: dict) -> str:
+    """Markdown of one section."""
+    renderers = {"scoring": render_scoring, "ppl_throughput": render_ppl_throughput,
+                 "finetune_throughput": render_finetune_throughput, "peer": render_peer}  # fmt: skip
+    if name in renderers:
+        return renderers[name](section)
+    return _section_modules()[name][1](section)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="prunellm benchmarks on SmolLM2-135M")
-    parser.add_argument("--only", default="scoring", help="comma-separated sections: scoring, ppl_throughput, finetune_throughput, reconstruction")
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections (default: all): {', '.join(SECTIONS)}")
     parser.add_argument("--num_samples", type=int, default=32)
     parser.add_argument("--seq_len", type=int, default=128)
     parser.add_argument("--batch_size", type=int, default=4)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        parser.error(f"--only: unknown section(s) {', '.join(unknown)}; valid: {', '.join(SECTIONS)}")
     saved = ROOT / "benchmarks" / "results.json"
     results = json.loads(saved.read_text()) if saved.is_file() else {}  # sections not run keep their figures
     results |= {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"python": platform.python_version(), "processor": platform.processor(), "cpus": __import__("os").cpu_count()},
+        "machine": {"python": platform.python_version(), "processor": platform.processor(), "cpus": os.cpu_count()},
     }
-    markdown = ["# prunellm benchmarks", "", "Produced by `python -m benchmarks.run`; every figure states its protocol.", ""]
-    if "scoring" in sections:
-        results["scoring"] = scoring_section(args.num_samples, args.seq_len, args.batch_size)
-    if "scoring" in results:
-        markdown.append(render_scoring(results["scoring"]))
-    if "ppl_throughput" in sections:
-        from benchmarks.ppl_throughput import measure
-
-        results["ppl_throughput"] = measure(args.num_samples, args.seq_len, args.batch_size)
-    if "ppl_throughput" in results:
-        markdown.append(render_ppl_throughput(results["ppl_throughput"]))
-    if "finetune_throughput" in sections:
-        from benchmarks.finetune_throughput import measure as measure_finetune
-
-        results["finetune_throughput"] = measure_finetune()
-    if "finetune_throughput" in results:
-        markdown.append(render_finetune_throughput(results["finetune_throughput"]))
-    if "reconstruction" in sections:
-        from benchmarks.reconstruction_quality import run as measure_reconstruction
-
-        results["reconstruction"] = measure_reconstruction()
-    if "reconstruction" in results:
-        from benchmarks.reconstruction_quality import render as render_reconstruction
-
-        markdown.append(render_reconstruction(results["reconstruction"]))
-    (ROOT / "benchmarks" / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    for name in sections:
+        log.info("section %s", name)
+        started = time.perf_counter()
+        results[name] = measure_section(name, args)
+        results.setdefault("section_seconds", {})[name] = round(time.perf_counter() - started, 1)
+        write_atomic(saved, json.dumps(results, indent=2) + "\n")  # a crash later keeps what was measured
+    markdown = ["# prunellm benchmarks", "",
+                "Produced by `bash scripts/benchmarks.sh` (= `python -m benchmarks.run`); every figure states its protocol. "
+                "Calibration text (Shakespeare train plays) and evaluation text (WikiText-2 test, held-out Shakespeare "
+                "plays) never overlap; the dense model is measured in the same run as the pruned ones.", ""]  # fmt: skip
+    markdown.append(render_headline(results))
+    markdown += [render_section(name, results[name]) for name in SECTIONS if name in results]
+    write_atomic(saved, json.dumps(results, indent=2) + "\n")
     (ROOT / "docs").mkdir(exist_ok=True)
-    (ROOT / "docs" / "benchmarks.md").write_text("\n".join(markdown))
+    write_atomic(ROOT / "docs" / "benchmarks.md", "\n".join(markdown))
     log.info("wrote benchmarks/results.json and docs/benchmarks.md")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file and rename, so a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

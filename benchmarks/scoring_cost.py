@@ -8,39 +8,18 @@ Each measurement runs in a fresh process so peak RSS is not contaminated by earl
   — i.e. the memory the model and its scoring occupy relative to the weights (goal ≤ 2.0); the
   process's total peak RSS (Python + torch runtime included) is reported beside it.
 
-Run through ``python -m benchmarks.run`` or directly: ``python benchmarks/scoring_cost.py --criterion taylor``.
+Run through ``python -m benchmarks.run`` or directly: ``python -m benchmarks.scoring_cost --criterion taylor``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
 
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _reset_peak_rss() -> None:
-    """Reset the kernel's high-water mark (VmHWM) so the peak covers only what follows (Linux)."""
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")
-
-
-def _peak_rss_mb() -> float:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from benchmarks.common import ROOT, peak_rss_mb, reset_peak_rss, rss_mb
 
 
 def measure(criterion: str, num_samples: int, seq_len: int, batch_size: int) -> dict:
@@ -63,8 +42,8 @@ def measure(criterion: str, num_samples: int, seq_len: int, batch_size: int) -> 
     import gc
 
     gc.collect()
-    rss_loaded = _rss_mb()
-    _reset_peak_rss()
+    rss_loaded = rss_mb()
+    reset_peak_rss()
     if criterion == "forward_backward":
         started = time.perf_counter()
         for batch in calibration.split(batch_size):
@@ -77,7 +56,7 @@ def measure(criterion: str, num_samples: int, seq_len: int, batch_size: int) -> 
         elif "activations" in spec.needs:
             collect_activation_stats(model, calibration, units, batch_size=batch_size)
         elapsed = time.perf_counter() - started
-    peak = _peak_rss_mb()
+    peak = peak_rss_mb()
     weight_mb = weight_bytes / 2**20
     return {
         "criterion": criterion,
@@ -95,9 +74,9 @@ def measure(criterion: str, num_samples: int, seq_len: int, batch_size: int) -> 
 def run_isolated(criterion: str, num_samples: int, seq_len: int, batch_size: int) -> dict:
     """Run :func:`measure` in a fresh Python process and return its result."""
     done = subprocess.run(
-        [sys.executable, __file__, "--criterion", criterion, "--num_samples", str(num_samples),
+        [sys.executable, "-m", "benchmarks.scoring_cost", "--criterion", criterion, "--num_samples", str(num_samples),
          "--seq_len", str(seq_len), "--batch_size", str(batch_size), "--json"],
-        capture_output=True, text=True, check=True,
+        capture_output=True, text=True, check=True, cwd=ROOT,
     )  # fmt: skip
     return json.loads(done.stdout.strip().splitlines()[-1])
 

@@ -1,0 +1,142 @@
+"""Depth vs width pruning at the same parameter count on SmolLM2-135M: perplexity and CPU generation speed.
+
+* depth: ``prunellm layers --pruning_ratio 0.2`` (the whole number of layers nearest 20 % of all parameters),
+  by ``block_influence`` and by ``ppl``, with the ``prunellm layers`` defaults (32×128 calibration windows);
+* width: ``prunellm prune`` with the default criterion (Taylor), normalisation and reconstruction, removing
+  exactly the parameter count the depth runs removed, with ``--round_to`` 1, 8 and 64 (MLP widths multiples of N).
+
+Speed is :func:`prunellm.evaluation.speed.measure` (greedy ``generate``, 128-token prompt, 32 new tokens, one
+warm-up, median of ``repeats``) at batch sizes 1 and 4 for the dense model and each pruned one, in this one
+process and thread count, so the ratios pruned ÷ dense compare like with like (goal ≥ 1.15× at 20 %).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+
+from benchmarks.common import CALIBRATION, MODEL, eval_token_sets, evaluate_ppl, protocol_text
+
+log = logging.getLogger("benchmarks.depth_width")
+
+SPEED_GOAL = 1.15
+ROUND_TO = (1, 8, 64)
+DEPTH_METHODS = ("block_influence", "ppl")
+
+
+def run(ratio: float = 0.2, repeats: int = 3) -> dict:
+    """Measure dense, depth-pruned and width-pruned models; returns a JSON-able dict."""
+    import torch
+
+    from prunellm.calibration import collect_gradient_stats
+    from prunellm.criteria import CriterionOptions, get_criterion
+    from prunellm.data import sample_calibration
+    from prunellm.evaluation.speed import SpeedSettings, measure
+    from prunellm.layers import choose_layers_to_remove, layers_for_ratio
+    from prunellm.models import load_model, load_tokenizer
+    from prunellm.options import LayersRecipe, PruneRecipe, RunOptions
+    from prunellm.pruner import reconstruction_settings
+    from prunellm.reconstruction import prune_with_reconstruction
+    from prunellm.selection import SelectionConstraints, normalized_values, select_global
+    from prunellm.surgery import remove_layers
+    from prunellm.units import all_units, count_parameters
+
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    run_options, layers_recipe = RunOptions(), LayersRecipe(base_model=MODEL, dataset=CALIBRATION)
+    width_recipe = PruneRecipe(base_model=MODEL, dataset=CALIBRATION)
+    tokenizer = load_tokenizer(MODEL)
+    base = load_model(MODEL)
+    token_sets = eval_token_sets(tokenizer)
+    total = count_parameters(base)
+    settings = SpeedSettings(batch_sizes=(1, 4), repeats=repeats)
+    rows: list[dict] = []
+
+    def record(kind: str, label: str, model, extra: dict | None = None) -> None:
+        speed = measure(model, settings, memory=False)["speed"]
+        rows.append({
+            "kind": kind, "label": label, "params": count_parameters(model),
+            "achieved_ratio": round(1 - count_parameters(model) / total, 4),
+            "layers": model.config.num_hidden_layers, "ppl": evaluate_ppl(model, token_sets),
+            "speed": {str(r["batch_size"]): {"prefill": round(r["prefill_tokens_per_s"], 1), "decode": round(r["decode_tokens_per_s"], 1)} for r in speed},
+            **(extra or {}),
+        })  # fmt: skip
+        log.info("%s %s: %s", kind, label, rows[-1])
+
+    record("dense", "dense", base)
+    n_remove = layers_for_ratio(base, ratio, total)
+    depth_ids = sample_calibration(tokenizer, CALIBRATION, layers_recipe.num_samples, layers_recipe.seq_len, run_options.seed)
+    for method in DEPTH_METHODS:
+        removed, _ = choose_layers_to_remove(base, depth_ids, method, n_remove, batch_size=layers_recipe.batch_size)
+        model = copy.deepcopy(base)
+        remove_layers(model, removed)
+        record("depth", method, model, {"removed_layers": removed})
+        del model
+    depth_params = rows[-1]["params"]
+
+    units = list(all_units(base))
+    ids = sample_calibration(tokenizer, CALIBRATION, width_recipe.taylor_num_samples, width_recipe.taylor_seq_len, run_options.seed)
+    stats = collect_gradient_stats(base, ids, units, terms={"first"}, batch_size=width_recipe.gradient_batch_size)
+    scores = get_criterion(width_recipe.importance_method).score(base, units, stats, CriterionOptions(seed=run_options.seed))
+    values = normalized_values(units, scores, width_recipe.normalization)
+    reconstruction = reconstruction_settings(width_recipe, run_options.seed)
+    recon_ids = None
+    if reconstruction["mode"] != "none":
+        recon_ids = sample_calibration(tokenizer, CALIBRATION, reconstruction["num_samples"], reconstruction["seq_len"], reconstruction["seed"])
+    for round_to in ROUND_TO:
+        constraints = SelectionConstraints(min_kv_groups=width_recipe.min_kv_groups, round_to=round_to)
+        selection = select_global(units, values, scores, total - depth_params, constraints, total)
+        model = copy.deepcopy(base)
+        prune_with_reconstruction(model, selection.kept, recon_ids, reconstruction["mode"], width_recipe.reconstruct_damp)
+        record("width", f"taylor, round_to {round_to}", model, {"round_to": round_to, "reconstruct": reconstruction["mode"]})
+        del model
+    dense_speed = rows[0]["speed"]
+    for row in rows:
+        row["speedup"] = {
+            bs: {k: round(v / dense_speed[bs][k], 3) for k, v in figures.items()} for bs, figures in row["speed"].items()
+        }
+    return {
+        "protocol": protocol_text(),
+        "speed_protocol": f"greedy generate, prompt {settings.prompt_tokens} tokens, {settings.new_tokens} new tokens, "
+        f"{settings.warmup} warm-up, median of {settings.repeats}, {torch.get_num_threads()} torch threads, fp32 CPU",
+        "target_ratio": ratio,
+        "n_remove_layers": n_remove,
+        "rows": rows,
+        "goal": SPEED_GOAL,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def render(section: dict) -> str:
+    """Markdown table: PPL and speed (and speed-up over dense) of every model."""
+    from prunellm.report import markdown_table
+
+    keys = list(section["rows"][0]["ppl"])
+    headers = ["model", "layers", "params", "removed"] + [f"PPL {k}" for k in keys[:2]]
+    headers += ["prefill tok/s bs1 (×)", "decode tok/s bs1 (×)", "prefill tok/s bs4 (×)", "decode tok/s bs4 (×)"]
+    body = []
+    for r in section["rows"]:
+        cells = [f"{r['kind']}: {r['label']}", str(r["layers"]), f"{r['params']:,}", str(r["achieved_ratio"])]
+        cells += [str(r["ppl"][k]) for k in keys[:2]]
+        for bs in ("1", "4"):
+            for what in ("prefill", "decode"):
+                cells.append(f"{r['speed'][bs][what]} ({r['speedup'][bs][what]}×)")
+        body.append(cells)
+    goal = section["goal"]
+    pruned = [r for r in section["rows"] if r["kind"] != "dense"]
+    verdicts = []
+    for r in pruned:
+        decode = min(r["speedup"][bs]["decode"] for bs in ("1", "4"))
+        verdicts.append(f"{r['kind']} {r['label']}: decode ≥ {decode}× ({'met' if decode >= goal else 'missed'})")
+    return "\n".join([
+        f"## Depth vs width at the same parameter count (SmolLM2-135M, {round(section['target_ratio'] * 100)} %)",
+        "",
+        f"Depth: {section['n_remove_layers']} whole layers (the count nearest the target); width: Taylor global "
+        f"pruning to the same parameter count. {section['protocol']}. Speed: {section['speed_protocol']}; (×) = "
+        f"÷ dense in the same run. Section time {section['seconds']} s.",
+        "",
+        markdown_table(headers, body),
+        f"Speed goal ≥ {goal}× dense: " + "; ".join(verdicts) + ".",
+        "",
+    ])

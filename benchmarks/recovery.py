@@ -1,0 +1,96 @@
+"""Recovery after pruning on SmolLM2-135M: LoRA, full fine-tuning and distillation for the same token budget.
+
+The model is pruned by 20 % of all parameters with ``prunellm prune``'s defaults (Taylor, block normalisation,
+default reconstruction), then each method trains a fresh copy with :class:`prunellm.finetune.FineTuner` on the
+same windows of the Shakespeare train plays (``steps`` × ``batch_size`` × ``seq_len`` tokens, the same seed and
+order), fp32 on the CPU. Short-budget settings, fixed before measuring: LoRA r 8 / alpha 16 at lr 1e-3; full
+fine-tuning at lr 1e-4; distillation = full fine-tuning on (1 − α)·NLL + α·T²·KL from the unpruned model
+(α 0.5, T 2). Perplexity as every quality benchmark (:func:`benchmarks.common.evaluate_ppl`).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import CALIBRATION, MODEL, eval_token_sets, evaluate_ppl, protocol_text
+
+log = logging.getLogger("benchmarks.recovery")
+
+METHODS = (
+    ("lora", True, 1e-3, None),
+    ("full", False, 1e-4, None),
+    ("full + KD", False, 1e-4, 0.5),
+)
+
+
+def run(steps: int = 24, batch_size: int = 4, seq_len: int = 128, ratio: float = 0.2) -> dict:
+    """Prune once, recover with every method for the same token budget; returns a JSON-able dict."""
+    import torch
+
+    from prunellm.finetune import FineTuner
+    from prunellm.models import load_model, load_tokenizer
+    from prunellm.options import DistillOptions, FinetuneData, PruneRecipe, RunOptions, TrainOptions
+    from prunellm.pruner import apply_plan_with_reconstruction, reconstruction_settings, score_and_plan
+    from prunellm.units import count_parameters
+
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    tokenizer = load_tokenizer(MODEL)
+    base = load_model(MODEL)
+    token_sets = eval_token_sets(tokenizer)
+    recipe = PruneRecipe(base_model=MODEL, dataset=CALIBRATION, pruning_ratio=ratio)
+    dense = evaluate_ppl(base, token_sets)
+    with tempfile.TemporaryDirectory(prefix="prunellm-bench-") as tmp:
+        plan, _ = score_and_plan(base, tokenizer, recipe, RunOptions(), Path(tmp))
+        plan.reconstruction = reconstruction_settings(recipe, RunOptions().seed)
+        pruned = copy.deepcopy(base)
+        apply_plan_with_reconstruction(pruned, tokenizer, plan)
+    rows = [{"method": "pruned (no recovery)", "params": count_parameters(pruned), "ppl": evaluate_ppl(pruned, token_sets)}]
+    data = FinetuneData(dataset_name=CALIBRATION, num_samples=steps * batch_size, seq_len=seq_len, val_set_size=8)
+    for name, use_lora, lr, alpha in METHODS:
+        training = TrainOptions(batch_size=batch_size, micro_batch_size=batch_size, max_steps=steps, learning_rate=lr,
+                                warmup_steps=0.1, save_steps=0, precision="fp32", seed=42)  # fmt: skip
+        distill = DistillOptions(distill_alpha=alpha) if alpha is not None else None
+        tuner = FineTuner(copy.deepcopy(pruned), tokenizer, use_lora=use_lora, training=training, distill=distill,
+                          teacher=base if alpha is not None else None)  # fmt: skip
+        with tempfile.TemporaryDirectory(prefix="prunellm-bench-") as tmp:
+            metrics = tuner.finetune(data=data, output_dir=Path(tmp) / "ft")
+        rows.append({
+            "method": name, "learning_rate": lr, "distill_alpha": alpha, "params": count_parameters(tuner.model),
+            "train_tokens": metrics["train_tokens"], "train_seconds": metrics["train_seconds"],
+            "tokens_per_second": metrics["tokens_per_second"], "trainable_params": metrics["trainable_params"],
+            "ppl": evaluate_ppl(tuner.model, token_sets),
+        })  # fmt: skip
+        log.info("recovery %s: %s", name, rows[-1])
+        del tuner
+    return {
+        "protocol": protocol_text(),
+        "budget": f"{steps} steps × {batch_size} × {seq_len} tokens = {steps * batch_size * seq_len} tokens of the Shakespeare train plays",
+        "pruning": f"taylor, {round(ratio * 100)} % of all parameters, reconstruct {recipe.reconstruct}",
+        "dense": dense,
+        "rows": rows,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def render(section: dict) -> str:
+    """Markdown table of the section."""
+    from prunellm.report import markdown_table
+
+    keys = list(section["dense"])
+    headers = ["model", "trainable params", "train tok/s"] + [f"PPL {k}" for k in keys]
+    body = [["dense", "—", "—"] + [str(section["dense"][k]) for k in keys]]
+    for r in section["rows"]:
+        body.append([r["method"], f"{r.get('trainable_params', 0):,}" if r.get("trainable_params") else "—",
+                     str(r.get("tokens_per_second") or "—")] + [str(r["ppl"][k]) for k in keys])  # fmt: skip
+    return "\n".join([
+        "## Recovery: LoRA vs full fine-tuning vs distillation (SmolLM2-135M)",
+        "",
+        f"Pruned: {section['pruning']}. Budget: {section['budget']}. {section['protocol']}. Section time {section['seconds']} s.",
+        "",
+        markdown_table(headers, body),
+    ])

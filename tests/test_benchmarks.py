@@ -1,0 +1,53 @@
+"""The benchmark report states every goal as met or missed (with why) and keeps a peer's crash as its error."""
+
+from __future__ import annotations
+
+from benchmarks.headline import WHY_MISSED, goal_rows, render_headline
+
+
+def _results(memory_ratio: float, decode_speedup: float) -> dict:
+    ppl = {"wikitext2_test 128": 90.0, "shakespeare_eval 128": 70.0}
+    return {
+        "scoring": {
+            "goals": {"time_ratio": 1.3, "memory_ratio": 2.0},
+            "reference": {"memory_ratio": 4.1},
+            "criteria": [{"criterion": "taylor", "time_ratio": 0.93, "memory_ratio": memory_ratio}],
+        },
+        "depth_width": {
+            "goal": 1.15,
+            "rows": [
+                {"kind": "dense", "label": "dense", "achieved_ratio": 0.0, "ppl": ppl, "speedup": {"1": {"decode": 1.0, "prefill": 1.0}}},
+                {"kind": "depth", "label": "block_influence", "achieved_ratio": 0.21, "ppl": ppl,
+                 "speedup": {"1": {"decode": decode_speedup, "prefill": 1.3}, "4": {"decode": decode_speedup + 0.1, "prefill": 1.2}}},
+            ],
+        },
+        "quality": {
+            "dense": {"wikitext2_test 128": 60.0, "shakespeare_eval 128": 50.0},
+            "rows": [{"group": "grid", "label": "taylor", "target_ratio": 0.2, "achieved_ratio": 0.2, "reconstruct": "none", "ppl": ppl},
+                     {"group": "grid", "label": "taylor", "target_ratio": 0.1, "achieved_ratio": 0.1, "reconstruct": "none", "ppl": ppl}],
+        },
+        "peer": {"target_params": 100, "version": "1.6.1",
+                 "runs": [{"peer": "torch-pruning", "criterion": "taylor", "error": "RuntimeError: shapes do not match"}]},
+    }  # fmt: skip
+
+
+def test_goals_show_met_or_missed_with_the_reason():
+    rows = {goal: verdict for goal, _, verdict in goal_rows(_results(memory_ratio=3.3, decode_speedup=1.2))}
+    assert rows["Taylor scoring time ÷ one forward+backward (≤ 1.3)"] == "met"
+    memory = rows["Peak RSS during scoring ÷ weight bytes (≤ 2.0)"]
+    assert memory.startswith("missed: ") and "4.1×" in memory  # the reference pass's own ratio is quoted
+    speed = next(v for g, v in rows.items() if g.startswith("Speed ÷ dense"))
+    assert speed == "met"  # the lower of batch 1 and 4 (1.2) is compared with the goal
+
+    rows = {goal: verdict for goal, _, verdict in goal_rows(_results(memory_ratio=1.5, decode_speedup=1.1))}
+    assert rows["Peak RSS during scoring ÷ weight bytes (≤ 2.0)"] == "met"
+    speed = next(v for g, v in rows.items() if g.startswith("Speed ÷ dense"))
+    assert speed == f"missed: {WHY_MISSED['speed']}"
+
+
+def test_headline_keeps_only_20_percent_rows_and_the_peer_error():
+    text = render_headline(_results(memory_ratio=3.3, decode_speedup=1.2))
+    quality = text.split("### Quality at 20 %")[1]
+    assert quality.count("| taylor |") == 1  # the 10 % row is left out
+    assert "error: RuntimeError: shapes do not match" in quality
+    assert "| depth: block_influence |" in quality and "| dense |" in quality
