@@ -13,10 +13,25 @@ from prunellm.checkpoint import save_model
 from prunellm.cli import main, translate_seed_layer_flags
 from prunellm.errors import PrunellmError
 from prunellm.layers import allocate_rates, choose_layers_to_remove, hidden_change_scores, select_layerwise
-from prunellm.priors import ablated
+from prunellm.priors import _ablated_losses, _ablated_losses_full, ablated, ablation_deltas
 from prunellm.selection import normalized_values
 from prunellm.surgery import remove_layers
 from prunellm.units import all_units, count_parameters, decoder_layers
+
+
+@pytest.mark.parametrize("target", ["layer", "attention", "mlp"])
+def test_prefix_reusing_ablation_equals_full_forward_ablation(family, target):
+    # the fast path reruns only layers L.. from the hidden state entering L; it must give the same Δloss as
+    # ablating inside a full forward pass of the model (which uses the model's own head and loss)
+    model = make_tiny_model(family, num_hidden_layers=4)
+    ids = calibration_ids(n=5, length=16)
+    fast_base, fast = _ablated_losses(model, ids, target, 2, [0, 1, 2, 3])
+    full_base, full = _ablated_losses_full(model, ids, target, 2, [0, 1, 2, 3])
+    assert abs(fast_base - full_base) < 1e-5 and len(set(full)) == 4 and full_base not in full
+    torch.testing.assert_close(torch.tensor(fast), torch.tensor(full), rtol=1e-5, atol=1e-5)
+    deltas = ablation_deltas(model, ids, target, batch_size=2, layers=[3, 1])
+    expected = [max(full[3] - full_base, 0.0), max(full[1] - full_base, 0.0)]
+    torch.testing.assert_close(torch.tensor(deltas), torch.tensor(expected), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("k", [0, 2])

@@ -70,14 +70,96 @@ def mean_loss(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 4) ->
 def ablation_deltas(
     model: nn.Module, input_ids: torch.Tensor, target: Target, batch_size: int = 4, layers: list[int] | None = None
 ) -> list[float]:
-    """Δloss (clamped at 0) of ablating ``target`` in each layer."""
-    base = mean_loss(model, input_ids, batch_size)
-    indices = range(len(decoder_layers(model))) if layers is None else layers
-    deltas = []
+    """Δloss (clamped at 0) of ablating ``target`` in each layer.
+
+    Per batch, the dense hidden states are walked through the layers once; the ablation of layer L reruns only
+    layers L.. from the hidden state entering L (about half the work of a full forward per ablation, memory of
+    one batch's hidden states). Models whose head is more than ``lm_head(final_norm(h))`` (logit soft-capping)
+    use full forward passes instead.
+    """
+    indices = list(range(len(decoder_layers(model)))) if layers is None else list(layers)
+    if getattr(model.config, "final_logit_softcapping", None):
+        base, losses = _ablated_losses_full(model, input_ids, target, batch_size, indices)
+    else:
+        base, losses = _ablated_losses(model, input_ids, target, batch_size, indices)
+    return [max(loss - base, 0.0) for loss in losses]
+
+
+def _ablated_losses(model: nn.Module, input_ids: torch.Tensor, target: Target, batch_size: int, indices: list[int]) -> tuple[float, list[float]]:
+    """(dense loss, loss with each ablation), rerunning only the layers from the ablated one on."""
+    spec = spec_for(model.config)
+    blocks = decoder_layers(model, spec)
+    norm, head = get_module(model, spec.final_norm), model.get_output_embeddings()
+    wanted = set(indices)
+    totals = dict.fromkeys(indices, 0.0)
+    base_total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in tqdm(list(batches_of(input_ids, batch_size)), desc=f"{target} ablation", leave=False):
+            batch = batch.to(input_device(model))
+            hidden, kwargs = _layer_inputs(model, blocks, batch)
+            n = batch.shape[0] * (batch.shape[1] - 1)
+            for layer, block in enumerate(blocks):
+                if layer in wanted:
+                    if target == "layer":
+                        ablated_out = hidden
+                    else:
+                        with ablated(model, layer, target):
+                            ablated_out = _run_block(block, hidden, kwargs[layer])
+                    for later in range(layer + 1, len(blocks)):
+                        ablated_out = _run_block(blocks[later], ablated_out, kwargs[later])
+                    totals[layer] += _next_token_loss(head(norm(ablated_out)), batch) * n
+                hidden = _run_block(block, hidden, kwargs[layer])
+            base_total += _next_token_loss(head(norm(hidden)), batch) * n
+            count += n
+    return base_total / count, [totals[i] / count for i in indices]
+
+
+def _ablated_losses_full(model: nn.Module, input_ids: torch.Tensor, target: Target, batch_size: int, indices: list[int]) -> tuple[float, list[float]]:
+    """(dense loss, loss with each ablation) by full forward passes of the model (any head)."""
+    losses = []
     for layer in tqdm(indices, desc=f"{target} ablation", leave=False):
         with ablated(model, layer, target):
-            deltas.append(max(mean_loss(model, input_ids, batch_size) - base, 0.0))
-    return deltas
+            losses.append(mean_loss(model, input_ids, batch_size))
+    return mean_loss(model, input_ids, batch_size), losses
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _layer_inputs(model: nn.Module, blocks: nn.ModuleList, batch: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
+    """The hidden states entering the first layer and the keyword arguments each layer receives (one batch)."""
+    kwargs: list[dict] = [{} for _ in blocks]
+    first: list[torch.Tensor] = []
+
+    def capture(index: int):
+        def hook(module, args, kw):
+            kwargs[index] = {k: v for k, v in kw.items() if k != "hidden_states"}
+            if index == 0:
+                first.append(args[0] if args else kw["hidden_states"])
+            if index == len(blocks) - 1:
+                raise _StopForward
+        return hook
+
+    handles = [block.register_forward_pre_hook(capture(i), with_kwargs=True) for i, block in enumerate(blocks)]
+    try:
+        model(input_ids=batch, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return first[0], kwargs
+
+
+def _run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _next_token_loss(logits: torch.Tensor, batch: torch.Tensor) -> float:
+    """Mean cross-entropy of predicting token t+1 from position t (float32 logits)."""
+    return float(torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch[:, 1:].flatten()))
 
 
 def resolve_tau(tau: str | float, layer_deltas: list[float]) -> float:
