@@ -7,7 +7,11 @@ and the held-out Shakespeare plays. The two never overlap.
 
 from __future__ import annotations
 
+import functools
+import logging
 import resource
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,8 +20,14 @@ ROOT = Path(__file__).resolve().parents[1]
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2" / "test.txt"
 MODEL = "smollm2-135m"
 CALIBRATION = "shakespeare"
-# (protocol, windows): PPL@128 over 32 non-overlapping windows; PPL 2048/512 over the first 4 windows
-PROTOCOLS: tuple[tuple[str, int], ...] = (("128", 32), ("2048/512", 4))
+log = logging.getLogger("benchmarks")
+# (text, protocol, windows): PPL@128 over 32 non-overlapping windows of both texts; PPL 2048/512 (2048-token
+# windows, stride 512, the literature's WikiText-2 protocol) over the first 2 windows of WikiText-2 test
+EVALUATIONS: tuple[tuple[str, str, int], ...] = (
+    ("wikitext2_test", "128", 32),
+    ("shakespeare_eval", "128", 32),
+    ("wikitext2_test", "2048/512", 2),
+)
 
 
 def eval_token_sets(tokenizer, max_chars: int = 400_000) -> dict[str, torch.Tensor]:
@@ -31,22 +41,75 @@ def eval_token_sets(tokenizer, max_chars: int = 400_000) -> dict[str, torch.Tens
     return {name: tokenize_text(tokenizer, text) for name, text in texts.items()}
 
 
-def protocol_text(protocols: tuple[tuple[str, int], ...] | None = None) -> str:
+def protocol_text() -> str:
     """One line that states the PPL protocols."""
-    parts = [f"PPL {name} over the first {n} windows" for name, n in (protocols or PROTOCOLS)]
-    return "; ".join(parts) + " of WikiText-2 test and of the held-out Shakespeare plays"
+    names = {"wikitext2_test": "WikiText-2 test", "shakespeare_eval": "the held-out Shakespeare plays"}
+    return "; ".join(f"PPL {protocol} over the first {n} windows of {names[text]}" for text, protocol, n in EVALUATIONS)
 
 
-def evaluate_ppl(model, token_sets: dict[str, torch.Tensor], protocols: tuple[tuple[str, int], ...] | None = None) -> dict[str, float]:
-    """``{"<dataset> <protocol>": ppl}`` for every evaluation text and protocol."""
+def evaluate_ppl(model, token_sets: dict[str, torch.Tensor]) -> dict[str, float]:
+    """``{"<text> <protocol>": ppl}`` for every evaluation of :data:`EVALUATIONS` whose text is present."""
     from prunellm.evaluation.perplexity import Protocol, perplexity
 
     out = {}
-    for dataset, ids in token_sets.items():
-        for name, n_windows in protocols or PROTOCOLS:
-            result = perplexity(model, ids, Protocol.parse(name), dataset=dataset, max_windows=n_windows, progress=False)
-            out[f"{dataset} {name}"] = round(result.ppl, 3)
+    for text, protocol, n_windows in EVALUATIONS:
+        if text in token_sets:
+            result = perplexity(model, token_sets[text], Protocol.parse(protocol), dataset=text, max_windows=n_windows, progress=False)
+            out[f"{text} {protocol}"] = round(result.ppl, 3)
     return out
+
+
+@dataclass
+class Shared:
+    """What the quality sections of one ``benchmarks.run`` process share: the model, texts and Taylor scores.
+
+    The base model is never modified (every pruned model is a deep copy), so one load, one dense evaluation and
+    one calibration pass per (criterion, windows) serve every section.
+    """
+
+    tokenizer: object
+    base: torch.nn.Module
+    token_sets: dict[str, torch.Tensor]
+    total: int
+    units: list
+    dense: dict[str, float] | None = None
+    scores: dict[tuple[str, int], tuple[dict, float]] = field(default_factory=dict)
+
+    def dense_ppl(self) -> dict[str, float]:
+        """The dense model's perplexities (measured once)."""
+        if self.dense is None:
+            self.dense = evaluate_ppl(self.base, self.token_sets)
+        return self.dense
+
+    def gradient_scores(self, criteria: tuple[str, ...], num_samples: int, seq_len: int = 128, seed: int = 42, batch_size: int = 4) -> dict[str, tuple[dict, float]]:
+        """Scores of gradient criteria from ONE calibration pass (``num_samples`` × ``seq_len`` Shakespeare train
+        windows) that produces every Taylor term they need; ``{criterion: (scores, seconds of the shared pass)}``."""
+        from prunellm.calibration import collect_gradient_stats
+        from prunellm.criteria import CriterionOptions, get_criterion
+        from prunellm.data import sample_calibration
+
+        missing = [c for c in criteria if (c, num_samples) not in self.scores]
+        if missing:
+            started = time.perf_counter()
+            ids = sample_calibration(self.tokenizer, CALIBRATION, num_samples, seq_len, seed)
+            terms = set().union(*(get_criterion(c).taylor_terms for c in missing))
+            stats = collect_gradient_stats(self.base, ids, self.units, terms=terms, batch_size=batch_size)
+            seconds = round(time.perf_counter() - started, 1)
+            for c in missing:
+                self.scores[(c, num_samples)] = (get_criterion(c).score(self.base, self.units, stats, CriterionOptions(seed=seed)), seconds)
+            log.info("scored %s on %d windows in %.1f s", ", ".join(missing), num_samples, seconds)
+        return {c: self.scores[(c, num_samples)] for c in criteria}
+
+
+@functools.cache
+def shared() -> Shared:
+    """The one :class:`Shared` of this process."""
+    from prunellm.models import load_model, load_tokenizer
+    from prunellm.units import all_units, count_parameters
+
+    tokenizer = load_tokenizer(MODEL)
+    base = load_model(MODEL)
+    return Shared(tokenizer, base, eval_token_sets(tokenizer), count_parameters(base), list(all_units(base)))
 
 
 def rss_mb() -> float:

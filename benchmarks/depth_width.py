@@ -16,11 +16,12 @@ import copy
 import logging
 import time
 
-from benchmarks.common import CALIBRATION, MODEL, eval_token_sets, evaluate_ppl, protocol_text
+from benchmarks.common import CALIBRATION, MODEL, evaluate_ppl, protocol_text, shared
 
 log = logging.getLogger("benchmarks.depth_width")
 
 SPEED_GOAL = 1.15
+SPEED_THREADS = 1
 ROUND_TO = (1, 8, 64)
 DEPTH_METHODS = ("block_influence", "ppl")
 
@@ -29,36 +30,36 @@ def run(ratio: float = 0.2, repeats: int = 3) -> dict:
     """Measure dense, depth-pruned and width-pruned models; returns a JSON-able dict."""
     import torch
 
-    from prunellm.calibration import collect_gradient_stats
-    from prunellm.criteria import CriterionOptions, get_criterion
     from prunellm.data import sample_calibration
     from prunellm.evaluation.speed import SpeedSettings, measure
     from prunellm.layers import choose_layers_to_remove, layers_for_ratio
-    from prunellm.models import load_model, load_tokenizer
     from prunellm.options import LayersRecipe, PruneRecipe, RunOptions
     from prunellm.pruner import reconstruction_settings
     from prunellm.reconstruction import prune_with_reconstruction
     from prunellm.selection import SelectionConstraints, normalized_values, select_global
     from prunellm.surgery import remove_layers
-    from prunellm.units import all_units, count_parameters
+    from prunellm.units import count_parameters
 
     torch.manual_seed(0)
     started = time.perf_counter()
     run_options, layers_recipe = RunOptions(), LayersRecipe(base_model=MODEL, dataset=CALIBRATION)
     width_recipe = PruneRecipe(base_model=MODEL, dataset=CALIBRATION)
-    tokenizer = load_tokenizer(MODEL)
-    base = load_model(MODEL)
-    token_sets = eval_token_sets(tokenizer)
-    total = count_parameters(base)
+    bench = shared()
+    tokenizer, base, total, units = bench.tokenizer, bench.base, bench.total, bench.units
     settings = SpeedSettings(batch_sizes=(1, 4), repeats=repeats)
     rows: list[dict] = []
 
     def record(kind: str, label: str, model, extra: dict | None = None) -> None:
-        speed = measure(model, settings, memory=False)["speed"]
+        threads = torch.get_num_threads()
+        torch.set_num_threads(SPEED_THREADS)  # one thread: the least disturbed timing on a shared 2-core machine
+        try:
+            speed = measure(model, settings, memory=False)["speed"]
+        finally:
+            torch.set_num_threads(threads)
         rows.append({
             "kind": kind, "label": label, "params": count_parameters(model),
-            "achieved_ratio": round(1 - count_parameters(model) / total, 4),
-            "layers": model.config.num_hidden_layers, "ppl": evaluate_ppl(model, token_sets),
+            "achieved_ratio": round(1 - count_parameters(model) / total, 4), "layers": model.config.num_hidden_layers,
+            "ppl": bench.dense_ppl() if model is base else evaluate_ppl(model, bench.token_sets),
             "speed": {str(r["batch_size"]): {"prefill": round(r["prefill_tokens_per_s"], 1), "decode": round(r["decode_tokens_per_s"], 1)} for r in speed},
             **(extra or {}),
         })  # fmt: skip
@@ -75,10 +76,10 @@ def run(ratio: float = 0.2, repeats: int = 3) -> dict:
         del model
     depth_params = rows[-1]["params"]
 
-    units = list(all_units(base))
-    ids = sample_calibration(tokenizer, CALIBRATION, width_recipe.taylor_num_samples, width_recipe.taylor_seq_len, run_options.seed)
-    stats = collect_gradient_stats(base, ids, units, terms={"first"}, batch_size=width_recipe.gradient_batch_size)
-    scores = get_criterion(width_recipe.importance_method).score(base, units, stats, CriterionOptions(seed=run_options.seed))
+    scores, _ = bench.gradient_scores(
+        (width_recipe.importance_method,), width_recipe.taylor_num_samples, width_recipe.taylor_seq_len,
+        run_options.seed, width_recipe.gradient_batch_size,
+    )[width_recipe.importance_method]
     values = normalized_values(units, scores, width_recipe.normalization)
     reconstruction = reconstruction_settings(width_recipe, run_options.seed)
     recon_ids = None
@@ -99,7 +100,7 @@ def run(ratio: float = 0.2, repeats: int = 3) -> dict:
     return {
         "protocol": protocol_text(),
         "speed_protocol": f"greedy generate, prompt {settings.prompt_tokens} tokens, {settings.new_tokens} new tokens, "
-        f"{settings.warmup} warm-up, median of {settings.repeats}, {torch.get_num_threads()} torch threads, fp32 CPU",
+        f"{settings.warmup} warm-up, median of {settings.repeats}, {SPEED_THREADS} torch thread, fp32 CPU",
         "target_ratio": ratio,
         "n_remove_layers": n_remove,
         "rows": rows,
@@ -113,12 +114,12 @@ def render(section: dict) -> str:
     from prunellm.report import markdown_table
 
     keys = list(section["rows"][0]["ppl"])
-    headers = ["model", "layers", "params", "removed"] + [f"PPL {k}" for k in keys[:2]]
+    headers = ["model", "layers", "params", "removed"] + [f"PPL {k}" for k in keys]
     headers += ["prefill tok/s bs1 (×)", "decode tok/s bs1 (×)", "prefill tok/s bs4 (×)", "decode tok/s bs4 (×)"]
     body = []
     for r in section["rows"]:
         cells = [f"{r['kind']}: {r['label']}", str(r["layers"]), f"{r['params']:,}", str(r["achieved_ratio"])]
-        cells += [str(r["ppl"][k]) for k in keys[:2]]
+        cells += [str(r["ppl"][k]) for k in keys]
         for bs in ("1", "4"):
             for what in ("prefill", "decode"):
                 cells.append(f"{r['speed'][bs][what]} ({r['speedup'][bs][what]}×)")

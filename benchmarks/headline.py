@@ -13,8 +13,10 @@ WHY_MISSED = {
     "49 152-word embedding and LM head (28 M of the 135 M parameters, a 49 k-wide logit row per token) and the fixed "
     "per-layer cost of launching small kernels — so removing 20 % of the layers' weights gives less than 20 % speed; "
     "depth pruning removes whole per-layer costs and comes closest.",
-    "reconstruction": "calibration (Shakespeare) and evaluation (WikiText-2) are different domains; a least-squares "
-    "refit on calibration activations recovers the in-domain loss much better than the cross-domain one.",
+    "reconstruction": "calibration (Shakespeare) and WikiText-2 are different domains: the refit recovers much of the "
+    "loss on held-out text of the calibration's kind (the Shakespeare figure) but little across domains, because it "
+    "fits the removed units' contribution on calibration activations only.",
+    "runtime": "the sections' sum on 2 CPU cores; every quality row is a pruning plus three perplexity evaluations.",
 }
 
 
@@ -56,18 +58,24 @@ def goal_rows(results: dict) -> list[list[str]]:
     if results.get("finetune_throughput"):
         ratio = results["finetune_throughput"]["ratio"]
         rows.append(["Fine-tuning engine tok/s ÷ plain Trainer + peft (≥ 0.95)", str(ratio), "met" if ratio >= 0.95 else "missed"])
-    recon = results.get("reconstruction")
-    if recon:
-        for budget, goal in recon["goals"].items():
-            best = [r for r in recon["rows"] if r["budget"] == budget and r["mode"] != "none"]
-            if not best:
-                continue
-            key = "wikitext2_test" if "wikitext2_test" in best[0]["ratio_to_dense"] else next(iter(best[0]["ratio_to_dense"]))
-            row = min(best, key=lambda r: r["ratio_to_dense"][key])
-            value = row["ratio_to_dense"][key]
-            ok = value <= goal
-            rows.append([f"Reconstruction, {budget.replace('_', ' ')}: PPL ÷ dense (≤ {goal}×)", f"{value}× ({row['mode']})",
-                         "met" if ok else f"missed: {WHY_MISSED['reconstruction']}"])  # fmt: skip
+    quality = results.get("quality") or {}
+    for budget, goal in quality.get("reconstruction_goals", {}).items():
+        by_mode = {r["reconstruct"]: r for r in quality["rows"] if r.get("budget") == budget}
+        tried = [r for mode, r in by_mode.items() if mode != "none"]
+        if not tried:
+            continue
+        texts = [k for k in tried[0]["ratio_to_dense"] if k.endswith(" 128")]
+        best = min(tried, key=lambda r: r["ratio_to_dense"][texts[0]])
+        parts = [f"{k.split()[0]} {best['ratio_to_dense'][k]}×" + (f" (none {by_mode['none']['ratio_to_dense'][k]}×)" if "none" in by_mode else "")
+                 for k in texts]  # fmt: skip
+        ok = all(best["ratio_to_dense"][k] <= goal for k in texts)
+        rows.append([f"Reconstruction, {budget.replace('_', ' ')}: held-out PPL@128 ÷ dense (≤ {goal}×)",
+                     f"{best['reconstruct']}: " + "; ".join(parts), "met" if ok else f"missed: {WHY_MISSED['reconstruction']}"])  # fmt: skip
+    seconds = results.get("section_seconds") or {}
+    if seconds:
+        minutes = round(sum(seconds.values()) / 60, 1)
+        rows.append(["Whole benchmark run, every section (≤ 45 min)", f"{minutes} min",
+                     "met" if minutes <= 45 else f"missed: {WHY_MISSED['runtime']}"])  # fmt: skip
     return rows
 
 

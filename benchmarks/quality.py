@@ -3,13 +3,15 @@
 Every run scores with the library's own calibration pass and criteria (the defaults of ``prunellm prune`` unless
 a row says otherwise: block normalisation, ``--taylor_num_samples 128``, ``--taylor_seq_len 128``, seed 42,
 Shakespeare train plays) and is evaluated by :func:`benchmarks.common.evaluate_ppl` (WikiText-2 test and the
-held-out Shakespeare plays; the dense model is measured in the same run). One scoring pass per criterion serves
-every ratio. Rows:
+held-out Shakespeare plays; the dense model is measured in the same run). One calibration pass serves both
+Taylor criteria, every ratio and the other sections of the run (:class:`benchmarks.common.Shared`). Rows:
 
 * ``grid``: taylor, taylor_2nd, wanda, magnitude, random × 10/20/30 % of total parameters, no prior, no
   reconstruction (what the criterion alone does);
 * ``prior``: taylor with layer/block priors (T = 1, tau auto) at the three ratios;
-* ``reconstruct``: taylor with the default ``--reconstruct`` at the three ratios;
+* ``reconstruct``: taylor with ``--reconstruct lstsq`` at the three ratios and ``bias`` at 20 %;
+* ``reconstruct_mlp``: 20 % of every layer's MLP channels (Taylor, MLP only) with none / bias / lstsq — the
+  reconstruction issue's first budget (its second is 20 % of all parameters, the rows above);
 * ``layerwise``: ``--allocation layerwise`` (layer_pruning.py defaults: removal importance, inverse strategy) at 20 %;
 * ``calibration``: taylor at 20 % scored on 8 and 32 windows (128 is the grid's).
 """
@@ -22,13 +24,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import CALIBRATION, MODEL, eval_token_sets, evaluate_ppl, protocol_text
+from benchmarks.common import CALIBRATION, MODEL, evaluate_ppl, protocol_text, shared
 
 log = logging.getLogger("benchmarks.quality")
 
 CRITERIA = ("taylor", "taylor_2nd", "wanda", "magnitude", "random")
 RATIOS = (0.1, 0.2, 0.3)
 SENSITIVITY_SAMPLES = (8, 32)
+RECONSTRUCTION_GOALS = {"mlp_20pct_channels": 1.3, "total_20pct": 2.0}  # held-out PPL ÷ dense
 
 
 def run(criteria: tuple[str, ...] = CRITERIA, ratios: tuple[float, ...] = RATIOS) -> dict:
@@ -37,100 +40,109 @@ def run(criteria: tuple[str, ...] = CRITERIA, ratios: tuple[float, ...] = RATIOS
 
     from prunellm.criteria import CriterionOptions, get_criterion
     from prunellm.data import sample_calibration
-    from prunellm.models import load_model, load_tokenizer
     from prunellm.options import PruneRecipe, RunOptions
-    from prunellm.pruner import collect_stats, compute_priors, reconstruction_settings, score_and_plan
+    from prunellm.pruner import collect_stats, compute_priors, reconstruction_settings, select_by_layer_rates
     from prunellm.reconstruction import prune_with_reconstruction
     from prunellm.selection import SelectionConstraints, normalized_values, select_global
-    from prunellm.units import all_units, count_parameters
+    from prunellm.units import count_parameters
 
     torch.manual_seed(0)
     defaults, run_options = PruneRecipe(base_model=MODEL, dataset=CALIBRATION), RunOptions()
-    tokenizer = load_tokenizer(MODEL)
-    base = load_model(MODEL)
-    token_sets = eval_token_sets(tokenizer)
-    total = count_parameters(base)
-    units = list(all_units(base))
+    bench = shared()
+    tokenizer, base, total, units = bench.tokenizer, bench.base, bench.total, bench.units
     constraints = SelectionConstraints(min_kv_groups=defaults.min_kv_groups, round_to=defaults.round_to)
     rows: list[dict] = []
     started = time.perf_counter()
-    dense = evaluate_ppl(base, token_sets)
+    dense = bench.dense_ppl()
     log.info("dense: %s", dense)
-
-    def calibration(num_samples: int):
-        return sample_calibration(tokenizer, CALIBRATION, num_samples, defaults.taylor_seq_len, run_options.seed)
+    recon_ids: dict[str, object] = {}
 
     def scores_for(criterion: str, num_samples: int):
-        recipe = defaults.model_copy(update={"importance_method": criterion, "taylor_num_samples": num_samples})
+        if "gradients" in get_criterion(criterion).needs:
+            gradient = tuple(c for c in criteria if "gradients" in get_criterion(c).needs) if num_samples == defaults.taylor_num_samples else (criterion,)
+            return bench.gradient_scores(gradient or (criterion,), num_samples, defaults.taylor_seq_len, run_options.seed, defaults.gradient_batch_size)[criterion]
         t0 = time.perf_counter()
-        needs = get_criterion(criterion).needs
-        ids = calibration(num_samples) if needs & {"gradients", "activations"} else None
+        recipe = defaults.model_copy(update={"importance_method": criterion, "taylor_num_samples": num_samples})
+        ids = sample_calibration(tokenizer, CALIBRATION, num_samples, defaults.taylor_seq_len, run_options.seed) if get_criterion(criterion).needs else None
         stats = collect_stats(base, ids, units, recipe)
-        scores = get_criterion(criterion).score(base, units, stats, CriterionOptions(seed=run_options.seed))
-        return scores, round(time.perf_counter() - t0, 1)
+        return get_criterion(criterion).score(base, units, stats, CriterionOptions(seed=run_options.seed)), round(time.perf_counter() - t0, 1)
 
-    def measure(group: str, label: str, values, scores, ratio: float, reconstruct: str = "none", **extra) -> None:
-        selection = select_global(units, values, scores, round(ratio * total), constraints, total)
+    def reconstruction_ids(mode: str):
+        if mode == "none":
+            return None
+        if mode not in recon_ids:
+            settings = reconstruction_settings(defaults.model_copy(update={"reconstruct": mode}), run_options.seed)
+            recon_ids[mode] = sample_calibration(tokenizer, CALIBRATION, settings["num_samples"], settings["seq_len"], settings["seed"])
+        return recon_ids[mode]
+
+    def measure(group: str, label: str, kept, ratio: float, reconstruct: str = "none", **extra) -> None:
         model = copy.deepcopy(base)
         t0 = time.perf_counter()
-        ids = None
-        if reconstruct != "none":
-            settings = reconstruction_settings(defaults.model_copy(update={"reconstruct": reconstruct}), run_options.seed)
-            ids = sample_calibration(tokenizer, CALIBRATION, settings["num_samples"], settings["seq_len"], settings["seed"])
-        prune_with_reconstruction(model, selection.kept, ids, reconstruct, defaults.reconstruct_damp)
+        prune_with_reconstruction(model, kept, reconstruction_ids(reconstruct), reconstruct, defaults.reconstruct_damp)
         row = {
             "group": group, "label": label, "target_ratio": ratio, "reconstruct": reconstruct,
             "achieved_ratio": round(1 - count_parameters(model) / total, 4), "params": count_parameters(model),
             "reconstruct_seconds": round(time.perf_counter() - t0, 1) if reconstruct != "none" else 0.0,
-            "ppl": evaluate_ppl(model, token_sets), **extra,
+            "ppl": evaluate_ppl(model, bench.token_sets), **extra,
         }  # fmt: skip
-        log.info("%s %s @%.2f: %s", group, label, ratio, row["ppl"])
+        row["ratio_to_dense"] = {k: round(v / dense[k], 3) for k, v in row["ppl"].items()}
+        log.info("%s %s @%.2f (%s): %s", group, label, ratio, reconstruct, row["ppl"])
         rows.append(row)
         del model
 
-    taylor_values = None
+    def kept_global(values, scores, ratio: float, subset=None):
+        pool = units if subset is None else subset
+        return select_global(pool, values, scores, round(ratio * total), constraints, total).kept
+
+    taylor = None
     for criterion in criteria:
         scores, seconds = scores_for(criterion, defaults.taylor_num_samples)
         values = normalized_values(units, scores, defaults.normalization)
         for ratio in ratios:
-            measure("grid", criterion, values, scores, ratio, scoring_seconds=seconds)
+            budget = {"budget": "total_20pct"} if criterion == "taylor" and ratio == 0.2 else {}
+            measure("grid", criterion, kept_global(values, scores, ratio), ratio, scoring_seconds=seconds, **budget)
         if criterion == "taylor":
-            taylor_scores, taylor_values, taylor_seconds = scores, values, seconds
-    if taylor_values is not None:
+            taylor = (scores, values, seconds)
+    if taylor is not None:
+        scores, values, seconds = taylor
         with tempfile.TemporaryDirectory(prefix="prunellm-bench-") as tmp:
-            prior_recipe = defaults.model_copy(update={"temperature": 1.0})
             t0 = time.perf_counter()
-            priors = compute_priors(base, tokenizer, prior_recipe, run_options, Path(tmp))
+            priors = compute_priors(base, tokenizer, defaults.model_copy(update={"temperature": 1.0}), run_options, Path(tmp))
             prior_seconds = round(time.perf_counter() - t0, 1)
-        prior_values = normalized_values(units, taylor_scores, defaults.normalization, priors)
+        prior_values = normalized_values(units, scores, defaults.normalization, priors)
         for ratio in ratios:
-            measure("prior", "taylor T=1", prior_values, taylor_scores, ratio, prior_seconds=prior_seconds)
+            measure("prior", "taylor T=1", kept_global(prior_values, scores, ratio), ratio, prior_seconds=prior_seconds)
         for ratio in ratios:
-            measure("reconstruct", f"taylor + {defaults.reconstruct}", taylor_values, taylor_scores, ratio, reconstruct=defaults.reconstruct)
+            budget = {"budget": "total_20pct"} if ratio == 0.2 else {}
+            measure("reconstruct", "taylor + lstsq", kept_global(values, scores, ratio), ratio, reconstruct="lstsq", **budget)
+        measure("reconstruct", "taylor + bias", kept_global(values, scores, 0.2), 0.2, reconstruct="bias", budget="total_20pct")
+        mlp_units = [u for u in units if u.kind == "mlp_channel"]
+        mlp_scores = {key: value for key, value in scores.items() if key[1] == "mlp_channel"}
+        mlp_values = normalized_values(mlp_units, mlp_scores, defaults.normalization)
+        mlp_ratio = 0.2 * sum(u.cost * u.count for u in mlp_units) / total  # as many parameters as 20 % of all MLP channels, ranked globally
+        for mode in ("none", "bias", "lstsq"):
+            measure("reconstruct_mlp", "taylor, 20 % of MLP channels", kept_global(mlp_values, mlp_scores, mlp_ratio, mlp_units),
+                    round(mlp_ratio, 4), reconstruct=mode, budget="mlp_20pct_channels")  # fmt: skip
         for num_samples in SENSITIVITY_SAMPLES:
-            scores, seconds = scores_for("taylor", num_samples)
-            values = normalized_values(units, scores, defaults.normalization)
-            measure("calibration", f"taylor, {num_samples} windows", values, scores, 0.2, scoring_seconds=seconds, num_samples=num_samples)
+            few_scores, few_seconds = scores_for("taylor", num_samples)
+            few_values = normalized_values(units, few_scores, defaults.normalization)
+            measure("calibration", f"taylor, {num_samples} windows", kept_global(few_values, few_scores, 0.2), 0.2,
+                    scoring_seconds=few_seconds, num_samples=num_samples)  # fmt: skip
         rows.append({**next(r for r in rows if r["group"] == "grid" and r["label"] == "taylor" and r["target_ratio"] == 0.2),
                      "group": "calibration", "label": f"taylor, {defaults.taylor_num_samples} windows",
-                     "num_samples": defaults.taylor_num_samples, "scoring_seconds": taylor_seconds})  # fmt: skip
-    with tempfile.TemporaryDirectory(prefix="prunellm-bench-") as tmp:
-        recipe = defaults.model_copy(update={"allocation": "layerwise", "pruning_ratio": 0.2, "reconstruct": "none"})
-        plan, _ = score_and_plan(base, tokenizer, recipe, run_options, Path(tmp))
-        model = copy.deepcopy(base)
-        prune_with_reconstruction(model, plan.kept_units(), None, "none")
-        rows.append({
-            "group": "layerwise", "label": "taylor, layerwise (removal, inverse)", "target_ratio": 0.2, "reconstruct": "none",
-            "achieved_ratio": round(1 - count_parameters(model) / total, 4), "params": count_parameters(model),
-            "ppl": evaluate_ppl(model, token_sets),
-        })  # fmt: skip
-        del model
+                     "num_samples": defaults.taylor_num_samples, "scoring_seconds": seconds})  # fmt: skip
+        rows[-1].pop("budget", None)
+        with tempfile.TemporaryDirectory(prefix="prunellm-bench-") as tmp:
+            recipe = defaults.model_copy(update={"allocation": "layerwise", "pruning_ratio": 0.2})
+            selection = select_by_layer_rates(base, tokenizer, units, values, scores, recipe, run_options, Path(tmp), total)
+        measure("layerwise", "taylor, layerwise (removal, inverse)", selection.kept, 0.2)
     return {
         "protocol": protocol_text(),
         "calibration": f"Shakespeare train plays, {defaults.taylor_num_samples}×{defaults.taylor_seq_len} tokens, seed {run_options.seed}",
         "dense": dense,
         "params": total,
         "rows": rows,
+        "reconstruction_goals": RECONSTRUCTION_GOALS,
         "seconds": round(time.perf_counter() - started, 1),
     }
 

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import CALIBRATION, MODEL, eval_token_sets, evaluate_ppl, protocol_text
+from benchmarks.common import CALIBRATION, MODEL, evaluate_ppl, protocol_text, shared
 
 log = logging.getLogger("benchmarks.recovery")
 
@@ -31,24 +31,32 @@ def run(steps: int = 24, batch_size: int = 4, seq_len: int = 128, ratio: float =
     """Prune once, recover with every method for the same token budget; returns a JSON-able dict."""
     import torch
 
+    from prunellm.data import sample_calibration
     from prunellm.finetune import FineTuner
-    from prunellm.models import load_model, load_tokenizer
     from prunellm.options import DistillOptions, FinetuneData, PruneRecipe, RunOptions, TrainOptions
-    from prunellm.pruner import apply_plan_with_reconstruction, reconstruction_settings, score_and_plan
+    from prunellm.pruner import reconstruction_settings
+    from prunellm.reconstruction import prune_with_reconstruction
+    from prunellm.selection import SelectionConstraints, normalized_values, select_global
     from prunellm.units import count_parameters
 
     torch.manual_seed(0)
     started = time.perf_counter()
-    tokenizer = load_tokenizer(MODEL)
-    base = load_model(MODEL)
-    token_sets = eval_token_sets(tokenizer)
-    recipe = PruneRecipe(base_model=MODEL, dataset=CALIBRATION, pruning_ratio=ratio)
-    dense = evaluate_ppl(base, token_sets)
-    with tempfile.TemporaryDirectory(prefix="prunellm-bench-") as tmp:
-        plan, _ = score_and_plan(base, tokenizer, recipe, RunOptions(), Path(tmp))
-        plan.reconstruction = reconstruction_settings(recipe, RunOptions().seed)
-        pruned = copy.deepcopy(base)
-        apply_plan_with_reconstruction(pruned, tokenizer, plan)
+    bench = shared()
+    tokenizer, base, token_sets = bench.tokenizer, bench.base, bench.token_sets
+    recipe, seed = PruneRecipe(base_model=MODEL, dataset=CALIBRATION, pruning_ratio=ratio), RunOptions().seed
+    dense = bench.dense_ppl()
+    # what `prunellm prune --pruning_ratio 0.2` does, from the run's shared Taylor scores
+    scores, _ = bench.gradient_scores((recipe.importance_method,), recipe.taylor_num_samples, recipe.taylor_seq_len, seed,
+                                      recipe.gradient_batch_size)[recipe.importance_method]  # fmt: skip
+    values = normalized_values(bench.units, scores, recipe.normalization)
+    constraints = SelectionConstraints(min_kv_groups=recipe.min_kv_groups, round_to=recipe.round_to)
+    kept = select_global(bench.units, values, scores, round(ratio * bench.total), constraints, bench.total).kept
+    settings = reconstruction_settings(recipe, seed)
+    recon_ids = None
+    if settings["mode"] != "none":
+        recon_ids = sample_calibration(tokenizer, CALIBRATION, settings["num_samples"], settings["seq_len"], settings["seed"])
+    pruned = copy.deepcopy(base)
+    prune_with_reconstruction(pruned, kept, recon_ids, settings["mode"], recipe.reconstruct_damp)
     rows = [{"method": "pruned (no recovery)", "params": count_parameters(pruned), "ppl": evaluate_ppl(pruned, token_sets)}]
     data = FinetuneData(dataset_name=CALIBRATION, num_samples=steps * batch_size, seq_len=seq_len, val_set_size=8)
     for name, use_lora, lr, alpha in METHODS:

@@ -9,17 +9,17 @@ Sections (each in its own module; every quality figure uses ``benchmarks.common`
 * ``ppl_throughput``: perplexity evaluation tokens/s ÷ raw batched forward tokens/s (``ppl_throughput.py``).
 * ``finetune_throughput``: LoRA training tokens/s of the engine ÷ a plain Trainer + peft script
   (``finetune_throughput.py``).
-* ``quality``: criteria × ratio grid, priors, reconstruction, layer-wise allocation, calibration size
+* ``quality``: criteria × ratio grid, priors, reconstruction (none / bias / lstsq, with the reconstruction
+  goals at 20 % of MLP channels and 20 % of all parameters), layer-wise allocation, calibration size
   (``quality.py``).
 * ``depth_width``: depth vs width pruning at the same parameter count: PPL and prefill/decode speed, width with
   ``--round_to`` 1/8/64 (``depth_width.py``).
-* ``reconstruction``: none / bias / lstsq at 20 % of MLP channels and 20 % of all parameters
-  (``reconstruction_quality.py``).
 * ``recovery``: LoRA vs full fine-tuning vs distillation for the same token budget (``recovery.py``).
 * ``peer``: Torch-Pruning's Taylor and magnitude pruning at the same parameter count, when installed
   (``peer_torch_pruning.py``; a crash is recorded as its error).
 
-The same seed gives the same numbers for everything except timings. Sections not run keep their last figures
+The quality sections share one model load, one dense evaluation and one Taylor calibration pass
+(``benchmarks.common.Shared``). The same seed gives the same numbers for everything except timings. Sections not run keep their last figures
 from ``benchmarks/results.json``; ``docs/benchmarks.md`` is rewritten from all of them, headline first.
 """
 
@@ -33,6 +33,8 @@ import os
 import platform
 import time
 from pathlib import Path
+
+import torch
 
 from benchmarks.headline import render_headline
 from benchmarks.scoring_cost import run_isolated
@@ -159,17 +161,16 @@ def peer_section(total_params: int, ratio: float = 0.2) -> dict:
 
 def _section_modules() -> dict:
     """Section name -> (measure, render) for the sections that live in their own module."""
-    from benchmarks import depth_width, quality, reconstruction_quality, recovery
+    from benchmarks import depth_width, quality, recovery
 
     return {
         "quality": (quality.run, quality.render),
         "depth_width": (depth_width.run, depth_width.render),
-        "reconstruction": (reconstruction_quality.run, reconstruction_quality.render),
         "recovery": (recovery.run, recovery.render),
     }
 
 
-SECTIONS = ("scoring", "ppl_throughput", "finetune_throughput", "quality", "depth_width", "reconstruction", "recovery", "peer")
+SECTIONS = ("scoring", "ppl_throughput", "finetune_throughput", "quality", "depth_width", "recovery", "peer")
 SMOLLM2_PARAMS = 134_515_008
 
 
@@ -180,11 +181,11 @@ def measure_section(name: str, args: argparse.Namespace) -> dict:
     if name == "ppl_throughput":
         from benchmarks.ppl_throughput import measure
 
-        return measure(args.num_samples, args.seq_len, args.batch_size)
+        return measure(args.num_samples, args.seq_len, args.batch_size, repeats=3)
     if name == "finetune_throughput":
         from benchmarks.finetune_throughput import measure as measure_finetune
 
-        return measure_finetune()
+        return measure_finetune(repeats=3)
     if name == "peer":
         return peer_section(SMOLLM2_PARAMS)
     return _section_modules()[name][0]()
@@ -217,12 +218,18 @@ def main() -> None:
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"python": platform.python_version(), "processor": platform.processor(), "cpus": os.cpu_count()},
     }
+    results.pop("reconstruction", None)  # folded into quality (rows "reconstruct" and "reconstruct_mlp")
+    threads = torch.get_num_threads()
+    run_started = time.perf_counter()
     for name in sections:
         log.info("section %s", name)
         started = time.perf_counter()
         results[name] = measure_section(name, args)
+        torch.set_num_threads(threads)  # the throughput sections pin one thread; the others use the machine
         results.setdefault("section_seconds", {})[name] = round(time.perf_counter() - started, 1)
         write_atomic(saved, json.dumps(results, indent=2) + "\n")  # a crash later keeps what was measured
+    results["total_seconds"] = round(time.perf_counter() - run_started, 1)
+    results["sections_run"] = sections
     markdown = ["# prunellm benchmarks", "",
                 "Produced by `bash scripts/benchmarks.sh` (= `python -m benchmarks.run`); every figure states its protocol. "
                 "Calibration text (Shakespeare train plays) and evaluation text (WikiText-2 test, held-out Shakespeare "
