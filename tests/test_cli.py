@@ -84,6 +84,20 @@ def test_plan_replay_gives_the_identical_model(workspace):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_plan_from_an_earlier_lstsq_solver_is_refused(workspace, capsys):
+    assert main(_prune_args(workspace, "oldsolver", "--importance_method", "magnitude")) == 0
+    plan_path = workspace / "results" / "oldsolver" / "plan.json"
+    plan = json.loads(plan_path.read_text())
+    assert plan["reconstruction"]["mode"] == "lstsq" and plan["reconstruction"]["damp"] == "auto"
+    del plan["reconstruction"]["solver"]  # as written before the ridge pulled toward the original weights
+    old = workspace / "old_plan.json"
+    old.write_text(json.dumps(plan))
+    assert main(_prune_args(workspace, "oldsolver_replay", "--plan", str(old))) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "earlier solver" in err and "without --plan" in err
+    assert not (workspace / "results" / "oldsolver_replay").exists()
+
+
 def test_existing_output_is_refused_without_overwrite(workspace, capsys):
     assert main(_prune_args(workspace, "twice", "--importance_method", "magnitude")) == 0
     before = (workspace / "results" / "twice" / "plan.json").read_text()
@@ -105,6 +119,7 @@ def test_existing_output_is_refused_without_overwrite(workspace, capsys):
         (["--pruning_ratio", "0.9"], "unreachable"),
         (["--freeze_first_n_layers", "3"], "no layer that may be pruned"),
         (["--taylor_seq_len", "100000"], "--seq_len"),
+        (["--reconstruct_damp", "often"], "--reconstruct_damp"),
     ],
 )
 def test_bad_input_gives_one_line(workspace, capsys, extra, expected):

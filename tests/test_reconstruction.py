@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from prunellm.checkpoint import load_pruned, save_model
 from prunellm.errors import PrunellmError
-from prunellm.reconstruction import InputStats, compensate_projection, prune_with_reconstruction, solve_lstsq
+from prunellm.reconstruction import DAMP_GRID, InputStats, choose_damp, compensate_projection, prune_with_reconstruction, solve_lstsq
 from prunellm.surgery import prune_units
 from prunellm.units import count_parameters, decoder_layers, layer_units
 
@@ -40,6 +40,70 @@ def test_lstsq_with_nothing_removed_returns_the_weights():
     kept = {(i, k): list(range(layer_units(model, i, k).count)) for i in range(2) for k in ("kv_group", "mlp_channel")}
     prune_with_reconstruction(model, kept, ids, "lstsq", damp=1e-8)
     torch.testing.assert_close(model(ids).logits, before)
+    prune_with_reconstruction(model, kept, ids, "lstsq", damp="auto")
+    torch.testing.assert_close(model(ids).logits, before)
+
+
+def test_ridge_pulls_toward_the_original_columns():
+    torch.manual_seed(0)
+    x = torch.randn(500, 10, dtype=torch.float64)
+    x[:, 7] = x[:, 2] + 0.1 * x[:, 7]  # a removed column the kept ones can stand in for
+    weight = torch.randn(4, 10)
+    kept = torch.tensor([0, 1, 2, 3, 4, 5])
+    gram = x.T @ x
+    tiny, _ = solve_lstsq(weight, gram, kept, damp=1e-10)
+    plain = torch.linalg.lstsq(x[:, kept], x @ weight.double().T).solution.T  # the unregularised refit
+    torch.testing.assert_close(tiny, plain, rtol=1e-6, atol=1e-6)
+    huge, _ = solve_lstsq(weight, gram, kept, damp=1e8)
+    torch.testing.assert_close(huge, weight.double()[:, kept], rtol=1e-5, atol=1e-5)
+    middle, _ = solve_lstsq(weight, gram, kept, damp=1.0)
+    between = (middle - weight.double()[:, kept]).norm()
+    assert 0 < between < (plain - weight.double()[:, kept]).norm()
+
+
+def test_auto_damp_refits_when_it_generalises_and_leaves_the_weights_when_not():
+    torch.manual_seed(0)
+    weight = torch.randn(4, 10)
+    kept = torch.arange(6)
+    # same distribution in both folds, removed columns predictable from kept ones: a refit helps held-out data
+    folds = []
+    for _ in range(2):
+        x = torch.randn(400, 10, dtype=torch.float64)
+        x[:, 6:] = x[:, :4] + 0.05 * x[:, 6:]
+        folds.append(x.T @ x)
+    chosen, errors = choose_damp(weight, folds, kept)
+    assert chosen in DAMP_GRID and errors["cv_error"][str(chosen)] < errors["cv_error_no_refit"]
+    # the removed columns track the kept ones with opposite signs in the two folds: what one fold teaches
+    # hurts the other, so no damping beats leaving the weights as they are
+    folds = []
+    for sign in (1.0, -1.0):
+        x = torch.randn(400, 10, dtype=torch.float64)
+        x[:, 6:] = sign * x[:, :4] + 0.05 * x[:, 6:]
+        folds.append(x.T @ x)
+    chosen, errors = choose_damp(weight, folds, kept)
+    assert chosen is None
+
+
+def test_auto_damp_keeps_original_weights_when_cross_validation_says_so():
+    linear = torch.nn.Linear(10, 4, bias=False)
+    grams = []
+    for sign in (1.0, -1.0):
+        x = torch.randn(300, 10, dtype=torch.float64)
+        x[:, 6:] = sign * x[:, :4] + 0.05 * x[:, 6:]
+        grams.append(x.T @ x)
+    stats = InputStats(sum=torch.zeros(10, dtype=torch.float64), gram=grams[0] + grams[1], tokens=600, fold_grams=grams)
+    weight, bias, report = compensate_projection(linear, stats, torch.arange(6), "lstsq", damp="auto")
+    assert report["kept_original"] and report["damp"] is None and bias is None
+    torch.testing.assert_close(weight, linear.weight.detach()[:, :6])
+
+
+def test_auto_damp_on_a_pruned_model_lowers_calibration_error_and_works_with_one_batch(family):
+    model = make_tiny_model(family)
+    ids = calibration_ids(n=3, length=32)  # 3 windows: split into 2 batches for the cross-validation
+    report = prune_with_reconstruction(model, {(0, "mlp_channel"): _kept_mlp(model, 0, 2)}, ids, "lstsq", damp="auto", batch_size=8)
+    entry = report.layers[0]["mlp_channel"]
+    assert entry["error_after"] <= entry["error_before"] and "cv_relative_error" in entry
+    assert torch.isfinite(model(ids).logits).all()
 
 
 def test_bias_compensation_preserves_the_mean_output(family):

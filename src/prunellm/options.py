@@ -186,7 +186,10 @@ class PruneRecipe(_Options):
     )
     reconstruct_num_samples: int = Field(64, description="calibration windows for reconstruction")
     reconstruct_seq_len: int = Field(128, description="tokens per reconstruction window")
-    reconstruct_damp: float = Field(0.01, description="ridge damping of the least-squares refit, relative to mean(diag XᵀX)")
+    reconstruct_damp: Union[float, Literal["auto"]] = Field(
+        "auto", description="ridge damping of the lstsq refit toward the original weights, relative to mean(diag XᵀX); "
+        "auto = chosen per projection by 2-fold cross-validation on the calibration batches"
+    )
     plan: str | None = Field(None, description="replay this plan.json on the original weights instead of scoring")
     allocation: Literal["global", "layerwise"] = Field(
         "global", description="global importance/cost ranking, or per-layer rates from layer importance (layer_pruning.py)"
@@ -222,13 +225,26 @@ class PruneRecipe(_Options):
             raise ValueError("must be at least 1")
         return value
 
-    @field_validator("freeze_first_n_layers", "freeze_last_n_layers", "layer_start", "min_kv_groups", "reconstruct_damp",
-                     "freeze_top_n_layers")
+    @field_validator("freeze_first_n_layers", "freeze_last_n_layers", "layer_start", "min_kv_groups", "freeze_top_n_layers")
     @classmethod
     def _not_negative(cls, value):
         if value < 0:
             raise ValueError("must be 0 or more")
         return value
+
+
+    @field_validator("reconstruct_damp", mode="before")
+    @classmethod
+    def _damp(cls, value):
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError("must be auto or a number ≥ 0") from None
+        if number < 0:
+            raise ValueError("must be auto or a number ≥ 0")
+        return number
 
 
 class LayersRecipe(_Options):

@@ -41,7 +41,7 @@ from .plan import LayerPlan, Plan, package_versions
 from .priors import ablation_deltas, prior_multipliers, resolve_tau
 from .selection import SelectionConstraints, normalized_values, select_global
 from .specs import spec_for
-from .reconstruction import prune_with_reconstruction
+from .reconstruction import SOLVER, prune_with_reconstruction
 from .surgery import remove_layers
 from .units import UNIT_KINDS, LayerUnits, all_units, count_parameters, decoder_layers
 
@@ -219,6 +219,7 @@ def reconstruction_settings(recipe: PruneRecipe, seed: int) -> dict[str, Any]:
         "num_samples": recipe.reconstruct_num_samples,
         "seq_len": recipe.reconstruct_seq_len,
         "damp": recipe.reconstruct_damp,
+        "solver": SOLVER,
         "seed": seed + 3,  # windows apart from the scoring calibration, same train part (never eval text)
     }
 
@@ -226,6 +227,12 @@ def reconstruction_settings(recipe: PruneRecipe, seed: int) -> dict[str, Any]:
 def apply_plan_with_reconstruction(model: nn.Module, tokenizer, plan: Plan) -> dict[str, Any]:
     """Surgery as the plan says, with the plan's reconstruction; returns the reconstruction report."""
     settings = plan.reconstruction or {"mode": "none"}
+    if settings["mode"] == "lstsq" and settings.get("solver") != SOLVER:
+        raise PrunellmError(
+            f"the plan's lstsq reconstruction was made by an earlier solver ({settings.get('solver', 'ridge toward zero')}); "
+            f"this version refits with {SOLVER} and would not reproduce its weights: prune again without --plan "
+            "to make a new plan"
+        )
     ids = None
     if settings["mode"] != "none":
         ids = sample_calibration(tokenizer, settings["dataset"], settings["num_samples"], settings["seq_len"], settings["seed"])
@@ -236,7 +243,7 @@ def apply_plan_with_reconstruction(model: nn.Module, tokenizer, plan: Plan) -> d
             )
         settings["hash"] = tensor_hash(ids)
     started = time.perf_counter()
-    report = prune_with_reconstruction(model, plan.kept_units(), ids, settings["mode"], settings.get("damp", 0.01))
+    report = prune_with_reconstruction(model, plan.kept_units(), ids, settings["mode"], settings.get("damp", "auto"))
     remove_layers(model, plan.removed_layers)
     settings["seconds"] = round(time.perf_counter() - started, 3)
     return {"settings": settings, "layers": report.layers}

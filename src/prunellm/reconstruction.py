@@ -7,8 +7,13 @@ pruned units (o_proj reads the kept heads, down_proj the kept channels):
 * ``bias`` (FLAP): add Σ_{j removed} W[:, j]·mean(x_j) to the projection's bias, which preserves the mean output
   over calibration tokens exactly;
 * ``lstsq``: refit the kept columns so the projection's output on calibration inputs is preserved in the least
-  squares sense: W'_Sᵀ = (H_SS + λI)⁻¹ H_S,: Wᵀ with H = XᵀX accumulated in float64 and λ = damp·mean(diag H_SS)
+  squares sense, with a ridge that pulls toward the original weights W_S rather than toward zero:
+  W'_Sᵀ = (H_SS + λI)⁻¹ (H_S,: Wᵀ + λ W_Sᵀ) with H = XᵀX accumulated in float64 and λ = damp·mean(diag H_SS)
   (Cholesky; λ is raised automatically when the system is ill-conditioned, and never NaN weights are written).
+  λ → ∞ leaves the weights alone, λ → 0 is the plain refit. ``damp="auto"`` (the default) picks λ per projection
+  by 2-fold cross-validation over the calibration batches (fit on one half, measure the output error on the
+  other) from :data:`DAMP_GRID`, and leaves the projection alone when no λ beats no refit on held-out batches —
+  a plain refit over-fits the calibration text and can raise the loss on other text.
   A refit that would not lower the layer's calibration reconstruction error is discarded.
 
 Memory is bounded by one layer's statistics (in×in float64) plus the calibration hidden states.
@@ -18,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Union
 
 import torch
 from torch import nn
@@ -35,15 +40,19 @@ from .units import decoder_layers, get_module, index_ranges, layer_units
 log = logging.getLogger(__name__)
 
 Mode = Literal["none", "bias", "lstsq"]
+Damp = Union[float, Literal["auto"]]
+DAMP_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)  # λ / mean(diag H_SS) tried by damp="auto"
+SOLVER = "ridge_to_original"  # recorded in plans: replaying a plan made by another solver would differ
 
 
 @dataclass
 class InputStats:
-    """Σ x and Σ xxᵀ (float64) of one projection's input over calibration tokens."""
+    """Σ x and Σ xxᵀ (float64) of one projection's input over calibration tokens (and per fold, for auto damping)."""
 
     sum: torch.Tensor
     gram: torch.Tensor | None
     tokens: int = 0
+    fold_grams: list[torch.Tensor] | None = None
 
 
 @dataclass
@@ -92,29 +101,39 @@ def _run_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs_list: list[d
 
 
 def _collect_input_stats(
-    layer: nn.Module, path: str, hidden: list[torch.Tensor], kwargs_list: list[dict], need_gram: bool
+    layer: nn.Module, path: str, hidden: list[torch.Tensor], kwargs_list: list[dict], need_gram: bool, folds: int = 1
 ) -> InputStats:
     """Run the layer over every batch, accumulating Σx (and XᵀX) of ``path``'s input.
 
-    Each batch's XᵀX is computed in float32 (fast BLAS) and summed into a float64 accumulator.
+    Each batch's XᵀX is computed in float32 (fast BLAS) and summed into a float64 accumulator; with ``folds`` > 1
+    batch b also goes to fold b mod ``folds`` (the total Gram is their sum).
     """
     linear = get_module(layer, path)
-    stats = InputStats(sum=torch.zeros(linear.in_features, dtype=torch.float64), gram=None)
-    if need_gram:
-        stats.gram = torch.zeros(linear.in_features, linear.in_features, dtype=torch.float64)
+    n = linear.in_features
+    stats = InputStats(sum=torch.zeros(n, dtype=torch.float64), gram=None)
+    if need_gram and folds > 1:
+        stats.fold_grams = [torch.zeros(n, n, dtype=torch.float64) for _ in range(folds)]
+    elif need_gram:
+        stats.gram = torch.zeros(n, n, dtype=torch.float64)
+    calls = [0]
 
     def hook(module, args):
         x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (tokens, in)
         stats.sum += x.sum(0).double().cpu()
-        if need_gram:
+        if stats.fold_grams is not None:
+            stats.fold_grams[calls[0] % folds] += (x.T @ x).double().cpu()
+        elif need_gram:
             stats.gram += (x.T @ x).double().cpu()
         stats.tokens += x.shape[0]
+        calls[0] += 1
 
     handle = linear.register_forward_pre_hook(hook)
     try:
         _run_layer(layer, hidden, kwargs_list)
     finally:
         handle.remove()
+    if stats.fold_grams is not None:
+        stats.gram = sum(stats.fold_grams[1:], stats.fold_grams[0].clone())
     return stats
 
 
@@ -128,12 +147,16 @@ def _output_error(gram: torch.Tensor, weight: torch.Tensor, new_weight: torch.Te
 
 
 def solve_lstsq(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
-    """Least-squares refit of the kept columns: returns (W'_S, damping actually used).
+    """Ridge least-squares refit of the kept columns: returns (W'_S, damping actually used).
 
-    Solves (H_SS + λI) W'_Sᵀ = H_S,: Wᵀ, i.e. keeps X Wᵀ on calibration inputs as well as X_S W'_Sᵀ can.
+    Solves (H_SS + λI) W'_Sᵀ = H_S,: Wᵀ + λ W_Sᵀ: keeps X Wᵀ on calibration inputs as well as X_S W'_Sᵀ can while
+    staying near the original kept columns W_S (λ = damp · mean(diag H_SS); raised automatically while the system
+    is numerically singular).
     """
     h_ss = gram[kept][:, kept]
-    rhs = gram[kept] @ weight.double().T  # (k, out)
+    w = weight.double()
+    fit_rhs = gram[kept] @ w.T  # (k, out)
+    original = w[:, kept].T  # (k, out)
     scale = float(h_ss.diagonal().mean()) or 1.0
     lam = damp
     for _ in range(8):
@@ -143,19 +166,41 @@ def solve_lstsq(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, da
         # a factorisation that "succeeds" on a numerically singular system has a vanishing pivot
         well_conditioned = int(info) == 0 and float((pivots.min() / pivots.max()) ** 2) > 1e-12
         if well_conditioned:
-            solution = torch.cholesky_solve(rhs, factor).T  # (out, k)
+            solution = torch.cholesky_solve(fit_rhs + lam * scale * original, factor).T  # (out, k)
             if torch.isfinite(solution).all():
                 return solution, lam
         lam = max(lam * 10, 1e-6)
     raise PrunellmError(f"least-squares reconstruction stayed singular up to damping {lam:g}: raise --reconstruct_damp")
 
 
+def choose_damp(weight: torch.Tensor, fold_grams: list[torch.Tensor], kept: torch.Tensor) -> tuple[float | None, dict]:
+    """λ of :data:`DAMP_GRID` with the lowest held-out output error under k-fold cross-validation.
+
+    Returns ``(None, errors)`` when no λ beats leaving the kept columns as they are on the held-out folds.
+    """
+    w = weight.cpu()
+    total = sum(fold_grams[1:], fold_grams[0].clone())
+    plain = w[:, kept]
+    cv = dict.fromkeys(DAMP_GRID, 0.0)
+    baseline = 0.0
+    for held_out in fold_grams:
+        train = total - held_out
+        baseline += _output_error(held_out, w, plain, kept)[0]
+        for damp in DAMP_GRID:
+            solution, _ = solve_lstsq(w, train, kept, damp)
+            cv[damp] += _output_error(held_out, w, solution, kept)[0]
+    best = min(cv, key=cv.get)
+    errors = {"cv_error_no_refit": baseline, "cv_error": {str(k): v for k, v in cv.items()}}
+    return (best if cv[best] < baseline else None), errors
+
+
 def compensate_projection(
-    linear: nn.Linear, stats: InputStats, kept_columns: torch.Tensor, mode: Mode, damp: float
+    linear: nn.Linear, stats: InputStats, kept_columns: torch.Tensor, mode: Mode, damp: Damp
 ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
     """New (out, k) weight and bias for a projection that keeps only ``kept_columns`` of its input.
 
-    Returns the weight, the bias (``None`` = unchanged) and a report entry.
+    Returns the weight, the bias (``None`` = unchanged) and a report entry. ``damp="auto"`` needs
+    ``stats.fold_grams``.
     """
     weight = linear.weight.detach()
     removed = torch.ones(linear.in_features, dtype=torch.bool)
@@ -176,9 +221,18 @@ def compensate_projection(
             )
         w = weight.cpu()
         baseline, total = _output_error(stats.gram, w, new_weight.cpu(), kept_columns)
-        solution, used = solve_lstsq(w, stats.gram, kept_columns, damp)
-        refit, _ = _output_error(stats.gram, w, solution, kept_columns)
         total = total or 1.0
+        if damp == "auto":
+            if not stats.fold_grams:
+                raise PrunellmError("--reconstruct_damp auto needs per-fold statistics (collect them with folds=2)")
+            chosen, cv = choose_damp(w, stats.fold_grams, kept_columns)
+            report["cv_relative_error"] = {k: v / total for k, v in cv["cv_error"].items()} | {"no_refit": cv["cv_error_no_refit"] / total}
+            if chosen is None:  # no damping generalises better than the original columns: leave them
+                report.update(damp=None, error_before=baseline / total, error_after=baseline / total, kept_original=True)
+                return new_weight, new_bias, report
+            damp = chosen
+        solution, used = solve_lstsq(w, stats.gram, kept_columns, float(damp))
+        refit, _ = _output_error(stats.gram, w, solution, kept_columns)
         report.update(damp=used, error_before=baseline / total, error_after=min(refit, baseline) / total)
         if refit < baseline:
             new_weight = solution.to(weight.dtype).to(weight.device)
@@ -192,7 +246,7 @@ def prune_with_reconstruction(
     kept: dict[UnitKey, list[int]],
     input_ids: torch.Tensor,
     mode: Mode,
-    damp: float = 0.01,
+    damp: Damp = "auto",
     batch_size: int = 8,
 ) -> ReconstructionReport:
     """Prune every layer's units as ``kept`` says, in layer order, compensating o_proj/down_proj inputs."""
@@ -201,10 +255,12 @@ def prune_with_reconstruction(
         return ReconstructionReport(mode="none")
     if mode not in ("bias", "lstsq"):
         raise PrunellmError(f"--reconstruct '{mode}' is not valid: use one of none, bias, lstsq")
-    if damp < 0:
-        raise PrunellmError(f"--reconstruct_damp {damp} must be 0 or more")
+    if damp != "auto" and (isinstance(damp, str) or damp < 0):
+        raise PrunellmError(f"--reconstruct_damp {damp} is not valid: use auto or a number ≥ 0")
     spec = spec_for(model.config)
     layers = decoder_layers(model, spec)
+    if mode == "lstsq" and damp == "auto":
+        batch_size = max(1, min(batch_size, (len(input_ids) + 1) // 2))  # cross-validation needs two batches or more
     hidden, kwargs_list = capture_layer_inputs(model, input_ids, batch_size)
     report = ReconstructionReport(mode=mode)
     compensated = False
@@ -223,7 +279,8 @@ def prune_with_reconstruction(
                 prune_units(model, {key: []})
                 continue
             # statistics of the projection's input with the attention of this layer already pruned
-            stats = _collect_input_stats(layer, proj, hidden, kwargs_list, need_gram=(mode == "lstsq"))
+            folds = 2 if mode == "lstsq" and damp == "auto" else 1
+            stats = _collect_input_stats(layer, proj, hidden, kwargs_list, need_gram=(mode == "lstsq"), folds=folds)
             keep = torch.as_tensor(sorted(kept[key]), dtype=torch.long)
             width = next(s.width for s in units.slices if s.module == proj)
             new_weight, new_bias, entry[kind] = compensate_projection(
