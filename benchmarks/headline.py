@@ -119,3 +119,38 @@ def render_headline(results: dict) -> str:
     if rows:
         lines += ["### Quality at 20 % of all parameters removed", "", markdown_table(headers, rows)]
     return "\n".join(lines) + "\n"
+
+
+def render_readme_goals(results: dict) -> str:
+    """Compact goals table for the README (the reasons stay in docs/benchmarks.md)."""
+    from prunellm.report import markdown_table
+
+    rows = [[goal, measured, verdict if verdict == "met" else "**missed** (why: docs/benchmarks.md)"]
+            for goal, measured, verdict in goal_rows(results)]  # fmt: skip
+    return markdown_table(["goal", "measured", "verdict"], rows) if rows else "(no section with a goal was run)\n"
+
+
+def render_readme_quality(results: dict) -> str:
+    """The 20 % quality table for the README."""
+    from prunellm.report import markdown_table
+
+    headers, rows = quality_rows(results)
+    return markdown_table(headers, rows) if rows else "(quality section not run)\n"
+
+
+def render_readme_depth_width(results: dict) -> str:
+    """Depth vs width at the same parameter count: PPL and CPU decode tokens/s (÷ dense), for the README."""
+    from prunellm.report import markdown_table
+
+    section = results.get("depth_width")
+    if not section:
+        return "(depth_width section not run)\n"
+    keys = list(section["rows"][0]["ppl"])
+    headers = ["model", "layers", "params"] + [f"PPL {k}" for k in keys] + ["decode tok/s bs1 (× dense)", "decode tok/s bs4 (× dense)"]
+    body = []
+    for r in section["rows"]:
+        cells = [f"{r['kind']}: {r['label']}" if r["kind"] != "dense" else "dense", str(r["layers"]), f"{r['params']:,}"]
+        cells += [str(r["ppl"][k]) for k in keys]
+        cells += [f"{r['speed'][bs]['decode']} ({r['speedup'][bs]['decode']}×)" for bs in ("1", "4")]
+        body.append(cells)
+    return markdown_table(headers, body)

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.headline import render_headline
+from benchmarks.headline import render_headline, render_readme_depth_width, render_readme_goals, render_readme_quality
 from benchmarks.scoring_cost import run_isolated
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -219,6 +219,7 @@ def main() -> None:
         "machine": {"python": platform.python_version(), "processor": platform.processor(), "cpus": os.cpu_count()},
     }
     results.pop("reconstruction", None)  # folded into quality (rows "reconstruct" and "reconstruct_mlp")
+    results["section_seconds"] = {k: v for k, v in results.get("section_seconds", {}).items() if k in SECTIONS}
     threads = torch.get_num_threads()
     run_started = time.perf_counter()
     for name in sections:
@@ -239,7 +240,29 @@ def main() -> None:
     write_atomic(saved, json.dumps(results, indent=2) + "\n")
     (ROOT / "docs").mkdir(exist_ok=True)
     write_atomic(ROOT / "docs" / "benchmarks.md", "\n".join(markdown))
-    log.info("wrote benchmarks/results.json and docs/benchmarks.md")
+    update_readme(ROOT / "README.md", results)
+    log.info("wrote benchmarks/results.json, docs/benchmarks.md and README.md's benchmark tables")
+
+
+README_BLOCKS = {
+    "goals": render_readme_goals,
+    "quality": render_readme_quality,
+    "depth_width": render_readme_depth_width,
+}
+
+
+def update_readme(path: Path, results: dict) -> None:
+    """Rewrite every ``<!-- bench:NAME -->`` … ``<!-- /bench:NAME -->`` block of the README from the results."""
+    text = path.read_text()
+    for name, render in README_BLOCKS.items():
+        start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+        if start not in text or end not in text:
+            log.warning("README.md has no %s … %s block: not updated", start, end)
+            continue
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        text = f"{head}{start}\n{render(results).rstrip()}\n{end}{tail}"
+    write_atomic(path, text)
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -16,8 +16,10 @@ def _results(memory_ratio: float, decode_speedup: float, recon: float = 1.1) -> 
         "depth_width": {
             "goal": 1.15,
             "rows": [
-                {"kind": "dense", "label": "dense", "achieved_ratio": 0.0, "ppl": ppl, "speedup": {"1": {"decode": 1.0, "prefill": 1.0}}},
-                {"kind": "depth", "label": "block_influence", "achieved_ratio": 0.21, "ppl": ppl,
+                {"kind": "dense", "label": "dense", "achieved_ratio": 0.0, "ppl": ppl, "layers": 30, "params": 100,
+                 "speed": {"1": {"decode": 10.0}, "4": {"decode": 30.0}}, "speedup": {"1": {"decode": 1.0, "prefill": 1.0}, "4": {"decode": 1.0, "prefill": 1.0}}},
+                {"kind": "depth", "label": "block_influence", "achieved_ratio": 0.21, "ppl": ppl, "layers": 22, "params": 79,
+                 "speed": {"1": {"decode": 12.0}, "4": {"decode": 39.0}},
                  "speedup": {"1": {"decode": decode_speedup, "prefill": 1.3}, "4": {"decode": decode_speedup + 0.1, "prefill": 1.2}}},
             ],
         },
@@ -64,3 +66,17 @@ def test_headline_keeps_only_20_percent_rows_and_the_peer_error():
     assert quality.count("| taylor |") == 1  # the 10 % row is left out
     assert "error: RuntimeError: shapes do not match" in quality
     assert "| depth: block_influence |" in quality and "| dense |" in quality
+
+
+def test_readme_blocks_are_rewritten_and_the_rest_is_kept(tmp_path):
+    from benchmarks.run import update_readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- bench:goals -->\nold table\n<!-- /bench:goals -->\nmiddle\n"
+                      "<!-- bench:depth_width -->\n<!-- /bench:depth_width -->\nend\n")  # fmt: skip
+    update_readme(readme, _results(memory_ratio=3.3, decode_speedup=1.2))
+    text = readme.read_text()
+    assert text.startswith("intro\n<!-- bench:goals -->\n| goal |") and "old table" not in text
+    assert "\nmiddle\n" in text and text.endswith("<!-- /bench:depth_width -->\nend\n")
+    assert "**missed** (why: docs/benchmarks.md)" in text  # the memory goal
+    assert "| depth: block_influence |" in text.split("<!-- bench:depth_width -->")[1]
