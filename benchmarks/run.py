@@ -206,18 +206,20 @@ def main() -> None:
     parser.add_argument("--num_samples", type=int, default=32)
     parser.add_argument("--seq_len", type=int, default=128)
     parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--render", action="store_true", help="only rewrite docs/benchmarks.md and README's tables from results.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    sections = [s.strip() for s in args.only.split(",") if s.strip()]
+    sections = [] if args.render else [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         parser.error(f"--only: unknown section(s) {', '.join(unknown)}; valid: {', '.join(SECTIONS)}")
     saved = ROOT / "benchmarks" / "results.json"
     results = json.loads(saved.read_text()) if saved.is_file() else {}  # sections not run keep their figures
-    results |= {
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"python": platform.python_version(), "processor": platform.processor(), "cpus": os.cpu_count()},
-    }
+    if sections:
+        results |= {
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "machine": {"python": platform.python_version(), "processor": platform.processor(), "cpus": os.cpu_count()},
+        }
     results.pop("reconstruction", None)  # folded into quality (rows "reconstruct" and "reconstruct_mlp")
     results["section_seconds"] = {k: v for k, v in results.get("section_seconds", {}).items() if k in SECTIONS}
     threads = torch.get_num_threads()
@@ -229,8 +231,9 @@ def main() -> None:
         torch.set_num_threads(threads)  # the throughput sections pin one thread; the others use the machine
         results.setdefault("section_seconds", {})[name] = round(time.perf_counter() - started, 1)
         write_atomic(saved, json.dumps(results, indent=2) + "\n")  # a crash later keeps what was measured
-    results["total_seconds"] = round(time.perf_counter() - run_started, 1)
-    results["sections_run"] = sections
+    if sections:
+        results["total_seconds"] = round(time.perf_counter() - run_started, 1)
+        results["sections_run"] = sections
     markdown = ["# prunellm benchmarks", "",
                 "Produced by `bash scripts/benchmarks.sh` (= `python -m benchmarks.run`); every figure states its protocol. "
                 "Calibration text (Shakespeare train plays) and evaluation text (WikiText-2 test, held-out Shakespeare "
