@@ -74,12 +74,23 @@ class Shared:
     units: list
     dense: dict[str, float] | None = None
     scores: dict[tuple[str, int], tuple[dict, float]] = field(default_factory=dict)
+    cache: dict[tuple, object] = field(default_factory=dict)
 
     def dense_ppl(self) -> dict[str, float]:
         """The dense model's perplexities (measured once)."""
         if self.dense is None:
             self.dense = evaluate_ppl(self.base, self.token_sets)
         return self.dense
+
+    def reconstruction_ids(self, recipe, seed: int):
+        """The windows ``prunellm prune`` would reconstruct from with ``recipe`` (``None`` for none), sampled once."""
+        from prunellm.pruner import reconstruction_calibration, reconstruction_settings
+
+        settings = reconstruction_settings(recipe, seed)
+        key = ("reconstruction", settings["mode"] != "none", settings.get("dataset"), settings.get("num_samples"), settings.get("seq_len"), settings.get("seed"))
+        if key not in self.cache:
+            self.cache[key] = reconstruction_calibration(self.tokenizer, settings)
+        return self.cache[key]
 
     def gradient_scores(self, criteria: tuple[str, ...], num_samples: int, seq_len: int = 128, seed: int = 42, batch_size: int = 4) -> dict[str, tuple[dict, float]]:
         """Scores of gradient criteria from ONE calibration pass (``num_samples`` × ``seq_len`` Shakespeare train

@@ -34,7 +34,6 @@ def run(ratio: float = 0.2, repeats: int = 3) -> dict:
     from prunellm.evaluation.speed import SpeedSettings, measure
     from prunellm.layers import choose_layers_to_remove, layers_for_ratio
     from prunellm.options import LayersRecipe, PruneRecipe, RunOptions
-    from prunellm.pruner import reconstruction_settings
     from prunellm.reconstruction import prune_with_reconstruction
     from prunellm.selection import SelectionConstraints, normalized_values, select_global
     from prunellm.surgery import remove_layers
@@ -81,16 +80,13 @@ def run(ratio: float = 0.2, repeats: int = 3) -> dict:
         run_options.seed, width_recipe.gradient_batch_size,
     )[width_recipe.importance_method]
     values = normalized_values(units, scores, width_recipe.normalization)
-    reconstruction = reconstruction_settings(width_recipe, run_options.seed)
-    recon_ids = None
-    if reconstruction["mode"] != "none":
-        recon_ids = sample_calibration(tokenizer, CALIBRATION, reconstruction["num_samples"], reconstruction["seq_len"], reconstruction["seed"])
+    recon_ids = bench.reconstruction_ids(width_recipe, run_options.seed)
     for round_to in ROUND_TO:
         constraints = SelectionConstraints(min_kv_groups=width_recipe.min_kv_groups, round_to=round_to)
         selection = select_global(units, values, scores, total - depth_params, constraints, total)
         model = copy.deepcopy(base)
-        prune_with_reconstruction(model, selection.kept, recon_ids, reconstruction["mode"], width_recipe.reconstruct_damp)
-        record("width", f"taylor, round_to {round_to}", model, {"round_to": round_to, "reconstruct": reconstruction["mode"]})
+        prune_with_reconstruction(model, selection.kept, recon_ids, width_recipe.reconstruct, width_recipe.reconstruct_damp)
+        record("width", f"taylor, round_to {round_to}", model, {"round_to": round_to, "reconstruct": width_recipe.reconstruct})
         del model
     dense_speed = rows[0]["speed"]
     for row in rows:

@@ -41,7 +41,7 @@ def run(criteria: tuple[str, ...] = CRITERIA, ratios: tuple[float, ...] = RATIOS
     from prunellm.criteria import CriterionOptions, get_criterion
     from prunellm.data import sample_calibration
     from prunellm.options import PruneRecipe, RunOptions
-    from prunellm.pruner import collect_stats, compute_priors, reconstruction_settings, select_by_layer_rates
+    from prunellm.pruner import collect_stats, compute_priors, select_by_layer_rates
     from prunellm.reconstruction import prune_with_reconstruction
     from prunellm.selection import SelectionConstraints, normalized_values, select_global
     from prunellm.units import count_parameters
@@ -55,7 +55,6 @@ def run(criteria: tuple[str, ...] = CRITERIA, ratios: tuple[float, ...] = RATIOS
     started = time.perf_counter()
     dense = bench.dense_ppl()
     log.info("dense: %s", dense)
-    recon_ids: dict[str, object] = {}
 
     def scores_for(criterion: str, num_samples: int):
         if "gradients" in get_criterion(criterion).needs:
@@ -67,18 +66,11 @@ def run(criteria: tuple[str, ...] = CRITERIA, ratios: tuple[float, ...] = RATIOS
         stats = collect_stats(base, ids, units, recipe)
         return get_criterion(criterion).score(base, units, stats, CriterionOptions(seed=run_options.seed)), round(time.perf_counter() - t0, 1)
 
-    def reconstruction_ids(mode: str):
-        if mode == "none":
-            return None
-        if mode not in recon_ids:
-            settings = reconstruction_settings(defaults.model_copy(update={"reconstruct": mode}), run_options.seed)
-            recon_ids[mode] = sample_calibration(tokenizer, CALIBRATION, settings["num_samples"], settings["seq_len"], settings["seed"])
-        return recon_ids[mode]
-
     def measure(group: str, label: str, kept, ratio: float, reconstruct: str = "none", **extra) -> None:
         model = copy.deepcopy(base)
         t0 = time.perf_counter()
-        prune_with_reconstruction(model, kept, reconstruction_ids(reconstruct), reconstruct, defaults.reconstruct_damp)
+        recon_ids = bench.reconstruction_ids(defaults.model_copy(update={"reconstruct": reconstruct}), run_options.seed)
+        prune_with_reconstruction(model, kept, recon_ids, reconstruct, defaults.reconstruct_damp)
         row = {
             "group": group, "label": label, "target_ratio": ratio, "reconstruct": reconstruct,
             "achieved_ratio": round(1 - count_parameters(model) / total, 4), "params": count_parameters(model),

@@ -31,10 +31,8 @@ def run(steps: int = 24, batch_size: int = 4, seq_len: int = 128, ratio: float =
     """Prune once, recover with every method for the same token budget; returns a JSON-able dict."""
     import torch
 
-    from prunellm.data import sample_calibration
     from prunellm.finetune import FineTuner
     from prunellm.options import DistillOptions, FinetuneData, PruneRecipe, RunOptions, TrainOptions
-    from prunellm.pruner import reconstruction_settings
     from prunellm.reconstruction import prune_with_reconstruction
     from prunellm.selection import SelectionConstraints, normalized_values, select_global
     from prunellm.units import count_parameters
@@ -51,12 +49,8 @@ def run(steps: int = 24, batch_size: int = 4, seq_len: int = 128, ratio: float =
     values = normalized_values(bench.units, scores, recipe.normalization)
     constraints = SelectionConstraints(min_kv_groups=recipe.min_kv_groups, round_to=recipe.round_to)
     kept = select_global(bench.units, values, scores, round(ratio * bench.total), constraints, bench.total).kept
-    settings = reconstruction_settings(recipe, seed)
-    recon_ids = None
-    if settings["mode"] != "none":
-        recon_ids = sample_calibration(tokenizer, CALIBRATION, settings["num_samples"], settings["seq_len"], settings["seed"])
     pruned = copy.deepcopy(base)
-    prune_with_reconstruction(pruned, kept, recon_ids, settings["mode"], recipe.reconstruct_damp)
+    prune_with_reconstruction(pruned, kept, bench.reconstruction_ids(recipe, seed), recipe.reconstruct, recipe.reconstruct_damp)
     rows = [{"method": "pruned (no recovery)", "params": count_parameters(pruned), "ppl": evaluate_ppl(pruned, token_sets)}]
     data = FinetuneData(dataset_name=CALIBRATION, num_samples=steps * batch_size, seq_len=seq_len, val_set_size=8)
     for name, use_lora, lr, alpha in METHODS:

@@ -41,6 +41,16 @@ class Stats:
     mean_loss: float | None = None
 
 
+class StopForward(Exception):
+    """Raised by a forward hook to end a model pass once it has seen what it needed."""
+
+
+def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """One decoder layer's output hidden states (layers return a tensor or a tuple led by it)."""
+    out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
 def batches_of(input_ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     """Split an (N, L) calibration tensor into micro-batches."""
     if batch_size < 1:

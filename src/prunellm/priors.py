@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import UnitKey, batches_of
+from .calibration import StopForward, UnitKey, batches_of, run_block
 from .errors import PrunellmError
 from .models import input_device
 from .specs import spec_for
@@ -104,11 +104,11 @@ def _ablated_losses(model: nn.Module, input_ids: torch.Tensor, target: Target, b
                         ablated_out = hidden
                     else:
                         with ablated(model, layer, target):
-                            ablated_out = _run_block(block, hidden, kwargs[layer])
+                            ablated_out = run_block(block, hidden, kwargs[layer])
                     for later in range(layer + 1, len(blocks)):
-                        ablated_out = _run_block(blocks[later], ablated_out, kwargs[later])
+                        ablated_out = run_block(blocks[later], ablated_out, kwargs[later])
                     totals[layer] += _next_token_loss(head(norm(ablated_out)), batch) * n
-                hidden = _run_block(block, hidden, kwargs[layer])
+                hidden = run_block(block, hidden, kwargs[layer])
             base_total += _next_token_loss(head(norm(hidden)), batch) * n
             count += n
     return base_total / count, [totals[i] / count for i in indices]
@@ -123,10 +123,6 @@ def _ablated_losses_full(model: nn.Module, input_ids: torch.Tensor, target: Targ
     return mean_loss(model, input_ids, batch_size), losses
 
 
-class _StopForward(Exception):
-    pass
-
-
 def _layer_inputs(model: nn.Module, blocks: nn.ModuleList, batch: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
     """The hidden states entering the first layer and the keyword arguments each layer receives (one batch)."""
     kwargs: list[dict] = [{} for _ in blocks]
@@ -138,23 +134,18 @@ def _layer_inputs(model: nn.Module, blocks: nn.ModuleList, batch: torch.Tensor) 
             if index == 0:
                 first.append(args[0] if args else kw["hidden_states"])
             if index == len(blocks) - 1:
-                raise _StopForward
+                raise StopForward
         return hook
 
     handles = [block.register_forward_pre_hook(capture(i), with_kwargs=True) for i, block in enumerate(blocks)]
     try:
         model(input_ids=batch, use_cache=False)
-    except _StopForward:
+    except StopForward:
         pass
     finally:
         for handle in handles:
             handle.remove()
     return first[0], kwargs
-
-
-def _run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    out = block(hidden, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
 
 
 def _next_token_loss(logits: torch.Tensor, batch: torch.Tensor) -> float:

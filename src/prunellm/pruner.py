@@ -224,6 +224,13 @@ def reconstruction_settings(recipe: PruneRecipe, seed: int) -> dict[str, Any]:
     }
 
 
+def reconstruction_calibration(tokenizer, settings: dict[str, Any]) -> torch.Tensor | None:
+    """The calibration windows that :func:`reconstruction_settings` names (``None`` when it reconstructs nothing)."""
+    if settings["mode"] == "none":
+        return None
+    return sample_calibration(tokenizer, settings["dataset"], settings["num_samples"], settings["seq_len"], settings["seed"])
+
+
 def apply_plan_with_reconstruction(model: nn.Module, tokenizer, plan: Plan) -> dict[str, Any]:
     """Surgery as the plan says, with the plan's reconstruction; returns the reconstruction report."""
     settings = plan.reconstruction or {"mode": "none"}
@@ -233,9 +240,8 @@ def apply_plan_with_reconstruction(model: nn.Module, tokenizer, plan: Plan) -> d
             f"this version refits with {SOLVER} and would not reproduce its weights: prune again without --plan "
             "to make a new plan"
         )
-    ids = None
-    if settings["mode"] != "none":
-        ids = sample_calibration(tokenizer, settings["dataset"], settings["num_samples"], settings["seq_len"], settings["seed"])
+    ids = reconstruction_calibration(tokenizer, settings)
+    if ids is not None:
         if settings.get("hash") and settings["hash"] != tensor_hash(ids):
             raise PrunellmError(
                 f"the plan's reconstruction calibration ({settings['dataset']}) tokenizes differently here "

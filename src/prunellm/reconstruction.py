@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import UnitKey, batches_of
+from .calibration import StopForward, UnitKey, batches_of, run_block
 from .errors import PrunellmError
 from .hf_modeling import BIAS_COMPENSATION_KEY
 from .models import input_device
@@ -63,10 +63,6 @@ class ReconstructionReport:
     layers: list[dict] = field(default_factory=list)
 
 
-class _StopForward(Exception):
-    pass
-
-
 def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int) -> tuple[list[torch.Tensor], list[dict]]:
     """Hidden states entering decoder layer 0 and the keyword arguments every layer receives, per batch."""
     layer0 = decoder_layers(model)[0]
@@ -75,7 +71,7 @@ def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: 
     def hook(module, args, kwargs):
         hidden.append((args[0] if args else kwargs.pop("hidden_states")).detach())
         kwargs_list.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
-        raise _StopForward
+        raise StopForward
 
     handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
     device = input_device(model)
@@ -84,7 +80,7 @@ def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: 
             for batch in batches_of(input_ids, batch_size):
                 try:
                     model(input_ids=batch.to(device), use_cache=False)
-                except _StopForward:
+                except StopForward:
                     pass
     finally:
         handle.remove()
@@ -92,12 +88,8 @@ def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: 
 
 
 def _run_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs_list: list[dict]) -> list[torch.Tensor]:
-    out = []
     with torch.no_grad():
-        for h, kw in zip(hidden, kwargs_list):
-            result = layer(h, **kw)
-            out.append(result[0] if isinstance(result, tuple) else result)
-    return out
+        return [run_block(layer, h, kw) for h, kw in zip(hidden, kwargs_list)]
 
 
 def _collect_input_stats(
