@@ -120,6 +120,7 @@ def test_existing_output_is_refused_without_overwrite(workspace, capsys):
         (["--freeze_first_n_layers", "3"], "no layer that may be pruned"),
         (["--taylor_seq_len", "100000"], "--seq_len"),
         (["--reconstruct_damp", "often"], "--reconstruct_damp"),
+        (["--reconstruct_dataset", "no_such_corpus"], "--reconstruct_dataset 'no_such_corpus'"),
     ],
 )
 def test_bad_input_gives_one_line(workspace, capsys, extra, expected):

@@ -17,7 +17,7 @@ from prunellm.errors import PrunellmError
 
 UNKNOWN_MESSAGE = (
     "--dataset 'foo' is not a known dataset or an existing file or folder: use one of shakespeare, wikitext2, "
-    "ptb, c4, or a local .txt/.json/.jsonl/.parquet file or folder"
+    "ptb, c4, a local .txt/.json/.jsonl/.parquet file or folder, or a mixture joined by '+'"
 )
 
 
@@ -217,6 +217,29 @@ def test_sample_calibration_errors(word_tokenizer, tmp_path):
     _raises(["--num_samples", "0"], data.sample_calibration, word_tokenizer, str(short), 0, 4, 0)
     _raises(["--seq_len", "-1"], data.sample_calibration, word_tokenizer, str(short), 2, -1, 0)
     _raises(["--calib", "'nope'"], data.sample_calibration, word_tokenizer, "nope", 2, 4, 0, flag="--calib")
+
+
+def test_mixture_draws_an_equal_share_of_windows_from_each_text(word_tokenizer, tmp_path):
+    kings, queens = tmp_path / "kings.txt", tmp_path / "queens.txt"
+    kings.write_text("the king is here " * 50)
+    queens.write_text("a queen was there " * 50)
+    mixture = f"{kings}+{queens}"
+    ids = data.sample_calibration(word_tokenizer, mixture, 5, 8, seed=0)
+    assert ids.shape == (5, 8)
+    # 3 windows of the first text, then 2 of the second, each as that text alone would give them
+    assert torch.equal(ids[:3], data.sample_calibration(word_tokenizer, str(kings), 3, 8, seed=0))
+    assert torch.equal(ids[3:], data.sample_calibration(word_tokenizer, str(queens), 2, 8, seed=0))
+    assert torch.equal(ids, data.sample_calibration(word_tokenizer, mixture, 5, 8, seed=0))
+    info = data.describe_source(mixture, "train")
+    assert info["kind"] == "mixture" and [part["files"] for part in info["sources"]] == [[str(kings)], [str(queens)]]
+    assert data.load_text(mixture, "train") == kings.read_text() + "\n\n" + queens.read_text()
+    _raises(["--dataset", "mixes 2 texts", "at least 2"], data.sample_calibration, word_tokenizer, mixture, 1, 8, 0)
+    _raises(["--dataset", "not a valid mixture"], data.sample_calibration, word_tokenizer, f"{kings}++{queens}", 2, 8, 0)
+    _raises(["--dataset", "not a valid mixture"], data.sample_calibration, word_tokenizer, f"{kings}+{kings}", 2, 8, 0)
+    _raises(["--reconstruct_dataset", "'nope'"], data.describe_source, f"{kings}+nope", "train", flag="--reconstruct_dataset")
+    plus = tmp_path / "a+b.txt"  # an existing path with a '+' is a file, not a mixture
+    plus.write_text("the king is here " * 50)
+    assert data.mixture_parts(str(plus)) == [str(plus)]
 
 
 def test_tensor_hash():

@@ -170,3 +170,23 @@ def test_reconstructed_checkpoint_loads_both_ways(mode, tmp_path):
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "m", trust_remote_code=True).eval()
     torch.testing.assert_close(theirs(ids[:2]).logits, logits, rtol=0, atol=0)
     assert count_parameters(theirs) == count_parameters(model)
+
+
+def test_layer_inputs_follow_each_layers_own_mask_with_mixed_layer_types():
+    """Sliding-window and full-attention layers get different masks: replaying the layers from the captured
+    inputs must reproduce the model's own hidden states (with layer 0's arguments everywhere it would not)."""
+    from prunellm.calibration import run_block
+    from prunellm.reconstruction import capture_layer_inputs
+
+    model = make_tiny_model("qwen2", num_hidden_layers=3, use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    assert model.config.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
+    ids = calibration_ids(n=4, length=24)
+    with torch.no_grad():
+        expected = model(ids, output_hidden_states=True).hidden_states  # embeddings, after layer 0, 1, (norm)
+    hidden, kwargs = capture_layer_inputs(model, ids, batch_size=2)
+    layers = decoder_layers(model)
+    with torch.no_grad():
+        own = torch.cat([run_block(layers[1], run_block(layers[0], h, kw[0]), kw[1]) for h, kw in zip(hidden, kwargs)])
+        first_only = torch.cat([run_block(layers[1], run_block(layers[0], h, kw[0]), kw[0]) for h, kw in zip(hidden, kwargs)])
+    torch.testing.assert_close(own, expected[2], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(first_only, expected[2], atol=1e-3)

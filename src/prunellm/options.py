@@ -166,7 +166,9 @@ class PruneRecipe(_Options):
     normalization: Literal["none", "block", "layer"] = Field(
         "block", description="divide importance/cost by its block's (or layer's) mean before global ranking"
     )
-    dataset: str = Field("shakespeare", description="calibration text: shakespeare, wikitext2, ptb, c4 or a local file/folder")
+    dataset: str = Field(
+        "shakespeare", description="calibration text: shakespeare, wikitext2, ptb, c4, a local file/folder, or a mixture a+b"
+    )
     taylor_num_samples: int = Field(128, description="calibration windows for scoring")
     taylor_seq_len: int = Field(128, description="tokens per calibration window")
     gradient_batch_size: int = Field(4, description="calibration windows per forward(+backward) pass")
@@ -183,6 +185,9 @@ class PruneRecipe(_Options):
     use_gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory)")
     reconstruct: Literal["none", "bias", "lstsq"] = Field(
         "lstsq", description="retraining-free compensation of o_proj/down_proj after pruning: none, bias (FLAP), lstsq"
+    )
+    reconstruct_dataset: str | None = Field(
+        None, description="calibration text for reconstruction (default: --dataset); a mixture a+b generalises best"
     )
     reconstruct_num_samples: int = Field(64, description="calibration windows for reconstruction")
     reconstruct_seq_len: int = Field(128, description="tokens per reconstruction window")

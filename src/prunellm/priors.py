@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import StopForward, UnitKey, batches_of, run_block
+from .calibration import UnitKey, batches_of, capture_block_inputs, run_block
 from .errors import PrunellmError
 from .models import input_device
 from .specs import spec_for
@@ -96,7 +96,7 @@ def _ablated_losses(model: nn.Module, input_ids: torch.Tensor, target: Target, b
     with torch.no_grad():
         for batch in tqdm(list(batches_of(input_ids, batch_size)), desc=f"{target} ablation", leave=False):
             batch = batch.to(input_device(model))
-            hidden, kwargs = _layer_inputs(model, blocks, batch)
+            hidden, kwargs = capture_block_inputs(model, blocks, batch)
             n = batch.shape[0] * (batch.shape[1] - 1)
             for layer, block in enumerate(blocks):
                 if layer in wanted:
@@ -121,31 +121,6 @@ def _ablated_losses_full(model: nn.Module, input_ids: torch.Tensor, target: Targ
         with ablated(model, layer, target):
             losses.append(mean_loss(model, input_ids, batch_size))
     return mean_loss(model, input_ids, batch_size), losses
-
-
-def _layer_inputs(model: nn.Module, blocks: nn.ModuleList, batch: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
-    """The hidden states entering the first layer and the keyword arguments each layer receives (one batch)."""
-    kwargs: list[dict] = [{} for _ in blocks]
-    first: list[torch.Tensor] = []
-
-    def capture(index: int):
-        def hook(module, args, kw):
-            kwargs[index] = {k: v for k, v in kw.items() if k != "hidden_states"}
-            if index == 0:
-                first.append(args[0] if args else kw["hidden_states"])
-            if index == len(blocks) - 1:
-                raise StopForward
-        return hook
-
-    handles = [block.register_forward_pre_hook(capture(i), with_kwargs=True) for i, block in enumerate(blocks)]
-    try:
-        model(input_ids=batch, use_cache=False)
-    except StopForward:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    return first[0], kwargs
 
 
 def _next_token_loss(logits: torch.Tensor, batch: torch.Tensor) -> float:

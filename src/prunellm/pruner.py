@@ -215,7 +215,7 @@ def reconstruction_settings(recipe: PruneRecipe, seed: int) -> dict[str, Any]:
         return {"mode": "none"}
     return {
         "mode": recipe.reconstruct,
-        "dataset": recipe.dataset,
+        "dataset": recipe.reconstruct_dataset or recipe.dataset,
         "num_samples": recipe.reconstruct_num_samples,
         "seq_len": recipe.reconstruct_seq_len,
         "damp": recipe.reconstruct_damp,
@@ -228,7 +228,9 @@ def reconstruction_calibration(tokenizer, settings: dict[str, Any]) -> torch.Ten
     """The calibration windows that :func:`reconstruction_settings` names (``None`` when it reconstructs nothing)."""
     if settings["mode"] == "none":
         return None
-    return sample_calibration(tokenizer, settings["dataset"], settings["num_samples"], settings["seq_len"], settings["seed"])
+    return sample_calibration(
+        tokenizer, settings["dataset"], settings["num_samples"], settings["seq_len"], settings["seed"], flag="--reconstruct_dataset"
+    )
 
 
 def apply_plan_with_reconstruction(model: nn.Module, tokenizer, plan: Plan) -> dict[str, Any]:
@@ -444,8 +446,12 @@ def prune(
     def make_plan(model: nn.Module, tokenizer, tmp: Path) -> tuple[Plan, list[dict]]:
         if recipe.plan:
             return load_plan_for(model, recipe), []
+        settings = reconstruction_settings(recipe, run.seed)
+        if settings["mode"] != "none":  # a bad --reconstruct_dataset fails now, not after scoring
+            flag = "--reconstruct_dataset" if recipe.reconstruct_dataset else "--dataset"
+            settings["source"] = describe_source(settings["dataset"], "train", flag=flag)
         plan, table = score_and_plan(model, tokenizer, recipe, run, tmp)
-        plan.reconstruction = reconstruction_settings(recipe, run.seed)
+        plan.reconstruction = settings
         return plan, table
 
     name = recipe.output_name or default_output_name(recipe)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import StopForward, UnitKey, batches_of, run_block
+from .calibration import StopForward, UnitKey, batches_of, capture_block_inputs, run_block
 from .errors import PrunellmError
 from .hf_modeling import BIAS_COMPENSATION_KEY
 from .models import input_device
@@ -63,39 +63,31 @@ class ReconstructionReport:
     layers: list[dict] = field(default_factory=list)
 
 
-def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int) -> tuple[list[torch.Tensor], list[dict]]:
-    """Hidden states entering decoder layer 0 and the keyword arguments every layer receives, per batch."""
-    layer0 = decoder_layers(model)[0]
-    hidden, kwargs_list = [], []
+def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int) -> tuple[list[torch.Tensor], list[list[dict]]]:
+    """Hidden states entering decoder layer 0, per batch, and the keyword arguments each layer receives, per batch.
 
-    def hook(module, args, kwargs):
-        hidden.append((args[0] if args else kwargs.pop("hidden_states")).detach())
-        kwargs_list.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
-        raise StopForward
-
-    handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
+    Every layer's own arguments are kept: models that mix sliding-window and full-attention layers pass them
+    different masks.
+    """
+    layers = decoder_layers(model)
     device = input_device(model)
-    try:
-        with torch.no_grad():
-            for batch in batches_of(input_ids, batch_size):
-                try:
-                    model(input_ids=batch.to(device), use_cache=False)
-                except StopForward:
-                    pass
-    finally:
-        handle.remove()
+    hidden, kwargs_list = [], []
+    for batch in batches_of(input_ids, batch_size):
+        first, per_layer = capture_block_inputs(model, layers, batch.to(device))
+        hidden.append(first.detach())
+        kwargs_list.append(per_layer)
     return hidden, kwargs_list
 
 
-def _run_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs_list: list[dict]) -> list[torch.Tensor]:
+def _run_layer(layer: nn.Module, index: int, hidden: list[torch.Tensor], kwargs_list: list[list[dict]]) -> list[torch.Tensor]:
     with torch.no_grad():
-        return [run_block(layer, h, kw) for h, kw in zip(hidden, kwargs_list)]
+        return [run_block(layer, h, kw[index]) for h, kw in zip(hidden, kwargs_list)]
 
 
 def _collect_input_stats(
-    layer: nn.Module, path: str, hidden: list[torch.Tensor], kwargs_list: list[dict], need_gram: bool, folds: int = 1
+    layer: nn.Module, index: int, path: str, hidden: list[torch.Tensor], kwargs_list: list[list[dict]], need_gram: bool, folds: int = 1
 ) -> InputStats:
-    """Run the layer over every batch, accumulating Σx (and XᵀX) of ``path``'s input.
+    """Run the layer up to ``path`` over every batch, accumulating Σx (and XᵀX) of ``path``'s input.
 
     Each batch's XᵀX is computed in float32 (fast BLAS) and summed into a float64 accumulator; with ``folds`` > 1
     batch b also goes to fold b mod ``folds`` (the total Gram is their sum).
@@ -118,10 +110,16 @@ def _collect_input_stats(
             stats.gram += (x.T @ x).double().cpu()
         stats.tokens += x.shape[0]
         calls[0] += 1
+        raise StopForward  # the rest of the layer is not needed (for o_proj: the whole MLP)
 
     handle = linear.register_forward_pre_hook(hook)
     try:
-        _run_layer(layer, hidden, kwargs_list)
+        with torch.no_grad():
+            for h, kw in zip(hidden, kwargs_list):
+                try:
+                    run_block(layer, h, kw[index])
+                except StopForward:
+                    pass
     finally:
         handle.remove()
     if stats.fold_grams is not None:
@@ -129,13 +127,45 @@ def _collect_input_stats(
     return stats
 
 
-def _output_error(gram: torch.Tensor, weight: torch.Tensor, new_weight: torch.Tensor, kept: torch.Tensor) -> tuple[float, float]:
-    """(‖X Wᵀ − X_S W'ᵀ‖², ‖X Wᵀ‖²) through the Gram matrix, in float64."""
-    w, wn = weight.double(), new_weight.double()
-    target_sq = float(torch.einsum("oi,ij,oj->", w, gram, w))
-    fit = float((wn * (gram[kept] @ w.T).T).sum())  # tr(W' H_S,: Wᵀ)
-    own = float(torch.einsum("ok,kl,ol->", wn, gram[kept][:, kept], wn))
-    return target_sq - 2 * fit + own, target_sq
+@dataclass
+class _System:
+    """One Gram matrix H seen from a projection W and its kept columns S: what solving and scoring a refit needs."""
+
+    h_ss: torch.Tensor  # H_SS (k, k)
+    rhs: torch.Tensor  # H_S,: Wᵀ (k, out)
+    target_sq: float  # ‖X Wᵀ‖² = tr(W H Wᵀ)
+
+    @classmethod
+    def build(cls, gram: torch.Tensor, weight: torch.Tensor, kept: torch.Tensor) -> "_System":
+        w = weight.double()
+        rows = gram[kept]
+        return cls(rows[:, kept], rows @ w.T, float(((w @ gram) * w).sum()))
+
+    def __sub__(self, other: "_System") -> "_System":
+        return _System(self.h_ss - other.h_ss, self.rhs - other.rhs, self.target_sq - other.target_sq)
+
+    def error(self, new_weight: torch.Tensor) -> float:
+        """‖X Wᵀ − X_S W'ᵀ‖² = tr(W H Wᵀ) − 2 tr(W' H_S,: Wᵀ) + tr(W' H_SS W'ᵀ)."""
+        wn = new_weight.double()
+        return self.target_sq - 2 * float((wn.T * self.rhs).sum()) + float(((wn @ self.h_ss) * wn).sum())
+
+    def solve(self, original: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+        """Ridge refit toward ``original`` (W_S, (out, k)); returns (W'_S, damping actually used)."""
+        scale = float(self.h_ss.diagonal().mean()) or 1.0
+        anchor = original.double().T  # (k, out)
+        lam = damp
+        for _ in range(8):
+            system = self.h_ss + lam * scale * torch.eye(len(self.h_ss), dtype=torch.float64)
+            factor, info = torch.linalg.cholesky_ex(system)
+            pivots = factor.diagonal().abs()
+            # a factorisation that "succeeds" on a numerically singular system has a vanishing pivot
+            well_conditioned = int(info) == 0 and float((pivots.min() / pivots.max()) ** 2) > 1e-12
+            if well_conditioned:
+                solution = torch.cholesky_solve(self.rhs + lam * scale * anchor, factor).T  # (out, k)
+                if torch.isfinite(solution).all():
+                    return solution, lam
+            lam = max(lam * 10, 1e-6)
+        raise PrunellmError(f"least-squares reconstruction stayed singular up to damping {lam:g}: raise --reconstruct_damp")
 
 
 def solve_lstsq(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
@@ -145,24 +175,7 @@ def solve_lstsq(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, da
     staying near the original kept columns W_S (λ = damp · mean(diag H_SS); raised automatically while the system
     is numerically singular).
     """
-    h_ss = gram[kept][:, kept]
-    w = weight.double()
-    fit_rhs = gram[kept] @ w.T  # (k, out)
-    original = w[:, kept].T  # (k, out)
-    scale = float(h_ss.diagonal().mean()) or 1.0
-    lam = damp
-    for _ in range(8):
-        system = h_ss + lam * scale * torch.eye(len(kept), dtype=torch.float64)
-        factor, info = torch.linalg.cholesky_ex(system)
-        pivots = factor.diagonal().abs()
-        # a factorisation that "succeeds" on a numerically singular system has a vanishing pivot
-        well_conditioned = int(info) == 0 and float((pivots.min() / pivots.max()) ** 2) > 1e-12
-        if well_conditioned:
-            solution = torch.cholesky_solve(fit_rhs + lam * scale * original, factor).T  # (out, k)
-            if torch.isfinite(solution).all():
-                return solution, lam
-        lam = max(lam * 10, 1e-6)
-    raise PrunellmError(f"least-squares reconstruction stayed singular up to damping {lam:g}: raise --reconstruct_damp")
+    return _System.build(gram, weight, kept).solve(weight[:, kept], damp)
 
 
 def choose_damp(weight: torch.Tensor, fold_grams: list[torch.Tensor], kept: torch.Tensor) -> tuple[float | None, dict]:
@@ -171,16 +184,19 @@ def choose_damp(weight: torch.Tensor, fold_grams: list[torch.Tensor], kept: torc
     Returns ``(None, errors)`` when no λ beats leaving the kept columns as they are on the held-out folds.
     """
     w = weight.cpu()
-    total = sum(fold_grams[1:], fold_grams[0].clone())
+    folds = [_System.build(gram, w, kept) for gram in fold_grams]  # each fold's products once, not once per λ
+    total = folds[0]
+    for fold in folds[1:]:
+        total = _System(total.h_ss + fold.h_ss, total.rhs + fold.rhs, total.target_sq + fold.target_sq)
     plain = w[:, kept]
     cv = dict.fromkeys(DAMP_GRID, 0.0)
     baseline = 0.0
-    for held_out in fold_grams:
+    for held_out in folds:
         train = total - held_out
-        baseline += _output_error(held_out, w, plain, kept)[0]
+        baseline += held_out.error(plain)
         for damp in DAMP_GRID:
-            solution, _ = solve_lstsq(w, train, kept, damp)
-            cv[damp] += _output_error(held_out, w, solution, kept)[0]
+            solution, _ = train.solve(plain, damp)
+            cv[damp] += held_out.error(solution)
     best = min(cv, key=cv.get)
     errors = {"cv_error_no_refit": baseline, "cv_error": {str(k): v for k, v in cv.items()}}
     return (best if cv[best] < baseline else None), errors
@@ -212,8 +228,8 @@ def compensate_projection(
                 f"{kept_columns.numel()} kept input columns of a projection: use at least {kept_columns.numel()} tokens"
             )
         w = weight.cpu()
-        baseline, total = _output_error(stats.gram, w, new_weight.cpu(), kept_columns)
-        total = total or 1.0
+        system = _System.build(stats.gram, w, kept_columns)
+        baseline, total = system.error(new_weight.cpu()), system.target_sq or 1.0
         if damp == "auto":
             if not stats.fold_grams:
                 raise PrunellmError("--reconstruct_damp auto needs per-fold statistics (collect them with folds=2)")
@@ -223,8 +239,8 @@ def compensate_projection(
                 report.update(damp=None, error_before=baseline / total, error_after=baseline / total, kept_original=True)
                 return new_weight, new_bias, report
             damp = chosen
-        solution, used = solve_lstsq(w, stats.gram, kept_columns, float(damp))
-        refit, _ = _output_error(stats.gram, w, solution, kept_columns)
+        solution, used = system.solve(w[:, kept_columns], float(damp))
+        refit = system.error(solution)
         report.update(damp=used, error_before=baseline / total, error_after=min(refit, baseline) / total)
         if refit < baseline:
             new_weight = solution.to(weight.dtype).to(weight.device)
@@ -272,7 +288,7 @@ def prune_with_reconstruction(
                 continue
             # statistics of the projection's input with the attention of this layer already pruned
             folds = 2 if mode == "lstsq" and damp == "auto" else 1
-            stats = _collect_input_stats(layer, proj, hidden, kwargs_list, need_gram=(mode == "lstsq"), folds=folds)
+            stats = _collect_input_stats(layer, index, proj, hidden, kwargs_list, need_gram=(mode == "lstsq"), folds=folds)
             keep = torch.as_tensor(sorted(kept[key]), dtype=torch.long)
             width = next(s.width for s in units.slices if s.module == proj)
             new_weight, new_bias, entry[kind] = compensate_projection(
@@ -285,7 +301,7 @@ def prune_with_reconstruction(
             if new_bias is not None:
                 projection.bias = nn.Parameter(new_bias, requires_grad=projection.weight.requires_grad)
                 compensated = True
-        hidden = _run_layer(layer, hidden, kwargs_list)  # the next layer sees this layer's pruned output
+        hidden = _run_layer(layer, index, hidden, kwargs_list)  # the next layer sees this layer's pruned output
         report.layers.append(entry)
     if compensated:
         # o_proj/down_proj may now carry a bias their family's config does not build: the checkpoint must
