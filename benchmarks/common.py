@@ -1,8 +1,9 @@
 """What every quality benchmark shares: the evaluation texts, the PPL protocols and one evaluation function.
 
-Calibration always comes from the Shakespeare *train* plays (``prunellm.data.sample_calibration``); evaluation
-uses WikiText-2 test (``../shared/data/wikitext-2/test.txt`` where it exists: it is never copied into the project)
-and the held-out Shakespeare plays. The two never overlap.
+Calibration comes from the Shakespeare *train* plays (``prunellm.data.sample_calibration``), and for the rows that
+say so, reconstruction from a mixture of those plays and WikiText-2 *validation*; evaluation uses WikiText-2 test
+(``../shared/data/wikitext-2/{valid,test}.txt`` where they exist: never copied into the project) and the held-out
+Shakespeare plays. Calibration and evaluation text never overlap.
 """
 
 from __future__ import annotations
@@ -18,14 +19,24 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2" / "test.txt"
+WIKITEXT_VALID = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 MODEL = "smollm2-135m"
 CALIBRATION = "shakespeare"
+MIXED_CALIBRATION_LABEL = "Shakespeare train + WikiText-2 validation"
+
+
+def mixed_calibration() -> str | None:
+    """``--reconstruct_dataset`` of the rows that reconstruct on a two-domain mixture (Shakespeare train plays +
+    WikiText-2 *validation*, never the test text), or ``None`` where WikiText-2 is absent."""
+    return f"{CALIBRATION}+{WIKITEXT_VALID}" if WIKITEXT_VALID.is_file() else None
+
+
 log = logging.getLogger("benchmarks")
-# (text, protocol, windows): PPL@128 over 32 non-overlapping windows of both texts; PPL 2048/512 (2048-token
+# (text, protocol, windows): PPL@128 over 24 non-overlapping windows of both texts; PPL 2048/512 (2048-token
 # windows, stride 512, the literature's WikiText-2 protocol) over the first 2 windows of WikiText-2 test
 EVALUATIONS: tuple[tuple[str, str, int], ...] = (
-    ("wikitext2_test", "128", 32),
-    ("shakespeare_eval", "128", 32),
+    ("wikitext2_test", "128", 24),
+    ("shakespeare_eval", "128", 24),
     ("wikitext2_test", "2048/512", 2),
 )
 
@@ -110,6 +121,12 @@ class Shared:
                 self.scores[(c, num_samples)] = (get_criterion(c).score(self.base, self.units, stats, CriterionOptions(seed=seed)), seconds)
             log.info("scored %s on %d windows in %.1f s", ", ".join(missing), num_samples, seconds)
         return {c: self.scores[(c, num_samples)] for c in criteria}
+
+
+def pruned_key(criterion: str, ratio: float, reconstruct: str) -> tuple:
+    """Key of :attr:`Shared.cache` under which a section leaves a model pruned with ``prunellm prune``'s defaults
+    (``criterion``, global selection, ``ratio`` of all parameters, ``reconstruct``) and its evaluation row."""
+    return ("pruned", criterion, round(ratio, 4), reconstruct)
 
 
 @functools.cache

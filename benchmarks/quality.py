@@ -12,6 +12,9 @@ Taylor criteria, every ratio and the other sections of the run (:class:`benchmar
 * ``reconstruct``: taylor with ``--reconstruct lstsq`` at the three ratios and ``bias`` at 20 %;
 * ``reconstruct_mlp``: 20 % of every layer's MLP channels (Taylor, MLP only) with none / bias / lstsq — the
   reconstruction issue's first budget (its second is 20 % of all parameters, the rows above);
+* ``reconstruct_mix``: both budgets again with lstsq reconstruction calibrated on the mixture
+  ``shakespeare+<WikiText-2 validation>`` (``--reconstruct_dataset``; the same Taylor selection): calibration on one
+  narrow text specialises the refit to it, a two-domain calibration carries over to both held-out texts;
 * ``layerwise``: ``--allocation layerwise`` (layer_pruning.py defaults: removal importance, inverse strategy) at 20 %;
 * ``calibration``: taylor at 20 % scored on 8 and 32 windows (128 is the grid's).
 """
@@ -24,7 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import CALIBRATION, MODEL, evaluate_ppl, protocol_text, shared
+from benchmarks.common import CALIBRATION, MIXED_CALIBRATION_LABEL, MODEL, evaluate_ppl, mixed_calibration, protocol_text, pruned_key, shared
+from benchmarks.headline import SINGLE_TEXT_CALIBRATION
 
 log = logging.getLogger("benchmarks.quality")
 
@@ -66,11 +70,14 @@ def run(criteria: tuple[str, ...] = CRITERIA, ratios: tuple[float, ...] = RATIOS
         stats = collect_stats(base, ids, units, recipe)
         return get_criterion(criterion).score(base, units, stats, CriterionOptions(seed=run_options.seed)), round(time.perf_counter() - t0, 1)
 
-    def measure(group: str, label: str, kept, ratio: float, reconstruct: str = "none", **extra) -> None:
+    def measure(group: str, label: str, kept, ratio: float, reconstruct: str = "none", share: str | None = None,
+                reconstruct_dataset: str | None = None, **extra) -> None:  # fmt: skip
         model = copy.deepcopy(base)
         t0 = time.perf_counter()
-        recon_ids = bench.reconstruction_ids(defaults.model_copy(update={"reconstruct": reconstruct}), run_options.seed)
-        prune_with_reconstruction(model, kept, recon_ids, reconstruct, defaults.reconstruct_damp)
+        recipe = defaults.model_copy(update={"reconstruct": reconstruct, "reconstruct_dataset": reconstruct_dataset})
+        prune_with_reconstruction(model, kept, bench.reconstruction_ids(recipe, run_options.seed), reconstruct, defaults.reconstruct_damp)
+        if reconstruct != "none":
+            extra["reconstruct_calibration"] = MIXED_CALIBRATION_LABEL if reconstruct_dataset else SINGLE_TEXT_CALIBRATION
         row = {
             "group": group, "label": label, "target_ratio": ratio, "reconstruct": reconstruct,
             "achieved_ratio": round(1 - count_parameters(model) / total, 4), "params": count_parameters(model),
@@ -80,6 +87,8 @@ def run(criteria: tuple[str, ...] = CRITERIA, ratios: tuple[float, ...] = RATIOS
         row["ratio_to_dense"] = {k: round(v / dense[k], 3) for k, v in row["ppl"].items()}
         log.info("%s %s @%.2f (%s): %s", group, label, ratio, reconstruct, row["ppl"])
         rows.append(row)
+        if share is not None:  # the recovery section starts from this model (what `prunellm prune` gives)
+            bench.cache[pruned_key(share, ratio, reconstruct)] = (model, row)
         del model
 
     def kept_global(values, scores, ratio: float, subset=None):
@@ -106,15 +115,22 @@ def run(criteria: tuple[str, ...] = CRITERIA, ratios: tuple[float, ...] = RATIOS
             measure("prior", "taylor T=1", kept_global(prior_values, scores, ratio), ratio, prior_seconds=prior_seconds)
         for ratio in ratios:
             budget = {"budget": "total_20pct"} if ratio == 0.2 else {}
-            measure("reconstruct", "taylor + lstsq", kept_global(values, scores, ratio), ratio, reconstruct="lstsq", **budget)
+            measure("reconstruct", "taylor + lstsq", kept_global(values, scores, ratio), ratio, reconstruct="lstsq", share="taylor", **budget)
         measure("reconstruct", "taylor + bias", kept_global(values, scores, 0.2), 0.2, reconstruct="bias", budget="total_20pct")
         mlp_units = [u for u in units if u.kind == "mlp_channel"]
         mlp_scores = {key: value for key, value in scores.items() if key[1] == "mlp_channel"}
         mlp_values = normalized_values(mlp_units, mlp_scores, defaults.normalization)
         mlp_ratio = 0.2 * sum(u.cost * u.count for u in mlp_units) / total  # as many parameters as 20 % of all MLP channels, ranked globally
+        kept_mlp = kept_global(mlp_values, mlp_scores, mlp_ratio, mlp_units)
         for mode in ("none", "bias", "lstsq"):
-            measure("reconstruct_mlp", "taylor, 20 % of MLP channels", kept_global(mlp_values, mlp_scores, mlp_ratio, mlp_units),
-                    round(mlp_ratio, 4), reconstruct=mode, budget="mlp_20pct_channels")  # fmt: skip
+            measure("reconstruct_mlp", "taylor, 20 % of MLP channels", kept_mlp, round(mlp_ratio, 4), reconstruct=mode,
+                    budget="mlp_20pct_channels")  # fmt: skip
+        mixture = mixed_calibration()
+        if mixture:  # the same selections, reconstructed on two domains (32 + 32 windows)
+            measure("reconstruct_mix", "taylor, 20 % of MLP channels", kept_mlp, round(mlp_ratio, 4), reconstruct="lstsq",
+                    reconstruct_dataset=mixture, budget="mlp_20pct_channels")  # fmt: skip
+            measure("reconstruct_mix", "taylor + lstsq", kept_global(values, scores, 0.2), 0.2, reconstruct="lstsq",
+                    reconstruct_dataset=mixture, budget="total_20pct")  # fmt: skip
         for num_samples in SENSITIVITY_SAMPLES:
             few_scores, few_seconds = scores_for("taylor", num_samples)
             few_values = normalized_values(units, few_scores, defaults.normalization)
