@@ -276,6 +276,9 @@ def measure(criterion: str, target_params: int, num_samples: int = 32, seq_len: 
         from prunellm.models import load_model, load_tokenizer
 
         result["version"] = importlib.metadata.version("torch-pruning")  # tp.__version__ says 1.6.0 in 1.6.1
+        # one thread: the ratio search runs in a forked child, and a child forked after the OpenMP pool has run a
+        # parallel region hangs in its first one (measured: the search never finished with 2 threads)
+        torch.set_num_threads(1)
         torch.manual_seed(0)
         _importance(criterion)  # a bad name fails before the model loads
         tokenizer = load_tokenizer(MODEL)

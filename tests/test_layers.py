@@ -34,6 +34,24 @@ def test_prefix_reusing_ablation_equals_full_forward_ablation(family, target):
     torch.testing.assert_close(torch.tensor(deltas), torch.tensor(expected), rtol=1e-4, atol=1e-5)
 
 
+def test_ablation_deltas_are_computed_once_per_weights_and_calibration():
+    model = make_tiny_model("llama", num_hidden_layers=3)
+    ids = calibration_ids(n=4, length=16)
+    calls = []
+    handle = model.lm_head.register_forward_hook(lambda *a: calls.append(1))
+    first = ablation_deltas(model, ids, "layer")
+    n_calls = len(calls)
+    assert ablation_deltas(model, ids, "layer") == first and len(calls) == n_calls  # the prior and layerwise share it
+    ablation_deltas(model, calibration_ids(n=4, length=16, seed=1), "layer")  # other windows: computed
+    assert len(calls) > n_calls
+    with torch.no_grad():
+        decoder_layers(model)[1].mlp.down_proj.weight.mul_(0.0)  # in place: the cached deltas are stale
+    n_calls = len(calls)
+    changed = ablation_deltas(model, ids, "layer")
+    assert len(calls) > n_calls and changed != first
+    handle.remove()
+
+
 @pytest.mark.parametrize("k", [0, 2])
 def test_removing_a_layer_equals_its_zero_output_ablation(family, k):
     model = make_tiny_model(family, num_hidden_layers=3)

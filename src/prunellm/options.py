@@ -263,7 +263,9 @@ class LayersRecipe(_Options):
     n_remove_layers: int | None = Field(None, description="number of decoder layers to remove")
     pruning_ratio: float | None = Field(None, description="or: fraction of total parameters (nearest whole number of layers)")
     iterative: bool = Field(False, description="re-score the remaining layers after each removal (SLEB style)")
-    dataset: str = Field("shakespeare", description="calibration text: shakespeare, wikitext2, ptb, c4 or a local file/folder")
+    dataset: str = Field(
+        "shakespeare", description="calibration text: shakespeare, wikitext2, ptb, c4, a local file/folder, or a mixture a+b"
+    )
     num_samples: int = Field(32, description="calibration windows")
     seq_len: int = Field(128, description="tokens per calibration window")
     batch_size: int = Field(4, description="calibration windows per forward pass")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from typing import Iterator, Literal
 
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import UnitKey, batches_of, capture_block_inputs, run_block
+from .data import tensor_hash
 from .errors import PrunellmError
 from .models import input_device
 from .specs import spec_for
@@ -78,11 +80,25 @@ def ablation_deltas(
     use full forward passes instead.
     """
     indices = list(range(len(decoder_layers(model)))) if layers is None else list(layers)
-    if getattr(model.config, "final_logit_softcapping", None):
-        base, losses = _ablated_losses_full(model, input_ids, target, batch_size, indices)
-    else:
-        base, losses = _ablated_losses(model, input_ids, target, batch_size, indices)
-    return [max(loss - base, 0.0) for loss in losses]
+    key = (target, batch_size, tuple(indices), tensor_hash(input_ids), _weights_version(model))
+    cached = _DELTAS.setdefault(model, {})
+    if key not in cached:  # the layer prior and the layerwise allocation ask for the same layer ablations
+        if getattr(model.config, "final_logit_softcapping", None):
+            base, losses = _ablated_losses_full(model, input_ids, target, batch_size, indices)
+        else:
+            base, losses = _ablated_losses(model, input_ids, target, batch_size, indices)
+        cached.clear()  # older weights' entries can never match again
+        cached[key] = [max(loss - base, 0.0) for loss in losses]
+    return list(cached[key])
+
+
+# model -> {(target, batch, layers, calibration hash, weights version): deltas}; weak, so no model is kept alive
+_DELTAS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _weights_version(model: nn.Module) -> tuple:
+    """Changes whenever a parameter is replaced, resized or modified in place (torch's version counter)."""
+    return tuple((p.data_ptr(), tuple(p.shape), p._version) for p in model.parameters())
 
 
 def _ablated_losses(model: nn.Module, input_ids: torch.Tensor, target: Target, batch_size: int, indices: list[int]) -> tuple[float, list[float]]:
