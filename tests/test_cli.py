@@ -84,6 +84,22 @@ def test_plan_replay_gives_the_identical_model(workspace):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_reconstruction_on_a_mixture_is_recorded_and_replayed(workspace):
+    other = workspace / "other.txt"
+    other.write_text(" ".join(reversed(TEXT.split())))
+    mixture = f"{workspace / 'text.txt'}+{other}"
+    assert main(_prune_args(workspace, "mix", "--importance_method", "magnitude", "--reconstruct_dataset", mixture,
+                            "--reconstruct_num_samples", "8", "--reconstruct_seq_len", "32")) == 0  # fmt: skip
+    plan = workspace / "results" / "mix" / "plan.json"
+    settings = json.loads(plan.read_text())["reconstruction"]
+    assert settings["dataset"] == mixture and settings["source"]["kind"] == "mixture" and settings["hash"]
+    assert [part["files"] for part in settings["source"]["sources"]] == [[str(workspace / "text.txt")], [str(other)]]
+    assert main(_prune_args(workspace, "mix_replay", "--plan", str(plan))) == 0
+    a = load_file(workspace / "results" / "mix" / "model" / "model.safetensors")
+    b = load_file(workspace / "results" / "mix_replay" / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_plan_from_an_earlier_lstsq_solver_is_refused(workspace, capsys):
     assert main(_prune_args(workspace, "oldsolver", "--importance_method", "magnitude")) == 0
     plan_path = workspace / "results" / "oldsolver" / "plan.json"
