@@ -115,7 +115,8 @@ def run(criteria: tuple[str, ...] = CRITERIA, ratios: tuple[float, ...] = RATIOS
             measure("prior", "taylor T=1", kept_global(prior_values, scores, ratio), ratio, prior_seconds=prior_seconds)
         for ratio in ratios:
             budget = {"budget": "total_20pct"} if ratio == 0.2 else {}
-            measure("reconstruct", "taylor + lstsq", kept_global(values, scores, ratio), ratio, reconstruct="lstsq", share="taylor", **budget)
+            share = "taylor" if ratio == 0.2 else None  # only the model the recovery section starts from stays in memory
+            measure("reconstruct", "taylor + lstsq", kept_global(values, scores, ratio), ratio, reconstruct="lstsq", share=share, **budget)
         measure("reconstruct", "taylor + bias", kept_global(values, scores, 0.2), 0.2, reconstruct="bias", budget="total_20pct")
         mlp_units = [u for u in units if u.kind == "mlp_channel"]
         mlp_scores = {key: value for key, value in scores.items() if key[1] == "mlp_channel"}

@@ -141,6 +141,9 @@ class _System:
         rows = gram[kept]
         return cls(rows[:, kept], rows @ w.T, float(((w @ gram) * w).sum()))
 
+    def __add__(self, other: "_System") -> "_System":
+        return _System(self.h_ss + other.h_ss, self.rhs + other.rhs, self.target_sq + other.target_sq)
+
     def __sub__(self, other: "_System") -> "_System":
         return _System(self.h_ss - other.h_ss, self.rhs - other.rhs, self.target_sq - other.target_sq)
 
@@ -185,9 +188,7 @@ def choose_damp(weight: torch.Tensor, fold_grams: list[torch.Tensor], kept: torc
     """
     w = weight.cpu()
     folds = [_System.build(gram, w, kept) for gram in fold_grams]  # each fold's products once, not once per λ
-    total = folds[0]
-    for fold in folds[1:]:
-        total = _System(total.h_ss + fold.h_ss, total.rhs + fold.rhs, total.target_sq + fold.target_sq)
+    total = sum(folds[1:], folds[0])
     plain = w[:, kept]
     cv = dict.fromkeys(DAMP_GRID, 0.0)
     baseline = 0.0
