@@ -4,6 +4,8 @@
   by ``block_influence`` and by ``ppl``, with the ``prunellm layers`` defaults (32×128 calibration windows);
 * width: ``prunellm prune`` with the default criterion (Taylor), normalisation and reconstruction, removing
   exactly the parameter count the depth runs removed, with ``--round_to`` 1, 8 and 64 (MLP widths multiples of N).
+  The round_to 8 and 64 rows are there for speed, which reconstruction does not change (it rewrites weights, not
+  shapes): they skip it and the 2048/512 protocol, and say so in their label.
 
 Speed is :func:`prunellm.evaluation.speed.measure` (greedy ``generate``, 128-token prompt, 32 new tokens, one
 warm-up, median of ``repeats``) at batch sizes 1 and 4 for the dense model and each pruned one, in this one
@@ -48,7 +50,7 @@ def run(ratio: float = 0.2, repeats: int = 3) -> dict:
     settings = SpeedSettings(batch_sizes=(1, 4), repeats=repeats)
     rows: list[dict] = []
 
-    def record(kind: str, label: str, model, extra: dict | None = None) -> None:
+    def record(kind: str, label: str, model, extra: dict | None = None, tier: str = "full") -> None:
         threads = torch.get_num_threads()
         torch.set_num_threads(SPEED_THREADS)  # one thread: the least disturbed timing on a shared 2-core machine
         try:
@@ -58,7 +60,7 @@ def run(ratio: float = 0.2, repeats: int = 3) -> dict:
         rows.append({
             "kind": kind, "label": label, "params": count_parameters(model),
             "achieved_ratio": round(1 - count_parameters(model) / total, 4), "layers": model.config.num_hidden_layers,
-            "ppl": bench.dense_ppl() if model is base else evaluate_ppl(model, bench.token_sets),
+            "ppl": bench.dense_ppl() if model is base else evaluate_ppl(model, bench.token_sets, tier),
             "speed": {str(r["batch_size"]): {"prefill": round(r["prefill_tokens_per_s"], 1), "decode": round(r["decode_tokens_per_s"], 1)} for r in speed},
             **(extra or {}),
         })  # fmt: skip
@@ -85,8 +87,10 @@ def run(ratio: float = 0.2, repeats: int = 3) -> dict:
         constraints = SelectionConstraints(min_kv_groups=width_recipe.min_kv_groups, round_to=round_to)
         selection = select_global(units, values, scores, total - depth_params, constraints, total)
         model = copy.deepcopy(base)
-        prune_with_reconstruction(model, selection.kept, recon_ids, width_recipe.reconstruct, width_recipe.reconstruct_damp)
-        record("width", f"taylor, round_to {round_to}", model, {"round_to": round_to, "reconstruct": width_recipe.reconstruct})
+        reconstruct = width_recipe.reconstruct if round_to == 1 else "none"  # speed rows: same shapes either way
+        prune_with_reconstruction(model, selection.kept, recon_ids, reconstruct, width_recipe.reconstruct_damp)
+        label = f"taylor, round_to {round_to}" + ("" if reconstruct == width_recipe.reconstruct else f", reconstruct {reconstruct}")
+        record("width", label, model, {"round_to": round_to, "reconstruct": reconstruct}, tier="full" if round_to == 1 else "128")
         del model
     dense_speed = rows[0]["speed"]
     for row in rows:
@@ -115,7 +119,7 @@ def render(section: dict) -> str:
     body = []
     for r in section["rows"]:
         cells = [f"{r['kind']}: {r['label']}", str(r["layers"]), f"{r['params']:,}", str(r["achieved_ratio"])]
-        cells += [str(r["ppl"][k]) for k in keys]
+        cells += [str(r["ppl"].get(k, "—")) for k in keys]
         for bs in ("1", "4"):
             for what in ("prefill", "decode"):
                 cells.append(f"{r['speed'][bs][what]} ({r['speedup'][bs][what]}×)")

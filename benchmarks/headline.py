@@ -172,7 +172,7 @@ def render_readme_depth_width(results: dict) -> str:
     body = []
     for r in section["rows"]:
         cells = [f"{r['kind']}: {r['label']}" if r["kind"] != "dense" else "dense", str(r["layers"]), f"{r['params']:,}"]
-        cells += [str(r["ppl"][k]) for k in keys]
+        cells += [str(r["ppl"].get(k, "—")) for k in keys]
         cells += [f"{r['speed'][bs]['decode']} ({r['speedup'][bs]['decode']}×)" for bs in ("1", "4")]
         body.append(cells)
     return markdown_table(headers, body)

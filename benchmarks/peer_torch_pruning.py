@@ -15,7 +15,8 @@ Criteria:
   ``model(input_ids=b, labels=b).loss.backward()`` over the calibration windows in micro-batches; the loss of
   each micro-batch is divided by the number of micro-batches so ``.grad`` holds the mean gradient.
 
-The ratio ``r`` whose achieved parameter count is nearest ``target_params`` is searched with trial prunings of
+The ratio ``r`` whose achieved parameter count is nearest ``target_params`` is searched (for the first criterion; the
+second reuses it, as uniform widths do not depend on the importance) with trial prunings of
 ``copy.deepcopy(model)`` (gradients copied onto each trial, so one gradient pass serves every trial). The search
 runs in a forked child process, so the trials leave no freed-but-resident memory in the measuring process; the
 final scoring+pruning then runs on the loaded model in the parent and is the one that is timed and whose peak RSS
@@ -258,8 +259,12 @@ def _search_in_child(model, example_inputs, criterion: str, target: int, calibra
     return payload
 
 
-def measure(criterion: str, target_params: int, num_samples: int = 32, seq_len: int = 128, batch_size: int = 4) -> dict:
+def measure(criterion: str, target_params: int, num_samples: int = 32, seq_len: int = 128, batch_size: int = 4,
+            pruning_ratio: float | None = None) -> dict:  # fmt: skip
     """One peer measurement in this process (call in a fresh process; see :func:`run_isolated`).
+
+    ``pruning_ratio`` skips the search: uniform pruning removes the same count of heads and channels per layer
+    whatever the importance, so the ratio another criterion's search found gives the same parameter count.
 
     Returns:
         ``{"peer", "version", "criterion", "pruning_ratio", "trials", "params", "achieved_ratio",
@@ -292,7 +297,10 @@ def measure(criterion: str, target_params: int, num_samples: int = 32, seq_len: 
         result.update(dense_params=dense, weight_mb=round(weight_mb, 1), rss_after_load_mb=round(rss_mb(), 1))
 
         search_started = time.perf_counter()
-        ratio, _, trials = _search_in_child(model, example_inputs, criterion, target_params, calibration, batch_size)
+        if pruning_ratio is None:
+            ratio, _, trials = _search_in_child(model, example_inputs, criterion, target_params, calibration, batch_size)
+        else:
+            ratio, trials = pruning_ratio, 0
         result.update(pruning_ratio=ratio, trials=trials, search_seconds=round(time.perf_counter() - search_started, 1))
 
         # the measured run: scoring (gradient pass for taylor) + Torch-Pruning's importance and surgery
@@ -338,12 +346,14 @@ def measure(criterion: str, target_params: int, num_samples: int = 32, seq_len: 
 
 
 def run_isolated(criterion: str, target_params: int, num_samples: int = 32, seq_len: int = 128, batch_size: int = 4,
-                 timeout_s: float = 3600) -> dict:  # fmt: skip
+                 timeout_s: float = 3600, pruning_ratio: float | None = None) -> dict:  # fmt: skip
     """Run :func:`measure` in a fresh Python process; never raises (a failure is returned as ``"error"``)."""
     if importlib.util.find_spec("torch_pruning") is None:
         return {"peer": PEER, "criterion": criterion, "error": f"torch-pruning is not installed (pip install torch-pruning=={PINNED})"}
     command = [sys.executable, "-m", "benchmarks.peer_torch_pruning", "--criterion", criterion, "--target_params", str(target_params),
                "--num_samples", str(num_samples), "--seq_len", str(seq_len), "--batch_size", str(batch_size), "--json"]  # fmt: skip
+    if pruning_ratio is not None:
+        command += ["--pruning_ratio", str(pruning_ratio)]
     failed = {"peer": PEER, "criterion": criterion}
     try:
         done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=timeout_s)
@@ -371,10 +381,13 @@ def main() -> None:
     parser.add_argument("--num_samples", type=int, default=32, help="calibration windows")
     parser.add_argument("--seq_len", type=int, default=128, help="tokens per calibration window")
     parser.add_argument("--batch_size", type=int, default=4, help="calibration micro-batch size")
+    parser.add_argument("--pruning_ratio", type=float, default=None, help="Torch-Pruning's ratio (default: searched for --target_params)")
     parser.add_argument("--json", action="store_true", help="print only the JSON line on stdout")
     args = parser.parse_args()
+    if args.pruning_ratio is not None and not 0 < args.pruning_ratio < 1:
+        parser.error(f"--pruning_ratio {args.pruning_ratio} must be between 0 and 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
-    result = measure(args.criterion, args.target_params, args.num_samples, args.seq_len, args.batch_size)
+    result = measure(args.criterion, args.target_params, args.num_samples, args.seq_len, args.batch_size, args.pruning_ratio)
     if args.json:
         print(json.dumps(result))
     else:

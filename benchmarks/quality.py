@@ -3,13 +3,14 @@
 Every run scores with the library's own calibration pass and criteria (the defaults of ``prunellm prune`` unless
 a row says otherwise: block normalisation, ``--taylor_num_samples 128``, ``--taylor_seq_len 128``, seed 42,
 Shakespeare train plays) and is evaluated by :func:`benchmarks.common.evaluate_ppl` (WikiText-2 test and the
-held-out Shakespeare plays; the dense model is measured in the same run). One calibration pass serves both
+held-out Shakespeare plays; the dense model is measured in the same run; which protocols a row gets is its
+``tier``, see :data:`benchmarks.common.TIERS`). One calibration pass serves both
 Taylor criteria, every ratio and the other sections of the run (:class:`benchmarks.common.Shared`). Rows:
 
 * ``grid``: taylor, taylor_2nd, wanda, magnitude, random × 10/20/30 % of total parameters, no prior, no
   reconstruction (what the criterion alone does);
 * ``prior``: taylor with layer/block priors (T = 1, tau auto) at the three ratios;
-* ``reconstruct``: taylor with ``--reconstruct lstsq`` at the three ratios and ``bias`` at 20 %;
+* ``reconstruct``: taylor with ``--reconstruct lstsq`` at the three ratios (``bias`` is compared on the MLP budget);
 * ``reconstruct_mlp``: 20 % of every layer's MLP channels (Taylor, MLP only) with none / bias / lstsq — the
   reconstruction issue's first budget (its second is 20 % of all parameters, the rows above);
 * ``reconstruct_mix``: both budgets again with lstsq reconstruction calibrated on the mixture
@@ -71,7 +72,7 @@ def run(criteria: tuple[str, ...] = CRITERIA, ratios: tuple[float, ...] = RATIOS
         return get_criterion(criterion).score(base, units, stats, CriterionOptions(seed=run_options.seed)), round(time.perf_counter() - t0, 1)
 
     def measure(group: str, label: str, kept, ratio: float, reconstruct: str = "none", share: str | None = None,
-                reconstruct_dataset: str | None = None, **extra) -> None:  # fmt: skip
+                reconstruct_dataset: str | None = None, tier: str = "128", **extra) -> None:  # fmt: skip
         model = copy.deepcopy(base)
         t0 = time.perf_counter()
         recipe = defaults.model_copy(update={"reconstruct": reconstruct, "reconstruct_dataset": reconstruct_dataset})
@@ -82,9 +83,9 @@ def run(criteria: tuple[str, ...] = CRITERIA, ratios: tuple[float, ...] = RATIOS
             "group": group, "label": label, "target_ratio": ratio, "reconstruct": reconstruct,
             "achieved_ratio": round(1 - count_parameters(model) / total, 4), "params": count_parameters(model),
             "reconstruct_seconds": round(time.perf_counter() - t0, 1) if reconstruct != "none" else 0.0,
-            "ppl": evaluate_ppl(model, bench.token_sets), **extra,
+            "ppl": evaluate_ppl(model, bench.token_sets, tier), **extra,
         }  # fmt: skip
-        row["ratio_to_dense"] = {k: round(v / dense[k], 3) for k, v in row["ppl"].items()}
+        row["ratio_to_dense"] = {k: round(v / dense[k], 3) for k, v in row["ppl"].items()}  # the keys its tier measured
         log.info("%s %s @%.2f (%s): %s", group, label, ratio, reconstruct, row["ppl"])
         rows.append(row)
         if share is not None:  # the recovery section starts from this model (what `prunellm prune` gives)
@@ -101,7 +102,8 @@ def run(criteria: tuple[str, ...] = CRITERIA, ratios: tuple[float, ...] = RATIOS
         values = normalized_values(units, scores, defaults.normalization)
         for ratio in ratios:
             budget = {"budget": "total_20pct"} if criterion == "taylor" and ratio == 0.2 else {}
-            measure("grid", criterion, kept_global(values, scores, ratio), ratio, scoring_seconds=seconds, **budget)
+            measure("grid", criterion, kept_global(values, scores, ratio), ratio, scoring_seconds=seconds,
+                    tier="full" if ratio == 0.2 else "wikitext128", **budget)  # fmt: skip
         if criterion == "taylor":
             taylor = (scores, values, seconds)
     if taylor is not None:
@@ -112,12 +114,13 @@ def run(criteria: tuple[str, ...] = CRITERIA, ratios: tuple[float, ...] = RATIOS
             prior_seconds = round(time.perf_counter() - t0, 1)
         prior_values = normalized_values(units, scores, defaults.normalization, priors)
         for ratio in ratios:
-            measure("prior", "taylor T=1", kept_global(prior_values, scores, ratio), ratio, prior_seconds=prior_seconds)
+            measure("prior", "taylor T=1", kept_global(prior_values, scores, ratio), ratio, prior_seconds=prior_seconds,
+                    tier="full" if ratio == 0.2 else "wikitext128")  # fmt: skip
         for ratio in ratios:
             budget = {"budget": "total_20pct"} if ratio == 0.2 else {}
             share = "taylor" if ratio == 0.2 else None  # only the model the recovery section starts from stays in memory
-            measure("reconstruct", "taylor + lstsq", kept_global(values, scores, ratio), ratio, reconstruct="lstsq", share=share, **budget)
-        measure("reconstruct", "taylor + bias", kept_global(values, scores, 0.2), 0.2, reconstruct="bias", budget="total_20pct")
+            measure("reconstruct", "taylor + lstsq", kept_global(values, scores, ratio), ratio, reconstruct="lstsq", share=share,
+                    tier="full" if ratio == 0.2 else "128", **budget)  # fmt: skip
         mlp_units = [u for u in units if u.kind == "mlp_channel"]
         mlp_scores = {key: value for key, value in scores.items() if key[1] == "mlp_channel"}
         mlp_values = normalized_values(mlp_units, mlp_scores, defaults.normalization)
@@ -131,7 +134,7 @@ def run(criteria: tuple[str, ...] = CRITERIA, ratios: tuple[float, ...] = RATIOS
             measure("reconstruct_mix", "taylor, 20 % of MLP channels", kept_mlp, round(mlp_ratio, 4), reconstruct="lstsq",
                     reconstruct_dataset=mixture, budget="mlp_20pct_channels")  # fmt: skip
             measure("reconstruct_mix", "taylor + lstsq", kept_global(values, scores, 0.2), 0.2, reconstruct="lstsq",
-                    reconstruct_dataset=mixture, budget="total_20pct")  # fmt: skip
+                    reconstruct_dataset=mixture, budget="total_20pct", tier="full")  # fmt: skip
         for num_samples in SENSITIVITY_SAMPLES:
             few_scores, few_seconds = scores_for("taylor", num_samples)
             few_values = normalized_values(units, few_scores, defaults.normalization)
@@ -144,7 +147,7 @@ def run(criteria: tuple[str, ...] = CRITERIA, ratios: tuple[float, ...] = RATIOS
         with tempfile.TemporaryDirectory(prefix="prunellm-bench-") as tmp:
             recipe = defaults.model_copy(update={"allocation": "layerwise", "pruning_ratio": 0.2})
             selection = select_by_layer_rates(base, tokenizer, units, values, scores, recipe, run_options, Path(tmp), total)
-        measure("layerwise", "taylor, layerwise (removal, inverse)", selection.kept, 0.2)
+        measure("layerwise", "taylor, layerwise (removal, inverse)", selection.kept, 0.2, tier="full")
     return {
         "protocol": protocol_text(),
         "calibration": f"Shakespeare train plays, {defaults.taylor_num_samples}×{defaults.taylor_seq_len} tokens, seed {run_options.seed}",

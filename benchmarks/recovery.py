@@ -27,7 +27,7 @@ METHODS = (
 )
 
 
-def run(steps: int = 24, batch_size: int = 4, seq_len: int = 128, ratio: float = 0.2) -> dict:
+def run(steps: int = 12, batch_size: int = 4, seq_len: int = 128, ratio: float = 0.2) -> dict:
     """Prune once, recover with every method for the same token budget; returns a JSON-able dict."""
     import torch
 
@@ -92,7 +92,7 @@ def render(section: dict) -> str:
     body = [["dense", "—", "—"] + [str(section["dense"][k]) for k in keys]]
     for r in section["rows"]:
         body.append([r["method"], f"{r.get('trainable_params', 0):,}" if r.get("trainable_params") else "—",
-                     str(r.get("tokens_per_second") or "—")] + [str(r["ppl"][k]) for k in keys])  # fmt: skip
+                     str(r.get("tokens_per_second") or "—")] + [str(r["ppl"].get(k, "—")) for k in keys])  # fmt: skip
     return "\n".join([
         "## Recovery: LoRA vs full fine-tuning vs distillation (SmolLM2-135M)",
         "",

@@ -21,6 +21,11 @@ def _results(memory_ratio: float, decode_speedup: float, recon: float = 1.1) -> 
                 {"kind": "depth", "label": "block_influence", "achieved_ratio": 0.21, "ppl": ppl, "layers": 22, "params": 79,
                  "speed": {"1": {"decode": 12.0}, "4": {"decode": 39.0}},
                  "speedup": {"1": {"decode": decode_speedup, "prefill": 1.3}, "4": {"decode": decode_speedup + 0.1, "prefill": 1.2}}},
+            
+                {"kind": "width", "label": "taylor, round_to 64, reconstruct none", "achieved_ratio": 0.21, "layers": 30, "params": 79,
+                 "ppl": {"wikitext2_test 128": 95.0},  # a row measured with fewer protocols than the dense one
+                 "speed": {"1": {"decode": 12.0}, "4": {"decode": 39.0}},
+                 "speedup": {"1": {"decode": 1.2, "prefill": 1.3}, "4": {"decode": 1.3, "prefill": 1.2}}},
             ],
         },
         "quality": {
@@ -87,3 +92,27 @@ def test_readme_blocks_are_rewritten_and_the_rest_is_kept(tmp_path):
     assert "\nmiddle\n" in text and text.endswith("<!-- /bench:depth_width -->\nend\n")
     assert "**missed** (why: docs/benchmarks.md)" in text  # the memory goal
     assert "| depth: block_influence |" in text.split("<!-- bench:depth_width -->")[1]
+
+
+def test_rows_measured_with_fewer_protocols_show_a_dash():
+    from benchmarks.headline import render_readme_depth_width
+
+    results = _results(memory_ratio=3.3, decode_speedup=1.2)
+    row = "| width: taylor, round_to 64, reconstruct none | same params as depth | 0.21 | 95.0 | — |"
+    assert row in render_headline(results)
+    assert "| width: taylor, round_to 64, reconstruct none | 30 | 79 | 95.0 | — |" in render_readme_depth_width(results)
+
+
+def test_evaluate_ppl_measures_only_its_tier():
+    import torch
+
+    from benchmarks.common import TIERS, evaluate_ppl
+    from conftest import make_tiny_model
+
+    model = make_tiny_model("llama", max_position_embeddings=4096)
+    tokens = torch.randint(0, 128, (3000,), generator=torch.Generator().manual_seed(0))
+    sets = {"wikitext2_test": tokens, "shakespeare_eval": tokens}
+    full = evaluate_ppl(model, sets, "full")
+    assert list(full) == list(TIERS["full"])
+    assert evaluate_ppl(model, sets, "wikitext128") == {"wikitext2_test 128": full["wikitext2_test 128"]}
+    assert evaluate_ppl(model, {"shakespeare_eval": tokens}, "128") == {"shakespeare_eval 128": full["shakespeare_eval 128"]}
