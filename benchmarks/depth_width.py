@@ -7,15 +7,18 @@
   The round_to 8 and 64 rows are there for speed, which reconstruction does not change (it rewrites weights, not
   shapes): they skip it and the 2048/512 protocol, and say so in their label.
 
-Speed is :func:`prunellm.evaluation.speed.measure` (greedy ``generate``, 128-token prompt, 32 new tokens, one
-warm-up, median of ``repeats``) at batch sizes 1 and 4 for the dense model and each pruned one, in this one
-process and thread count, so the ratios pruned ÷ dense compare like with like (goal ≥ 1.15× at 20 %).
+Speed is :func:`prunellm.evaluation.speed.measure` (greedy ``generate``, 128-token prompt, 32 new tokens) at batch
+sizes 1 and 4 for the dense model and each pruned one, in this one process and thread count, interleaved: after
+one untimed round, each of ``rounds`` rounds times every model once in turn and each figure is the median over
+the rounds, so
+the ratios pruned ÷ dense compare like with like on a machine whose speed drifts (goal ≥ 1.15× at 20 %).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import statistics
 import time
 
 from benchmarks.common import CALIBRATION, MODEL, evaluate_ppl, protocol_text, shared
@@ -24,11 +27,12 @@ log = logging.getLogger("benchmarks.depth_width")
 
 SPEED_GOAL = 1.15
 SPEED_THREADS = 1
+SPEED_ROUNDS = 5
 ROUND_TO = (1, 8, 64)
 DEPTH_METHODS = ("block_influence", "ppl")
 
 
-def run(ratio: float = 0.2, repeats: int = 3) -> dict:
+def run(ratio: float = 0.2, rounds: int = SPEED_ROUNDS) -> dict:
     """Measure dense, depth-pruned and width-pruned models; returns a JSON-able dict."""
     import torch
 
@@ -47,23 +51,18 @@ def run(ratio: float = 0.2, repeats: int = 3) -> dict:
     width_recipe = PruneRecipe(base_model=MODEL, dataset=CALIBRATION)
     bench = shared()
     tokenizer, base, total, units = bench.tokenizer, bench.base, bench.total, bench.units
-    settings = SpeedSettings(batch_sizes=(1, 4), repeats=repeats)
+    settings = SpeedSettings(batch_sizes=(1, 4), repeats=1, warmup=0)
     rows: list[dict] = []
+    models: list[torch.nn.Module] = []  # kept until the speed rounds, in the order of ``rows``
 
     def record(kind: str, label: str, model, extra: dict | None = None, tier: str = "full") -> None:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(SPEED_THREADS)  # one thread: the least disturbed timing on a shared 2-core machine
-        try:
-            speed = measure(model, settings, memory=False)["speed"]
-        finally:
-            torch.set_num_threads(threads)
         rows.append({
             "kind": kind, "label": label, "params": count_parameters(model),
             "achieved_ratio": round(1 - count_parameters(model) / total, 4), "layers": model.config.num_hidden_layers,
             "ppl": bench.dense_ppl() if model is base else evaluate_ppl(model, bench.token_sets, tier),
-            "speed": {str(r["batch_size"]): {"prefill": round(r["prefill_tokens_per_s"], 1), "decode": round(r["decode_tokens_per_s"], 1)} for r in speed},
             **(extra or {}),
         })  # fmt: skip
+        models.append(model)
         log.info("%s %s: %s", kind, label, rows[-1])
 
     record("dense", "dense", base)
@@ -74,7 +73,6 @@ def run(ratio: float = 0.2, repeats: int = 3) -> dict:
         model = copy.deepcopy(base)
         remove_layers(model, removed)
         record("depth", method, model, {"removed_layers": removed})
-        del model
     depth_params = rows[-1]["params"]
 
     scores, _ = bench.gradient_scores(
@@ -91,7 +89,14 @@ def run(ratio: float = 0.2, repeats: int = 3) -> dict:
         prune_with_reconstruction(model, selection.kept, recon_ids, reconstruct, width_recipe.reconstruct_damp)
         label = f"taylor, round_to {round_to}" + ("" if reconstruct == width_recipe.reconstruct else f", reconstruct {reconstruct}")
         record("width", label, model, {"round_to": round_to, "reconstruct": reconstruct}, tier="full" if round_to == 1 else "128")
-        del model
+    threads = torch.get_num_threads()
+    torch.set_num_threads(SPEED_THREADS)  # one thread: the least disturbed timing on a shared 2-core machine
+    try:
+        for row, speed in zip(rows, interleaved_speed(models, settings, rounds, measure)):
+            row["speed"] = speed
+    finally:
+        torch.set_num_threads(threads)
+    del models
     dense_speed = rows[0]["speed"]
     for row in rows:
         row["speedup"] = {
@@ -100,13 +105,30 @@ def run(ratio: float = 0.2, repeats: int = 3) -> dict:
     return {
         "protocol": protocol_text(),
         "speed_protocol": f"greedy generate, prompt {settings.prompt_tokens} tokens, {settings.new_tokens} new tokens, "
-        f"{settings.warmup} warm-up, median of {settings.repeats}, {SPEED_THREADS} torch thread, fp32 CPU",
+        f"one warm-up round, then the median of {rounds} rounds that each time every model once in turn, "
+        f"{SPEED_THREADS} torch thread, fp32 CPU",
         "target_ratio": ratio,
         "n_remove_layers": n_remove,
         "rows": rows,
         "goal": SPEED_GOAL,
         "seconds": round(time.perf_counter() - started, 1),
     }
+
+
+def interleaved_speed(models: list, settings, rounds: int, measure) -> list[dict[str, dict[str, float]]]:
+    """Per model, ``{batch: {"prefill", "decode"}}`` tokens/s: the median over ``rounds`` rounds, each timing every
+    model once in turn (after one untimed round), so a slow spell of this shared machine slows every model alike
+    instead of whichever one was being timed then. ``measure`` is :func:`prunellm.evaluation.speed.measure`."""
+    samples: list[dict[str, dict[str, list[float]]]] = [{} for _ in models]
+    for round_index in range(rounds + 1):
+        for model, sample in zip(models, samples):
+            for r in measure(model, settings, memory=False)["speed"]:
+                if round_index == 0:
+                    continue  # warm-up round
+                figures = sample.setdefault(str(r["batch_size"]), {"prefill": [], "decode": []})
+                figures["prefill"].append(r["prefill_tokens_per_s"])
+                figures["decode"].append(r["decode_tokens_per_s"])
+    return [{bs: {k: round(statistics.median(v), 1) for k, v in f.items()} for bs, f in sample.items()} for sample in samples]
 
 
 def render(section: dict) -> str:

@@ -13,8 +13,8 @@ WHY_MISSED = {
     "speed": "on this 2-core CPU in fp32, decoding one token is dominated by the parts pruning leaves alone — the "
     "49 152-word embedding and LM head (28 M of the 135 M parameters, a 49 k-wide logit row per token) and the fixed "
     "per-layer cost of launching small kernels — so removing 20 % of the layers' weights gives less than 20 % speed; "
-    "depth pruning removes whole per-layer costs and comes closest. Decode timings on this shared machine also move "
-    "by ±5–10 % between runs (the previous full run measured 1.165–1.196× for the same three width models).",
+    "depth pruning removes whole per-layer costs and comes closest. Decode timings on this shared machine also drift "
+    "by 10 % and more within a run; the interleaved rounds cancel most of that, not all.",
     "reconstruction": "calibrated on Shakespeare alone, the refit recovers much of the loss on held-out text of the "
     "calibration's kind but little on WikiText-2, a different domain: it fits the removed units' contribution on "
     "calibration activations only. Reconstructing on a two-domain mixture (the next row) carries over to both.",
@@ -23,11 +23,10 @@ WHY_MISSED = {
     "throughput": "both sides run the same forward (and backward) passes; on this shared 2-core machine single runs "
     "vary by 10–20 % (the per-run seconds are in the section), so the fastest-of-N ratio follows the luckiest run of "
     "either side; the ratio of the median runs is {median}.",
-    "runtime": "on 2 CPU cores the quality section alone takes ~27 min: 30 pruned models × three perplexity "
-    "evaluations (~22 s each; the 2048-token windows are half of it), the layer/block prior (90 ablation passes, ~5 min) "
-    "and nine cross-validated lstsq refits (~50 s each); depth_width adds 30 layer ablations, six models timed on one "
-    "thread and three refits (~11 min), recovery three 24-step fine-tunes (~7 min). Sharing the model load, the Taylor "
-    "pass and the 20 % model, and a 1.5× faster refit, cut the run from 135 min (first version) to this.",
+    "runtime": "on 2 CPU cores the quality section alone needs ~30 pruned models, each evaluated (~8 s for the two "
+    "PPL@128 texts, ~7 s more for 2048/512), the layer/block prior (90 ablation passes) and eight cross-validated "
+    "lstsq refits (~35–50 s each); depth_width adds 30 layer ablations and interleaved speed rounds of six models on "
+    "one thread; recovery three fine-tunes. A machine shared with other work slows every one of them.",
 }
 
 

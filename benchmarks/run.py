@@ -223,7 +223,8 @@ def main() -> None:
     if sections:
         results |= {
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "machine": {"python": platform.python_version(), "processor": platform.processor(), "cpus": os.cpu_count()},
+            "machine": {"python": platform.python_version(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                        "torch_threads": torch.get_num_threads()},  # results depend on it (float summation order)
         }
     results.pop("reconstruction", None)  # folded into quality (rows "reconstruct" and "reconstruct_mlp")
     results["section_seconds"] = {k: v for k, v in results.get("section_seconds", {}).items() if k in SECTIONS}
@@ -242,7 +243,9 @@ def main() -> None:
     markdown = ["# prunellm benchmarks", "",
                 "Produced by `bash scripts/benchmarks.sh` (= `python -m benchmarks.run`); every figure states its protocol. "
                 "Calibration text (Shakespeare train plays) and evaluation text (WikiText-2 test, held-out Shakespeare "
-                "plays) never overlap; the dense model is measured in the same run as the pruned ones.", ""]  # fmt: skip
+                "plays) never overlap; the dense model is measured in the same run as the pruned ones. The same seed and torch "
+                "thread count give the same numbers for everything except timings (another thread count sums floats "
+                "in another order, which can move a unit across the pruning threshold).", ""]  # fmt: skip
     markdown.append(render_headline(results))
     markdown += [render_section(name, results[name]) for name in SECTIONS if name in results]
     write_atomic(saved, json.dumps(results, indent=2) + "\n")

@@ -89,6 +89,25 @@ def test_text_validation_never_overlaps_training(tokenizer, tmp_path):
     assert all(e["labels"] == e["input_ids"] for e in data.train)
 
 
+def test_a_mixture_validates_each_part_on_its_own_held_out_tail(tokenizer, tmp_path):
+    first, second = tmp_path / "first.txt", tmp_path / "second.txt"
+    text = load_text("shakespeare", "eval")
+    first.write_text(text[:20_000])
+    second.write_text(text[40_000:60_000])
+    options = FinetuneData(dataset_name=f"{first}+{second}", num_samples=10, seq_len=32, val_set_size=5)
+    data = text_data(tokenizer, options, seed=0)
+    validation = [e["input_ids"] for e in data.validation]
+    assert len(data.train) == 10 and len(validation) == 5
+    for path, n_train, n_val, train, held in ((first, 5, 3, data.train[:5], validation[:3]), (second, 5, 2, data.train[5:], validation[3:])):
+        tokens = tokenizer(path.read_text(), add_special_tokens=False)["input_ids"]
+        assert [t for w in held for t in w] == tokens[-n_val * 32 :]  # this part's own tail
+        head = " ".join(map(str, tokens[: len(tokens) - n_val * 32]))
+        assert len(train) == n_train and all(" ".join(map(str, e["input_ids"])) in head for e in train)
+    assert data.source["mixture"] == [str(first), str(second)] and len(data.source["parts"]) == 2
+    with pytest.raises(PrunellmError, match=r"--dataset_name .* mixes 2 texts, but --num_samples is 1"):
+        text_data(tokenizer, options.model_copy(update={"num_samples": 1}), seed=0)
+
+
 def test_natural_instructions_become_an_alpaca_file(tokenizer):
     path = build_natural_instructions(per_task=2)
     records = json.loads(path.read_text())

@@ -207,8 +207,7 @@ def sample_calibration(
                 f"{flag} '{source}' mixes {len(parts)} texts, but only {num_samples} windows were asked for: "
                 f"ask for at least {len(parts)}"
             )
-        shares = [num_samples // len(parts) + (i < num_samples % len(parts)) for i in range(len(parts))]
-        return torch.cat([sample_calibration(tokenizer, one, n, seq_len, seed, flag=flag) for one, n in zip(parts, shares)])
+        return torch.cat([sample_calibration(tokenizer, one, n, seq_len, seed, flag=flag) for one, n in zip(parts, equal_shares(num_samples, len(parts)))])
     tokens = _train_tokens(tokenizer, source, flag)
     n_tokens = tokens.numel()
     if n_tokens < seq_len + 1:
@@ -217,6 +216,11 @@ def sample_calibration(
             f"least {seq_len + 1}: lower --seq_len or use a longer text"
         )
     return random_windows(tokens, num_samples, seq_len, seed)
+
+
+def equal_shares(total: int, parts: int) -> list[int]:
+    """``total`` split into ``parts`` shares that differ by at most one, the larger ones first."""
+    return [total // parts + (i < total % parts) for i in range(parts)]
 
 
 def mixture_parts(source: str, flag: str = "--dataset") -> list[str]:

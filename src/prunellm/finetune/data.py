@@ -21,7 +21,17 @@ from typing import Any, Callable
 import torch
 
 from ..bigbench import bigbench_dir
-from ..data import TEXT_SOURCES, _read_records, describe_source, load_text, random_windows, sample_calibration, tokenize_text
+from ..data import (
+    TEXT_SOURCES,
+    _read_records,
+    describe_source,
+    equal_shares,
+    load_text,
+    mixture_parts,
+    random_windows,
+    sample_calibration,
+    tokenize_text,
+)
 from ..errors import PrunellmError
 from ..evaluation import eval_tokens
 from ..options import FinetuneData
@@ -209,25 +219,45 @@ def _windows_as_examples(windows: torch.Tensor) -> list[dict[str, list[int]]]:
     return [{"input_ids": w, "attention_mask": [1] * len(w), "labels": w} for w in windows.tolist()]
 
 
-def text_data(tokenizer: Any, options: FinetuneData, seed: int) -> TrainingData:
-    """Random windows of a source's train part; validation = the first windows of its eval part."""
-    name, n, length = options.dataset_name, options.num_samples, options.seq_len
+def _text_part(tokenizer: Any, name: str, n: int, length: int, seed: int, val_windows: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(train windows, validation windows, where each came from) of one source (not a mixture).
+
+    A built-in source validates on the first windows of its eval part; any other text holds out its tail, so no
+    validation token is ever trained on.
+    """
     if name in TEXT_SOURCES:
         train = sample_calibration(tokenizer, name, n, length, seed, flag="--dataset_name")
-        held_out = eval_tokens(tokenizer, name) if options.val_set_size else torch.empty(0, dtype=torch.long)
-        source = {"train": describe_source(name, "train"), "validation": describe_source(name, "eval")}
+        held_out = eval_tokens(tokenizer, name) if val_windows else torch.empty(0, dtype=torch.long)
+        source = {"train": describe_source(name, "train", flag="--dataset_name"), "validation": describe_source(name, "eval", flag="--dataset_name")}
     else:
-        # one text only: hold out its tail for validation so no validation token is ever trained on
         tokens = tokenize_text(tokenizer, load_text(name, "train", flag="--dataset_name"))
-        held = min(options.val_set_size * length, tokens.numel() // 2)
+        held = min(val_windows * length, tokens.numel() // 2)
         train_part, held_out = tokens[: tokens.numel() - held], tokens[tokens.numel() - held :]
         if train_part.numel() < length + 1:
             raise PrunellmError(f"--dataset_name '{name}' has {tokens.numel()} tokens: too short for --seq_len {length}")
         train = random_windows(train_part, n, length, seed)
-        source = {"train": describe_source(name, "train"), "validation": f"last {held} tokens (never trained on)"}
-    n_val = min(options.val_set_size, held_out.numel() // length)
-    validation = held_out[: n_val * length].reshape(n_val, length)  # (n_val, seq_len), non-overlapping
-    source.update(kind="text", num_samples=n, seq_len=length, validation_windows=n_val)
+        source = {"train": describe_source(name, "train", flag="--dataset_name"), "validation": f"last {held} tokens (never trained on)"}
+    n_val = min(val_windows, held_out.numel() // length)
+    return train, held_out[: n_val * length].reshape(n_val, length), source  # validation: (n_val, seq_len), non-overlapping
+
+
+def text_data(tokenizer: Any, options: FinetuneData, seed: int) -> TrainingData:
+    """Random windows of a source's train part and validation windows held out from it.
+
+    A mixture ``a+b`` takes an equal share of the training and of the validation windows from each part, each
+    part validated on its own held-out text.
+    """
+    name, n, length = options.dataset_name, options.num_samples, options.seq_len
+    parts = mixture_parts(name, "--dataset_name")
+    if n < len(parts):
+        raise PrunellmError(f"--dataset_name '{name}' mixes {len(parts)} texts, but --num_samples is {n}: use at least {len(parts)}")
+    pieces = [
+        _text_part(tokenizer, part, n_part, length, seed, val_part)
+        for part, n_part, val_part in zip(parts, equal_shares(n, len(parts)), equal_shares(options.val_set_size, len(parts)))
+    ]
+    train, validation = torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])
+    source = pieces[0][2] if len(parts) == 1 else {"mixture": parts, "parts": [p[2] for p in pieces]}
+    source.update(kind="text", num_samples=n, seq_len=length, validation_windows=len(validation))
     return TrainingData(_windows_as_examples(train), _windows_as_examples(validation), source)
 
 
