@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up (scripts/setup.sh), add the benchmark peer (Torch-Pruning), then run every benchmark section on the
-# embedded SmolLM2-135M and write benchmarks/results.json and docs/benchmarks.md (about 45 minutes on 2 CPU cores).
+# embedded SmolLM2-135M and write benchmarks/results.json and docs/benchmarks.md (31–40 minutes on 2 CPU cores; goal: under 45).
 # Extra arguments go to `python -m benchmarks.run`, e.g. `bash scripts/benchmarks.sh --only quality`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
