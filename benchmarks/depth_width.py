@@ -10,8 +10,7 @@
 Speed is :func:`prunellm.evaluation.speed.measure` (greedy ``generate``, 128-token prompt, 32 new tokens) at batch
 sizes 1 and 4 for the dense model and each pruned one, in this one process and thread count, interleaved: after
 one untimed round, each of ``rounds`` rounds times every model once in turn and each figure is the median over
-the rounds, so
-the ratios pruned ÷ dense compare like with like on a machine whose speed drifts (goal ≥ 1.15× at 20 %).
+the rounds, so the ratios pruned ÷ dense compare like with like on a machine whose speed drifts (goal ≥ 1.15×).
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ def run(ratio: float = 0.2, rounds: int = SPEED_ROUNDS) -> dict:
     import torch
 
     from prunellm.data import sample_calibration
-    from prunellm.evaluation.speed import SpeedSettings, measure
+    from prunellm.evaluation.speed import SpeedSettings
     from prunellm.layers import choose_layers_to_remove, layers_for_ratio
     from prunellm.options import LayersRecipe, PruneRecipe, RunOptions
     from prunellm.reconstruction import prune_with_reconstruction
@@ -92,7 +91,7 @@ def run(ratio: float = 0.2, rounds: int = SPEED_ROUNDS) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(SPEED_THREADS)  # one thread: the least disturbed timing on a shared 2-core machine
     try:
-        for row, speed in zip(rows, interleaved_speed(models, settings, rounds, measure)):
+        for row, speed in zip(rows, interleaved_speed(models, settings, rounds)):
             row["speed"] = speed
     finally:
         torch.set_num_threads(threads)
@@ -115,10 +114,12 @@ def run(ratio: float = 0.2, rounds: int = SPEED_ROUNDS) -> dict:
     }
 
 
-def interleaved_speed(models: list, settings, rounds: int, measure) -> list[dict[str, dict[str, float]]]:
+def interleaved_speed(models: list, settings, rounds: int) -> list[dict[str, dict[str, float]]]:
     """Per model, ``{batch: {"prefill", "decode"}}`` tokens/s: the median over ``rounds`` rounds, each timing every
     model once in turn (after one untimed round), so a slow spell of this shared machine slows every model alike
-    instead of whichever one was being timed then. ``measure`` is :func:`prunellm.evaluation.speed.measure`."""
+    instead of whichever one was being timed then."""
+    from prunellm.evaluation.speed import measure
+
     samples: list[dict[str, dict[str, list[float]]]] = [{} for _ in models]
     for round_index in range(rounds + 1):
         for model, sample in zip(models, samples):

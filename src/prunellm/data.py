@@ -207,7 +207,8 @@ def sample_calibration(
                 f"{flag} '{source}' mixes {len(parts)} texts, but only {num_samples} windows were asked for: "
                 f"ask for at least {len(parts)}"
             )
-        return torch.cat([sample_calibration(tokenizer, one, n, seq_len, seed, flag=flag) for one, n in zip(parts, equal_shares(num_samples, len(parts)))])
+        shares = equal_shares(num_samples, len(parts))
+        return torch.cat([sample_calibration(tokenizer, one, n, seq_len, seed, flag=flag) for one, n in zip(parts, shares)])
     tokens = _train_tokens(tokenizer, source, flag)
     n_tokens = tokens.numel()
     if n_tokens < seq_len + 1:

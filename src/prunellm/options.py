@@ -316,7 +316,9 @@ class FinetuneData(_Options):
         "bigbench_natural_instructions; empty = plain text from --dataset_name"
     )  # fmt: skip
     dataset_name: str = Field(
-        "shakespeare", description="plain text: shakespeare, wikitext2, ptb, c4 or a local file (train part; validation from the eval part)"
+        "shakespeare",
+        description="plain text: shakespeare, wikitext2, ptb, c4, a local file, or a mixture a+b (train part; validation "
+        "from the eval part, a file's tail, each part's own for a mixture)",
     )
     num_samples: int = Field(500, ge=1, description="plain text: training windows drawn from the train part")
     seq_len: int = Field(128, ge=1, description="plain text: tokens per window")
