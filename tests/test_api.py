@@ -1,0 +1,104 @@
+"""The public, in-memory API: one call per stage, the same numbers as the internals it wraps."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import calibration_ids, make_tiny_model
+
+import prunellm as pl
+from prunellm.errors import PrunellmError
+from prunellm.units import all_units, count_parameters
+
+
+def test_import_is_cheap_and_names_are_public():
+    code = "import sys, prunellm; print('torch' in sys.modules); print(sorted(prunellm.__all__))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0] == "False"  # the CLI's --help must not pay for torch
+    for name in ("load", "calibrate", "score", "select", "prune", "save_pruned", "load_pruned", "evaluate", "FineTuner", "Recipe"):
+        assert name in out[1]
+        assert getattr(pl, name) is not None
+    with pytest.raises(AttributeError):
+        pl.no_such_name  # noqa: B018
+
+
+@pytest.mark.parametrize("reconstruct", ["none", "lstsq"])
+def test_pipeline_meets_budget_and_round_trips(family, reconstruct, tmp_path):
+    model = make_tiny_model(family)
+    total = count_parameters(model)
+    ids = calibration_ids(model.config.vocab_size, n=8, length=32)
+    scores = pl.score(model, ids, "taylor", batch_size=4)
+    assert {(u.layer, u.kind) for u in scores.units} == set(scores.scores)
+    assert scores.calibration["hash"] and scores.calibration["num_samples"] == 8
+    plan = pl.select(model, scores, 0.2)
+    largest_unit = max(u.cost for u in scores.units)
+    assert abs(plan.params_before - plan.params_after - round(0.2 * total)) <= largest_unit
+    report = pl.prune(model, plan, calibration=ids if reconstruct != "none" else None, reconstruct=reconstruct)
+    assert report["mode"] == reconstruct
+    assert count_parameters(model) == plan.params_after
+    for unit in all_units(model):  # the kept widths are the plan's, weights sliced, not masked
+        assert unit.count == len(plan.kept_units()[(unit.layer, unit.kind)])
+    probe = calibration_ids(model.config.vocab_size, n=2, length=16, seed=5)
+    with torch.no_grad():
+        before = model(probe).logits
+    out = pl.save_pruned(model, None, tmp_path / "model", plan)
+    assert (out / "plan.json").exists()
+    loaded, tokenizer = pl.load_pruned(out)
+    assert tokenizer is None
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(probe).logits, before, rtol=0, atol=0)
+    assert pl.Plan.load(out / "plan.json").kept_units() == plan.kept_units()
+
+
+def test_select_equals_the_internal_global_ranking():
+    """select() is the CLI's global ranking: the same scores give the same kept indices."""
+    from prunellm.selection import SelectionConstraints, normalized_values, select_global
+
+    model = make_tiny_model("llama")
+    ids = calibration_ids(model.config.vocab_size)
+    scores = pl.score(model, ids, "wanda")
+    total = count_parameters(model)
+    values = normalized_values(scores.units, scores.scores, "block")
+    internal = select_global(scores.units, values, scores.scores, round(0.3 * total), SelectionConstraints(), total)
+    assert pl.select(model, scores, 0.3).kept_units() == internal.kept
+
+
+def test_bad_arguments_fail_in_one_line():
+    model = make_tiny_model("qwen2")
+    with pytest.raises(PrunellmError, match="units"):
+        pl.score(model, None, "magnitude", units=("heads",))
+    with pytest.raises(PrunellmError, match="layers"):
+        pl.score(model, None, "magnitude", layers=[7])
+    with pytest.raises(PrunellmError, match="needs calibration"):
+        pl.score(model, None, "taylor")
+    with pytest.raises(PrunellmError, match="criterion 'nope'"):
+        pl.score(model, None, "nope")
+    scores = pl.score(model, None, "magnitude")
+    with pytest.raises(PrunellmError, match="ratio 1.5"):
+        pl.select(model, scores, 1.5)
+    plan = pl.select(model, scores, 0.1)
+    with pytest.raises(PrunellmError, match="needs calibration"):
+        pl.prune(model, plan, reconstruct="lstsq")
+
+
+@pytest.mark.real_model
+def test_api_on_smollm2_evaluates_a_valid_results_document():
+    from prunellm.evaluation import validate_results
+
+    model, tokenizer = pl.load("smollm2-135m")
+    options = dict(metrics="ppl", ppl_protocols="128", ppl_max_windows=8)
+    dense = pl.evaluate(model, tokenizer, **options)
+    validate_results(dense)
+    ids = pl.calibrate(tokenizer, "shakespeare", 8, 64)
+    plan = pl.select(model, pl.score(model, ids, "taylor"), 0.1)
+    pl.prune(model, plan)
+    pruned = pl.evaluate(model, tokenizer, **options)
+    validate_results(pruned)
+    assert pruned["model"]["params"] == plan.params_after
+    dense_ppl, pruned_ppl = dense["metrics"]["ppl"][0]["ppl"], pruned["metrics"]["ppl"][0]["ppl"]
+    assert dense_ppl < pruned_ppl < 10 * dense_ppl
+    with pytest.raises(Exception, match="no_such_option"):
+        pl.evaluate(model, tokenizer, no_such_option=1)
