@@ -28,7 +28,6 @@ from .priors import ablation_deltas
 from .units import UNIT_KINDS, all_units, decoder_layers
 
 LayerCriterion = Literal["block_influence", "ppl", "taylor", "activation", "removal"]
-LAYER_CRITERIA: tuple[str, ...] = ("block_influence", "ppl", "taylor")
 
 
 @torch.no_grad()

@@ -30,7 +30,6 @@ class RunOptions(_Options):
     )
     seed: int = Field(42, description="seed for calibration sampling and random scores")
     overwrite: bool = Field(False, description="replace an existing output folder")
-    trust_pickle: bool = Field(False, description="allow importing a legacy pickled pruned_model.bin (runs code from it)")
 
 
 class EvalOptions(_Options):

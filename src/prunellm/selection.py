@@ -26,7 +26,6 @@ class SelectionConstraints:
     """What selection must respect."""
 
     min_kv_groups: int = 1
-    min_mlp_channels: int = 0
     round_to: int = 1
 
 
@@ -86,11 +85,7 @@ def _chunks(unit: LayerUnits, order: torch.Tensor, constraints: SelectionConstra
         removable = max(unit.count - constraints.min_kv_groups, 0)
         return [order[i : i + 1] for i in range(removable)]
     step = max(constraints.round_to, 1)
-    floor = constraints.min_mlp_channels
-    if step > 1:
-        floor = max(floor, step) if floor > 0 else floor
-        floor = -(-floor // step) * step  # the kept width must itself be a multiple of step
-    removable = max(unit.count - floor, 0)
+    removable = unit.count  # an MLP may lose every channel (a zero-output block); kept widths stay multiples of step
     chunks: list[torch.Tensor] = []
     first = unit.count % step  # bring the width onto a multiple of step first
     position = 0

@@ -7,7 +7,6 @@ from torch import nn
 
 from .calibration import UnitKey
 from .hf_modeling import BIAS_COMPENSATION_KEY, PRUNED_LAYERS_KEY, PRUNED_MODULES_KEY, ZeroAttention, ZeroMLP
-from .plan import Plan
 from .specs import ArchitectureSpec, spec_for
 from .units import decoder_layers, get_module, head_dim, index_ranges, layer_units, set_module
 
@@ -146,8 +145,3 @@ def sync_config(model: nn.Module, spec: ArchitectureSpec | None = None) -> None:
         },
     )
 
-
-def apply_plan(model: nn.Module, plan: Plan) -> None:
-    """Replay a plan on the original model: slice every layer, then remove layers (no reconstruction)."""
-    prune_units(model, plan.kept_units())
-    remove_layers(model, plan.removed_layers)
