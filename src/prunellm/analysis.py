@@ -14,7 +14,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from torch import nn
 
@@ -30,18 +30,6 @@ TABLE_COLUMNS: tuple[str, ...] = ("layer", "unit", "index", "score", "cost", "va
 
 _COMPARED = ("attention_params", "mlp_params", "total_params")
 _WIDTHS = ("num_heads", "num_kv_heads", "intermediate_size")
-
-
-def _count_distinct(modules: Iterable[nn.Module]) -> int:
-    """Parameters of several modules together, a parameter shared between them (tied) counted once."""
-    seen: set[int] = set()
-    total = 0
-    for module in modules:
-        for p in module.parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                total += p.numel()
-    return total
 
 
 def analyze_model(model: nn.Module) -> dict[str, Any]:
@@ -63,9 +51,9 @@ def analyze_model(model: nn.Module) -> dict[str, Any]:
     widths = layer_widths(model, spec)
     layers = []
     for index, block in enumerate(decoder_layers(model, spec)):
-        attention = _count_distinct([get_module(block, spec.attention.module)])
-        mlp = _count_distinct([get_module(block, spec.mlp.module)])
-        total = _count_distinct([block])
+        attention = count_parameters(get_module(block, spec.attention.module))
+        mlp = count_parameters(get_module(block, spec.mlp.module))
+        total = count_parameters(block)
         layers.append(
             {
                 "layer": index,
@@ -79,8 +67,8 @@ def analyze_model(model: nn.Module) -> dict[str, Any]:
             }
         )
     total_params = count_parameters(model)
-    embedding = _count_distinct([get_module(model, spec.embed), get_module(model, spec.lm_head)])
-    final_norm = _count_distinct([get_module(model, spec.final_norm)])
+    embedding = count_parameters(get_module(model, spec.embed), get_module(model, spec.lm_head))
+    final_norm = count_parameters(get_module(model, spec.final_norm))
     return {
         "total_params": total_params,
         "embedding_params": embedding,

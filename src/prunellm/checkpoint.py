@@ -18,7 +18,7 @@ from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 from . import hf_modeling
 from .errors import PrunellmError
 from .hf_modeling import PRUNED_LAYERS_KEY, pruned_class
-from .models import DType, torch_dtype
+from .dtypes import DType, torch_dtype
 from .paths import atomic_dir
 
 log = logging.getLogger(__name__)

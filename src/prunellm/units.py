@@ -121,12 +121,20 @@ def index_ranges(indices: torch.Tensor, width: int) -> torch.Tensor:
     return (indices[:, None] * width + offsets[None, :]).reshape(-1)
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Number of distinct parameters (tied weights counted once)."""
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total
+def _distinct_parameters(modules: tuple[nn.Module, ...]) -> list[nn.Parameter]:
+    seen: dict[int, nn.Parameter] = {}
+    for module in modules:
+        for p in module.parameters():
+            seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
+def count_parameters(*modules: nn.Module) -> int:
+    """Number of distinct parameters of one or more modules together (a tied or shared weight counted once).
+    The one parameter counter: plans, selection, analysis and evaluation all count with it."""
+    return sum(p.numel() for p in _distinct_parameters(modules))
+
+
+def weight_bytes(*modules: nn.Module) -> int:
+    """Bytes of the distinct parameters of one or more modules together (tied weights counted once)."""
+    return sum(p.numel() * p.element_size() for p in _distinct_parameters(modules))

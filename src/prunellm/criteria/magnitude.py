@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..units import decoder_layers, get_module, reduce_to_units
-from . import register
+from .registry import register
 
 
 @register("magnitude", {"weights"}, "weight magnitude of the unit (--magnitude_norm l1|l2)")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from . import register
+from .registry import register
 
 
 @register("random", {"weights"}, "uniform random scores from --seed (baseline)")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import register
+from .registry import register
 
 
 @register("taylor", {"gradients"}, "first-order Taylor: Σ|w·G| over the unit, G accumulated over calibration", {"first"})

@@ -11,7 +11,7 @@ import torch
 
 from ..calibration import module_key
 from ..units import decoder_layers, get_module, reduce_to_units
-from . import register
+from .registry import register
 
 
 @register("wanda", {"activations"}, "Wanda: Σ|W|·‖X‖ with input activation norms from calibration")

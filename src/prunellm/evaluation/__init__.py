@@ -44,6 +44,7 @@ from ..errors import PrunellmError
 from ..options import EvalOptions, split_list
 from ..paths import write_json_atomic
 from ..plan import package_versions
+from .facts import model_facts
 from .perplexity import PerplexityResult, Protocol, perplexity
 
 log = logging.getLogger(__name__)
@@ -61,18 +62,6 @@ def eval_tokens(tokenizer, dataset: str) -> torch.Tensor:
     if key not in _TOKEN_CACHE:
         _TOKEN_CACHE[key] = tokenize_text(tokenizer, load_text(dataset, "eval", flag="--ppl_datasets"))
     return _TOKEN_CACHE[key]
-
-
-def model_facts(model, path: str) -> dict[str, Any]:
-    """Parameter count, weight bytes and dtype of a model."""
-    params = list(model.parameters())
-    return {
-        "path": path,
-        "params": sum(p.numel() for p in params),
-        "weight_bytes": sum(p.numel() * p.element_size() for p in params),
-        "dtype": str(params[0].dtype).removeprefix("torch."),
-        "num_hidden_layers": getattr(model.config, "num_hidden_layers", None),
-    }
 
 
 def _ppl_rows(model, tokenizer, options: EvalOptions, progress: bool) -> list[dict[str, Any]]:

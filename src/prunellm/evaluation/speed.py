@@ -36,6 +36,7 @@ import torch
 
 from ..errors import PrunellmError
 from ..models import input_device
+from .facts import model_facts
 
 log = logging.getLogger(__name__)
 
@@ -243,8 +244,6 @@ def speed_and_memory(
         base: Loads the dense model to compare with (called once, after ``model`` is measured; freed after).
         base_path: The dense model's reference, recorded in the results.
     """
-    from . import model_facts  # the evaluator's own parameter/byte accounting
-
     device = input_device(model)
     common = {"device": str(device), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
               "threads": torch.get_num_threads(), **asdict(settings)}  # fmt: skip

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -134,8 +132,7 @@ def run_finetune(
     argv: list[str] | None = None,
 ) -> dict[str, Any]:
     """``prunellm finetune``: load the pruned model, fine-tune, save and evaluate into ``--output_dir``."""
-    from ..paths import write_text_atomic
-    from ..pruner import log_to_file
+    from ..runs import log_to_file, write_command
 
     if not target.pruned_model:
         raise PrunellmError("--pruned_model is required: a prunellm results folder, a model directory, or a legacy .bin")
@@ -146,8 +143,7 @@ def run_finetune(
     tuner = FineTuner(model, tokenizer, use_lora=target.method == "lora", lora=lora, training=training, tracking=tracking, distill=distill)
     if int(os.environ.get("RANK", "0")) != 0:  # the other processes of a multi-process run only train
         return tuner.finetune(data=data, output_dir=out, resume_from_checkpoint=target.resume_from_checkpoint)
-    command = shlex.join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))
-    write_text_atomic(out / "logs" / "command.sh", "#!/usr/bin/env bash\n" + command + "\n")
+    write_command(out, argv)
     with log_to_file(out / "logs" / "finetune.log"):
         log.info("fine-tuning %s (%s) into %s", target.pruned_model, target.method, out)
         return tuner.finetune(

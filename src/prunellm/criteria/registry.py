@@ -1,0 +1,56 @@
+"""The criterion registry: what a criterion is and how it is looked up (apart from the criteria, so that each
+criterion file imports only this and the registry imports none of them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+from torch import nn
+
+from ..calibration import Stats, UnitKey
+from ..errors import PrunellmError
+from ..units import LayerUnits
+
+Need = Literal["weights", "activations", "gradients"]
+ScoreFn = Callable[[nn.Module, list[LayerUnits], Stats, "CriterionOptions"], dict[UnitKey, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class CriterionOptions:
+    """Knobs some criteria read."""
+
+    seed: int = 0
+    magnitude_norm: Literal["l1", "l2"] = "l2"
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """A registered criterion."""
+
+    name: str
+    needs: frozenset[Need]
+    taylor_terms: frozenset[str]  # which gradient terms the gradient pass must produce
+    score: ScoreFn
+    help: str
+
+
+REGISTRY: dict[str, Criterion] = {}
+
+
+def register(name: str, needs: set[Need], help: str, taylor_terms: set[str] = frozenset()):
+    """Decorator: register a score function under ``name``."""
+
+    def wrap(fn: ScoreFn) -> ScoreFn:
+        REGISTRY[name] = Criterion(name, frozenset(needs), frozenset(taylor_terms), fn, help)
+        return fn
+
+    return wrap
+
+
+def get_criterion(name: str, flag: str = "--importance_method") -> Criterion:
+    """Look a criterion up by name; an unknown name lists the valid ones."""
+    if name not in REGISTRY:
+        raise PrunellmError(f"{flag} '{name}' is not a criterion: use one of {', '.join(REGISTRY)}")
+    return REGISTRY[name]
