@@ -18,6 +18,8 @@ from typing import Literal
 
 import torch
 
+from prunellm import rss
+
 ROOT = Path(__file__).resolve().parents[1]
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2" / "test.txt"
 WIKITEXT_VALID = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
@@ -154,24 +156,17 @@ def shared() -> Shared:
 
 
 def rss_mb() -> float:
-    """Current resident set size of this process, MB (Linux)."""
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    """Current resident set size of this process, MB (Linux; NaN elsewhere)."""
+    value = rss.rss_bytes()
+    return float("nan") if value is None else value / 2**20
 
 
 def reset_peak_rss() -> None:
     """Reset the kernel's high-water mark (VmHWM) so the peak covers only what follows (Linux)."""
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")
+    rss.reset_peak()
 
 
 def peak_rss_mb() -> float:
     """Peak resident set size since the last :func:`reset_peak_rss`, MB."""
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    value = rss.peak_rss_bytes()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if value is None else value / 2**20

@@ -20,29 +20,21 @@ earlier allocations of the process never count. Freed heap pages are first hande
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import functools
 import gc
 import logging
-import re
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from ..errors import PrunellmError
+from .. import rss
 from ..models import input_device
 from .facts import model_facts
 
 log = logging.getLogger(__name__)
-
-_STATUS = Path("/proc/self/status")
-_CLEAR_REFS = Path("/proc/self/clear_refs")
-
 
 @dataclass(frozen=True)
 class SpeedSettings:
@@ -69,30 +61,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _proc_kib(field: str) -> int | None:
-    match = re.search(rf"^{field}:\s+(\d+) kB", _STATUS.read_text(), re.MULTILINE)
-    return int(match.group(1)) if match else None
-
-
-@functools.cache
-def _libc():
-    name = ctypes.util.find_library("c")
-    return ctypes.CDLL(name) if name else None
-
-
-def _trim_heap() -> None:
-    """Return freed heap pages to the OS (glibc), so RSS holds live memory only; a no-op elsewhere."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = _libc()
-        if libc is not None:
-            libc.malloc_trim(0)
-
-
 def memory_method(device: torch.device) -> str:
     """``cuda_max_memory_allocated``, ``proc_vmhwm`` (Linux CPU) or ``unavailable``."""
     if device.type == "cuda":
         return "cuda_max_memory_allocated"
-    if device.type == "cpu" and _STATUS.is_file() and _CLEAR_REFS.exists():
+    if device.type == "cpu" and rss.available():
         return "proc_vmhwm"
     return "unavailable"
 
@@ -115,17 +88,15 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> dict[str, Any]:
         peak = torch.cuda.max_memory_allocated(device)
         return {"method": method, "peak_bytes": peak, "peak_delta_bytes": peak - before}
     if method == "proc_vmhwm":
-        _trim_heap()
-        try:
-            _CLEAR_REFS.write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        except OSError:
+        rss.trim_heap()
+        if not rss.reset_peak():
             method = "unavailable"
         else:
-            before = _proc_kib("VmRSS")
+            before = rss.rss_bytes()
             fn()
-            peak = _proc_kib("VmHWM")
+            peak = rss.peak_rss_bytes()
             if before is not None and peak is not None:
-                return {"method": method, "peak_bytes": peak * 1024, "peak_delta_bytes": (peak - before) * 1024}
+                return {"method": method, "peak_bytes": peak, "peak_delta_bytes": peak - before}
             method = "unavailable"
     fn()
     return {"method": method, "peak_bytes": None, "peak_delta_bytes": None}
