@@ -192,9 +192,9 @@ def test_sample_calibration_windows(word_tokenizer, shakespeare_tokens):
 
 def test_sample_calibration_tokenizes_once(word_tokenizer):
     data.sample_calibration(word_tokenizer, "shakespeare", 2, 16, seed=3)
-    before = data._cached_train_tokens.cache_info()
+    before = data._cached_tokens.cache_info()
     data.sample_calibration(word_tokenizer, "shakespeare", 4, 8, seed=4)
-    after = data._cached_train_tokens.cache_info()
+    after = data._cached_tokens.cache_info()
     assert after.hits == before.hits + 1 and after.misses == before.misses
 
 

@@ -286,7 +286,7 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}{detail}"
 
 
-# --- tokenized train parts, cached in-process ------------------------------------------------------------
+# --- tokenized texts, cached in-process (the one token cache: calibration, fine-tuning and evaluation) -----
 
 
 class _Passenger:
@@ -322,18 +322,24 @@ def _source_key(source: str, flag: str) -> tuple:
     return tuple((name, st.st_mtime_ns, st.st_size) for name, st in stats)
 
 
+def text_tokens(tokenizer: Any, source: str, part: Part, *, flag: str = "--dataset") -> torch.Tensor:
+    """The token ids of one part of a source (no special tokens), tokenized once per process: the key is the
+    tokenizer's identity and the source (a local file's size and mtime included, so an edited file is re-read)."""
+    key = (_tokenizer_key(tokenizer), _source_key(source, flag), part)
+    return _cached_tokens(*key, source, _Passenger((tokenizer, flag)))
+
+
 def _train_tokens(tokenizer: Any, source: str, flag: str) -> torch.Tensor:
-    key = (_tokenizer_key(tokenizer), _source_key(source, flag))
-    return _cached_train_tokens(*key, source, _Passenger((tokenizer, flag)))
+    return text_tokens(tokenizer, source, "train", flag=flag)
 
 
-@functools.lru_cache(maxsize=8)
-def _cached_train_tokens(
-    tokenizer_key: tuple[str, int], source_key: tuple, source: str, passenger: _Passenger
+@functools.lru_cache(maxsize=16)
+def _cached_tokens(
+    tokenizer_key: tuple[str, int], source_key: tuple, part: Part, source: str, passenger: _Passenger
 ) -> torch.Tensor:
     tokenizer, flag = passenger.value
-    text = load_text(source, "train", flag=flag)
-    logger.info("tokenizing the train part of %s (%d characters)", source, len(text))
+    text = load_text(source, part, flag=flag)
+    logger.info("tokenizing the %s part of %s (%d characters)", part, source, len(text))
     return tokenize_text(tokenizer, text)
 
 

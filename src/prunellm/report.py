@@ -23,7 +23,8 @@ from typing import Any, Callable
 
 from .analysis import _figure_width, _save_figure_atomic
 from .errors import PrunellmError
-from .evaluation.zeroshot import AVERAGES
+from .evaluation.metrics import METRICS
+from .evaluation.metrics import Column as MetricColumn
 from .paths import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -85,65 +86,27 @@ def load_runs(folders: list[str | Path]) -> list[Run]:
     return runs
 
 
-def _metric(run: Run, name: str) -> Any:
-    return run.results.get("metrics", {}).get(name)
-
-
-def _first_seen(items) -> list:
-    return list(dict.fromkeys(items))
-
-
-def _ppl_columns(runs: list[Run]) -> list[Column]:
-    keys = _first_seen((row["dataset"], row["protocol"]) for run in runs for row in _metric(run, "ppl") or [])
-
-    def getter(dataset: str, protocol: str) -> Callable[[Run], Any]:
-        return lambda run: next((r["ppl"] for r in _metric(run, "ppl") or [] if (r["dataset"], r["protocol"]) == (dataset, protocol)), None)
-
-    return [Column(f"PPL {Path(d).name} ({p})", getter(d, p), "{:.2f}") for d, p in keys]
-
-
-def _zeroshot_columns(runs: list[Run]) -> list[Column]:
-    tasks = _first_seen((row["task"], row["llm_pruner_metric"]) for run in runs for row in (_metric(run, "zeroshot") or {}).get("tasks", []))
-
-    def getter(task: str, metric: str) -> Callable[[Run], Any]:
-        return lambda run: next((r[metric] for r in (_metric(run, "zeroshot") or {}).get("tasks", []) if r["task"] == task), None)
-
-    def average(name: str) -> Callable[[Run], Any]:
-        return lambda run: ((_metric(run, "zeroshot") or {}).get("averages", {}).get(name) or {}).get("value")
-
-    columns = [Column(f"{task} {metric}", getter(task, metric), "{:.3f}") for task, metric in tasks]
-    if tasks:
-        columns += [Column("avg LLM-Pruner", average("llm_pruner"), "{:.3f}"),
-                    Column("avg acc_norm where available", average("acc_norm_where_available"), "{:.3f}")]  # fmt: skip
-    return columns
-
-
-def _per_batch(runs: list[Run], metric: str, key: str, header: str, scale: float, fmt: str) -> list[Column]:
-    sizes = _first_seen(row["batch_size"] for run in runs for row in (_metric(run, metric) or {}).get("rows", []))
-
-    def getter(size: int) -> Callable[[Run], Any]:
-        def value(run: Run) -> Any:
-            row = next((r for r in (_metric(run, metric) or {}).get("rows", []) if r["batch_size"] == size), {})
-            return None if row.get(key) is None else row[key] / scale
-
-        return value
-
-    return [Column(f"{header} bs={size}", getter(size), fmt) for size in sizes]
+def _run_column(column: MetricColumn) -> Column:
+    return Column(column.header, lambda run: column.value(run.results), column.fmt)
 
 
 def table_columns(runs: list[Run]) -> list[Column]:
-    """The columns of the comparison table: only those some run has a value for."""
+    """The columns of the comparison table: only those some run has a value for. Every registered metric adds
+    its own (evaluation/metrics.py), in registry order, with weights MB before the memory columns."""
+    docs = [run.results for run in runs]
+    by_metric = {name: [_run_column(c) for c in metric.columns(docs)] for name, metric in METRICS.items()}
+    weights = Column("weights MB", lambda run: run.results["model"].get("weight_bytes", 0) / MB, "{:.1f}")
     columns = [
         Column("run", lambda run: run.name),
         Column("params", lambda run: run.results["model"]["params"], "{:,}"),
         Column("achieved ratio", lambda run: (run.plan or {}).get("achieved_ratio"), "{:.4f}"),
-        *_ppl_columns(runs),
-        *_zeroshot_columns(runs),
-        *_per_batch(runs, "speed", "prefill_tokens_per_s", "prefill tok/s", 1.0, "{:.1f}"),
-        *_per_batch(runs, "speed", "decode_tokens_per_s", "decode tok/s", 1.0, "{:.1f}"),
-        Column("weights MB", lambda run: run.results["model"].get("weight_bytes", 0) / MB, "{:.1f}"),
-        *_per_batch(runs, "memory", "peak_delta_bytes", "peak Δ MB", MB, "{:.1f}"),
     ]
+    for name, metric_columns in by_metric.items():
+        if name == "memory":
+            columns.append(weights)
+        columns += metric_columns
+    if "memory" not in by_metric:
+        columns.append(weights)
     return [c for c in columns if c.header == "run" or any(c.value(run) is not None for run in runs)]
 
 
@@ -176,15 +139,8 @@ def html_table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def _notes(runs: list[Run]) -> list[str]:
-    notes = ["Zero-shot columns give the task's LLM-Pruner metric (named in the header; fractions, lm-eval).",
-             *(f"avg {'LLM-Pruner' if k == 'llm_pruner' else 'acc_norm where available'}: {v}." for k, v in AVERAGES.items())]  # fmt: skip
-    speed = next((_metric(r, "speed") for r in runs if _metric(r, "speed")), None)
-    if speed:
-        notes.append(f"Speed: greedy generate, {speed['prompt_tokens']}-token prompt, {speed['new_tokens']} new tokens, "
-                     f"median of {speed['repeats']}, on {speed['device']} ({speed['dtype']}).")  # fmt: skip
-    if any(_metric(r, "memory") for r in runs):
-        notes.append("peak Δ MB: peak memory during one generate call minus the memory in use just before it.")
-    return notes
+    docs = [run.results for run in runs]
+    return [note for metric in METRICS.values() for note in metric.notes(docs)]
 
 
 def plot_kept_ratio(runs: list[Run], path: Path) -> bool:

@@ -30,6 +30,7 @@ second (see :mod:`.speed` for the protocol), memory in bytes (``null`` where it 
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import json
 import logging
@@ -37,78 +38,20 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-import torch
 
-from ..data import describe_source, load_text, tokenize_text
 from ..errors import PrunellmError
 from ..options import EvalOptions, split_list
 from ..paths import write_json_atomic
 from ..plan import package_versions
 from .facts import model_facts
-from .perplexity import PerplexityResult, Protocol, perplexity
+from .metrics import METRICS, Column, Context, Metric, get_metrics, register
+from .perplexity import Protocol, perplexity
+from .standard import eval_tokens, speed_settings
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 SCHEMA_FILE = Path(__file__).with_name("results.schema.json")
-METRICS: tuple[str, ...] = ("ppl", "zeroshot", "speed", "memory")
-
-_TOKEN_CACHE: dict[tuple[str, int, str], torch.Tensor] = {}
-
-
-def eval_tokens(tokenizer, dataset: str) -> torch.Tensor:
-    """The eval part of a dataset, tokenized once per process (dense and pruned runs share it)."""
-    key = (getattr(tokenizer, "name_or_path", ""), len(tokenizer), dataset)
-    if key not in _TOKEN_CACHE:
-        _TOKEN_CACHE[key] = tokenize_text(tokenizer, load_text(dataset, "eval", flag="--ppl_datasets"))
-    return _TOKEN_CACHE[key]
-
-
-def _ppl_rows(model, tokenizer, options: EvalOptions, progress: bool) -> list[dict[str, Any]]:
-    protocols = [Protocol.parse(p) for p in options.protocol_names()]
-    rows: list[dict] = []
-    for dataset in split_list(options.ppl_datasets):
-        tokens = eval_tokens(tokenizer, dataset)
-        source = describe_source(dataset, "eval")
-        for protocol in protocols:
-            result: PerplexityResult = perplexity(
-                model,
-                tokens,
-                protocol,
-                dataset=dataset,
-                batch_size=options.ppl_batch_size,
-                max_windows=options.ppl_max_windows,
-                progress=progress,
-            )
-            log.info("PPL %s (%s): %.3f over %d tokens", dataset, protocol.name, result.ppl, result.scored_tokens)
-            rows.append({**result.to_dict(), "source": source})
-    return rows
-
-
-def speed_settings(options: EvalOptions):
-    """The :class:`~.speed.SpeedSettings` of a set of evaluation options."""
-    from .speed import SpeedSettings
-
-    try:
-        batch_sizes = tuple(int(b) for b in split_list(options.speed_batch_sizes))
-    except ValueError:
-        raise PrunellmError(f"--speed_batch_sizes '{options.speed_batch_sizes}' is not valid: give comma-separated positive integers, e.g. 1,4") from None
-    return SpeedSettings(
-        batch_sizes=batch_sizes,
-        prompt_tokens=options.speed_prompt_tokens,
-        new_tokens=options.speed_new_tokens,
-        repeats=options.speed_repeats,
-        warmup=options.speed_warmup,
-    )
-
-
-def _load_base(ref: str, like) -> Any:
-    """The dense model of ``--compare_base``, on the evaluated model's device and in its dtype."""
-    from ..models import input_device, load_model
-
-    dtype = str(next(like.parameters()).dtype).removeprefix("torch.")
-    return load_model(ref, dtype=dtype, device=str(input_device(like)), flag="--compare_base")
-
 
 def evaluate(model, tokenizer, options: EvalOptions, *, model_path: str, progress: bool = True) -> dict[str, Any]:
     """Run the requested metrics on an in-memory model and return the results document.
@@ -123,50 +66,19 @@ def evaluate(model, tokenizer, options: EvalOptions, *, model_path: str, progres
     Returns:
         The results document described in this module's docstring.
     """
-    metrics = split_list(options.metrics)
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown:
-        raise PrunellmError(f"--metrics '{','.join(unknown)}' is not valid: use a comma-separated subset of {', '.join(METRICS)}")
-    settings = speed_settings(options) if {"speed", "memory"} & set(metrics) else None  # bad flags fail first
-    if settings is not None and options.compare_base:
-        from ..models import resolve_model_path
-
-        resolve_model_path(options.compare_base, "--compare_base")
+    metrics = get_metrics(split_list(options.metrics))
+    for metric in metrics:  # bad flags fail before anything is measured
+        metric.check(options)
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     results: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "model": model_facts(model, model_path), "metrics": {}}
-    if "ppl" in metrics:
-        results["metrics"]["ppl"] = _ppl_rows(model, tokenizer, options, progress)
-    if "zeroshot" in metrics:
-        from .zeroshot import zeroshot
-
-        results["metrics"]["zeroshot"] = zeroshot(
-            model,
-            tokenizer,
-            split_list(options.zeroshot_tasks),
-            num_fewshot=options.num_fewshot,
-            limit=options.limit,
-            batch_size=options.zeroshot_batch_size,
-            include_path=[options.zeroshot_include_path] if options.zeroshot_include_path else None,
-        )
-    if settings is not None:
-        from .speed import speed_and_memory
-
-        base = options.compare_base
-        results["metrics"].update(
-            speed_and_memory(
-                model,
-                settings,
-                speed="speed" in metrics,
-                memory="memory" in metrics,
-                base=(lambda: _load_base(base, model)) if base else None,
-                base_path=base,
-            )
-        )
+    context = Context(model, tokenizer, options, tuple(m.name for m in metrics), progress)
+    versions: dict[str, str] = {}
+    for metric in metrics:
+        results["metrics"][metric.name] = metric.measure(context)
+        versions.update(metric.versions(results["metrics"][metric.name]))
     results["started_at"] = started
     results["finished_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    results["versions"] = package_versions()
-    if "zeroshot" in metrics:
-        results["versions"]["lm_eval"] = results["metrics"]["zeroshot"]["lm_eval_version"]
+    results["versions"] = {**package_versions(), **versions}
     return results
 
 
@@ -178,9 +90,16 @@ def save_results(results: dict[str, Any], path: str | Path) -> Path:
 
 
 @cache
-def results_schema() -> dict[str, Any]:
-    """The JSON Schema of ``evaluation_results.json`` (``results.schema.json``)."""
+def _schema_file() -> dict[str, Any]:
     return json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
+
+
+def results_schema() -> dict[str, Any]:
+    """The JSON Schema of ``evaluation_results.json``: ``results.schema.json`` with ``metrics`` made of every
+    registered metric's part."""
+    schema = copy.deepcopy(_schema_file())
+    schema["properties"]["metrics"]["properties"] = {name: metric.schema for name, metric in METRICS.items()}
+    return schema
 
 
 _TYPES: dict[str, tuple[type, ...]] = {
@@ -249,6 +168,11 @@ def validate_results(doc: dict[str, Any]) -> None:
 
 __all__ = [
     "METRICS",
+    "Column",
+    "Context",
+    "Metric",
+    "register",
+    "speed_settings",
     "Protocol",
     "eval_tokens",
     "evaluate",

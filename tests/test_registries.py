@@ -1,0 +1,91 @@
+"""Adding a criterion or an evaluation metric touches one file: this test file registers one of each and uses
+them through the public API, the evaluator, the results schema and the report, as a user's plugin would."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import calibration_ids, make_tiny_model
+
+import prunellm as pl
+from prunellm.criteria import REGISTRY, register
+from prunellm.errors import PrunellmError
+from prunellm.evaluation import METRICS, Column, Metric, evaluate, save_results, validate_results
+from prunellm.evaluation import register as register_metric
+from prunellm.options import EvalOptions
+from prunellm.report import build_report
+from prunellm.units import decoder_layers, get_module, reduce_to_units
+
+
+@pytest.fixture
+def cubic_magnitude():
+    """A criterion: Σ|w|³ over the unit's weights (weights only, no calibration pass)."""
+
+    @register("cubic_magnitude", {"weights"}, "Σ|w|³ of the unit")
+    def score(model, units, stats, options):
+        layers = decoder_layers(model)
+        scores = {}
+        for unit in units:
+            total = torch.zeros(unit.count)
+            for s in unit.slices:
+                weight = get_module(layers[unit.layer], s.module).weight.detach()
+                total += reduce_to_units(weight.abs().pow(3), s, unit.count)
+            scores[(unit.layer, unit.kind)] = total
+        return scores
+
+    yield "cubic_magnitude"
+    REGISTRY.pop("cubic_magnitude")
+
+
+@pytest.fixture
+def zero_fraction():
+    """A metric: the fraction of weights that are exactly zero (no options, no tokenizer)."""
+
+    def measure(ctx):
+        weights = [p for p in ctx.model.parameters() if p.dim() == 2]
+        zeros = sum(int((p == 0).sum()) for p in weights)
+        return {"zero_fraction": zeros / sum(p.numel() for p in weights)}
+
+    register_metric(Metric(
+        name="zero_fraction", help="fraction of exactly-zero matrix weights", options=(),
+        schema={"type": "object", "required": ["zero_fraction"], "additionalProperties": False,
+                "properties": {"zero_fraction": {"type": "number", "minimum": 0}}},
+        measure=measure,
+        columns=lambda docs: [Column("zero weights", lambda doc: (doc["metrics"].get("zero_fraction") or {}).get("zero_fraction"), "{:.4f}")],
+    ))  # fmt: skip
+    yield "zero_fraction"
+    METRICS.pop("zero_fraction")
+
+
+def test_a_criterion_registered_outside_the_package_prunes(cubic_magnitude):
+    model = make_tiny_model("qwen2")
+    scores = pl.score(model, None, cubic_magnitude)
+    # the unit with the smallest Σ|w|³ of layer 0's MLP is the one the criterion ranks lowest
+    down = decoder_layers(model)[0].mlp
+    by_hand = (down.gate_proj.weight.abs().pow(3).sum(1) + down.up_proj.weight.abs().pow(3).sum(1)
+               + down.down_proj.weight.abs().pow(3).sum(0)).detach()
+    torch.testing.assert_close(scores.scores[(0, "mlp_channel")], by_hand)
+    plan = pl.select(model, scores, 0.2)
+    pl.prune(model, plan)
+    assert plan.criterion == "cubic_magnitude"
+    assert torch.isfinite(model(calibration_ids(model.config.vocab_size, n=2, length=8)).logits).all()
+
+
+def test_a_metric_registered_outside_the_package_is_measured_validated_and_reported(zero_fraction, tmp_path):
+    model = make_tiny_model("llama")
+    with torch.no_grad():
+        decoder_layers(model)[0].mlp.down_proj.weight[:, :10] = 0
+    doc = evaluate(model, None, EvalOptions(metrics="zero_fraction"), model_path="tiny", progress=False)
+    assert 0 < doc["metrics"]["zero_fraction"]["zero_fraction"] < 0.1
+    validate_results(doc)
+    with pytest.raises(PrunellmError, match="zero_fraction"):
+        validate_results({**doc, "metrics": {"zero_fraction": {"zero_fraction": -1}}})
+    save_results(doc, tmp_path / "run" / "evaluation_results.json")
+    report = build_report([tmp_path / "run"], tmp_path / "report")
+    assert "zero weights" in (tmp_path / "report" / "report.md").read_text()
+    assert report is not None
+
+
+def test_unknown_metric_lists_the_registered_ones():
+    with pytest.raises(PrunellmError, match="ppl, zeroshot, speed, memory"):
+        evaluate(make_tiny_model("llama"), None, EvalOptions(metrics="nope"), model_path="tiny")
