@@ -188,3 +188,28 @@ def test_prune_with_accelerate_device_map(workspace):
     assert main(_prune_args(workspace, "auto", "--device", "auto", "--importance_method", "taylor")) == 0
     plan = json.loads((workspace / "results" / "auto" / "plan.json").read_text())
     assert plan["calibration"]["hash"] and abs(plan["achieved_ratio"] - 0.015) < 0.005
+
+
+def test_a_recipe_file_runs_the_same_pruning_as_the_flags(workspace, capsys):
+    """`prunellm run recipe.yaml` takes the option groups of `prune --help` and gives the identical plan."""
+    assert main(_prune_args(workspace, "flags", "--importance_method", "wanda", "--reconstruct", "none")) == 0
+    recipe = workspace / "recipe.yaml"
+    recipe.write_text(
+        "command: prune\n"
+        f"recipe:\n  base_model: {workspace / 'tiny'}\n  output_name: fromfile\n  dataset: {workspace / 'text.txt'}\n"
+        "  taylor_num_samples: 8\n  taylor_seq_len: 32\n  pruning_ratio: 0.015\n  importance_method: wanda\n"
+        "  reconstruct: none\n"
+        f"run:\n  output_dir: {workspace / 'results'}\n"
+    )
+    assert main(["run", str(recipe)]) == 0
+    flags = json.loads((workspace / "results" / "flags" / "plan.json").read_text())
+    from_file = json.loads((workspace / "results" / "fromfile" / "plan.json").read_text())
+    assert from_file["layers"] == flags["layers"] and from_file["params_after"] == flags["params_after"]
+    capsys.readouterr()
+    recipe.write_text("command: prune\nrecipe:\n  pruning_ratoi: 0.2\n")
+    assert main(["run", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "recipe.pruning_ratoi" in err[0] and "recipe.yaml" in err[0]
+    recipe.write_text("command: prune\nrecovry: {}\n")
+    assert main(["run", str(recipe)]) == 2
+    assert "unknown group 'recovry'" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""``prunellm prune | layers | finetune | eval | report``: the command line, generated from the typed options.
+"""``prunellm prune | layers | run | finetune | eval | report``: the command line, generated from the typed options.
 
 Bad input exits with status 2 and one line: ``error: <what, where, what is valid>``.
 """
@@ -65,12 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     prune = commands.add_parser("prune", help="global structured pruning (GQA groups + MLP channels)")
     add_prune_arguments(prune)
     layers = commands.add_parser("layers", help="depth pruning: remove whole decoder layers")
-    add_options(layers, LayersRecipe, "recipe")
-    add_options(layers, RunOptions, "run")
-    add_options(layers, EvalOptions, "evaluation")
+    for model, title in LAYERS_GROUPS:
+        add_options(layers, model, title)
     evaluate = commands.add_parser("eval", help="evaluate a model (perplexity, zero-shot, speed, memory)")
     add_options(evaluate, EvalTarget, "model")
     add_options(evaluate, EvalOptions, "evaluation")
+    run = commands.add_parser("run", help="run a recipe file: prune or layers with its option groups in YAML")
+    run.add_argument("recipe_file", metavar="RECIPE.yaml", help="YAML: 'command: prune|layers' and one mapping per option group")
     finetune = commands.add_parser("finetune", help="recovery fine-tuning (LoRA or full) of a pruned model")
     add_finetune_arguments(finetune)
     report = commands.add_parser("report", help="one comparison table and charts over many run folders")
@@ -79,12 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PRUNE_GROUPS = ((PruneRecipe, "recipe"), (RunOptions, "run"), (EvalOptions, "evaluation"), (FinetuneOptions, "recovery"))
+LAYERS_GROUPS = ((LayersRecipe, "recipe"), (RunOptions, "run"), (EvalOptions, "evaluation"))
+RECIPE_COMMANDS = {"prune": PRUNE_GROUPS, "layers": LAYERS_GROUPS}  # `prunellm run` file: command -> option groups
+
+
 def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``prunellm prune`` (also used by run_global_pruning.py)."""
-    add_options(parser, PruneRecipe, "recipe")
-    add_options(parser, RunOptions, "run")
-    add_options(parser, EvalOptions, "evaluation")
-    add_options(parser, FinetuneOptions, "recovery")
+    for model, title in PRUNE_GROUPS:
+        add_options(parser, model, title)
 
 
 FINETUNE_GROUPS = (
@@ -129,6 +133,48 @@ def run_finetune(args: argparse.Namespace, argv: list[str]) -> int:
         table.add_row(f"PPL {row['dataset']} ({row['protocol']}, {row['scored_tokens']} tok)", f"{row['ppl']:.3f}")
     Console(stderr=True).print(table)
     log.info("results: %s", metrics["output_dir"])
+    return 0
+
+
+def read_recipe_file(path: str | Path) -> tuple[str, dict[str, _Options]]:
+    """Parse a ``prunellm run`` file: ``command`` and one mapping per option group of that command (the groups
+    and keys of ``prunellm <command> --help``; a group left out takes its defaults; misspelt keys are refused)."""
+    import yaml
+    from pydantic import ValidationError
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise PrunellmError(f"RECIPE.yaml '{path}' is not a readable YAML file: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict) or data.get("command") not in RECIPE_COMMANDS:
+        raise PrunellmError(f"RECIPE.yaml '{path}' needs 'command: {'|'.join(RECIPE_COMMANDS)}' at the top level")
+    groups = dict((title, model) for model, title in RECIPE_COMMANDS[data["command"]])
+    unknown = [key for key in data if key != "command" and key not in groups]
+    if unknown:
+        raise PrunellmError(f"RECIPE.yaml '{path}': unknown group '{unknown[0]}'; {data['command']} takes {', '.join(groups)}")
+    built: dict[str, _Options] = {}
+    for title, model in groups.items():
+        values = data.get(title) or {}
+        if not isinstance(values, dict):
+            raise PrunellmError(f"RECIPE.yaml '{path}': '{title}' must be a mapping of option: value")
+        try:
+            built[title] = model(**values)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            where = ".".join(map(str, (title, *error.get("loc", ()))))
+            raise PrunellmError(f"RECIPE.yaml '{path}': {where}: {error['msg']}") from None
+    return data["command"], built
+
+
+def run_recipe(args: argparse.Namespace, argv: list[str]) -> int:
+    from .pruner import prune, prune_layers
+
+    command, groups = read_recipe_file(args.recipe_file)
+    if command == "prune":
+        prune(groups["recipe"], groups["run"], groups["evaluation"], argv=argv, finetune=groups["recovery"])
+    else:
+        prune_layers(groups["recipe"], groups["run"], groups["evaluation"], argv=argv)
     return 0
 
 
@@ -248,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_prune(args, argv)
         if args.command == "layers":
             return run_layers(args, argv)
+        if args.command == "run":
+            return run_recipe(args, argv)
         if args.command == "report":
             return run_report(args)
         if args.command == "finetune":
