@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM
 from prunellm.checkpoint import save_model
 from prunellm.cli import main, translate_seed_layer_flags
 from prunellm.errors import PrunellmError
-from prunellm.layers import allocate_rates, choose_layers_to_remove, hidden_change_scores, select_layerwise
+from prunellm.criteria.depth import hidden_change_scores
+from prunellm.layers import allocate_rates, choose_layers_to_remove, select_layerwise
 from prunellm.priors import _ablated_losses, _ablated_losses_full, ablated, ablation_deltas
 from prunellm.selection import normalized_values
 from prunellm.surgery import remove_layers

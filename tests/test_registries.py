@@ -89,3 +89,21 @@ def test_a_metric_registered_outside_the_package_is_measured_validated_and_repor
 def test_unknown_metric_lists_the_registered_ones():
     with pytest.raises(PrunellmError, match="ppl, zeroshot, speed, memory"):
         evaluate(make_tiny_model("llama"), None, EvalOptions(metrics="nope"), model_path="tiny")
+
+
+def test_a_depth_criterion_registered_outside_the_package_chooses_layers():
+    from prunellm.criteria import LAYER_REGISTRY, register_layer
+    from prunellm.layers import choose_layers_to_remove
+
+    @register_layer("last_is_least", "ranks later layers as less important")
+    def last_is_least(model, input_ids, batch_size=4):
+        return [-float(i) for i in range(len(decoder_layers(model)))]
+
+    try:
+        model = make_tiny_model("mistral", num_hidden_layers=4)
+        removed, scores = choose_layers_to_remove(model, calibration_ids(model.config.vocab_size, n=2), "last_is_least", 2)
+        assert removed == [2, 3] and scores == [0.0, -1.0, -2.0, -3.0]
+        with pytest.raises(PrunellmError, match="block_influence"):
+            choose_layers_to_remove(model, calibration_ids(model.config.vocab_size, n=2), "nope", 1)
+    finally:
+        LAYER_REGISTRY.pop("last_is_least")

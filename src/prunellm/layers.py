@@ -1,13 +1,7 @@
 """Layer-aware pruning: layer importance, depth pruning (remove whole layers) and per-layer rate allocation.
 
-Layer importance criteria:
-
-* ``block_influence`` (ShortGPT): 1 − cos(h_in, h_out) per token, token-weighted over calibration windows; a
-  forward hook reduces each batch to a sum, so memory is O(tokens), never O(tokens²).
-* ``ppl``: calibration loss increase when the layer is removed, by true zero-output ablation (the layer passes
-  its input on), as in Shortened-LLaMA.
-* ``taylor``: the sum of the layer's first-order Taylor saliency Σ|w·G| over its prunable projections.
-* ``activation`` (allocation only): the relative size of the layer's update ‖h_out − h_in‖ / ‖h_in‖.
+Layer importance comes from the registered layer criteria (``criteria/depth.py``: ``block_influence``, ``ppl``,
+``taylor``, and for allocation ``removal``, ``activation``).
 
 ``iterative`` re-scores after each removal (SLEB style) for ``block_influence`` and ``ppl``.
 """
@@ -19,71 +13,17 @@ from typing import Literal
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from .calibration import batches_of, collect_gradient_stats
+from .criteria import get_layer_criterion
 from .errors import PrunellmError
-from .models import input_device
-from .priors import ablation_deltas
-from .units import UNIT_KINDS, all_units, count_parameters, decoder_layers
+from .units import count_parameters, decoder_layers
 
 LayerCriterion = Literal["block_influence", "ppl", "taylor", "activation", "removal"]
 
 
-@torch.no_grad()
-def hidden_change_scores(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 4) -> dict[str, list[float]]:
-    """Per layer, token-weighted means of 1 − cos(h_in, h_out) and ‖h_out − h_in‖ / ‖h_in‖."""
-    layers = decoder_layers(model)
-    n = len(layers)
-    sums = {"block_influence": [0.0] * n, "activation": [0.0] * n}
-    tokens = [0] * n
-    handles = []
-
-    def hook_for(index: int):
-        def hook(module, args, kwargs, output):
-            h_in = (args[0] if args else kwargs["hidden_states"]).float()  # (B, T, H)
-            h_out = (output[0] if isinstance(output, tuple) else output).float()
-            cos = torch.nn.functional.cosine_similarity(h_in, h_out, dim=-1)  # (B, T)
-            rel = (h_out - h_in).norm(dim=-1) / h_in.norm(dim=-1).clamp_min(1e-6)
-            sums["block_influence"][index] += float((1 - cos).sum())
-            sums["activation"][index] += float(rel.sum())
-            tokens[index] += cos.numel()
-
-        return hook
-
-    for index, layer in enumerate(layers):
-        handles.append(layer.register_forward_hook(hook_for(index), with_kwargs=True))
-    device = input_device(model)
-    try:
-        for batch in tqdm(batches_of(input_ids, batch_size), desc="layer influence", leave=False):
-            model(input_ids=batch.to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {key: [value / max(t, 1) for value, t in zip(values, tokens)] for key, values in sums.items()}
-
-
-def taylor_layer_scores(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 4) -> list[float]:
-    """Σ|w·G| over every prunable projection of each layer."""
-    units = list(all_units(model, UNIT_KINDS))
-    stats = collect_gradient_stats(model, input_ids, units, terms={"first"}, batch_size=batch_size)
-    scores = [0.0] * len(decoder_layers(model))
-    for (layer, _), value in stats.taylor_first.items():
-        scores[layer] += float(value.sum())
-    return scores
-
-
 def layer_importance(model: nn.Module, input_ids: torch.Tensor, method: str, batch_size: int = 4) -> list[float]:
-    """One importance score per decoder layer (higher = more important)."""
-    if method in ("block_influence", "activation"):
-        return hidden_change_scores(model, input_ids, batch_size)[method]
-    if method in ("ppl", "removal"):
-        return ablation_deltas(model, input_ids, "layer", batch_size)
-    if method == "taylor":
-        return taylor_layer_scores(model, input_ids, batch_size)
-    raise PrunellmError(
-        f"--layer_importance_method '{method}' is not valid: use one of block_influence, ppl, taylor (or removal, activation for allocation)"
-    )
+    """One importance score per decoder layer (higher = more important), by a registered layer criterion."""
+    return get_layer_criterion(method).score(model, input_ids, batch_size)
 
 
 class _LayerDropped:
@@ -123,7 +63,7 @@ def choose_layers_to_remove(
         raise PrunellmError(f"--n_remove_layers {n_remove} must be between 1 and {n_layers - 1} (the model has {n_layers} layers)")
     allowed = list(range(n_layers)) if candidates is None else candidates
     scores = layer_importance(model, input_ids, method, batch_size)
-    if not iterative or method == "taylor":
+    if not iterative or not get_layer_criterion(method).rescorable:
         order = sorted(allowed, key=lambda i: scores[i])
         if len(order) < n_remove:
             raise PrunellmError(f"only {len(order)} layers may be removed under the freeze flags, not {n_remove}")

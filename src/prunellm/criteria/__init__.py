@@ -3,14 +3,30 @@
 A criterion maps the model, its unit sets and :class:`~prunellm.calibration.Stats` to one float32 score per
 unit index (higher = more important). It never runs its own data loop and never stores state on modules:
 the runner reads ``needs`` and runs the calibration pass that provides it. A new criterion is one file here
-that decorates its score function with :func:`register` and one line below.
+that decorates its score function with :func:`register` (a layer criterion: :func:`register_layer`) and one
+line below.
 """
 
 from __future__ import annotations
 
-from . import magnitude, random_, taylor, wanda  # noqa: F401  (registration side effect)
-from .registry import REGISTRY, Criterion, CriterionOptions, Need, ScoreFn, get_criterion, register
+from . import depth, magnitude, random_, taylor, wanda  # noqa: F401  (registration side effect)
+from .registry import (
+    LAYER_REGISTRY,
+    REGISTRY,
+    Criterion,
+    CriterionOptions,
+    LayerCriterion,
+    Need,
+    ScoreFn,
+    get_criterion,
+    get_layer_criterion,
+    register,
+    register_layer,
+)
 
-__all__ = ["CRITERIA", "REGISTRY", "Criterion", "CriterionOptions", "Need", "ScoreFn", "get_criterion", "register"]
+__all__ = [
+    "CRITERIA", "LAYER_REGISTRY", "REGISTRY", "Criterion", "CriterionOptions", "LayerCriterion", "Need", "ScoreFn",
+    "get_criterion", "get_layer_criterion", "register", "register_layer",
+]  # fmt: skip
 
 CRITERIA: tuple[str, ...] = tuple(REGISTRY)

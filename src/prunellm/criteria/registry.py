@@ -54,3 +54,36 @@ def get_criterion(name: str, flag: str = "--importance_method") -> Criterion:
     if name not in REGISTRY:
         raise PrunellmError(f"{flag} '{name}' is not a criterion: use one of {', '.join(REGISTRY)}")
     return REGISTRY[name]
+
+
+LayerScoreFn = Callable[[nn.Module, torch.Tensor, int], list[float]]
+
+
+@dataclass(frozen=True)
+class LayerCriterion:
+    """A registered layer (depth) criterion: one importance per decoder layer from calibration windows."""
+
+    name: str
+    score: LayerScoreFn  # (model, input_ids, batch_size) -> one float per layer, higher = more important
+    help: str
+    rescorable: bool  # meaningful to re-score after each removal (--iterative)
+
+
+LAYER_REGISTRY: dict[str, LayerCriterion] = {}
+
+
+def register_layer(name: str, help: str, rescorable: bool = True):
+    """Decorator: register a layer criterion under ``name`` (``prunellm layers --layer_importance_method``)."""
+
+    def wrap(fn: LayerScoreFn) -> LayerScoreFn:
+        LAYER_REGISTRY[name] = LayerCriterion(name, fn, help, rescorable)
+        return fn
+
+    return wrap
+
+
+def get_layer_criterion(name: str, flag: str = "--layer_importance_method") -> LayerCriterion:
+    """Look a layer criterion up by name; an unknown name lists the valid ones."""
+    if name not in LAYER_REGISTRY:
+        raise PrunellmError(f"{flag} '{name}' is not valid: use one of {', '.join(LAYER_REGISTRY)}")
+    return LAYER_REGISTRY[name]
