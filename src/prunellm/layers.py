@@ -108,12 +108,14 @@ def allocate_rates(
     min_rate: float = 0.0,
     max_rate: float = 0.9,
     frozen: set[int] = frozenset(),
+    total_params: int | None = None,
 ) -> list[float]:
     """Per-layer pruning rates (fraction of each layer's prunable parameters) that remove ``budget`` in total.
 
     ``inverse``: rate ∝ (1 / normalised importance)^weight — less important layers lose more;
     ``proportional``: rate ∝ (normalised importance)^weight; ``uniform``: one rate for all. Rates are clamped
-    to [min_rate, max_rate] (frozen layers: 0) and a common scale is found by bisection.
+    to [min_rate, max_rate] (frozen layers: 0) and a common scale is found by bisection. Messages give ratios of
+    ``total_params`` (the model's total parameters, as ``--pruning_ratio`` does; default: the prunable ones).
     """
     if strategy not in STRATEGIES:
         raise PrunellmError(f"--pruning_strategy '{strategy}' is not valid: use one of {', '.join(STRATEGIES)}")
@@ -142,10 +144,11 @@ def allocate_rates(
 
     reachable_low, reachable_high = removed(0.0), removed(1e12)
     if not active or not reachable_low <= budget <= reachable_high:
-        total = sum(prunable)
+        total = total_params or sum(prunable)
         raise PrunellmError(
-            f"--pruning_ratio cannot be met with --min_pruning_rate {min_rate} / --max_pruning_rate {max_rate} and "
-            f"{len(frozen)} frozen layers: reachable are {reachable_low / total:.3f}–{reachable_high / total:.3f} of the prunable parameters"
+            f"--pruning_ratio {budget / total:.3f} cannot be met with --min_pruning_rate {min_rate} / --max_pruning_rate "
+            f"{max_rate} and {len(frozen)} frozen layers: reachable are {reachable_low / total:.3f}–{reachable_high / total:.3f} "
+            "of the total parameters"
         )
     a, b = 0.0, 1.0
     while removed(b) < budget:
@@ -231,7 +234,8 @@ def select_layerwise(
         kv_remove, mlp_remove = split_layer_budget(
             want + carry, kv_cost, n_kv, mlp_cost, n_mlp, share if kv_cost else 0.0, min_kv_groups, round_to
         )
-        got = kv_remove * kv_cost + mlp_remove * mlp_cost
+        # removing a block's last index also removes its own parameters (e.g. down_proj's bias)
+        got = sum(u.removed_cost(n) for u, n in ((kv, kv_remove), (mlp, mlp_remove)) if u is not None and u.count)
         carry = want + carry - got
         removed_params += got
         for unit, n_remove in ((kv, kv_remove), (mlp, mlp_remove)):

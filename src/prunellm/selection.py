@@ -112,6 +112,7 @@ def select_global(
     candidates: dict[UnitKey, list[torch.Tensor]] = {}
     heap: list[tuple[float, int, UnitKey, int]] = []
     cost_of = {(u.layer, u.kind): u.cost for u in units}
+    unit_of = {(u.layer, u.kind): u for u in units}
     for u in units:
         key = (u.layer, u.kind)
         if u.count == 0:
@@ -127,7 +128,9 @@ def select_global(
     while heap and removed_params < target_params:
         value, _, key, position = heapq.heappop(heap)
         chunk = candidates[key][position]
-        cost = cost_of[key] * len(chunk)
+        # the chunk that takes a block's last index also takes the block's own parameters (e.g. down_proj's bias)
+        done = len(removed[key])
+        cost = unit_of[key].removed_cost(done + len(chunk)) - unit_of[key].removed_cost(done)
         if removed_params + cost > target_params:
             # overshooting: take it only if that lands closer to the target, then stop; else let smaller
             # candidates of other unit sets fill the gap
@@ -143,7 +146,7 @@ def select_global(
             tiebreak += 1
             heapq.heappush(heap, (float(values[key][nxt].mean()), tiebreak, key, position + 1))
     if removed_params < target_params:
-        max_removable = sum(cost_of[key] * sum(len(c) for c in chunks) for key, chunks in candidates.items())
+        max_removable = sum(unit_of[key].removed_cost(sum(len(c) for c in chunks)) for key, chunks in candidates.items())
         smallest = min((cost_of[k] * len(c[0]) for k, c in candidates.items() if c), default=0)
         if target_params - removed_params > smallest:
             raise PrunellmError(

@@ -39,6 +39,13 @@ class LayerUnits:
     count: int  # how many indices exist now
     cost: int  # exact parameters per index, biases included
     slices: tuple[Slice, ...]
+    # parameters of the block that no index owns (the output projection's bias, q/k head norms): they go
+    # only with the last index, when the block becomes a zero-output block
+    block_cost: int = 0
+
+    def removed_cost(self, n_removed: int) -> int:
+        """Parameters that removing ``n_removed`` of the ``count`` indices takes away (the block's own with the last)."""
+        return n_removed * self.cost + (self.block_cost if self.count and n_removed >= self.count else 0)
 
 
 def decoder_layers(model: nn.Module, spec: ArchitectureSpec | None = None) -> nn.ModuleList:
@@ -81,6 +88,7 @@ def layer_units(model: nn.Module, layer: int, kind: UnitKind, spec: Architecture
             Slice(f"{a.module}.{a.o}", 1, group * d_h),
         )
         count = n_kv
+        block_module = attn
     else:
         m = spec.mlp
         mlp = get_module(block, m.module)
@@ -88,8 +96,10 @@ def layer_units(model: nn.Module, layer: int, kind: UnitKind, spec: Architecture
             return LayerUnits(layer, kind, 0, 0, ())
         count = get_module(mlp, m.gate).out_features
         slices = (Slice(f"{m.module}.{m.gate}", 0, 1), Slice(f"{m.module}.{m.up}", 0, 1), Slice(f"{m.module}.{m.down}", 1, 1))
+        block_module = mlp
     cost = sum(_slice_cost(get_module(block, s.module), s) for s in slices)
-    return LayerUnits(layer, kind, count, cost, slices)
+    block_cost = sum(p.numel() for p in block_module.parameters()) - count * cost
+    return LayerUnits(layer, kind, count, cost, slices, block_cost)
 
 
 def all_units(model: nn.Module, kinds: tuple[UnitKind, ...] = UNIT_KINDS) -> Iterator[LayerUnits]:
