@@ -289,3 +289,140 @@ def test_finetune_flag_forms(tmp_path):
     assert parsed().finetune is False and parsed("--finetune").finetune is True
     assert parsed("--finetune", "True").finetune is True and parsed("--finetune", "False").finetune is False
     assert parsed("--finetune_method", "full", "--finetune_epochs", "2").finetune_epochs == 2.0
+
+
+def _word_tokenizer(text: str, size: int = 400):
+    """A word-level tokenizer of the ``size`` most common words (a tiny vocabulary keeps the LM head cheap)."""
+    from collections import Counter
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [w for w, _ in Counter(text.split()).most_common(size)]
+    vocab = {"[UNK]": 0, "[PAD]": 1, "[EOS]": 2, **{w: i + 3 for i, w in enumerate(dict.fromkeys(words))}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
+
+
+def test_the_seeds_finetuner_call_runs_as_written(monkeypatch, tmp_path, request):
+    """``FineTuner(model, tokenizer, device, use_lora).finetune(dataset_name='wikitext', num_samples=500, lr=1e-5, epochs=1)``."""
+    import prunellm.data
+
+    shared = REPO.parent / "shared" / "data" / "wikitext-2"
+    texts = {part: (shared / name).read_text() if (shared / name).is_file() else load_text("shakespeare", part)[:400_000]
+             for part, name in (("train", "valid.txt"), ("eval", "test.txt"))}  # fmt: skip
+    hub_calls = []
+
+    def hub_text(source, part, flag):  # the hub stands in: WikiText-2 from ../shared where it exists
+        hub_calls.append((source, prunellm.data._HUB_SOURCES[source].path, part))
+        return texts[part]
+
+    monkeypatch.setattr(prunellm.data, "_load_hub_text", hub_text)
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 64k tokens through a hidden-64 model: tiny matmuls, where threads only contend
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    tokenizer = _word_tokenizer(texts["train"])
+    model = make_tiny_model("llama", vocab_size=len(tokenizer))
+    prune_units(model, KEPT)
+    device = "cpu"
+    use_lora = True
+    # the seed's lines, exactly
+    tuner = FineTuner(model, tokenizer, device, use_lora)
+    metrics = tuner.finetune(dataset_name='wikitext', num_samples=500, lr=1e-5, epochs=1)  # fmt: skip
+    assert {call[1] for call in hub_calls} == {"wikitext"} and {call[2] for call in hub_calls} == {"train", "eval"}
+    assert metrics["method"] == "lora" and metrics["processes"] == 1
+    assert metrics["steps"] == 8  # ceil(500 windows / the batch of 64), one epoch
+    assert metrics["train_tokens"] == 500 * 128
+    assert metrics["data"]["train"]["hub_id"] == "wikitext"
+    assert (tmp_path / "results" / "finetuned" / "model" / "config.json").is_file()
+    assert tuner.training.learning_rate == 1e-5 and tuner.training.num_epochs == 1  # the seed's defaults
+
+
+def test_finetuner_positional_signature_is_the_seeds(tokenizer):
+    from prunellm.options import LoraOptions
+
+    model = pruned_model(tokenizer)
+    assert FineTuner(model, tokenizer, "cpu").use_lora is False  # not use_lora="cpu" (LoRA on)
+    assert FineTuner(model, tokenizer, "auto", True).use_lora is True
+    assert FineTuner(model, tokenizer).training.learning_rate == 1e-5  # the seed's defaults without TrainOptions
+    assert FineTuner(model, tokenizer).training.num_epochs == 1
+    with pytest.raises(PrunellmError, match="device 'True' is not valid: use auto, cpu, cuda or cuda:N"):
+        FineTuner(model, tokenizer, True)
+    with pytest.raises(PrunellmError, match="use_lora must be True or False"):
+        FineTuner(model, tokenizer, "cpu", "yes")
+    with pytest.raises(TypeError):
+        FineTuner(model, tokenizer, "cpu", True, LoraOptions())  # options are keyword-only
+    if not torch.cuda.is_available():
+        with pytest.raises(PrunellmError, match="torch sees none"):
+            FineTuner(model, tokenizer, "cuda:0")
+
+
+def test_prune_with_finetune_takes_the_same_option_groups(tokenizer, text_file, tmp_path, capsys):
+    """LoRA settings, tracking, checkpoints and resume reach the one engine from `prunellm prune --finetune`."""
+    dense = tmp_path / "dense"
+    make_tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(dense)
+    tokenizer.save_pretrained(dense)
+    results = tmp_path / "results"
+
+    def args(name, *extra):
+        return ["prune", "--base_model", str(dense), "--output_dir", str(results), "--output_name", name, "--dataset",
+                str(text_file), "--taylor_num_samples", "4", "--taylor_seq_len", "32", "--pruning_ratio", "0.01", "--reconstruct",
+                "none", "--finetune", "--finetune_dataset", str(text_file), "--finetune_num_samples", "16", "--finetune_seq_len",
+                "32", "--finetune_val_set_size", "2", "--finetune_batch_size", "4", "--finetune_max_steps", "4", *extra]  # fmt: skip
+
+    # a resume with nothing to resume from fails in one line before any work, naming the flag and the folder
+    capsys.readouterr()
+    assert main(args("r", "--finetune_resume_from_checkpoint", "last")) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "it/s" not in line]
+    assert len(err) == 1 and "--finetune_resume_from_checkpoint last" in err[0] and "r.finetune_checkpoints" in err[0], err
+    assert not (results / "r").exists()
+
+    lora = ["--lora_r", "4", "--lora_alpha", "8", "--lora_target_modules", "q_proj,v_proj"]
+    assert main(args("r", *lora, "--finetune_save_steps", "2", "--logging_steps", "1", "--report_to", "none")) == 0
+    run = results / "r"
+    adapter = json.loads((run / "finetuned" / "lora_adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and adapter["lora_alpha"] == 8 and set(adapter["target_modules"]) == {"q_proj", "v_proj"}
+    assert sorted(p.name for p in (run / "finetuned" / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    assert not (results / "r.finetune_checkpoints").exists()  # moved into the run when it succeeded
+    log = (run / "logs" / "prune.log").read_text()
+    assert "step 1/4: loss" in log and "step 4/4: loss" in log  # --logging_steps 1
+
+    # an interrupted run leaves its checkpoints beside the (absent) run folder; resuming continues from them
+    (run / "finetuned" / "checkpoints").rename(results / "r2.finetune_checkpoints")
+    assert main(args("r2", *lora, "--finetune_save_steps", "2", "--finetune_resume_from_checkpoint", "last")) == 0
+    resumed = json.loads((results / "r2" / "finetuned" / "finetune_results.json").read_text())
+    assert resumed["steps"] == 4 and resumed["train_tokens"] == 0  # resumed at step 4 of 4: nothing left to train
+
+
+def test_accelerate_cpu_with_several_processes_is_refused(pruned_dir, text_file, tmp_path):
+    """`accelerate launch --cpu --num_processes 2` runs the script once: say so and how to start two, do not train on one."""
+    accelerate = Path(sys.executable).with_name("accelerate")
+    command = [str(accelerate), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", str(REPO / "finetune_lora.py"), "--pruned_model", str(pruned_dir), "--dataset_name",
+               str(text_file), "--num_samples", "16", "--seq_len", "32", "--max_steps", "1", "--output_dir", str(tmp_path / "o")]  # fmt: skip
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode != 0 and len(errors) == 1, (done.stdout + done.stderr)[-3000:]
+    assert "--num_processes 2 starts one process" in errors[0] and "--multi_gpu --num_processes 2" in errors[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_check_launch_reads_the_launchers_flags(monkeypatch):
+    from prunellm.finetune.engine import check_launch
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    check_launch(["accelerate", "launch", "--cpu", "script.py"])  # one process asked, one started: fine
+    check_launch(["accelerate", "launch", "--cpu", "--num_processes=1", "script.py"])
+    with pytest.raises(PrunellmError, match="--num_processes 3 starts one process"):
+        check_launch(["accelerate", "launch", "--cpu", "--num_processes=3", "script.py"])
+    monkeypatch.setenv("WORLD_SIZE", "2")  # really two processes (torchrun, --multi_gpu): nothing to refuse
+    check_launch(["accelerate", "launch", "--cpu", "--num_processes", "2", "script.py"])
+
+
+def test_cli_refuses_windows_longer_than_the_context(pruned_dir, tmp_path, capsys):
+    assert main(["finetune", "--pruned_model", str(pruned_dir), "--seq_len", "4096", "--output_dir", str(tmp_path / "o")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert err == ["error: --seq_len 4096 is longer than the model's context (256 tokens): use at most 256"]

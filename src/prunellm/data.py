@@ -103,6 +103,10 @@ _HUB_SOURCES: dict[str, _HubSource] = {
         max_documents={"train": C4_TRAIN_DOCUMENTS, "eval": 1100},
     ),
 }
+# other names of built-in sources: the seed's FineTuner.finetune(dataset_name="wikitext") means WikiText-2
+SOURCE_ALIASES: dict[str, str] = {"wikitext": "wikitext2"}
+_HUB_SOURCES.update({alias: _HUB_SOURCES[name] for alias, name in SOURCE_ALIASES.items()})
+BUILTIN_SOURCES: tuple[str, ...] = TEXT_SOURCES + tuple(SOURCE_ALIASES)
 
 
 def load_text(source: str, part: Part, *, flag: str = "--dataset") -> str:
@@ -179,7 +183,15 @@ def tokenize_text(tokenizer: Any, text: str) -> torch.Tensor:
 
 
 def sample_calibration(
-    tokenizer: Any, source: str, num_samples: int, seq_len: int, seed: int, *, flag: str = "--dataset"
+    tokenizer: Any,
+    source: str,
+    num_samples: int,
+    seq_len: int,
+    seed: int,
+    *,
+    flag: str = "--dataset",
+    seq_len_flag: str = "--seq_len",
+    num_samples_flag: str = "--num_samples",
 ) -> torch.Tensor:
     """Draw random windows of the train part of a source as calibration data.
 
@@ -191,6 +203,7 @@ def sample_calibration(
         seq_len: Tokens per window; no padding.
         seed: Seed of the window start positions.
         flag: The CLI flag that gave ``source``, named in error messages.
+        seq_len_flag: The CLI flag that gave ``seq_len``; ``num_samples_flag``: the one that gave ``num_samples``.
 
     Returns:
         A ``(num_samples, seq_len)`` LongTensor.
@@ -198,8 +211,8 @@ def sample_calibration(
     Raises:
         PrunellmError: Bad sizes, a bad source, or a text shorter than ``seq_len + 1`` tokens.
     """
-    _check_positive(num_samples, "--num_samples")
-    _check_positive(seq_len, "--seq_len")
+    _check_positive(num_samples, num_samples_flag)
+    _check_positive(seq_len, seq_len_flag)
     source = os.fspath(source)
     if len(parts := mixture_parts(source, flag)) > 1:
         if num_samples < len(parts):
@@ -208,13 +221,14 @@ def sample_calibration(
                 f"ask for at least {len(parts)}"
             )
         shares = equal_shares(num_samples, len(parts))
-        return torch.cat([sample_calibration(tokenizer, one, n, seq_len, seed, flag=flag) for one, n in zip(parts, shares)])
+        flags = {"flag": flag, "seq_len_flag": seq_len_flag, "num_samples_flag": num_samples_flag}
+        return torch.cat([sample_calibration(tokenizer, one, n, seq_len, seed, **flags) for one, n in zip(parts, shares)])
     tokens = _train_tokens(tokenizer, source, flag)
     n_tokens = tokens.numel()
     if n_tokens < seq_len + 1:
         raise PrunellmError(
-            f"{flag} '{source}' has {n_tokens} tokens with this tokenizer, but --seq_len {seq_len} needs at "
-            f"least {seq_len + 1}: lower --seq_len or use a longer text"
+            f"{flag} '{source}' has {n_tokens} tokens with this tokenizer, but {seq_len_flag} {seq_len} needs at "
+            f"least {seq_len + 1}: lower {seq_len_flag} or use a longer text"
         )
     return random_windows(tokens, num_samples, seq_len, seed)
 
@@ -315,7 +329,7 @@ def _tokenizer_key(tokenizer: Any) -> tuple[str, int]:
 
 
 def _source_key(source: str, flag: str) -> tuple:
-    if source in TEXT_SOURCES:
+    if source in BUILTIN_SOURCES:
         return (source,)
     # A local file may change between calls in one process; its size and mtime are part of the key.
     stats = [(str(p), p.stat()) for p in _local_files(source, flag)]

@@ -26,7 +26,7 @@ from ..options import (
     TrainOptions,
 )
 from .data import NATURAL_INSTRUCTIONS, alpaca_prompt, build_natural_instructions
-from .engine import FineTuner, gradient_accumulation, resolve_checkpoint
+from .engine import FineTuner, check_launch, gradient_accumulation, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ __all__ = [
     "FineTuner",
     "alpaca_prompt",
     "build_natural_instructions",
+    "checkpoint_dir_after_pruning",
     "finetune_after_pruning",
     "default_output_dir",
     "load_for_finetuning",
@@ -50,7 +51,15 @@ _DATA_FLAGS = {
 _TRAIN_FLAGS = {
     "num_epochs": "finetune_epochs", "max_steps": "finetune_max_steps", "learning_rate": "finetune_learning_rate",
     "batch_size": "finetune_batch_size", "micro_batch_size": "finetune_micro_batch_size",
+    "save_steps": "finetune_save_steps", "save_total_limit": "finetune_save_total_limit",
 }  # fmt: skip
+
+
+def checkpoint_dir_after_pruning(run_dir: Path) -> Path:
+    """Where ``prunellm prune --finetune`` keeps checkpoints while it runs: beside the run folder, which is
+    written atomically, so that an interrupted run leaves them for ``--finetune_resume_from_checkpoint``."""
+    run_dir = Path(run_dir)
+    return run_dir.with_name(f"{run_dir.name}.finetune_checkpoints")
 
 
 def finetune_after_pruning(
@@ -62,11 +71,16 @@ def finetune_after_pruning(
     *,
     base_model: str | None = None,
     seed: int = 42,
+    lora: LoraOptions | None = None,
+    tracking: TrackingOptions | None = None,
+    checkpoint_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Fine-tune a just-pruned in-memory model into ``<run_dir>/finetuned/`` and evaluate it (``eval_options``).
 
     The model is trained in place (full) or gets LoRA adapters merged into it. ``base_model`` is the unpruned
-    model, the teacher when ``finetune_distill_alpha > 0``.
+    model, the teacher when ``finetune_distill_alpha > 0``. ``lora`` and ``tracking`` are the same option groups
+    as ``prunellm finetune``'s. Checkpoints (``finetune_save_steps``) go to ``checkpoint_dir`` (default
+    ``<run_dir>/finetuned/checkpoints``); ``finetune_resume_from_checkpoint`` continues from one of them.
 
     Returns:
         The metrics of :meth:`FineTuner.finetune`; ``evaluation`` holds the recovered model's results.
@@ -77,16 +91,20 @@ def finetune_after_pruning(
             f"--finetune_batch_size {options.finetune_batch_size}: use a divisor of it"
         )
     data = FinetuneData(**{field: getattr(options, flag) for field, flag in _DATA_FLAGS.items()})
-    training = TrainOptions(
-        **{field: getattr(options, flag) for field, flag in _TRAIN_FLAGS.items()},
-        save_steps=0,  # the run folder is written atomically: an interrupted run leaves nothing to resume
-        seed=seed,
-    )
+    training = TrainOptions(**{field: getattr(options, flag) for field, flag in _TRAIN_FLAGS.items()}, seed=seed)
     distill = None
     if options.finetune_distill_alpha > 0:
         distill = DistillOptions(distill_from=base_model, distill_alpha=options.finetune_distill_alpha)
-    tuner = FineTuner(model, tokenizer, use_lora=options.finetune_method == "lora", training=training, distill=distill)
-    return tuner.finetune(data=data, output_dir=Path(run_dir) / "finetuned", evaluation=eval_options)
+    tuner = FineTuner(
+        model, tokenizer, use_lora=options.finetune_method == "lora", lora=lora, training=training, tracking=tracking, distill=distill
+    )
+    return tuner.finetune(
+        data=data,
+        output_dir=Path(run_dir) / "finetuned",
+        evaluation=eval_options,
+        checkpoint_dir=checkpoint_dir,
+        resume_from_checkpoint=options.finetune_resume_from_checkpoint,
+    )
 
 
 def default_output_dir(pruned_model: str) -> Path:
@@ -132,14 +150,17 @@ def run_finetune(
     argv: list[str] | None = None,
 ) -> dict[str, Any]:
     """``prunellm finetune``: load the pruned model, fine-tune, save and evaluate into ``--output_dir``."""
+    from ..models import check_context
     from ..runs import log_to_file, write_command
 
     if not target.pruned_model:
         raise PrunellmError("--pruned_model is required: a prunellm results folder, a model directory, or a legacy .bin")
-    gradient_accumulation(training)  # refuse bad input before loading anything
+    check_launch()  # refuse bad input before loading anything
+    gradient_accumulation(training)
     out = Path(target.output_dir) if target.output_dir else default_output_dir(target.pruned_model)
     resolve_checkpoint(target.resume_from_checkpoint, out / "checkpoints")
     model, tokenizer = load_for_finetuning(target)
+    check_context(model, **({"cutoff_len": data.cutoff_len} if data.data_path else {"seq_len": data.seq_len}))
     tuner = FineTuner(model, tokenizer, use_lora=target.method == "lora", lora=lora, training=training, tracking=tracking, distill=distill)
     if int(os.environ.get("RANK", "0")) != 0:  # the other processes of a multi-process run only train
         return tuner.finetune(data=data, output_dir=out, resume_from_checkpoint=target.resume_from_checkpoint)

@@ -22,7 +22,7 @@ import torch
 
 from ..bigbench import bigbench_dir
 from ..data import (
-    TEXT_SOURCES,
+    BUILTIN_SOURCES,
     _read_records,
     describe_source,
     equal_shares,
@@ -225,7 +225,7 @@ def _text_part(tokenizer: Any, name: str, n: int, length: int, seed: int, val_wi
     A built-in source validates on the first windows of its eval part; any other text holds out its tail, so no
     validation token is ever trained on.
     """
-    if name in TEXT_SOURCES:
+    if name in BUILTIN_SOURCES:
         train = sample_calibration(tokenizer, name, n, length, seed, flag="--dataset_name")
         held_out = eval_tokens(tokenizer, name) if val_windows else torch.empty(0, dtype=torch.long)
         source = {"train": describe_source(name, "train", flag="--dataset_name"), "validation": describe_source(name, "eval", flag="--dataset_name")}

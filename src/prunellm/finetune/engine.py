@@ -51,20 +51,52 @@ def gradient_accumulation(training: TrainOptions, world_size: int | None = None)
     return batch // (micro * world)
 
 
-def resolve_checkpoint(value: str | None, checkpoints: Path) -> str | None:
+def check_launch(launcher_argv: list[str] | None = None) -> None:
+    """Refuse ``accelerate launch --cpu --num_processes N`` (N > 1): accelerate then starts ONE process.
+
+    With ``--cpu`` accelerate starts several processes only through mpirun; otherwise it runs the script once
+    with ``ACCELERATE_USE_CPU`` and no ``WORLD_SIZE``, so the run would silently train on one process. The
+    number asked for is read from the launcher's command line (the parent process), or ``launcher_argv``.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true", "yes"):
+        return
+    argv = launcher_argv if launcher_argv is not None else _parent_argv()
+    asked = 1
+    for i, arg in enumerate(argv):
+        name, _, inline = arg.partition("=")
+        if name in ("--num_processes", "--num-processes"):
+            value = inline or (argv[i + 1] if i + 1 < len(argv) else "1")
+            asked = int(value) if value.isdigit() else 1
+    if asked > 1:
+        raise PrunellmError(
+            f"accelerate launch --cpu --num_processes {asked} starts one process, not {asked} (with --cpu accelerate "
+            f"starts several only through mpirun): use 'accelerate launch --multi_gpu --num_processes {asked} ...' or "
+            f"'torchrun --nproc_per_node {asked} ...' (without GPUs the engine trains on the CPU with gloo)"
+        )
+
+
+def _parent_argv() -> list[str]:
+    """The launching process's command line (Linux ``/proc``; empty where it cannot be read)."""
+    try:
+        return Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def resolve_checkpoint(value: str | None, checkpoints: Path, flag: str = "--resume_from_checkpoint") -> str | None:
     """``--resume_from_checkpoint``: a checkpoint folder, or ``last`` (the newest under ``checkpoints``)."""
     if not value:
         return None
     if value.lower() in ("last", "latest", "true"):
         last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
         if last is None:
-            raise PrunellmError(f"--resume_from_checkpoint {value}: no checkpoint-N folder in {checkpoints}")
+            raise PrunellmError(f"{flag} {value}: no checkpoint-N folder in {checkpoints}")
         return last
     path = Path(value).expanduser()
     if not path.exists():
-        raise PrunellmError(f"--resume_from_checkpoint '{value}' does not exist: give a checkpoint-N folder (see {checkpoints}) or 'last'")
+        raise PrunellmError(f"{flag} '{value}' does not exist: give a checkpoint-N folder (see {checkpoints}) or 'last'")
     if not (path / "trainer_state.json").is_file():
-        raise PrunellmError(f"--resume_from_checkpoint '{value}' is not a Trainer checkpoint (no trainer_state.json): give a checkpoint-N folder")
+        raise PrunellmError(f"{flag} '{value}' is not a Trainer checkpoint (no trainer_state.json): give a checkpoint-N folder")
     return str(path)
 
 
@@ -98,6 +130,22 @@ def report_to(tracking: TrackingOptions) -> str:
     if target != "none" and not any(importlib.util.find_spec(p) for p in packages[target]):
         raise PrunellmError(f"--report_to {target} needs the '{packages[target][0]}' package: pip install {packages[target][0]}")
     return target
+
+
+def training_device(device: Any) -> str:
+    """``FineTuner``'s ``device``: ``auto`` (a GPU when there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    text = str(device).strip().lower()
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(text)
+    except (RuntimeError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise PrunellmError(f"device '{device}' is not valid: use auto, cpu, cuda or cuda:N")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise PrunellmError(f"device '{device}' asks for a GPU, but torch sees none: use cpu or auto")
+    return str(parsed)
 
 
 def use_bf16(precision: str) -> bool:
@@ -169,13 +217,17 @@ class _DistillTrainer(Trainer):
 
 
 def training_arguments(
-    out: Path, training: TrainOptions, tracking: TrackingOptions, accumulation: int, has_validation: bool
+    out: Path, training: TrainOptions, tracking: TrackingOptions, accumulation: int, has_validation: bool, device: str = "auto",
+    checkpoint_dir: Path | None = None,
 ) -> TrainingArguments:
-    """The library's arguments for one run (checkpoints under ``out/checkpoints``)."""
+    """The library's arguments for one run (checkpoints under ``checkpoint_dir``, default ``out/checkpoints``) on ``device``."""
+    device = training_device(device)
+    if device.startswith("cuda:") and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        torch.cuda.set_device(torch.device(device))  # the Trainer trains on the current GPU of a one-process run
     save = training.save_steps > 0
     periodic_eval = has_validation and training.eval_steps is not None
     return TrainingArguments(
-        output_dir=str(out / "checkpoints"),
+        output_dir=str(checkpoint_dir or out / "checkpoints"),
         per_device_train_batch_size=training.micro_batch_size,
         per_device_eval_batch_size=training.micro_batch_size,
         gradient_accumulation_steps=accumulation,
@@ -188,7 +240,7 @@ def training_arguments(
         max_grad_norm=training.max_grad_norm,
         bf16=use_bf16(training.precision),
         fp16=False,
-        use_cpu=not torch.cuda.is_available(),  # also makes `accelerate launch`/torchrun use gloo on CPU machines
+        use_cpu=device == "cpu",  # on a machine without GPUs this also makes `accelerate launch`/torchrun use gloo on CPU machines
         activation_checkpointing=training.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
         train_sampling_strategy="group_by_length" if training.group_by_length else "random",
@@ -209,26 +261,36 @@ def training_arguments(
     )
 
 
+# the seed's FineTuner.finetune(lr=1e-5, epochs=1): the Python face's defaults when no TrainOptions are given
+SEED_TRAINING: dict[str, Any] = {"learning_rate": 1e-5, "num_epochs": 1.0}
+
+
 # --- the engine --------------------------------------------------------------------------------------------
 
 
 class FineTuner:
     """Recovery fine-tuning of a (pruned) causal LM: full-parameter or LoRA, on the HF Trainer.
 
+    The positional arguments are the seed's, ``FineTuner(model, tokenizer, device, use_lora)``; everything after
+    them is keyword-only.
+
     Args:
         model: The model to train, e.g. a pruned model from :func:`prunellm.checkpoint.load_pruned`.
         tokenizer: Its tokenizer; a missing pad token becomes EOS (padding is masked, never id 0).
+        device: ``auto`` (a GPU when there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``. Under
+            ``accelerate launch``/``torchrun`` each process takes its own GPU.
         use_lora: Train LoRA adapters (merged into the weights at the end) instead of every parameter.
         lora: LoRA rank, alpha, dropout and target modules.
         training: Optimisation settings (epochs, learning rate, batch sizes, precision, checkpoints, seed).
+            Without it: :class:`TrainOptions` with the seed's ``lr=1e-5`` and one epoch.
         tracking: ``report_to`` and logging interval.
         distill: Distillation weight and temperature; on when ``distill_from`` names a teacher or ``teacher`` is given.
         teacher: An already loaded teacher (the unpruned model) for distillation.
         callbacks: Extra ``TrainerCallback`` objects.
 
     Example:
-        >>> tuner = FineTuner(model, tokenizer, use_lora=True)
-        >>> metrics = tuner.finetune(dataset_name="shakespeare", num_samples=500, lr=1e-4, epochs=1)
+        >>> tuner = FineTuner(model, tokenizer, "cpu", True)  # the seed's call
+        >>> metrics = tuner.finetune(dataset_name="wikitext", num_samples=500, lr=1e-5, epochs=1)
         >>> metrics["eval_loss"], metrics["model_dir"]
     """
 
@@ -236,6 +298,7 @@ class FineTuner:
         self,
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
+        device: str = "auto",
         use_lora: bool = False,
         *,
         lora: LoraOptions | None = None,
@@ -245,11 +308,16 @@ class FineTuner:
         teacher: nn.Module | None = None,
         callbacks: Sequence[TrainerCallback] = (),
     ) -> None:
+        if not isinstance(use_lora, bool):
+            raise PrunellmError(
+                f"use_lora must be True or False, not {use_lora!r}: the signature is FineTuner(model, tokenizer, device, use_lora)"
+            )
         self.model = model
         self.tokenizer = tokenizer
+        self.device = training_device(device)  # a bad device fails here, before any work
         self.use_lora = use_lora
         self.lora = lora or LoraOptions()
-        self.training = training or TrainOptions()
+        self.training = training or TrainOptions(**SEED_TRAINING)
         self.tracking = tracking or TrackingOptions()
         self.distill = distill
         self.teacher = teacher
@@ -269,11 +337,15 @@ class FineTuner:
         output_dir: str | Path = "results/finetuned",
         resume_from_checkpoint: str | None = None,
         evaluation: EvalOptions | None = None,
+        checkpoint_dir: str | Path | None = None,
     ) -> dict[str, Any]:
         """Train, save ``<output_dir>/model/`` (+ ``lora_adapter/``), optionally evaluate; return the metrics.
 
         ``dataset_name``, ``num_samples``, ``data_path``, ``lr`` and ``epochs`` override the matching fields of
-        ``data`` and of the ``training`` options given to the constructor (``None`` keeps them).
+        ``data`` and of the ``training`` options given to the constructor (``None`` keeps them: without
+        ``training`` the seed's ``lr=1e-5`` and one epoch; without ``data`` 500 windows of Shakespeare, which
+        needs no hub; ``dataset_name="wikitext"`` is WikiText-2 from the hub). ``checkpoint_dir`` (default
+        ``<output_dir>/checkpoints``) holds the Trainer's checkpoints and is where ``last`` is looked for.
 
         Returns:
             ``train_loss``, ``eval_loss_before``, ``eval_loss`` (held-out), ``tokens_per_second``,
@@ -285,8 +357,10 @@ class FineTuner:
         training = self.training.model_copy(update={k: v for k, v in {"learning_rate": lr, "num_epochs": epochs}.items() if v is not None})
         training = TrainOptions.model_validate(training.model_dump())
         out = Path(output_dir)
+        checkpoints = Path(checkpoint_dir) if checkpoint_dir else out / "checkpoints"
         report_to(self.tracking)  # refuse a missing tracker before any work
-        resume = resolve_checkpoint(resume_from_checkpoint, out / "checkpoints")
+        resume = resolve_checkpoint(resume_from_checkpoint, checkpoints)
+        check_launch()
         accumulation = gradient_accumulation(training)
         targets = lora_targets(self.model, self.lora.lora_target_modules) if self.use_lora else []
         if not self.use_lora and any(p.dtype == torch.float16 for p in self.model.parameters()):
@@ -294,7 +368,7 @@ class FineTuner:
         examples = training_data(self.tokenizer, data, training.seed)
         teacher = self._teacher()
         model = self._trainable(targets)
-        args = training_arguments(out, training, self.tracking, accumulation, bool(examples.validation))
+        args = training_arguments(out, training, self.tracking, accumulation, bool(examples.validation), self.device, checkpoints)
         trainer = self._trainer(model, args, examples, teacher)
         use_cache = getattr(self.model.config, "use_cache", None)
         self.model.config.use_cache = False  # no KV cache while training
@@ -329,7 +403,7 @@ class FineTuner:
             "adapter_dir": None,
             "evaluation": None,
         }
-        self.model = self._save(trainer, out, metrics, evaluation, use_cache)
+        self.model = self._save(trainer, out, checkpoints, metrics, evaluation, use_cache)
         return metrics
 
     # -- steps of finetune() --
@@ -385,10 +459,11 @@ class FineTuner:
             trainer.add_callback(_Progress)
         return trainer
 
-    def _save(self, trainer: Trainer, out: Path, metrics: dict[str, Any], evaluation: EvalOptions | None, use_cache) -> PreTrainedModel:
+    def _save(
+        self, trainer: Trainer, out: Path, checkpoints: Path, metrics: dict[str, Any], evaluation: EvalOptions | None, use_cache
+    ) -> PreTrainedModel:
         """Adapter, merged model, evaluation and metrics into ``out`` (main process only); return the merged model."""
         main = trainer.is_world_process_zero()
-        checkpoints = out / "checkpoints"
         if main and checkpoints.is_dir() and not any(checkpoints.iterdir()):
             checkpoints.rmdir()  # the Trainer makes it even when it saves nothing
         if main and self.use_lora:  # the adapter alone, before merging it away
