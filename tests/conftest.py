@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -62,12 +63,47 @@ def family(request) -> str:
     return request.param
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _isolated_cache(tmp_path_factory):
-    """Keep the model/corpus cache of tests apart from a user's, but reuse it across the session."""
-    if "PRUNELLM_CACHE" not in os.environ:
-        os.environ["PRUNELLM_CACHE"] = str(Path.home() / ".cache" / "prunellm")
-    yield
+# The tests' own cache: tests never write into the user's $PRUNELLM_CACHE (or ~/.cache/prunellm). It lives
+# outside the repository, so a clean clone (CI) reuses what an earlier run converted or installed, and it is
+# seeded once per entry by hard links from the user's cache, so a warm machine converts and downloads nothing.
+USER_CACHE = Path(os.environ.get("PRUNELLM_CACHE") or Path.home() / ".cache" / "prunellm")
+TEST_CACHE = Path(os.environ.get("PRUNELLM_TEST_CACHE") or Path.home() / ".cache" / "prunellm-tests")
+SEEDED = ("models", "corpora", "bigbench", "lm_eval_tasks", "instructions")  # what tests read, never benchmark peers
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or links not allowed
+        shutil.copy2(src, dst)
+
+
+def seed_test_cache(source: Path, target: Path) -> None:
+    """Give ``target`` every finished entry of ``source`` it lacks (hard links; temp folders skipped)."""
+    for kind in SEEDED:
+        if not (source / kind).is_dir() or source.resolve() == target.resolve():
+            continue
+        (target / kind).mkdir(parents=True, exist_ok=True)
+        for entry in (source / kind).iterdir():
+            final = target / kind / entry.name
+            if entry.name.startswith(".") or final.exists():
+                continue
+            tmp = target / kind / f".{entry.name}.seed-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            if entry.is_dir():
+                shutil.copytree(entry, tmp, copy_function=_link_or_copy)
+            else:
+                _link_or_copy(str(entry), str(tmp))
+            try:
+                tmp.rename(final)  # atomic: a parallel session sees the whole entry or none
+            except OSError:  # another session seeded it first
+                shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+
+
+def pytest_configure(config):
+    """Point every test, and every subprocess a test starts, at the tests' cache (before any test module runs)."""
+    seed_test_cache(USER_CACHE, TEST_CACHE)
+    os.environ["PRUNELLM_CACHE"] = str(TEST_CACHE)
 
 
 def calibration_ids(vocab: int = 128, n: int = 8, length: int = 32, seed: int = 0) -> torch.Tensor:

@@ -134,7 +134,10 @@ def test_existing_output_is_refused_without_overwrite(workspace, capsys):
         (["--dataset", "no_such_corpus"], "--dataset 'no_such_corpus'"),
         (["--pruning_ratio", "0.9"], "unreachable"),
         (["--freeze_first_n_layers", "3"], "no layer that may be pruned"),
-        (["--taylor_seq_len", "100000"], "--seq_len"),
+        (["--taylor_seq_len", "100000"], "--taylor_seq_len 100000 is longer than the model's context (256 tokens): use at most 256"),
+        (["--reconstruct_seq_len", "257"], "--reconstruct_seq_len 257 is longer than the model's context"),
+        (["--allocation", "layerwise", "--max_pruning_rate", "0.01", "--pruning_ratio", "0.5"],
+         "--pruning_ratio 0.500 cannot be met"),
         (["--reconstruct_damp", "often"], "--reconstruct_damp"),
         (["--reconstruct_dataset", "no_such_corpus"], "--reconstruct_dataset 'no_such_corpus'"),
     ],
@@ -145,6 +148,43 @@ def test_bad_input_gives_one_line(workspace, capsys, extra, expected):
     err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("error:")]
     assert len(err) == 1 and expected in err[0], err
     assert not (workspace / "results" / "bad").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, expected, wrong",
+    [
+        (["--taylor_seq_len", "64"], "has 28 tokens with this tokenizer, but --taylor_seq_len 64 needs at least 65", "--seq_len"),
+        (["--importance_method", "magnitude", "--reconstruct_seq_len", "64"],
+         "--dataset '", "--reconstruct_dataset"),  # reconstruction text defaults to --dataset: name the flag given
+        (["--importance_method", "magnitude", "--reconstruct_seq_len", "64"], "--reconstruct_seq_len 64 needs", "--seq_len"),
+    ],
+)  # fmt: skip
+def test_too_short_text_names_the_flags_actually_used(workspace, capsys, extra, expected, wrong):
+    short = workspace / "short.txt"
+    short.write_text("the king and the queen walked to the castle " * 3)
+    args = _prune_args(workspace, "short", *extra)
+    args[args.index("--dataset") + 1] = str(short)
+    assert main(args) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and expected in err[0] and wrong + " " not in err[0], err
+
+
+def test_invalid_choice_is_one_line_with_the_valid_choices(workspace, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(_prune_args(workspace, "bad", "--normalization", "sideways"))
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--normalization" in err[0] and "'none', 'block', 'layer'" in err[0], err
+
+
+def test_min_above_max_rate_is_refused_before_any_work(workspace, capsys, monkeypatch):
+    import prunellm.pruner
+
+    monkeypatch.setattr(prunellm.pruner, "load_model", lambda *a, **k: pytest.fail("loaded a model before refusing"))
+    args = _prune_args(workspace, "bad", "--allocation", "layerwise", "--min_pruning_rate", "0.5", "--max_pruning_rate", "0.2")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--max_pruning_rate 0.2" in err[0] and "--min_pruning_rate 0.5" in err[0], err
 
 
 def test_unknown_architecture_is_refused(tmp_path, capsys):

@@ -46,3 +46,55 @@ def test_hub_id_offline_fails_with_one_line(monkeypatch):
         load_model("some-org/some-model-that-is-not-cached")
     message = str(info.value)
     assert "\n" not in message and "Hugging Face hub" in message and "smollm2-135m" in message
+
+
+def test_unreachable_hub_fails_fast_and_quietly(monkeypatch, capfd):
+    """No network (here: a closed local port as the hub): one line within seconds, not ~25 s of retry warnings."""
+    import time
+
+    import huggingface_hub.constants
+
+    from prunellm.cli import main
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.delenv("HTTPS_PROXY", raising=False)
+    monkeypatch.delenv("https_proxy", raising=False)
+    started = time.perf_counter()
+    assert main(["eval", "--model_path", "some-org/some-model-that-is-not-cached"]) == 2
+    assert time.perf_counter() - started < 10
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "--model_path 'some-org/some-model-that-is-not-cached'" in err[0] and "cannot be reached" in err[0]
+    assert "smollm2-135m" in err[0] and "local model directory" in err[0]
+
+
+def test_tests_never_use_the_users_cache():
+    """The tests' cache is their own (and subprocesses inherit it), not $PRUNELLM_CACHE / ~/.cache/prunellm."""
+    import os
+    from pathlib import Path
+
+    from conftest import TEST_CACHE, USER_CACHE
+
+    from prunellm.paths import cache_dir
+
+    assert cache_dir() == TEST_CACHE and os.environ["PRUNELLM_CACHE"] == str(TEST_CACHE)
+    assert cache_dir().resolve() not in (USER_CACHE.resolve(), (Path.home() / ".cache" / "prunellm").resolve())
+
+
+def test_test_cache_is_seeded_by_links_without_partial_or_replaced_entries(tmp_path):
+    from conftest import seed_test_cache
+
+    user, tests = tmp_path / "user", tmp_path / "tests"
+    (user / "models" / "m").mkdir(parents=True)
+    (user / "models" / "m" / "w.bin").write_bytes(b"weights")
+    (user / "models" / ".m2.tmp-1").mkdir()  # a conversion in progress: never copied
+    (user / "corpora" / "c").mkdir(parents=True)
+    (user / "corpora" / "c" / "t.txt").write_text("user")
+    (tests / "corpora" / "c").mkdir(parents=True)
+    (tests / "corpora" / "c" / "t.txt").write_text("tests")  # the tests' own entry is kept
+    seed_test_cache(user, tests)
+    assert (tests / "models" / "m" / "w.bin").stat().st_ino == (user / "models" / "m" / "w.bin").stat().st_ino
+    assert not (tests / "models" / ".m2.tmp-1").exists()
+    assert (tests / "corpora" / "c" / "t.txt").read_text() == "tests"
+    assert sorted(p.name for p in (tests / "models").iterdir()) == ["m"]

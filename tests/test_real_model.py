@@ -78,8 +78,9 @@ def test_depth_pruning_informed_beats_last_and_random_layers(smollm, eval_ids):
         return _ppl(model, eval_ids)
 
     last = ppl_without(list(range(24, 30)))
-    randoms = sorted(ppl_without(sorted(random.Random(seed).sample(range(30), 6))) for seed in range(3))
+    randoms = [ppl_without(sorted(random.Random(seed).sample(range(30), 6))) for seed in range(3)]
     for method in ("block_influence", "ppl"):
         removed, _ = choose_layers_to_remove(base, calibration, method, 6, batch_size=8)
         informed = ppl_without(removed)
-        assert informed < last and informed < randoms[1], (method, removed, informed, last, randoms)
+        # better than the last six layers and than EVERY random draw (not their median)
+        assert informed < last and all(informed < r for r in randoms), (method, removed, informed, last, randoms)

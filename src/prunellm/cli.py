@@ -57,9 +57,16 @@ def _setup_logging(verbose: bool) -> None:
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A parser whose bad-flag errors are one line (argparse names the flag and, for choices, the valid ones)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``prunellm`` parser with one sub-command per stage."""
-    parser = argparse.ArgumentParser(prog="prunellm", description="Structured pruning, recovery and evaluation of causal LMs")
+    parser = OneLineParser(prog="prunellm", description="Structured pruning, recovery and evaluation of causal LMs")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
     prune = commands.add_parser("prune", help="global structured pruning (GQA groups + MLP channels)")
@@ -80,7 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-PRUNE_GROUPS = ((PruneRecipe, "recipe"), (RunOptions, "run"), (EvalOptions, "evaluation"), (FinetuneOptions, "recovery"))
+PRUNE_GROUPS = (
+    (PruneRecipe, "recipe"), (RunOptions, "run"), (EvalOptions, "evaluation"), (FinetuneOptions, "recovery"),
+    (LoraOptions, "lora"), (TrackingOptions, "tracking"),  # the same LoRA and tracking groups as `prunellm finetune`
+)  # fmt: skip
 LAYERS_GROUPS = ((LayersRecipe, "recipe"), (RunOptions, "run"), (EvalOptions, "evaluation"))
 RECIPE_COMMANDS = {"prune": PRUNE_GROUPS, "layers": LAYERS_GROUPS}  # `prunellm run` file: command -> option groups
 
@@ -109,7 +119,8 @@ def run_prune(args: argparse.Namespace, argv: list[str]) -> int:
     recipe = build_options(PruneRecipe, args)
     run = build_options(RunOptions, args)
     eval_options = build_options(EvalOptions, args)
-    prune(recipe, run, eval_options, argv=argv, finetune=build_options(FinetuneOptions, args))
+    prune(recipe, run, eval_options, argv=argv, finetune=build_options(FinetuneOptions, args),
+          lora=build_options(LoraOptions, args), tracking=build_options(TrackingOptions, args))  # fmt: skip
     return 0
 
 
@@ -172,7 +183,8 @@ def run_recipe(args: argparse.Namespace, argv: list[str]) -> int:
 
     command, groups = read_recipe_file(args.recipe_file)
     if command == "prune":
-        prune(groups["recipe"], groups["run"], groups["evaluation"], argv=argv, finetune=groups["recovery"])
+        prune(groups["recipe"], groups["run"], groups["evaluation"], argv=argv, finetune=groups["recovery"],
+              lora=groups["lora"], tracking=groups["tracking"])  # fmt: skip
     else:
         prune_layers(groups["recipe"], groups["run"], groups["evaluation"], argv=argv)
     return 0

@@ -106,7 +106,47 @@ def resolve_model_path(ref: str, flag: str = "--base_model") -> str:
             f"{flag} '{ref}' is not a known model: use one of {', '.join(EMBEDDED_MODELS)}, "
             "a local model directory, or a hub id like 'meta-llama/Llama-3.2-1B'"
         )
+    if not hub_reachable():
+        # offline: the library would retry for ~25 s with a warning per attempt; use its cache or stop now
+        cached = _hub_cache_dir(ref)
+        if cached is None:
+            raise PrunellmError(
+                f"{flag} '{ref}' is a hub id, but the Hugging Face hub cannot be reached and it is not in the local "
+                f"hub cache: use the embedded model '{next(iter(EMBEDDED_MODELS))}' or a local model directory"
+            )
+        return cached
     return ref
+
+
+HUB_PROBE_SECONDS = 3.0
+
+
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within a few seconds (``HF_HUB_OFFLINE``: no)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    import huggingface_hub.constants as hub
+
+    if hub.HF_HUB_OFFLINE:
+        return False
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    url = urlparse(proxy or hub.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=HUB_PROBE_SECONDS).close()
+    except OSError:
+        return False
+    return True
+
+
+def _hub_cache_dir(ref: str) -> str | None:
+    """The snapshot folder of a hub model in the local hub cache, or ``None``."""
+    from huggingface_hub import try_to_load_from_cache
+
+    config = try_to_load_from_cache(ref, "config.json")
+    return str(Path(config).parent) if isinstance(config, str) else None
 
 
 def _hub_failure(ref: str, flag: str, exc: Exception) -> PrunellmError:
@@ -169,3 +209,10 @@ def input_device(model: PreTrainedModel) -> torch.device:
     """The device where input ids must go (the embedding's device, also for accelerate-dispatched models)."""
     return model.get_input_embeddings().weight.device
 
+
+def check_context(model: PreTrainedModel, **seq_lens: int) -> None:
+    """Refuse calibration windows longer than the model's context (``--flag_name=value`` as keyword arguments)."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    for name, value in seq_lens.items():
+        if context and value > context:
+            raise PrunellmError(f"--{name} {value} is longer than the model's context ({context} tokens): use at most {context}")

@@ -150,7 +150,7 @@ def build_options(model: type[BaseModel], namespace: argparse.Namespace) -> Base
     except ValidationError as exc:
         error = exc.errors()[0]
         flag = f"--{error['loc'][0]}" if error.get("loc") else model.__name__
-        raise PrunellmError(f"{flag} {values.get(error['loc'][0], '') if error.get('loc') else ''}: {error['msg']}") from None
+        raise PrunellmError(f"{flag} {values.get(error['loc'][0], '') if error.get('loc') else ''}: {error['msg'].removeprefix('Value error, ')}") from None
 
 
 class PruneRecipe(_Options):
@@ -236,6 +236,21 @@ class PruneRecipe(_Options):
             raise ValueError("must be 0 or more")
         return value
 
+
+    @field_validator("min_pruning_rate", "max_pruning_rate")
+    @classmethod
+    def _rate(cls, value):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError("must lie in [0, 1]")
+        return value
+
+    @field_validator("max_pruning_rate")
+    @classmethod
+    def _max_not_below_min(cls, value, info):
+        low = info.data.get("min_pruning_rate")
+        if low is not None and value < low:
+            raise ValueError(f"is below --min_pruning_rate {low}: give a maximum at least as large as the minimum")
+        return value
 
     @field_validator("reconstruct_damp", mode="before")
     @classmethod
@@ -328,7 +343,7 @@ class FinetuneData(_Options):
 
 
 class LoraOptions(_Options):
-    """LoRA adapters (peft), with --method lora."""
+    """LoRA adapters (peft), with --method lora (prunellm prune: --finetune_method lora)."""
 
     lora_r: int = Field(8, ge=1, description="rank of the LoRA update")
     lora_alpha: int = Field(16, ge=1, description="LoRA scaling numerator (scale = alpha / r)")
@@ -378,7 +393,11 @@ class DistillOptions(_Options):
 
 
 class FinetuneOptions(_Options):
-    """Recovery fine-tuning right after pruning, in the same process (into <run>/finetuned/)."""
+    """Recovery fine-tuning right after pruning, in the same process (into <run>/finetuned/).
+
+    The LoRA settings (--lora_r, --lora_alpha, --lora_dropout, --lora_target_modules) and tracking
+    (--report_to, --wandb_project, --logging_steps) are the same option groups as ``prunellm finetune``'s.
+    """
 
     finetune: bool = Field(False, description="fine-tune the pruned model, then evaluate it again")
     finetune_method: Literal["lora", "full"] = Field("lora", description="LoRA adapters (merged) or full-parameter training")
@@ -393,3 +412,11 @@ class FinetuneOptions(_Options):
     finetune_batch_size: int = Field(16, ge=1, description="examples per optimizer step")
     finetune_micro_batch_size: int = Field(4, ge=1, description="examples per forward pass")
     finetune_distill_alpha: float = Field(0.0, ge=0, le=1, description="> 0: distil from the unpruned --base_model with this KL weight")
+    finetune_save_steps: int = Field(
+        0, ge=0, description="checkpoint every N steps into <output_dir>/<output_name>.finetune_checkpoints (kept there "
+        "if the run is interrupted, moved into <run>/finetuned/checkpoints when it succeeds; 0 = none)"
+    )  # fmt: skip
+    finetune_save_total_limit: int = Field(2, ge=1, description="checkpoints kept")
+    finetune_resume_from_checkpoint: str | None = Field(
+        None, description="continue an interrupted run's fine-tuning: 'last' or a checkpoint-N folder of <output_name>.finetune_checkpoints"
+    )

@@ -22,7 +22,7 @@ from .criteria import CriterionOptions, get_criterion
 from .data import describe_source, sample_calibration, tensor_hash
 from .errors import PrunellmError
 from .evaluation import evaluate, save_results
-from .models import load_model, load_tokenizer
+from .models import check_context, load_model, load_tokenizer
 from .layers import (
     allocate_rates,
     choose_layers_to_remove,
@@ -32,7 +32,7 @@ from .layers import (
     parse_distribution,
     select_layerwise,
 )
-from .options import EvalOptions, FinetuneOptions, LayersRecipe, PruneRecipe, RunOptions, split_list
+from .options import EvalOptions, FinetuneOptions, LayersRecipe, LoraOptions, PruneRecipe, RunOptions, TrackingOptions, split_list
 from .paths import atomic_dir, write_json_atomic
 from .plan import LayerPlan, Plan, package_versions
 from .priors import ablation_deltas, prior_multipliers, resolve_tau
@@ -121,8 +121,10 @@ def compute_priors(
     if recipe.temperature < 0:
         raise PrunellmError(f"--temperature {recipe.temperature} must be 0 (off) or positive")
     # separate windows from the scoring calibration (a different seed), same train part: never eval text
-    layer_ids = sample_calibration(tokenizer, recipe.dataset, recipe.layer_importance_num_samples, recipe.taylor_seq_len, run.seed + 1)
-    block_ids = sample_calibration(tokenizer, recipe.dataset, recipe.block_importance_num_samples, recipe.taylor_seq_len, run.seed + 2)
+    layer_ids = sample_calibration(tokenizer, recipe.dataset, recipe.layer_importance_num_samples, recipe.taylor_seq_len, run.seed + 1,
+                                   seq_len_flag="--taylor_seq_len", num_samples_flag="--layer_importance_num_samples")
+    block_ids = sample_calibration(tokenizer, recipe.dataset, recipe.block_importance_num_samples, recipe.taylor_seq_len, run.seed + 2,
+                                   seq_len_flag="--taylor_seq_len", num_samples_flag="--block_importance_num_samples")
     layer_d = ablation_deltas(model, layer_ids, "layer", recipe.gradient_batch_size)
     attn_d = ablation_deltas(model, block_ids, "attention", recipe.gradient_batch_size)
     mlp_d = ablation_deltas(model, block_ids, "mlp", recipe.gradient_batch_size)
@@ -166,7 +168,8 @@ def score_and_plan(model: nn.Module, tokenizer, recipe: PruneRecipe, run: RunOpt
     calibration_info: dict[str, Any] = {"needs": sorted(criterion.needs)}
     calibration = None
     if criterion.needs & {"gradients", "activations"}:
-        calibration = sample_calibration(tokenizer, recipe.dataset, recipe.taylor_num_samples, recipe.taylor_seq_len, run.seed)
+        calibration = sample_calibration(tokenizer, recipe.dataset, recipe.taylor_num_samples, recipe.taylor_seq_len, run.seed,
+                                         seq_len_flag="--taylor_seq_len", num_samples_flag="--taylor_num_samples")
         calibration_info.update(
             source=describe_source(recipe.dataset, "train"),
             num_samples=recipe.taylor_num_samples,
@@ -203,13 +206,17 @@ def reconstruction_settings(recipe: PruneRecipe, seed: int) -> dict[str, Any]:
     }
 
 
-def reconstruction_calibration(tokenizer, settings: dict[str, Any]) -> torch.Tensor | None:
-    """The calibration windows that :func:`reconstruction_settings` names (``None`` when it reconstructs nothing)."""
+def reconstruction_calibration(tokenizer, settings: dict[str, Any], flag: str = "--reconstruct_dataset") -> torch.Tensor | None:
+    """The calibration windows that :func:`reconstruction_settings` names (``None`` when it reconstructs nothing).
+
+    ``flag`` is the option that named the text: ``--reconstruct_dataset``, or ``--dataset`` when that was left empty.
+    """
     if settings["mode"] == "none":
         return None
     return sample_calibration(
-        tokenizer, settings["dataset"], settings["num_samples"], settings["seq_len"], settings["seed"], flag="--reconstruct_dataset"
-    )
+        tokenizer, settings["dataset"], settings["num_samples"], settings["seq_len"], settings["seed"], flag=flag,
+        seq_len_flag="--reconstruct_seq_len", num_samples_flag="--reconstruct_num_samples",
+    )  # fmt: skip
 
 
 def apply_plan_with_reconstruction(model: nn.Module, tokenizer, plan: Plan) -> dict[str, Any]:
@@ -221,7 +228,7 @@ def apply_plan_with_reconstruction(model: nn.Module, tokenizer, plan: Plan) -> d
             f"this version refits with {SOLVER} and would not reproduce its weights: prune again without --plan "
             "to make a new plan"
         )
-    ids = reconstruction_calibration(tokenizer, settings)
+    ids = reconstruction_calibration(tokenizer, settings, "--reconstruct_dataset" if plan.recipe.get("reconstruct_dataset") else "--dataset")
     if ids is not None:
         if settings.get("hash") and settings["hash"] != tensor_hash(ids):
             raise PrunellmError(
@@ -238,18 +245,19 @@ def apply_plan_with_reconstruction(model: nn.Module, tokenizer, plan: Plan) -> d
 
 def select_by_layer_rates(model, tokenizer, units, values, scores, recipe: PruneRecipe, run: RunOptions, out: Path, total: int):
     """Per-layer allocation: layer importance -> per-layer rates meeting the budget -> lowest units per layer."""
-    ids = sample_calibration(tokenizer, recipe.dataset, recipe.layer_importance_num_samples, recipe.taylor_seq_len, run.seed + 1)
+    ids = sample_calibration(tokenizer, recipe.dataset, recipe.layer_importance_num_samples, recipe.taylor_seq_len, run.seed + 1,
+                             seq_len_flag="--taylor_seq_len", num_samples_flag="--layer_importance_num_samples")
     importance = layer_importance(model, ids, recipe.layer_importance_method, recipe.gradient_batch_size)
     n_layers = len(importance)
     eligible = {u.layer for u in units}
     frozen = {i for i in range(n_layers) if i not in eligible or i >= n_layers - recipe.freeze_top_n_layers}
     prunable = [0] * n_layers
     for u in units:
-        prunable[u.layer] += u.cost * u.count
+        prunable[u.layer] += u.removed_cost(u.count)
     rates = allocate_rates(
         importance, prunable, round(recipe.pruning_ratio * total), strategy=recipe.pruning_strategy,
         weight=recipe.layer_importance_weight, min_rate=recipe.min_pruning_rate, max_rate=recipe.max_pruning_rate,
-        frozen=frozen,
+        frozen=frozen, total_params=total,
     )  # fmt: skip
     write_layer_importance(out, recipe.layer_importance_method, importance, rates=rates)
     return select_layerwise(
@@ -304,7 +312,8 @@ def prune_layers(recipe: LayersRecipe, run: RunOptions, eval_options: EvalOption
         return plan, []
 
     name = recipe.output_name or f"{Path(recipe.base_model).name}_layers_{recipe.layer_importance_method}"
-    return execute_run(recipe.base_model, name, recipe.run_evaluation, run, eval_options, argv, make_plan)
+    check = lambda model: check_context(model, seq_len=recipe.seq_len)  # noqa: E731
+    return execute_run(recipe.base_model, name, recipe.run_evaluation, run, eval_options, argv, make_plan, check=check)
 
 
 def load_plan_for(model: nn.Module, recipe: PruneRecipe) -> Plan:
@@ -348,6 +357,10 @@ def execute_run(
     argv: list[str] | None,
     make_plan: PlanMaker,
     finetune: FinetuneOptions | None = None,
+    check: Callable[[nn.Module], None] | None = None,
+    *,
+    lora: LoraOptions | None = None,
+    tracking: TrackingOptions | None = None,
 ) -> PruneResult:
     """The shared run: load, evaluate dense, make the plan, apply it, save, analyse, evaluate pruned.
 
@@ -361,6 +374,8 @@ def execute_run(
     torch.manual_seed(run.seed)
     tokenizer = load_tokenizer(base_model)
     model = load_model(base_model, dtype=run.dtype, device=run.device)
+    if check is not None:
+        check(model)  # input that only the loaded model can refuse, before any work
     evaluate_what = split_list(run_evaluation)
     eval_options = (eval_options or EvalOptions()).model_copy(update={"metrics": ",".join(evaluate_what) or "ppl"})
     timings: dict[str, float] = {}
@@ -394,12 +409,19 @@ def execute_run(
             evaluation["pruned"] = evaluate(model, tokenizer, eval_options, model_path=str(out / "model"))
             save_results(evaluation["pruned"], tmp / "evaluation_results.json")
         if finetune is not None and finetune.finetune:  # recovery in the same process (model trained in place)
-            from .finetune import finetune_after_pruning
+            from .finetune import checkpoint_dir_after_pruning, finetune_after_pruning
 
             started = time.perf_counter()
+            checkpoints = checkpoint_dir_after_pruning(out)  # outside the atomic run folder: survives an interruption
             recovered = finetune_after_pruning(
-                model, tokenizer, tmp, finetune, eval_options if evaluate_what else None, base_model=base_model, seed=run.seed
-            )
+                model, tokenizer, tmp, finetune, eval_options if evaluate_what else None, base_model=base_model, seed=run.seed,
+                lora=lora, tracking=tracking, checkpoint_dir=checkpoints,
+            )  # fmt: skip
+            if checkpoints.is_dir():  # the run succeeded: its checkpoints move into it
+                if any(checkpoints.iterdir()):
+                    checkpoints.rename(tmp / "finetuned" / "checkpoints")
+                else:
+                    checkpoints.rmdir()
             timings["finetune_seconds"] = round(time.perf_counter() - started, 3)
             if recovered["evaluation"]:
                 evaluation["recovered"] = recovered["evaluation"]
@@ -414,11 +436,15 @@ def prune(
     eval_options: EvalOptions | None = None,
     argv: list[str] | None = None,
     finetune: FinetuneOptions | None = None,
+    *,
+    lora: LoraOptions | None = None,
+    tracking: TrackingOptions | None = None,
 ) -> PruneResult:
     """Structured pruning (global ranking or per-layer allocation) end to end into ``<output_dir>/<output_name>/``.
 
     With ``finetune.finetune`` the pruned model is then fine-tuned into ``<run>/finetuned/`` and evaluated again
-    ("recovered"); the returned ``model`` is then the recovered one.
+    ("recovered"); the returned ``model`` is then the recovered one. ``lora`` and ``tracking`` are the same
+    option groups as ``prunellm finetune``'s.
     """
 
     def make_plan(model: nn.Module, tokenizer, tmp: Path) -> tuple[Plan, list[dict]]:
@@ -432,5 +458,26 @@ def prune(
         plan.reconstruction = settings
         return plan, table
 
+    def check(model: nn.Module) -> None:
+        seq_lens = {"taylor_seq_len": recipe.taylor_seq_len}
+        if recipe.reconstruct != "none":
+            seq_lens["reconstruct_seq_len"] = recipe.reconstruct_seq_len
+        if finetune is not None and finetune.finetune:
+            seq_lens["finetune_seq_len"] = finetune.finetune_seq_len
+        check_context(model, **seq_lens)
+
+    if recipe.allocation == "layerwise":  # refuse bad allocation options before loading anything
+        parse_distribution(recipe.pruning_distribution)
     name = recipe.output_name or default_output_name(recipe)
-    return execute_run(recipe.base_model, name, recipe.run_evaluation, run, eval_options, argv, make_plan, finetune)
+    if finetune is not None and finetune.finetune:  # bad fine-tuning options fail before pruning, not after
+        from .finetune import checkpoint_dir_after_pruning
+        from .finetune.engine import report_to, resolve_checkpoint
+
+        report_to(tracking or TrackingOptions())
+        resolve_checkpoint(
+            finetune.finetune_resume_from_checkpoint, checkpoint_dir_after_pruning(Path(run.output_dir) / name),
+            flag="--finetune_resume_from_checkpoint",
+        )  # fmt: skip
+    return execute_run(
+        recipe.base_model, name, recipe.run_evaluation, run, eval_options, argv, make_plan, finetune, check, lora=lora, tracking=tracking
+    )
