@@ -100,6 +100,40 @@ def test_reconstruction_on_a_mixture_is_recorded_and_replayed(workspace):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_the_plan_is_complete_before_surgery_and_never_patched(workspace, monkeypatch):
+    """plan.json is the Plan as selection made it: surgery reads it and changes nothing. Bias compensation on a
+    family without o_proj/down_proj biases adds parameters, which reconstruction reports, not the plan."""
+    import copy
+
+    import prunellm.pruner as pruner
+
+    made = []
+    original = pruner.score_and_plan
+
+    def recording(*args, **kwargs):
+        plan, table = original(*args, **kwargs)
+        made.append(copy.deepcopy(plan.to_dict()))
+        return plan, table
+
+    monkeypatch.setattr(pruner, "score_and_plan", recording)
+    assert main(_prune_args(workspace, "biased", "--importance_method", "magnitude", "--reconstruct", "bias",
+                            "--reconstruct_num_samples", "8", "--reconstruct_seq_len", "32")) == 0  # fmt: skip
+    out = workspace / "results" / "biased"
+    written = json.loads((out / "plan.json").read_text())
+    assert [written] == made  # reconstruction settings and their calibration hash included, no timings
+    assert written["reconstruction"]["hash"] and "seconds" not in written["reconstruction"]
+    report = json.loads((out / "analysis" / "reconstruction.json").read_text())
+    model = load_pruned(out / "model")
+    assert report["added_params"] > 0  # the tiny llama builds o_proj/down_proj without biases
+    assert sum(p.numel() for p in model.parameters()) == written["params_after"] + report["added_params"]
+    # the replay reproduces the same weights from the same complete plan
+    assert main(_prune_args(workspace, "biased_replay", "--plan", str(out / "plan.json"))) == 0
+    assert json.loads((workspace / "results" / "biased_replay" / "plan.json").read_text()) == written
+    a = load_file(out / "model" / "model.safetensors")
+    b = load_file(workspace / "results" / "biased_replay" / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_plan_from_an_earlier_lstsq_solver_is_refused(workspace, capsys):
     assert main(_prune_args(workspace, "oldsolver", "--importance_method", "magnitude")) == 0
     plan_path = workspace / "results" / "oldsolver" / "plan.json"

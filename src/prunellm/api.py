@@ -208,7 +208,8 @@ def prune(
 ) -> dict[str, Any]:
     """Apply ``plan`` to ``model`` in place: slice the weights (layer by layer, compensating o_proj/down_proj by
     ``reconstruct`` on ``calibration`` windows), then drop the plan's removed layers. Returns the reconstruction
-    report; the model's parameter count then equals the plan's (compensation biases a family lacks included)."""
+    report; the model's parameter count then equals the plan's plus the report's ``added_params`` (biases that
+    compensation adds where the family builds none)."""
     from .reconstruction import prune_with_reconstruction
     from .surgery import remove_layers
 
@@ -216,7 +217,7 @@ def prune(
         raise PrunellmError(f"reconstruct='{reconstruct}' needs calibration windows: pass calibration=calibrate(...)")
     report = prune_with_reconstruction(model, plan.kept_units(), calibration, reconstruct, damp, batch_size)
     remove_layers(model, plan.removed_layers)
-    return {"mode": reconstruct, "layers": report.layers}
+    return {"mode": reconstruct, "added_params": report.added_params, "layers": report.layers}
 
 
 def save_pruned(model: nn.Module, tokenizer: Any, path: str | Path, plan: Plan | None = None) -> Path:

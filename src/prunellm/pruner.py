@@ -136,9 +136,10 @@ def compute_priors(
 
 def plan_from_selection(
     model: nn.Module, kept: dict[UnitKey, list[int]], recipe: PruneRecipe, params_before: int, params_after: int,
-    calibration: dict[str, Any], seed: int,
+    calibration: dict[str, Any], seed: int, reconstruction: dict[str, Any] | None = None,
 ) -> Plan:
-    """Record kept indices of every original layer (``None`` where a kind was not considered)."""
+    """Record kept indices of every original layer (``None`` where a kind was not considered) and the reconstruction
+    settings surgery will use."""
     layers = []
     for index in range(len(decoder_layers(model))):
         layers.append(LayerPlan(kv_groups=kept.get((index, "kv_group")), mlp_channels=kept.get((index, "mlp_channel"))))
@@ -154,11 +155,15 @@ def plan_from_selection(
         calibration=calibration,
         seed=seed,
         versions=package_versions(),
+        reconstruction=reconstruction or {"mode": "none"},
     )
 
 
-def score_and_plan(model: nn.Module, tokenizer, recipe: PruneRecipe, run: RunOptions, out: Path) -> tuple[Plan, list[dict]]:
-    """Score every eligible unit, rank globally and return the Plan plus the per-unit table (no surgery)."""
+def score_and_plan(
+    model: nn.Module, tokenizer, recipe: PruneRecipe, run: RunOptions, out: Path, reconstruction: dict[str, Any] | None = None
+) -> tuple[Plan, list[dict]]:
+    """Score every eligible unit, rank globally and return the complete Plan (with ``reconstruction``, the settings of
+    :func:`reconstruction_settings`) plus the per-unit table (no surgery)."""
     spec_for(model.config)  # refuse unknown families before any work
     kinds = unit_kinds(recipe)
     criterion = get_criterion(recipe.importance_method)
@@ -187,7 +192,10 @@ def score_and_plan(model: nn.Module, tokenizer, recipe: PruneRecipe, run: RunOpt
     else:
         constraints = SelectionConstraints(min_kv_groups=recipe.min_kv_groups, round_to=recipe.round_to)
         selection = select_global(units, values, scores, round(recipe.pruning_ratio * total), constraints, total)
-    plan = plan_from_selection(model, selection.kept, recipe, total, total - selection.removed_params, calibration_info, run.seed)
+    plan = plan_from_selection(
+        model, selection.kept, recipe, total, total - selection.removed_params, calibration_info, run.seed,
+        reconstruction or {"mode": "none"},
+    )  # fmt: skip
     return plan, selection.table
 
 
@@ -219,28 +227,37 @@ def reconstruction_calibration(tokenizer, settings: dict[str, Any], flag: str = 
     )  # fmt: skip
 
 
-def apply_plan_with_reconstruction(model: nn.Module, tokenizer, plan: Plan) -> dict[str, Any]:
-    """Surgery as the plan says, with the plan's reconstruction; returns the reconstruction report."""
-    settings = plan.reconstruction or {"mode": "none"}
-    if settings["mode"] == "lstsq" and settings.get("solver") != SOLVER:
+def check_reconstruction_settings(settings: dict[str, Any]) -> None:
+    """Refuse a plan whose reconstruction this version would not reproduce."""
+    if settings.get("mode") == "lstsq" and settings.get("solver") != SOLVER:
         raise PrunellmError(
             f"the plan's lstsq reconstruction was made by an earlier solver ({settings.get('solver', 'ridge toward zero')}); "
             f"this version refits with {SOLVER} and would not reproduce its weights: prune again without --plan "
             "to make a new plan"
         )
+
+
+def apply_plan_with_reconstruction(model: nn.Module, tokenizer, plan: Plan) -> dict[str, Any]:
+    """Surgery as the plan says, with the plan's reconstruction; returns the reconstruction report.
+
+    The plan is read, never changed: its reconstruction settings carry the hash of their calibration windows,
+    which must tokenize to the same windows here.
+    """
+    settings = plan.reconstruction or {"mode": "none"}
+    check_reconstruction_settings(settings)
     ids = reconstruction_calibration(tokenizer, settings, "--reconstruct_dataset" if plan.recipe.get("reconstruct_dataset") else "--dataset")
-    if ids is not None:
-        if settings.get("hash") and settings["hash"] != tensor_hash(ids):
-            raise PrunellmError(
-                f"the plan's reconstruction calibration ({settings['dataset']}) tokenizes differently here "
-                f"(hash {tensor_hash(ids)} != {settings['hash']}): use the same tokenizer and corpus"
-            )
-        settings["hash"] = tensor_hash(ids)
+    if ids is not None and settings.get("hash") and settings["hash"] != tensor_hash(ids):
+        raise PrunellmError(
+            f"the plan's reconstruction calibration ({settings['dataset']}) tokenizes differently here "
+            f"(hash {tensor_hash(ids)} != {settings['hash']}): use the same tokenizer and corpus"
+        )
     started = time.perf_counter()
     report = prune_with_reconstruction(model, plan.kept_units(), ids, settings["mode"], settings.get("damp", "auto"))
     remove_layers(model, plan.removed_layers)
-    settings["seconds"] = round(time.perf_counter() - started, 3)
-    return {"settings": settings, "layers": report.layers}
+    return {
+        "settings": settings, "seconds": round(time.perf_counter() - started, 3), "added_params": report.added_params,
+        "layers": report.layers,
+    }  # fmt: skip
 
 
 def select_by_layer_rates(model, tokenizer, units, values, scores, recipe: PruneRecipe, run: RunOptions, out: Path, total: int):
@@ -325,6 +342,7 @@ def load_plan_for(model: nn.Module, recipe: PruneRecipe) -> Plan:
             f"--plan '{recipe.plan}' was made for a model with {plan.params_before} parameters and {len(plan.layers)} "
             f"layers, but --base_model has {total} and {len(decoder_layers(model))}"
         )
+    check_reconstruction_settings(plan.reconstruction or {"mode": "none"})  # before any work
     return plan
 
 
@@ -387,19 +405,22 @@ def execute_run(
             evaluation["base"] = evaluate(model, tokenizer, eval_options, model_path=base_model)
             save_results(evaluation["base"], tmp / "evaluation_results_base.json")
         started = time.perf_counter()
-        plan, table = make_plan(model, tokenizer, tmp)
-        fresh = "hash" not in plan.reconstruction  # a replayed plan carries its calibration hash
+        plan, table = make_plan(model, tokenizer, tmp)  # complete here; surgery reads it and never changes it
         reconstruction = apply_plan_with_reconstruction(model, tokenizer, plan)
-        plan.reconstruction = reconstruction["settings"]
         if reconstruction["layers"]:
             write_json_atomic(tmp / "analysis" / "reconstruction.json", reconstruction)
         timings["prune_seconds"] = round(time.perf_counter() - started, 3)
         actual = count_parameters(model)
-        if plan.reconstruction["mode"] == "bias" and fresh:
-            plan.params_after = actual  # compensation biases the family did not have count as parameters
-        if actual != plan.params_after:
-            raise RuntimeError(f"surgery left {actual} parameters, the plan accounts for {plan.params_after}")
-        log.info("pruned %s: %d -> %d parameters (%.4f removed)", base_model, plan.params_before, actual, plan.achieved_ratio)
+        # the plan counts what is removed; bias compensation may add biases the family does not build
+        if actual != plan.params_after + reconstruction["added_params"]:
+            raise RuntimeError(
+                f"surgery left {actual} parameters, the plan accounts for {plan.params_after} "
+                f"(+{reconstruction['added_params']} compensation biases)"
+            )
+        log.info(
+            "pruned %s: %d -> %d parameters (%.4f removed%s)", base_model, plan.params_before, actual, plan.achieved_ratio,
+            f"; +{reconstruction['added_params']} compensation biases" if reconstruction["added_params"] else "",
+        )  # fmt: skip
         plan.save(tmp / "plan.json")
         save_model(model, tokenizer, tmp / "model")
         pruned = analyze_model(model)
@@ -451,12 +472,11 @@ def prune(
         if recipe.plan:
             return load_plan_for(model, recipe), []
         settings = reconstruction_settings(recipe, run.seed)
-        if settings["mode"] != "none":  # a bad --reconstruct_dataset fails now, not after scoring
+        if settings["mode"] != "none":  # a bad --reconstruct_dataset or too short a text fails now, not after scoring
             flag = "--reconstruct_dataset" if recipe.reconstruct_dataset else "--dataset"
             settings["source"] = describe_source(settings["dataset"], "train", flag=flag)
-        plan, table = score_and_plan(model, tokenizer, recipe, run, tmp)
-        plan.reconstruction = settings
-        return plan, table
+            settings["hash"] = tensor_hash(reconstruction_calibration(tokenizer, settings, flag))
+        return score_and_plan(model, tokenizer, recipe, run, tmp, settings)
 
     def check(model: nn.Module) -> None:
         seq_lens = {"taylor_seq_len": recipe.taylor_seq_len}

@@ -61,6 +61,9 @@ class ReconstructionReport:
 
     mode: str
     layers: list[dict] = field(default_factory=list)
+    # bias parameters compensation added where the family builds o_proj/down_proj without one (not in the plan:
+    # the plan counts what is removed; this is what reconstruction puts back)
+    added_params: int = 0
 
 
 def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int) -> tuple[list[torch.Tensor], list[list[dict]]]:
@@ -300,6 +303,7 @@ def prune_with_reconstruction(
             with torch.no_grad():
                 projection.weight.copy_(new_weight)
             if new_bias is not None:
+                report.added_params += new_bias.numel() if projection.bias is None else 0
                 projection.bias = nn.Parameter(new_bias, requires_grad=projection.weight.requires_grad)
                 compensated = True
         hidden = _run_layer(layer, index, hidden, kwargs_list)  # the next layer sees this layer's pruned output
