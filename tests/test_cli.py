@@ -211,6 +211,20 @@ def test_invalid_choice_is_one_line_with_the_valid_choices(workspace, capsys):
     assert len(err) == 1 and "--normalization" in err[0] and "'none', 'block', 'layer'" in err[0], err
 
 
+def test_metrics_and_run_evaluation_never_silently_override_each_other(workspace, capsys, monkeypatch):
+    import prunellm.pruner
+
+    monkeypatch.setattr(prunellm.pruner, "load_model", lambda *a, **k: pytest.fail("loaded a model before refusing"))
+    assert main(_prune_args(workspace, "bad", "--run_evaluation", "ppl", "--metrics", "speed")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--run_evaluation ppl and --metrics speed disagree" in err[0], err
+    from prunellm.options import EvalOptions
+
+    assert prunellm.pruner.evaluation_metrics("", EvalOptions(metrics="ppl,memory")) == ["ppl", "memory"]  # --metrics alone
+    assert prunellm.pruner.evaluation_metrics("ppl", EvalOptions()) == ["ppl"]
+    assert prunellm.pruner.evaluation_metrics("", EvalOptions()) == []  # nothing asked: no evaluation
+
+
 def test_min_above_max_rate_is_refused_before_any_work(workspace, capsys, monkeypatch):
     import prunellm.pruner
 

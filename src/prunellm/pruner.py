@@ -366,6 +366,23 @@ def print_summary(console, plan: Plan, comparison: dict, evaluation: dict[str, A
 PlanMaker = Callable[[nn.Module, Any, Path], tuple[Plan, list[dict]]]
 
 
+def evaluation_metrics(run_evaluation: str, eval_options: EvalOptions | None) -> list[str]:
+    """What a prune/layers run evaluates: ``--run_evaluation``, or ``--metrics`` when only that was given.
+
+    Both given and different is refused (one would silently win over the other).
+    """
+    asked = split_list(run_evaluation)
+    if eval_options is None or "metrics" not in eval_options.model_fields_set:
+        return asked
+    metrics = split_list(eval_options.metrics)
+    if asked and asked != metrics:
+        raise PrunellmError(
+            f"--run_evaluation {run_evaluation} and --metrics {eval_options.metrics} disagree: give one of them "
+            "(on prune and layers both name what is evaluated before and after pruning)"
+        )
+    return metrics
+
+
 def execute_run(
     base_model: str,
     name: str,
@@ -388,13 +405,13 @@ def execute_run(
     from rich.console import Console
 
     console = Console(stderr=True)
+    evaluate_what = evaluation_metrics(run_evaluation, eval_options)  # disagreeing flags fail before any work
     out = check_output_dir(run, name)
     torch.manual_seed(run.seed)
     tokenizer = load_tokenizer(base_model)
     model = load_model(base_model, dtype=run.dtype, device=run.device)
     if check is not None:
         check(model)  # input that only the loaded model can refuse, before any work
-    evaluate_what = split_list(run_evaluation)
     eval_options = (eval_options or EvalOptions()).model_copy(update={"metrics": ",".join(evaluate_what) or "ppl"})
     timings: dict[str, float] = {}
     evaluation: dict[str, Any] = {}
