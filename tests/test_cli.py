@@ -163,8 +163,8 @@ def test_existing_output_is_refused_without_overwrite(workspace, capsys):
     "extra, expected",
     [
         (["--pruning_ratio", "1.5"], "--pruning_ratio"),
-        (["--importance_method", "psychic"], "--importance_method 'psychic' is not a criterion"),
-        (["--units", "heads"], "--units 'heads'"),
+        (["--importance_method", "psychic"], "--importance_method psychic: is not a criterion"),
+        (["--units", "heads"], "--units heads: is not valid"),
         (["--dataset", "no_such_corpus"], "--dataset 'no_such_corpus'"),
         (["--pruning_ratio", "0.9"], "unreachable"),
         (["--freeze_first_n_layers", "3"], "no layer that may be pruned"),
@@ -173,6 +173,11 @@ def test_existing_output_is_refused_without_overwrite(workspace, capsys):
         (["--allocation", "layerwise", "--max_pruning_rate", "0.01", "--pruning_ratio", "0.5"],
          "--pruning_ratio 0.500 cannot be met"),
         (["--reconstruct_damp", "often"], "--reconstruct_damp"),
+        (["--importance_method", "tayl0r"], "--importance_method tayl0r: is not a criterion: use one of magnitude, random, taylor"),
+        (["--units", "kv_group,heads"], "--units kv_group,heads: is not valid: use a comma-separated subset of kv_group, mlp_channel"),
+        (["--tau", "often"], "--tau often: is not valid: use auto, a number, inf or -inf"),
+        (["--allocation", "layerwise", "--pruning_distribution", "1-3"], "--pruning_distribution 1-3: is not valid: use A:M"),
+        (["--run_evaluation", "ppl,bleu"], "--run_evaluation 'bleu' is not valid: use a comma-separated subset of ppl"),
         (["--reconstruct_dataset", "no_such_corpus"], "--reconstruct_dataset 'no_such_corpus'"),
     ],
 )

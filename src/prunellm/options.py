@@ -172,7 +172,9 @@ class PruneRecipe(_Options):
     taylor_seq_len: int = Field(128, description="tokens per calibration window")
     gradient_batch_size: int = Field(4, description="calibration windows per forward(+backward) pass")
     temperature: float = Field(0.0, description="layer/block prior exponent T (0 = no prior, skips the ablation passes)")
-    tau: str = Field("auto", description="prior switch: layer Δ below tau uses the layer prior, else the block's; auto, a number, inf, -inf")
+    tau: Union[float, Literal["auto"]] = Field(
+        "auto", description="prior switch: layer Δ below tau uses the layer prior, else the block's; auto, a number, inf, -inf"
+    )
     layer_importance_num_samples: int = Field(16, description="calibration windows for the layer ablation prior")
     block_importance_num_samples: int = Field(16, description="calibration windows for the block ablation prior")
     freeze_first_n_layers: int = Field(0, description="never prune the first N layers")
@@ -250,6 +252,49 @@ class PruneRecipe(_Options):
         low = info.data.get("min_pruning_rate")
         if low is not None and value < low:
             raise ValueError(f"is below --min_pruning_rate {low}: give a maximum at least as large as the minimum")
+        return value
+
+    @field_validator("importance_method")
+    @classmethod
+    def _criterion(cls, value):
+        from .criteria import REGISTRY  # the registry, so a criterion registered by a user is valid here too
+
+        if value not in REGISTRY:
+            raise ValueError(f"is not a criterion: use one of {', '.join(REGISTRY)}")
+        return value
+
+    @field_validator("units")
+    @classmethod
+    def _units(cls, value):
+        from .units import UNIT_KINDS
+
+        kinds = split_list(value)
+        if not kinds or any(kind not in UNIT_KINDS for kind in kinds):
+            raise ValueError(f"is not valid: use a comma-separated subset of {', '.join(UNIT_KINDS)}")
+        return value
+
+    @field_validator("tau", mode="before")
+    @classmethod
+    def _tau(cls, value):
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError("is not valid: use auto, a number, inf or -inf") from None
+
+    @field_validator("pruning_distribution")
+    @classmethod
+    def _distribution(cls, value):
+        text = str(value).strip().lower()
+        if text == "auto":
+            return "auto"
+        try:
+            attention, mlp = (float(x) for x in text.split(":"))
+        except ValueError:
+            raise ValueError("is not valid: use A:M like 1:3, or auto") from None
+        if attention < 0 or mlp < 0 or attention + mlp == 0:
+            raise ValueError("needs non-negative parts, not both zero")
         return value
 
     @field_validator("reconstruct_damp", mode="before")

@@ -371,10 +371,14 @@ def evaluation_metrics(run_evaluation: str, eval_options: EvalOptions | None) ->
 
     Both given and different is refused (one would silently win over the other).
     """
+    from .evaluation.metrics import get_metrics
+
     asked = split_list(run_evaluation)
+    get_metrics(asked, "--run_evaluation")  # an unknown metric lists the valid ones
     if eval_options is None or "metrics" not in eval_options.model_fields_set:
         return asked
     metrics = split_list(eval_options.metrics)
+    get_metrics(metrics, "--metrics")
     if asked and asked != metrics:
         raise PrunellmError(
             f"--run_evaluation {run_evaluation} and --metrics {eval_options.metrics} disagree: give one of them "
