@@ -80,3 +80,24 @@ def test_a_folder_without_safetensors_is_refused(tmp_path):
     model.config.save_pretrained(tmp_path)
     with pytest.raises(PrunellmError, match="--offload reads safetensors"):
         load_lazy(str(tmp_path))
+
+
+def test_cli_offload_gives_the_same_plan(tmp_path):
+    from prunellm.cli import main
+    from prunellm.models import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m")
+    model = make_tiny_model("llama", num_hidden_layers=3, vocab_size=len(tokenizer))
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join("the king and the queen walked to the castle while the people sang".split() * 200))
+    plans = {}
+    for name, extra in (("memory", []), ("offload", ["--offload"]), ("disk", ["--offload", "--offload_dir", str(tmp_path / "h")])):
+        args = ["prune", "--base_model", str(tmp_path / "tiny"), "--output_dir", str(tmp_path / "results"), "--output_name", name,
+                "--dataset", str(text), "--taylor_num_samples", "8", "--taylor_seq_len", "32", "--gradient_batch_size", "4",
+                "--pruning_ratio", "0.02", "--reconstruct", "none", "--importance_method", "taylor", *extra]  # fmt: skip
+        assert main(args) == 0
+        plans[name] = json.loads((tmp_path / "results" / name / "plan.json").read_text())
+    assert plans["offload"]["layers"] == plans["memory"]["layers"] == plans["disk"]["layers"]
+    assert plans["offload"]["params_after"] == plans["memory"]["params_after"]
