@@ -321,9 +321,10 @@ def offloaded_stats(
         hidden = [first for first, _ in captured]
         kwargs = [per_layer for _, per_layer in captured]
         del captured
+        lowest = min(by_layer, default=0)  # the backward sweep stops at the lowest scored layer
         # forward sweep: each layer's input kept for the backward sweep; activation criteria score here
         for index in tqdm(range(len(layers)), desc="offloaded forward", unit="layer", leave=False):
-            if gradients:
+            if gradients and index >= lowest:
                 store.put(index, hidden)
             elif index > max(by_layer, default=-1):
                 break  # nothing above is scored
@@ -365,7 +366,7 @@ def _backward_sweep(model, spec, layers, onloader: Onloader, store: HiddenStore,
             normed.backward(grad)
             upstream.append(h.grad)
             stats.grad_tokens += batch.numel()
-    del hidden
+    hidden.clear()  # the last layer's outputs are not needed below the top
     stats.mean_loss = sum(losses) / len(losses)
     lowest = min((u.layer for u in units), default=0)
     for index in tqdm(range(len(layers) - 1, lowest - 1, -1), desc="offloaded backward", unit="layer", leave=False):
