@@ -30,6 +30,7 @@ from .criteria import CriterionOptions, get_criterion
 from .data import sample_calibration, tensor_hash
 from .errors import PrunellmError
 from .models import DType, load_model, load_tokenizer
+from .offload import is_lazy, offloaded_stats
 from .options import EvalOptions, PruneRecipe
 from .plan import LayerPlan, Plan, package_versions
 from .selection import Normalization, SelectionConstraints, normalized_values, select_global
@@ -129,6 +130,9 @@ def score(
     seed: int = 42,
     magnitude_norm: Literal["l1", "l2"] = "l2",
     gradient_checkpointing: bool = False,
+    offload: bool = False,
+    device: str = "cpu",
+    offload_dir: str | Path | None = None,
 ) -> Scores:
     """Score every index of every unit set of the chosen layers.
 
@@ -139,6 +143,10 @@ def score(
         units: unit kinds that may be pruned.
         layers: decoder layers that may be pruned (default: all).
         batch_size: calibration windows per forward(+backward) pass.
+        offload: one decoder layer on ``device`` at a time (:mod:`prunellm.offload`; the same scores, exact Taylor
+            gradients), for a model in host memory or one from ``prunellm.offload.load_lazy`` (always offloaded).
+        device: the compute device of the offloaded pass (``cpu``, ``cuda``, ``cuda:N``).
+        offload_dir: keep the offloaded pass's per-layer hidden states in this folder instead of memory.
     """
     crit = get_criterion(criterion, flag="criterion")
     unit_sets = _unit_sets(model, units, layers)
@@ -146,10 +154,17 @@ def score(
     if calibration is not None and crit.needs & {"gradients", "activations"}:
         info.update(num_samples=int(calibration.shape[0]), seq_len=int(calibration.shape[1]), hash=tensor_hash(calibration))
     started = time.perf_counter()
-    stats = collect_stats(
-        model, calibration, unit_sets, criterion, batch_size=batch_size, gradient_checkpointing=gradient_checkpointing
-    )
-    values = crit.score(model, unit_sets, stats, CriterionOptions(seed=seed, magnitude_norm=magnitude_norm))
+    options = CriterionOptions(seed=seed, magnitude_norm=magnitude_norm)
+    if offload or is_lazy(model):
+        values, stats = offloaded_stats(
+            model, calibration, unit_sets, criterion, device=device, batch_size=batch_size, offload_dir=offload_dir,
+            options=options,
+        )  # fmt: skip
+    else:
+        stats = collect_stats(
+            model, calibration, unit_sets, criterion, batch_size=batch_size, gradient_checkpointing=gradient_checkpointing
+        )
+        values = crit.score(model, unit_sets, stats, options)
     info["scoring_seconds"] = round(time.perf_counter() - started, 3)
     return Scores(units=unit_sets, scores=values, criterion=criterion, calibration=info, stats=stats)
 

@@ -109,14 +109,10 @@ def module_key(layer: int, path: str) -> str:
     return f"{layer}.{path}"
 
 
-@torch.no_grad()
-def collect_activation_stats(
-    model: nn.Module, input_ids: torch.Tensor, units: list[LayerUnits], batch_size: int = 8
-) -> Stats:
-    """Forward pass recording Σ x² of every input feature of every sliced projection (float32)."""
-    stats = Stats()
-    layers = decoder_layers(model)
-    handles = []
+def activation_hooks(layers: nn.ModuleList, units: list[LayerUnits], stats: Stats) -> list:
+    """Forward pre-hooks adding Σ x² of every input feature of every sliced projection of ``units`` to
+    ``stats.act_sq`` (float32); returns the handles to remove. Each module is hooked once even if two unit kinds
+    name it. The in-memory and the offloaded (layer by layer) activation passes both record through these."""
 
     def hook_for(key: str):
         def hook(module, args):
@@ -126,13 +122,23 @@ def collect_activation_stats(
 
         return hook
 
-    hooked: set[str] = set()  # each module is hooked once even if two unit kinds name it
+    handles, hooked = [], set()
     for unit in units:
         for s in unit.slices:
             key = module_key(unit.layer, s.module)
             if key not in hooked:
                 hooked.add(key)
                 handles.append(get_module(layers[unit.layer], s.module).register_forward_pre_hook(hook_for(key)))
+    return handles
+
+
+@torch.no_grad()
+def collect_activation_stats(
+    model: nn.Module, input_ids: torch.Tensor, units: list[LayerUnits], batch_size: int = 8
+) -> Stats:
+    """Forward pass recording Σ x² of every input feature of every sliced projection (float32)."""
+    stats = Stats()
+    handles = activation_hooks(decoder_layers(model), units, stats)
     device = input_device(model)
     try:
         for batch in tqdm(batches_of(input_ids, batch_size), desc="activation statistics", leave=False):
@@ -158,6 +164,107 @@ def _only_sliced_params_require_grad(model: nn.Module, params: Iterable[nn.Param
             p.grad = None
 
 
+class GradientReducer:
+    """Reduces each micro-batch gradient of the sliced weights (and biases) of ``units`` to per-unit Taylor terms
+    in ``stats`` as it arrives, then frees it.
+
+    The one reduction behind both gradient passes: the in-memory pass hooks every sliced parameter of the model,
+    the offloaded pass (:mod:`prunellm.offload`) one decoder layer's at a time and calls :meth:`finish` for that
+    layer before the next, so only one layer's accumulators exist at once.
+
+    Args:
+        layers: the decoder layers (the parameters are looked up when hooked, so a layer may be loaded later).
+        terms: any of ``first`` (Σ|w·G|, G the gradient averaged over the ``n_batches`` micro-batches), ``second``
+            (½Σ w²·mean(g²), the empirical Fisher diagonal) and ``mix`` (Σ|w·G − ½w²F|).
+    """
+
+    def __init__(self, layers: nn.ModuleList, units: list[LayerUnits], terms: set[str], n_batches: int, stats: Stats):
+        self.layers, self.units, self.terms, self.n_batches, self.stats = layers, units, terms, n_batches, stats
+        self.need_grad_acc = bool(terms & {"first", "mix"}) and n_batches > 1
+        self.need_fisher_acc = "mix" in terms
+        self.grad_acc: dict[int, torch.Tensor] = {}
+        self.fisher_acc: dict[int, torch.Tensor] = {}
+        # id(param) -> (param, (layer, kind), unit, slice, is_bias) for the parameters hooked now
+        self.by_param: dict[int, tuple[nn.Parameter, UnitKey, LayerUnits, object, bool]] = {}
+
+    def parameters(self, layer: int | None = None) -> list[tuple[nn.Parameter, UnitKey, LayerUnits, object, bool]]:
+        """(param, key, unit, slice, is_bias) of every sliced weight and bias (of one decoder layer when given)."""
+        entries = []
+        for unit in self.units:
+            if layer is not None and unit.layer != layer:
+                continue
+            for s in unit.slices:
+                linear = get_module(self.layers[unit.layer], s.module)
+                entries.append((linear.weight, (unit.layer, unit.kind), unit, s, False))
+                if s.dim == 0 and linear.bias is not None:
+                    entries.append((linear.bias, (unit.layer, unit.kind), unit, s, True))
+        return entries
+
+    def hook(self, layer: int | None = None) -> list:
+        """Register the reduction on the sliced parameters (of one layer); returns the hook handles."""
+        entries = self.parameters(layer)
+        self.by_param.update({id(p): (p, key, unit, s, is_bias) for p, key, unit, s, is_bias in entries})
+        return [p.register_post_accumulate_grad_hook(self.on_grad) for p, *_ in entries]
+
+    def _add(self, table: dict[UnitKey, torch.Tensor], key: UnitKey, value: torch.Tensor) -> None:
+        value = value.cpu()
+        table[key] = table[key] + value if key in table else value
+
+    def on_grad(self, p: torch.Tensor) -> None:
+        """Post-accumulate-grad hook: fold ``p.grad`` (one micro-batch) into the terms, then free it."""
+        _, key, unit, s, is_bias = self.by_param[id(p)]
+        terms, stats = self.terms, self.stats
+        g = p.grad.detach().float()
+        if not torch.isfinite(g).all():
+            raise PrunellmError(
+                f"non-finite gradient in layer {key[0]} ({s.module}): run in float32 (--dtype float32) or bfloat16"
+            )
+        w = p.detach().float()
+        if self.need_grad_acc:
+            if id(p) in self.grad_acc:
+                self.grad_acc[id(p)].add_(g)
+            else:
+                self.grad_acc[id(p)] = g.clone()
+        elif "first" in terms or "mix" in terms:  # a single micro-batch: G is this gradient
+            if "first" in terms:
+                self._add(stats.taylor_first, key, reduce_to_units((w * g).abs(), s, unit.count, is_bias))
+            if "mix" in terms:
+                self.grad_acc[id(p)] = g.clone()
+        if "second" in terms:
+            self._add(stats.taylor_second, key, reduce_to_units(0.5 * w.pow(2) * g.pow(2), s, unit.count, is_bias) / self.n_batches)
+        if self.need_fisher_acc:
+            sq = g.pow(2)
+            if id(p) in self.fisher_acc:
+                self.fisher_acc[id(p)].add_(sq)
+            else:
+                self.fisher_acc[id(p)] = sq
+        p.grad = None  # freed as soon as it is reduced
+
+    def finish(self) -> None:
+        """Finish the terms that needed the accumulated gradient G (mean over micro-batches) for every parameter
+        hooked so far, and free their accumulators (call once all micro-batches went through them)."""
+        terms = self.terms
+        for pid, acc in self.grad_acc.items():
+            p, key, unit, s, is_bias = self.by_param[pid]
+            w = p.detach().float()
+            mean_g = acc / self.n_batches if self.need_grad_acc else acc
+            if "first" in terms and self.need_grad_acc:
+                self._add(self.stats.taylor_first, key, reduce_to_units((w * mean_g).abs(), s, unit.count, is_bias))
+            if "mix" in terms:
+                fisher = self.fisher_acc[pid] / self.n_batches
+                self._add(self.stats.taylor_mix, key, reduce_to_units((w * mean_g - 0.5 * w.pow(2) * fisher).abs(), s, unit.count, is_bias))
+        self.grad_acc.clear()
+        self.fisher_acc.clear()
+        self.by_param.clear()
+
+
+def check_loss(loss: torch.Tensor, index: int) -> float:
+    """The micro-batch loss as a float; a non-finite one is refused with the fix."""
+    if not torch.isfinite(loss):
+        raise PrunellmError(f"non-finite calibration loss at micro-batch {index}: run in float32 (--dtype float32)")
+    return loss.item()
+
+
 def collect_gradient_stats(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -177,67 +284,18 @@ def collect_gradient_stats(
 
     Memory: per-unit terms need no per-element state, except that the first-order and mixed terms need the
     *accumulated* gradient G; when there is more than one micro-batch a float32 accumulator per sliced weight
-    holds it (the same size as one gradient of the prunable weights, the only model-sized state).
+    holds it (the same size as one gradient of the prunable weights, the only model-sized state; the offloaded
+    pass, :mod:`prunellm.offload`, holds one layer's at a time).
     """
-    layers = decoder_layers(model)
     batches = batches_of(input_ids, batch_size)
-    n_batches = len(batches)
-    stats = Stats(grad_batches=n_batches)
-    # (param, layer, kind, slice, is_bias) for every sliced weight and bias
-    entries: list[tuple[nn.Parameter, UnitKey, LayerUnits, object, bool]] = []
-    for unit in units:
-        for s in unit.slices:
-            linear = get_module(layers[unit.layer], s.module)
-            entries.append((linear.weight, (unit.layer, unit.kind), unit, s, False))
-            if s.dim == 0 and linear.bias is not None:
-                entries.append((linear.bias, (unit.layer, unit.kind), unit, s, True))
-    need_grad_acc = bool(terms & {"first", "mix"}) and n_batches > 1
-    need_fisher_acc = "mix" in terms
-    grad_acc: dict[int, torch.Tensor] = {}
-    fisher_acc: dict[int, torch.Tensor] = {}
-    by_param = {id(p): (p, key, unit, s, is_bias) for p, key, unit, s, is_bias in entries}
-
-    def add(table: dict[UnitKey, torch.Tensor], key: UnitKey, value: torch.Tensor) -> None:
-        value = value.cpu()
-        table[key] = table[key] + value if key in table else value
-
-    def reduce(values: torch.Tensor, unit: LayerUnits, s, is_bias: bool) -> torch.Tensor:
-        return reduce_to_units(values, s, unit.count, is_bias)
-
-    def on_grad(p: torch.Tensor) -> None:
-        _, key, unit, s, is_bias = by_param[id(p)]
-        g = p.grad.detach().float()
-        if not torch.isfinite(g).all():
-            raise PrunellmError(
-                f"non-finite gradient in layer {key[0]} ({s.module}): run in float32 (--dtype float32) or bfloat16"
-            )
-        w = p.detach().float()
-        if need_grad_acc:
-            if id(p) in grad_acc:
-                grad_acc[id(p)].add_(g)
-            else:
-                grad_acc[id(p)] = g.clone()
-        elif "first" in terms or "mix" in terms:  # a single micro-batch: G is this gradient
-            if "first" in terms:
-                add(stats.taylor_first, key, reduce((w * g).abs(), unit, s, is_bias))
-            if "mix" in terms:
-                grad_acc[id(p)] = g.clone()
-        if "second" in terms:
-            add(stats.taylor_second, key, reduce(0.5 * w.pow(2) * g.pow(2), unit, s, is_bias) / n_batches)
-        if need_fisher_acc:
-            sq = g.pow(2)
-            if id(p) in fisher_acc:
-                fisher_acc[id(p)].add_(sq)
-            else:
-                fisher_acc[id(p)] = sq
-        p.grad = None  # freed as soon as it is reduced
-
-    params = [p for p, *_ in entries]
+    stats = Stats(grad_batches=len(batches))
+    reducer = GradientReducer(decoder_layers(model), units, terms, len(batches), stats)
+    params = [p for p, *_ in reducer.parameters()]
     device = input_device(model)
     was_training = model.training
     losses = []
     with _only_sliced_params_require_grad(model, params):
-        handles = [p.register_post_accumulate_grad_hook(on_grad) for p in params]
+        handles = reducer.hook()
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.train()  # transformers only checkpoints in training mode; dropout-free models are unaffected
@@ -245,11 +303,7 @@ def collect_gradient_stats(
             for index, batch in enumerate(tqdm(batches, desc="gradient statistics", leave=False)):
                 batch = batch.to(device)
                 loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-                if not torch.isfinite(loss):
-                    raise PrunellmError(
-                        f"non-finite calibration loss at micro-batch {index}: run in float32 (--dtype float32)"
-                    )
-                losses.append(loss.item())
+                losses.append(check_loss(loss, index))
                 loss.backward()
                 stats.grad_tokens += batch.numel()
         finally:
@@ -259,16 +313,5 @@ def collect_gradient_stats(
                 model.gradient_checkpointing_disable()
             model.train(was_training)
     stats.mean_loss = sum(losses) / len(losses)
-    # finish the terms that needed the accumulated gradient G (mean over micro-batches)
-    for pid, acc in grad_acc.items():
-        p, key, unit, s, is_bias = by_param[pid]
-        w = p.detach().float()
-        mean_g = acc / n_batches if need_grad_acc else acc
-        if "first" in terms and need_grad_acc:
-            add(stats.taylor_first, key, reduce((w * mean_g).abs(), unit, s, is_bias))
-        if "mix" in terms:
-            fisher = fisher_acc[pid] / n_batches
-            add(stats.taylor_mix, key, reduce((w * mean_g - 0.5 * w.pow(2) * fisher).abs(), unit, s, is_bias))
-    grad_acc.clear()
-    fisher_acc.clear()
+    reducer.finish()
     return stats

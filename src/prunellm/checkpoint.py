@@ -67,15 +67,20 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None
     return out_dir
 
 
-def load_pruned(path: str | Path, dtype: DType = "float32", device: str = "cpu") -> PreTrainedModel:
-    """Load a prunellm checkpoint (per-layer widths or standard) with prunellm's own copy of the modeling code."""
-    path = Path(path)
-    config = AutoConfig.from_pretrained(path)
+def model_class(config, path: str | Path = "") -> type[PreTrainedModel]:
+    """The class that builds ``config``: its transformers architecture, with per-layer widths when it has them."""
     base_name = (config.architectures or [""])[0].removeprefix("Pruned")
     base = getattr(transformers, base_name, None)
     if base is None:
         raise PrunellmError(f"'{path}' names architecture '{base_name}', which this transformers does not have")
-    cls = pruned_class(base) if getattr(config, PRUNED_LAYERS_KEY, None) else base
+    return pruned_class(base) if getattr(config, PRUNED_LAYERS_KEY, None) else base
+
+
+def load_pruned(path: str | Path, dtype: DType = "float32", device: str = "cpu") -> PreTrainedModel:
+    """Load a prunellm checkpoint (per-layer widths or standard) with prunellm's own copy of the modeling code."""
+    path = Path(path)
+    config = AutoConfig.from_pretrained(path)
+    cls = model_class(config, path)
     kwargs: dict = {"dtype": torch_dtype(dtype)}
     if device == "auto":
         kwargs["device_map"] = "auto"

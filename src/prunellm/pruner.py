@@ -23,6 +23,7 @@ from .data import describe_source, sample_calibration, tensor_hash
 from .errors import PrunellmError
 from .evaluation import evaluate, save_results
 from .models import check_context, load_model, load_tokenizer
+from .offload import load_lazy, offloaded_stats
 from .layers import (
     allocate_rates,
     choose_layers_to_remove,
@@ -112,6 +113,17 @@ def collect_stats(model: nn.Module, calibration: torch.Tensor | None, units: lis
     return Stats()
 
 
+def offloaded_run_stats(recipe: PruneRecipe, run: RunOptions, calibration, units: list[LayerUnits], options: CriterionOptions):
+    """``--offload``: score from the checkpoint's shards, one decoder layer on ``--device`` at a time."""
+    if run.device == "auto":
+        raise PrunellmError("--offload runs one layer at a time on one device: use --device cpu, cuda or cuda:N, not auto")
+    lazy = load_lazy(recipe.base_model, dtype=run.dtype)
+    return offloaded_stats(
+        lazy, calibration, units, recipe.importance_method, device=run.device, batch_size=recipe.gradient_batch_size,
+        offload_dir=run.offload_dir, options=options,
+    )  # fmt: skip
+
+
 def compute_priors(
     model: nn.Module, tokenizer, recipe: PruneRecipe, run: RunOptions, out: Path
 ) -> dict[UnitKey, float] | None:
@@ -182,8 +194,12 @@ def score_and_plan(
             hash=tensor_hash(calibration),
         )
     started = time.perf_counter()
-    stats = collect_stats(model, calibration, units, recipe)
-    scores = criterion.score(model, units, stats, CriterionOptions(seed=run.seed, magnitude_norm=recipe.magnitude_norm))
+    options = CriterionOptions(seed=run.seed, magnitude_norm=recipe.magnitude_norm)
+    if run.offload:  # the same scores with one layer of the checkpoint on the device at a time
+        scores, stats = offloaded_run_stats(recipe, run, calibration, units, options)
+    else:
+        stats = collect_stats(model, calibration, units, recipe)
+        scores = criterion.score(model, units, stats, options)
     calibration_info["scoring_seconds"] = round(time.perf_counter() - started, 3)
     priors = compute_priors(model, tokenizer, recipe, run, out)
     values = normalized_values(units, scores, recipe.normalization, priors)
@@ -297,6 +313,8 @@ def write_layer_importance(out: Path, method: str, scores: list[float], rates: l
 
 def prune_layers(recipe: LayersRecipe, run: RunOptions, eval_options: EvalOptions | None = None, argv: list[str] | None = None) -> PruneResult:
     """Depth pruning: remove whole decoder layers, into ``<output_dir>/<output_name>/`` (standard HF checkpoint)."""
+    if run.offload:
+        raise PrunellmError("--offload scores units for prunellm prune; prunellm layers runs in memory: leave --offload out")
 
     def make_plan(model: nn.Module, tokenizer, tmp: Path) -> tuple[Plan, list[dict]]:
         n_layers = len(decoder_layers(model))

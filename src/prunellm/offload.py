@@ -1,0 +1,394 @@
+"""Scoring models larger than memory: one decoder layer on the compute device at a time.
+
+The model is a skeleton whose parameters are meta tensors (:func:`load_lazy`, nothing read) or a model in host
+memory; each decoder layer's tensors are put on the compute device when the layer is needed (read from the
+safetensors shards with ``safe_open``, or copied from host memory) and dropped after it. The calibration windows
+go through the layers one layer at a time, every layer's input hidden states kept (in memory or in
+``offload_dir``):
+
+* activation and weight criteria (``wanda``, ``magnitude``) record their statistics and score a layer while it is
+  on the device, in the forward sweep;
+* gradient criteria (``taylor``, ``taylor_2nd``, ``taylor_mix``) are exact: the loss is HF's mean token loss of
+  each micro-batch (labels = inputs, shifted), computed at the top from the final norm and the LM head in chunks of
+  tokens so the (tokens × vocab) logits never exist whole; the backward sweep then goes down the layers,
+  recomputing each layer from its stored input, propagating dL/dhidden for every micro-batch, and reducing the
+  layer's weight gradients to per-unit terms with the in-memory pass's own reducer
+  (:class:`~prunellm.calibration.GradientReducer`): G is the gradient averaged over all micro-batches, accumulated
+  for one layer at a time, never for the whole model.
+
+Memory: one layer's weights and float32 gradient accumulators, the embedding or head while they run, one logits
+chunk, and the hidden states of every layer boundary (``offload_dir``: on disk instead).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import tempfile
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import rss
+from .calibration import (
+    GradientReducer,
+    Stats,
+    UnitKey,
+    activation_hooks,
+    batches_of,
+    capture_block_inputs,
+    check_loss,
+    run_block,
+)
+from .criteria import CriterionOptions, get_criterion
+from .dtypes import DType, torch_dtype
+from .errors import PrunellmError
+from .specs import spec_for
+from .units import LayerUnits, decoder_layers, get_module
+
+log = logging.getLogger(__name__)
+
+LOGITS_CHUNK_BYTES = 16 * 2**20  # float32 logits of one chunk of tokens at the top (× ~3 with softmax and gradient)
+
+
+class SafetensorsWeights:
+    """The tensors of a model directory's safetensors shards, read lazily by name (``safe_open``: only the bytes
+    asked for are read; each file is opened per read and closed, so no mapping outlives it)."""
+
+    def __init__(self, folder: str | Path, flag: str = "--base_model") -> None:
+        folder = Path(folder)
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: folder / file for name, file in weight_map.items()}
+        elif (folder / "model.safetensors").is_file():
+            from safetensors import safe_open
+
+            with safe_open(folder / "model.safetensors", framework="pt") as f:
+                self.files = dict.fromkeys(f.keys(), folder / "model.safetensors")
+        else:
+            raise PrunellmError(
+                f"{flag} '{folder}' has no model.safetensors(.index.json): --offload reads safetensors shards; "
+                "re-save the model with save_pretrained (safe_serialization) or run without --offload"
+            )
+        self.folder = folder
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def read(self, names: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        """The named tensors on ``device`` (one ``safe_open`` per shard touched)."""
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.files[name], []).append(name)
+        out = {}
+        target = "cpu" if device.type == "cpu" else str(device)
+        for file, file_names in by_file.items():
+            with safe_open(file, framework="pt", device=target) as f:
+                for name in file_names:
+                    out[name] = f.get_tensor(name)
+        return out
+
+
+# lazily loaded skeletons -> where their weights are (no state on the modules themselves)
+_WEIGHTS: weakref.WeakKeyDictionary[nn.Module, SafetensorsWeights] = weakref.WeakKeyDictionary()
+
+
+def load_lazy(ref: str, *, dtype: DType = "float32", flag: str = "--base_model") -> nn.Module:
+    """A causal LM whose parameters stay in its safetensors shards (meta tensors) until a layer is needed.
+
+    Units, parameter counts, :func:`prunellm.select` and Plans work on it as on the loaded model; scoring with
+    ``prunellm.score(model, ids, offload=True)`` reads one decoder layer at a time. Buffers (rotary frequencies)
+    are real. ``ref``: ``smollm2-135m`` (its converted cache folder), a local model directory or a cached hub id.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    from .checkpoint import model_class
+    from .models import resolve_model_path
+
+    path = resolve_model_path(ref, flag)
+    if not Path(path).is_dir():
+        raise PrunellmError(f"{flag} '{ref}' is not on this machine: --offload reads a local model directory; download it first")
+    weights = SafetensorsWeights(path, flag)
+    config = AutoConfig.from_pretrained(path)
+    spec_for(config)  # refuse unknown families before any work
+    with init_empty_weights(include_buffers=False):
+        model = model_class(config)._from_config(config, dtype=torch_dtype(dtype))
+    model.tie_weights()  # the skeleton counts a tied head once, as the loaded model does
+    model.eval()
+    _WEIGHTS[model] = weights
+    return model
+
+
+def is_lazy(model: nn.Module) -> bool:
+    """Whether ``model`` is a skeleton from :func:`load_lazy` (its weights are on disk)."""
+    return model in _WEIGHTS
+
+
+class Onloader:
+    """Puts one module's parameters on the compute device, and takes them off again.
+
+    From disk (a :func:`load_lazy` skeleton) the tensors are read from the shards and the meta parameters are
+    put back after; from host memory they are copied to the device (or used as they are when already there).
+    Either way the module holds fresh ``Parameter`` objects while on the device and its own ones after.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        self.model, self.device = model, device
+        self.weights = _WEIGHTS.get(model)
+        self.names = {id(m): name for name, m in model.named_modules(remove_duplicate=False)}
+        spec = spec_for(model.config)
+        # a tied head has no tensor of its own in the shards: it reads the embedding's
+        self.aliases = {f"{spec.lm_head}.weight": f"{spec.embed}.weight"}
+        tied = getattr(model, "_tied_weights_keys", None)
+        if isinstance(tied, dict):
+            self.aliases.update(tied)
+
+    def _key(self, name: str) -> str:
+        if self.weights is None or name in self.weights:
+            return name
+        alias = self.aliases.get(name)
+        if alias is not None and alias in self.weights:
+            return alias
+        raise PrunellmError(f"'{self.weights.folder}' holds no tensor '{name}': the shards do not match config.json")
+
+    @contextlib.contextmanager
+    def onloaded(self, *modules: nn.Module) -> Iterator[None]:
+        """The parameters of ``modules`` on the compute device for the duration of the block."""
+        slots = []  # (module, parameter name, its own parameter, full name)
+        for module in modules:
+            for sub in module.modules():
+                for pname, p in sub._parameters.items():
+                    if p is not None:
+                        slots.append((sub, pname, p, f"{self.names[id(sub)]}.{pname}".lstrip(".")))
+        if self.weights is not None:
+            keys = {full: self._key(full) for *_, full in slots}
+            loaded = self.weights.read(sorted(set(keys.values())), self.device)
+        try:
+            for sub, pname, p, full in slots:
+                data = loaded[keys[full]] if self.weights is not None else p.detach()
+                sub._parameters[pname] = nn.Parameter(data.to(self.device, p.dtype), requires_grad=False)
+            if self.weights is not None:
+                del loaded
+            yield
+        finally:
+            for sub, pname, p, _ in slots:
+                sub._parameters[pname] = p
+            if self.device.type == "cpu":
+                rss.trim_heap()  # freed layers go back to the OS, not to the next layer's peak
+
+
+class HiddenStore:
+    """The hidden states entering each layer, one tensor per micro-batch: in memory, or one safetensors file per
+    layer under ``folder`` (written through a temporary name and renamed)."""
+
+    def __init__(self, folder: str | Path | None) -> None:
+        self.folder = None if folder is None else Path(folder)
+        self.memory: dict[int, list[torch.Tensor]] = {}
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+
+    def _file(self, layer: int) -> Path:
+        return self.folder / f"hidden_{layer:05d}.safetensors"
+
+    def put(self, layer: int, hidden: list[torch.Tensor]) -> None:
+        if self.folder is None:
+            self.memory[layer] = [h.cpu() for h in hidden]
+            return
+        from safetensors.torch import save_file
+
+        tmp = self._file(layer).with_suffix(".tmp")
+        save_file({str(i): h.detach().cpu().contiguous() for i, h in enumerate(hidden)}, str(tmp))
+        tmp.replace(self._file(layer))
+
+    def pop(self, layer: int) -> list[torch.Tensor]:
+        if self.folder is None:
+            return self.memory.pop(layer)
+        from safetensors.torch import load
+
+        file = self._file(layer)
+        tensors = load(file.read_bytes())  # read into memory, then the file goes
+        file.unlink()
+        return [tensors[str(i)] for i in range(len(tensors))]
+
+
+def _head_loss_and_grad(head: nn.Module, normed: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF's causal-LM loss of one micro-batch (mean over the B·(T−1) shifted tokens, logits upcast to float32) and
+    its gradient with respect to the final-norm output, in chunks of tokens.
+
+    normed: (B, T, H) final-norm output (detached); ids: (B, T) the labels. Returns (loss, dL/dnormed (B, T, H)).
+    """
+    batch, length, width = normed.shape
+    x = normed[:, :-1].reshape(-1, width)  # (n, H): position t predicts token t + 1
+    targets = ids[:, 1:].reshape(-1).to(normed.device)
+    n = targets.numel()
+    vocab = head.weight.shape[0]
+    chunk = max(1, LOGITS_CHUNK_BYTES // (4 * vocab))
+    grad_x = torch.empty_like(x)
+    total = torch.zeros((), dtype=torch.float32, device=normed.device)
+    for start in range(0, n, chunk):
+        xc = x[start : start + chunk].detach().requires_grad_()
+        with torch.enable_grad():
+            logits = head(xc).float()  # (chunk, V)
+            summed = F.cross_entropy(logits, targets[start : start + chunk], reduction="sum")
+            (summed / n).backward()
+        grad_x[start : start + chunk] = xc.grad
+        total += summed.detach()
+        del logits, summed, xc
+    grad = torch.zeros_like(normed)
+    grad[:, :-1] = grad_x.view(batch, length - 1, width)
+    return total / n, grad
+
+
+def _buffers_on(model: nn.Module, device: torch.device) -> dict:
+    """Move every buffer (rotary frequencies) to ``device``; returns what to put back."""
+    before = {}
+    for module in model.modules():
+        for name, buf in module._buffers.items():
+            if buf is not None and buf.device != device:
+                before[(module, name)] = buf
+                module._buffers[name] = buf.to(device)
+    return before
+
+
+def offloaded_stats(
+    model: nn.Module,
+    calibration: torch.Tensor | None,
+    units: list[LayerUnits],
+    criterion: str,
+    *,
+    device: str | torch.device = "cpu",
+    batch_size: int = 4,
+    offload_dir: str | Path | None = None,
+    options: CriterionOptions | None = None,
+) -> tuple[dict[UnitKey, torch.Tensor], Stats]:
+    """Score ``units`` by ``criterion`` with one decoder layer on ``device`` at a time; returns (scores, Stats).
+
+    ``model`` is a :func:`load_lazy` skeleton (weights read from its shards) or a model in host memory (layers
+    copied to ``device`` one at a time). Scores equal the in-memory pass's up to float rounding.
+    """
+    crit = get_criterion(criterion, flag="criterion")
+    options = options or CriterionOptions()
+    device = torch.device(device)
+    needs = crit.needs
+    if needs & {"gradients", "activations"} and calibration is None:
+        raise PrunellmError(f"criterion '{criterion}' needs calibration windows: pass calibration=calibrate(tokenizer, ...)")
+    spec = spec_for(model.config)
+    layers = decoder_layers(model, spec)
+    onloader = Onloader(model, device)
+    by_layer: dict[int, list[LayerUnits]] = {}
+    for unit in units:
+        by_layer.setdefault(unit.layer, []).append(unit)
+    stats = Stats()
+    scores: dict[UnitKey, torch.Tensor] = {}
+
+    def score_layer(index: int) -> None:  # while the layer is on the device: criteria may read its weights
+        layer_units = by_layer.get(index, [])
+        if layer_units:
+            values = crit.score(model, layer_units, stats, options)
+            scores.update({key: value for key, value in values.items() if key[0] == index})
+
+    if not needs & {"gradients", "activations"}:  # weights only: no data
+        for index in tqdm(range(len(layers)), desc="offloaded scoring", unit="layer", leave=False):
+            if index in by_layer:
+                with onloader.onloaded(layers[index]):
+                    score_layer(index)
+        return scores, stats
+
+    batches = batches_of(calibration, batch_size)
+    gradients = "gradients" in needs
+    restore = _buffers_on(model, device)
+    scratch = None
+    if gradients and offload_dir is not None:  # a private folder inside it, removed at the end
+        Path(offload_dir).mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix="prunellm-hidden-", dir=offload_dir))
+    store = HiddenStore(scratch)
+    try:
+        log.info("offloaded %s scoring: %d layers one at a time on %s, %d micro-batches", criterion, len(layers), device, len(batches))
+        with torch.no_grad(), onloader.onloaded(get_module(model, spec.embed)):
+            captured = [capture_block_inputs(model, layers, batch.to(device)) for batch in batches]
+        stats.act_tokens = 0 if gradients else sum(b.numel() for b in batches)
+        hidden = [first for first, _ in captured]
+        kwargs = [per_layer for _, per_layer in captured]
+        del captured
+        lowest = min(by_layer, default=0)  # the backward sweep stops at the lowest scored layer
+        # forward sweep: each layer's input kept for the backward sweep; activation criteria score here
+        for index in tqdm(range(len(layers)), desc="offloaded forward", unit="layer", leave=False):
+            if gradients and index >= lowest:
+                store.put(index, hidden)
+            elif index > max(by_layer, default=-1):
+                break  # nothing above is scored
+            with onloader.onloaded(layers[index]):
+                handles = [] if gradients else activation_hooks(layers, by_layer.get(index, []), stats)
+                try:
+                    with torch.no_grad():
+                        hidden = [run_block(layers[index], h.to(device), kw[index]) for h, kw in zip(hidden, kwargs)]
+                finally:
+                    for handle in handles:
+                        handle.remove()
+                if not gradients:
+                    score_layer(index)
+        if gradients:
+            _backward_sweep(model, spec, layers, onloader, store, hidden, kwargs, batches, units, crit, stats, score_layer, device)
+    finally:
+        for (module, name), buf in restore.items():
+            module._buffers[name] = buf
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return scores, stats
+
+
+def _backward_sweep(model, spec, layers, onloader: Onloader, store: HiddenStore, hidden, kwargs, batches, units, crit, stats: Stats, score_layer, device) -> None:
+    """The loss at the top, then down the layers: recompute each from its stored input, propagate dL/dhidden per
+    micro-batch, reduce the layer's weight gradients (accumulated over all micro-batches) to per-unit terms."""
+    n_batches = len(batches)
+    stats.grad_batches = n_batches
+    reducer = GradientReducer(layers, units, set(crit.taylor_terms), n_batches, stats)
+    losses, upstream = [], []
+    norm, head = get_module(model, spec.final_norm), get_module(model, spec.lm_head)
+    with onloader.onloaded(norm, head):
+        for index, (h, batch) in enumerate(zip(hidden, batches)):
+            h = h.to(device).requires_grad_()
+            with torch.enable_grad():
+                normed = norm(h)  # (B, T, H)
+            loss, grad = _head_loss_and_grad(head, normed.detach(), batch)
+            losses.append(check_loss(loss, index))
+            normed.backward(grad)
+            upstream.append(h.grad)
+            stats.grad_tokens += batch.numel()
+    hidden.clear()  # the last layer's outputs are not needed below the top
+    stats.mean_loss = sum(losses) / len(losses)
+    lowest = min((u.layer for u in units), default=0)
+    for index in tqdm(range(len(layers) - 1, lowest - 1, -1), desc="offloaded backward", unit="layer", leave=False):
+        inputs = store.pop(index)
+        with onloader.onloaded(layers[index]):
+            for p, *_ in reducer.parameters(index):
+                p.requires_grad_(True)
+            handles = reducer.hook(index)
+            try:
+                for b, (h, kw) in enumerate(zip(inputs, kwargs)):
+                    h = h.to(device)
+                    if index > lowest:
+                        h.requires_grad_()
+                    with torch.enable_grad():
+                        out = run_block(layers[index], h, kw[index])
+                        if out.requires_grad:
+                            out.backward(upstream[b])
+                    upstream[b] = h.grad if index > lowest else None
+                    del out
+            finally:
+                for handle in handles:
+                    handle.remove()
+            reducer.finish()
+            score_layer(index)
+        del inputs

@@ -1,0 +1,103 @@
+"""Offloaded scoring (one decoder layer at a time, weights read from the safetensors shards) gives the in-memory
+pass's scores and the identical plan, on every family; the skeleton never holds weights; the CLI flag too."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import calibration_ids, make_tiny_model
+
+import prunellm as pl
+from prunellm.api import Scores
+from prunellm.errors import PrunellmError
+from prunellm.offload import load_lazy
+from prunellm.units import count_parameters
+
+CRITERIA = ("taylor", "taylor_2nd", "wanda")
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """family -> (in-memory tiny model, its save_pretrained folder)."""
+    root = tmp_path_factory.mktemp("offload")
+    models = {}
+
+    def get(family: str):
+        if family not in models:
+            model = make_tiny_model(family, num_hidden_layers=3)
+            model.save_pretrained(root / family)
+            models[family] = (model, root / family)
+        return models[family]
+
+    return get
+
+
+def _assert_same(offloaded: Scores, reference: Scores) -> None:
+    assert set(offloaded.scores) == set(reference.scores)
+    for key, value in reference.scores.items():
+        torch.testing.assert_close(offloaded.scores[key], value, rtol=1e-4, atol=1e-7 * float(value.abs().max()))
+
+
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_offloaded_from_disk_matches_in_memory_scores_and_plan(family, criterion, saved):
+    model, folder = saved(family)
+    ids = calibration_ids(model.config.vocab_size, n=12, length=16, seed=7)
+    reference = pl.score(model, ids, criterion, batch_size=4)
+    lazy = load_lazy(str(folder))
+    assert count_parameters(lazy) == count_parameters(model)
+    offloaded = pl.score(lazy, ids, criterion, batch_size=4, offload=True)
+    _assert_same(offloaded, reference)
+    if criterion != "wanda":
+        assert offloaded.stats.mean_loss == pytest.approx(reference.stats.mean_loss, rel=1e-6)
+    assert pl.select(lazy, offloaded, 0.2).layers == pl.select(model, reference, 0.2).layers
+    assert all(p.device.type == "meta" for p in lazy.parameters())  # every layer went back to the shards
+
+
+def test_hidden_states_on_disk_and_a_model_in_host_memory(saved, tmp_path):
+    model, folder = saved("qwen3")
+    ids = calibration_ids(model.config.vocab_size, n=12, length=16, seed=3)
+    reference = pl.score(model, ids, "taylor_2nd", batch_size=5, layers=[1, 2])  # uneven last micro-batch
+    on_disk = pl.score(load_lazy(str(folder)), ids, "taylor_2nd", batch_size=5, layers=[1, 2], offload_dir=tmp_path / "h")
+    _assert_same(on_disk, reference)
+    assert list((tmp_path / "h").iterdir()) == []  # scratch files are removed
+    host = pl.score(model, ids, "taylor_2nd", batch_size=5, layers=[1, 2], offload=True)
+    _assert_same(host, reference)
+    assert all(p.device.type == "cpu" and p.grad is None for p in model.parameters())
+
+
+def test_weight_criteria_and_taylor_mix_offloaded(saved):
+    model, folder = saved("llama")
+    ids = calibration_ids(model.config.vocab_size, n=8, length=16, seed=1)
+    lazy = load_lazy(str(folder))
+    for criterion in ("magnitude", "taylor_mix"):
+        _assert_same(pl.score(lazy, ids, criterion, batch_size=4), pl.score(model, ids, criterion, batch_size=4))
+
+
+def test_a_folder_without_safetensors_is_refused(tmp_path):
+    model = make_tiny_model("llama")
+    model.config.save_pretrained(tmp_path)
+    with pytest.raises(PrunellmError, match="--offload reads safetensors"):
+        load_lazy(str(tmp_path))
+
+
+def test_cli_offload_gives_the_same_plan(tmp_path):
+    from prunellm.cli import main
+    from prunellm.models import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m")
+    model = make_tiny_model("llama", num_hidden_layers=3, vocab_size=len(tokenizer))
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join("the king and the queen walked to the castle while the people sang".split() * 200))
+    plans = {}
+    for name, extra in (("memory", []), ("offload", ["--offload"]), ("disk", ["--offload", "--offload_dir", str(tmp_path / "h")])):
+        args = ["prune", "--base_model", str(tmp_path / "tiny"), "--output_dir", str(tmp_path / "results"), "--output_name", name,
+                "--dataset", str(text), "--taylor_num_samples", "8", "--taylor_seq_len", "32", "--gradient_batch_size", "4",
+                "--pruning_ratio", "0.02", "--reconstruct", "none", "--importance_method", "taylor", *extra]  # fmt: skip
+        assert main(args) == 0
+        plans[name] = json.loads((tmp_path / "results" / name / "plan.json").read_text())
+    assert plans["offload"]["layers"] == plans["memory"]["layers"] == plans["disk"]["layers"]
+    assert plans["offload"]["params_after"] == plans["memory"]["params_after"]
