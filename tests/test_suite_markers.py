@@ -10,10 +10,11 @@ import sys
 from conftest import REPO
 
 # every test that loads the real SmolLM2-135M weights (not just its tokenizer)
-REAL_MODEL_FILES = {"tests/test_real_model.py", "tests/test_finetune_real.py"}
+REAL_MODEL_FILES = {"tests/test_real_model.py", "tests/test_finetune_real.py", "tests/test_export_real.py"}
 REAL_MODEL_TESTS = {
     "tests/test_models.py::test_converted_model_matches_gguf_logits",
     "tests/test_zeroshot.py::test_smollm2_scores_the_local_tasks_above_chance_where_it_can",
+    "tests/test_api.py::test_api_on_smollm2_evaluates_a_valid_results_document",
 }
 # one collection of the default run, each test with whether `-m real_model` selects it
 COLLECT = """

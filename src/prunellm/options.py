@@ -420,3 +420,16 @@ class FinetuneOptions(_Options):
     finetune_resume_from_checkpoint: str | None = Field(
         None, description="continue an interrupted run's fine-tuning: 'last' or a checkpoint-N folder of <output_name>.finetune_checkpoints"
     )
+
+
+class ExportOptions(_Options):
+    """What to export, in which serving format, and where."""
+
+    model: str = Field("smollm2-135m", description="a prunellm results folder, a model directory, smollm2-135m, or a hub id")
+    format: Literal["gguf", "vllm"] = Field(
+        "gguf", description="gguf: one file for llama.cpp / Ollama; vllm: a nemotron-nas folder (config + safetensors) for vLLM"
+    )
+    output: str = Field("export", description="folder that receives the exported model")
+    outtype: Literal["f32", "f16", "q8_0"] = Field(
+        "f16", description="weight matrices as f32, f16 or q8_0 (q8_0: gguf only; norms and biases stay f32)"
+    )
