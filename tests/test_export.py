@@ -206,3 +206,157 @@ def test_cli_refuses_q8_0_for_vllm_in_one_line(tmp_path, capsys):
     assert main(["export", "--model", str(tmp_path), "--format", "vllm", "--outtype", "q8_0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --outtype q8_0") and "\n" not in err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# vLLM: nemotron-nas folders (structure here; an actual vLLM run where .venv-vllm exists)
+
+REPO_VLLM_PYTHON = __import__("conftest").REPO / ".venv-vllm" / "bin" / "python"
+HAS_VLLM = any((__import__("conftest").REPO / ".venv-vllm").glob("lib/python*/site-packages/vllm/__init__.py"))
+
+
+def vllm_plan() -> dict:
+    """Uneven MLP widths, layer 1 without attention, layer 2 without MLP: what nemotron-nas expresses."""
+    return {(0, "mlp_channel"): list(range(0, 96, 2)), (1, "kv_group"): [], (2, "mlp_channel"): []}
+
+
+def test_vllm_export_writes_nemotron_nas_block_configs_and_weights(tokenizer, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from prunellm.export.vllm import export_vllm
+
+    model = tiny("llama", tokenizer, num_hidden_layers=3)
+    prune_units(model, vllm_plan())
+    folder = export_vllm(model, tokenizer, tmp_path / "vllm", "f32")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "nemotron-nas" and config["architectures"] == ["DeciLMForCausalLM"]
+    assert config["block_configs"] == [
+        {"attention": {"no_op": False, "n_heads_in_group": 2}, "ffn": {"no_op": False, "intermediate_size": 48}},
+        {"attention": {"no_op": True}, "ffn": {"no_op": False, "intermediate_size": 96}},
+        {"attention": {"no_op": False, "n_heads_in_group": 2}, "ffn": {"no_op": True}},
+    ]
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (4, 2, 16)
+    assert config["attention_bias"] and config["qkv_bias"] and config["mlp_bias"] and config["tie_word_embeddings"]
+    state = load_file(str(folder / "model.safetensors"))
+    assert not any(k.startswith("model.layers.1.self_attn") or k == "model.layers.1.input_layernorm.weight" for k in state)
+    assert not any(k.startswith("model.layers.2.mlp") or k == "model.layers.2.post_attention_layernorm.weight" for k in state)
+    assert state["model.layers.0.mlp.gate_proj.weight"].shape == (48, 64)
+    assert state["model.layers.0.mlp.down_proj.weight"].shape == (64, 48)
+    assert torch.equal(state["model.layers.0.self_attn.q_proj.bias"], model.model.layers[0].self_attn.q_proj.bias)
+    assert "lm_head.weight" not in state
+    n_params = sum(p.numel() for p in model.parameters())
+    unused_norms = 2 * 64  # the norms in front of the removed attention (layer 1) and MLP (layer 2)
+    assert sum(t.numel() for t in state.values()) == n_params - unused_norms  # every other parameter once
+    loaded = AutoConfig.from_pretrained(folder, trust_remote_code=True)  # what vLLM reads: attributes, not dicts
+    assert loaded.block_configs[1].attention.no_op and loaded.block_configs[0].ffn.intermediate_size == 48
+    assert loaded.to_dict()["block_configs"] == config["block_configs"]
+
+
+def test_vllm_export_refuses_partial_attention_naming_the_layer(tokenizer, tmp_path):
+    from prunellm.export.vllm import export_vllm
+
+    model = tiny("llama", tokenizer)
+    prune_units(model, {(1, "kv_group"): [0]})
+    with pytest.raises(PrunellmError, match="layer 1 keeps 2 of 4 query heads") as info:
+        export_vllm(model, tokenizer, tmp_path / "vllm")
+    assert "--deploy_target vllm" in str(info.value) and not (tmp_path / "vllm").exists()
+
+
+def test_vllm_export_refuses_qwen3(tokenizer, tmp_path):
+    from prunellm.export.vllm import export_vllm
+
+    model = tiny("qwen3", tokenizer)
+    prune_units(model, {(0, "mlp_channel"): list(range(50))})
+    with pytest.raises(PrunellmError, match="'qwen3'"):
+        export_vllm(model, tokenizer, tmp_path / "vllm")
+
+
+def test_vllm_export_of_a_uniform_model_is_the_standard_architecture(tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from prunellm.export.vllm import export_vllm
+
+    model = tiny("qwen2", tokenizer, num_hidden_layers=3)
+    remove_layers(model, [2])
+    prune_units(model, {(i, "mlp_channel"): list(range(64)) for i in range(2)})
+    folder = export_vllm(model, tokenizer, tmp_path / "vllm", "f32")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2ForCausalLM"] and "auto_map" not in config
+    reloaded = AutoModelForCausalLM.from_pretrained(folder)  # no remote code
+    ids = torch.tensor([tokenizer(PROMPT)["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+    assert next(model.parameters()).dtype == torch.float32
+
+
+VLLM_GENERATE = """
+import json, sys
+from vllm import LLM, SamplingParams
+folder, ids, n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+llm = LLM(model=folder, trust_remote_code=True, dtype="float32", max_model_len=128, enforce_eager=True, seed=0)
+out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+print("TOKENS" + json.dumps(list(out[0].outputs[0].token_ids)))
+"""
+
+
+@pytest.mark.skipif(not HAS_VLLM, reason="vLLM runs in .venv-vllm: scripts/setup_vllm.sh")
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_vllm_serves_the_nemotron_nas_export_like_transformers(family, tokenizer, tmp_path):
+    import subprocess
+
+    from prunellm.export.vllm import export_vllm
+
+    model = tiny(family, tokenizer, num_hidden_layers=3)
+    prune_units(model, vllm_plan())
+    folder = export_vllm(model, tokenizer, tmp_path / "vllm", "f32")
+    ids = tokenizer(PROMPT)["input_ids"]
+    env = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    done = subprocess.run([str(REPO_VLLM_PYTHON), "-c", VLLM_GENERATE, str(folder), json.dumps(ids), "16"],
+                          capture_output=True, text=True, timeout=900, env=env)  # fmt: skip
+    line = next((x for x in done.stdout.splitlines() if x.startswith("TOKENS")), None)
+    assert line is not None, (done.stdout + done.stderr)[-4000:]
+    assert json.loads(line.removeprefix("TOKENS")) == transformers_greedy(model, ids, 16)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# prune --deploy_target vllm: only what nemotron-nas serves
+
+
+def test_whole_attention_selection_takes_all_kv_groups_of_a_layer_or_none():
+    from prunellm.selection import SelectionConstraints, normalized_values, select_global
+    from prunellm.units import all_units, count_parameters
+
+    model = make_tiny_model("llama", num_hidden_layers=4)
+    units = list(all_units(model, ("kv_group", "mlp_channel")))
+    generator = torch.Generator().manual_seed(0)
+    scores = {(u.layer, u.kind): torch.rand(u.count, generator=generator) * (0.01 if u.kind == "kv_group" else 1) for u in units}
+    values = normalized_values(units, scores, "none")
+    total = count_parameters(model)
+    for min_kv, expect_empty in ((0, True), (1, False)):
+        constraints = SelectionConstraints(min_kv_groups=min_kv, whole_attention=True)
+        kept = select_global(units, values, scores, int(0.3 * total), constraints, total).kept
+        kv = [kept[(layer, "kv_group")] for layer in range(4)]
+        assert all(k in ([], [0, 1]) for k in kv)
+        assert any(k == [] for k in kv) == expect_empty  # cheap KV groups go as whole blocks, or not at all
+        assert any(len(kept[(layer, "mlp_channel")]) < 96 for layer in range(4))
+
+
+def test_prune_for_vllm_gives_a_plan_vllm_serves(tokenizer, tmp_path):
+    from prunellm.checkpoint import load_pruned
+    from prunellm.cli import main
+    from prunellm.export.vllm import export_vllm
+
+    model = tiny("llama", tokenizer, num_hidden_layers=4)
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    (tmp_path / "text.txt").write_text(" ".join(TEXT))
+    args = ["prune", "--base_model", str(tmp_path / "tiny"), "--output_dir", str(tmp_path / "results"),
+            "--dataset", str(tmp_path / "text.txt"), "--taylor_num_samples", "8", "--taylor_seq_len", "32",
+            "--pruning_ratio", "0.2", "--importance_method", "magnitude", "--deploy_target", "vllm", "--min_kv_groups", "0"]  # fmt: skip
+    assert main([*args, "--output_name", "vllm"]) == 0
+    pruned = load_pruned(tmp_path / "results" / "vllm" / "model")
+    export_vllm(pruned, tokenizer, tmp_path / "served", "f32")  # expressible: no error
+    plan = json.loads((tmp_path / "results" / "vllm" / "plan.json").read_text())
+    assert "vllm" in json.dumps(plan)  # the recipe (and so the plan) records the target
+    assert main([*args, "--output_name", "lw", "--allocation", "layerwise"]) == 2

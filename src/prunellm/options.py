@@ -181,6 +181,9 @@ class PruneRecipe(_Options):
     layer_end: int | None = Field(None, description="one past the last layer that may be pruned (default: all)")
     min_kv_groups: int = Field(1, description="KV groups every layer keeps (0 allows removing a whole attention block)")
     round_to: int = Field(1, description="kept MLP channels per layer are a multiple of N")
+    deploy_target: Literal["any", "vllm"] = Field(
+        "any", description="vllm: prune only what vLLM's nemotron-nas serves: MLP channels, whole attention blocks (with --min_kv_groups 0)"
+    )
     use_gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory)")
     reconstruct: Literal["none", "bias", "lstsq"] = Field(
         "lstsq", description="retraining-free compensation of o_proj/down_proj after pruning: none, bias (FLAP), lstsq"
