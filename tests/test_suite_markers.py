@@ -10,7 +10,9 @@ import sys
 from conftest import REPO
 
 # every test that loads the real SmolLM2-135M weights (not just its tokenizer)
-REAL_MODEL_FILES = {"tests/test_real_model.py", "tests/test_finetune_real.py", "tests/test_offload_real.py"}
+REAL_MODEL_FILES = {
+    "tests/test_real_model.py", "tests/test_finetune_real.py", "tests/test_offload_real.py", "tests/test_export_real.py",
+}
 REAL_MODEL_TESTS = {
     "tests/test_models.py::test_converted_model_matches_gguf_logits",
     "tests/test_zeroshot.py::test_smollm2_scores_the_local_tasks_above_chance_where_it_can",

@@ -2,7 +2,8 @@
 
 The public API (see :mod:`prunellm.api` for the walk-through)::
 
-    load, calibrate, score, select, prune, save_pruned, load_pruned, evaluate, FineTuner, Recipe, Plan, Scores
+    load, calibrate, score, select, prune, save_pruned, load_pruned, evaluate, FineTuner, Recipe, Plan, Scores,
+    export_model
 
 Names are imported on first use, so ``import prunellm`` stays cheap (the CLI's ``--help`` does not load torch).
 """
@@ -27,6 +28,7 @@ _PUBLIC = {
     "Scores": "api",
     "Plan": "plan",
     "FineTuner": "finetune",
+    "export_model": "export",
 }
 
 __all__ = ["__version__", *_PUBLIC]

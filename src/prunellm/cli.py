@@ -1,4 +1,4 @@
-"""``prunellm prune | layers | run | finetune | eval | report``: the command line, generated from the typed options.
+"""``prunellm prune | layers | run | finetune | eval | export | report``: the command line, generated from the typed options.
 
 Bad input exits with status 2 and one line: ``error: <what, where, what is valid>``.
 """
@@ -16,6 +16,7 @@ from .errors import PrunellmError
 from .options import (
     DistillOptions,
     EvalOptions,
+    ExportOptions,
     FinetuneData,
     FinetuneOptions,
     FinetuneTarget,
@@ -81,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("recipe_file", metavar="RECIPE.yaml", help="YAML: 'command: prune|layers' and one mapping per option group")
     finetune = commands.add_parser("finetune", help="recovery fine-tuning (LoRA or full) of a pruned model")
     add_finetune_arguments(finetune)
+    export = commands.add_parser("export", help="write a model for a serving engine: llama.cpp (GGUF) or vLLM")
+    add_options(export, ExportOptions, "export")
     report = commands.add_parser("report", help="one comparison table and charts over many run folders")
     report.add_argument("results_dirs", nargs="+", metavar="RESULTS_DIR", help="run folders holding evaluation_results.json")
     add_options(report, ReportTarget, "report")
@@ -295,6 +298,14 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_export(args: argparse.Namespace) -> int:
+    from .export import export_model
+
+    written = export_model(build_options(ExportOptions, args))
+    print(written)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``prunellm`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -312,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_report(args)
         if args.command == "finetune":
             return run_finetune(args, argv)
+        if args.command == "export":
+            return run_export(args)
         return run_eval(args)
     except PrunellmError as exc:
         print(f"error: {exc}", file=sys.stderr)

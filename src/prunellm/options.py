@@ -187,6 +187,9 @@ class PruneRecipe(_Options):
     layer_end: int | None = Field(None, description="one past the last layer that may be pruned (default: all)")
     min_kv_groups: int = Field(1, description="KV groups every layer keeps (0 allows removing a whole attention block)")
     round_to: int = Field(1, description="kept MLP channels per layer are a multiple of N")
+    deploy_target: Literal["any", "vllm"] = Field(
+        "any", description="vllm: prune only what vLLM's nemotron-nas serves: MLP channels, whole attention blocks (with --min_kv_groups 0)"
+    )
     use_gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory)")
     reconstruct: Literal["none", "bias", "lstsq"] = Field(
         "lstsq", description="retraining-free compensation of o_proj/down_proj after pruning: none, bias (FLAP), lstsq"
@@ -468,4 +471,17 @@ class FinetuneOptions(_Options):
     finetune_save_total_limit: int = Field(2, ge=1, description="checkpoints kept")
     finetune_resume_from_checkpoint: str | None = Field(
         None, description="continue an interrupted run's fine-tuning: 'last' or a checkpoint-N folder of <output_name>.finetune_checkpoints"
+    )
+
+
+class ExportOptions(_Options):
+    """What to export, in which serving format, and where."""
+
+    model: str = Field("smollm2-135m", description="a prunellm results folder, a model directory, smollm2-135m, or a hub id")
+    format: Literal["gguf", "vllm"] = Field(
+        "gguf", description="gguf: one file for llama.cpp / Ollama; vllm: a nemotron-nas folder (config + safetensors) for vLLM"
+    )
+    output: str = Field("export", description="folder that receives the exported model")
+    outtype: Literal["f32", "f16", "q8_0"] = Field(
+        "f16", description="weight matrices as f32, f16 or q8_0 (q8_0: gguf only; norms and biases stay f32)"
     )

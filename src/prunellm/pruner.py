@@ -178,6 +178,8 @@ def score_and_plan(
     :func:`reconstruction_settings`) plus the per-unit table (no surgery)."""
     spec_for(model.config)  # refuse unknown families before any work
     kinds = unit_kinds(recipe)
+    if recipe.deploy_target == "vllm" and recipe.allocation == "layerwise":
+        raise PrunellmError("--deploy_target vllm needs --allocation global (layerwise rates remove single KV groups, which vLLM cannot serve)")
     criterion = get_criterion(recipe.importance_method)
     layers = eligible_layers(recipe, len(decoder_layers(model)))
     units = [u for u in all_units(model, kinds) if u.layer in layers]
@@ -206,7 +208,8 @@ def score_and_plan(
     if recipe.allocation == "layerwise":
         selection = select_by_layer_rates(model, tokenizer, units, values, scores, recipe, run, out, total)
     else:
-        constraints = SelectionConstraints(min_kv_groups=recipe.min_kv_groups, round_to=recipe.round_to)
+        constraints = SelectionConstraints(min_kv_groups=recipe.min_kv_groups, round_to=recipe.round_to,
+                                           whole_attention=recipe.deploy_target == "vllm")  # fmt: skip
         selection = select_global(units, values, scores, round(recipe.pruning_ratio * total), constraints, total)
     plan = plan_from_selection(
         model, selection.kept, recipe, total, total - selection.removed_params, calibration_info, run.seed,

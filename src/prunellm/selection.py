@@ -27,6 +27,7 @@ class SelectionConstraints:
 
     min_kv_groups: int = 1
     round_to: int = 1
+    whole_attention: bool = False  # a layer's KV groups go all together or not at all (vLLM keeps every query head)
 
 
 @dataclass
@@ -81,6 +82,8 @@ def normalized_values(
 
 def _chunks(unit: LayerUnits, order: torch.Tensor, constraints: SelectionConstraints) -> list[torch.Tensor]:
     """Removal candidates of one unit set, cheapest-value first, honouring minimum width and rounding."""
+    if unit.kind == "kv_group" and constraints.whole_attention:
+        return [order] if constraints.min_kv_groups == 0 else []
     if unit.kind == "kv_group":
         removable = max(unit.count - constraints.min_kv_groups, 0)
         return [order[i : i + 1] for i in range(removable)]

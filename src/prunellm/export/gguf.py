@@ -1,0 +1,308 @@
+"""Export a (pruned) model to one GGUF file that llama.cpp, Ollama and LM Studio load.
+
+Which llama.cpp architecture a model becomes is data (:data:`TARGETS`, :data:`FAMILY_TARGETS`): the
+family's standard architecture when every layer has the same widths (dense, depth-pruned, uniformly
+pruned), else ``deci`` (the DeciLM / Nemotron-NAS graph), the llama.cpp architecture that reads
+per-layer ``head_count``, ``head_count_kv`` and ``feed_forward_length`` arrays and builds every layer's
+tensors at its own width (``llama``, ``qwen2`` and ``qwen3`` take the widths of layer 0 for all layers).
+
+Zero-output blocks (:class:`~prunellm.hf_modeling.ZeroAttention` / ``ZeroMLP``): ``deci`` skips a layer's
+attention when its head count is 0, exactly. Its FFN-free layer (width 0) also drops that layer's attention
+output, so a removed MLP after a live attention block is written as a 1-channel MLP of zeros instead
+(``down(silu(0) * 0) = 0``: the same function, 2 * hidden + hidden parameters).
+
+llama.cpp applies rotary embeddings to adjacent pairs (``rope_type`` normal) in ``llama`` and ``deci``;
+Hugging Face rotates the two halves of each head: q/k rows (and biases) are permuted per head so both give
+the same attention scores. ``qwen2``/``qwen3`` rotate halves as Hugging Face does (no permutation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, MODEL_TENSOR, TENSOR_NAMES
+from gguf.quants import quantize
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..errors import PrunellmError
+from ..hf_modeling import ZeroAttention, ZeroMLP
+from ..specs import spec_for
+from ..surgery import layer_widths
+from ..units import decoder_layers, get_module, head_dim
+from .tokenizer import gguf_vocab, write_vocab
+
+log = logging.getLogger(__name__)
+
+OutType = Literal["f32", "f16", "q8_0"]
+FILE_TYPES = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "q8_0": LlamaFileType.MOSTLY_Q8_0}
+
+# optional parts of a layer, as found in the model: q/k/v biases, o_proj bias, MLP biases, q/k head norms
+Feature = Literal["qkv_bias", "o_bias", "mlp_bias", "qk_norm"]
+
+
+@dataclass(frozen=True)
+class GgufTarget:
+    """One llama.cpp architecture and what its graph can express."""
+
+    arch: str
+    interleaved_rope: bool  # rotates adjacent pairs: permute HF q/k rows
+    per_layer: bool  # reads per-layer width arrays and skips 0-head attention
+    allowed: frozenset[str]
+    required: frozenset[str] = field(default_factory=frozenset)
+
+
+TARGETS = {
+    "llama": GgufTarget("llama", True, False, frozenset({"qkv_bias", "o_bias", "mlp_bias"})),
+    "qwen2": GgufTarget("qwen2", False, False, frozenset({"qkv_bias"}), frozenset({"qkv_bias"})),
+    "qwen3": GgufTarget("qwen3", False, False, frozenset({"qk_norm"}), frozenset({"qk_norm"})),
+    "deci": GgufTarget("deci", True, True, frozenset({"qkv_bias", "o_bias", "mlp_bias"})),
+}
+# prunellm family (spec name) -> llama.cpp architectures to try, in order
+FAMILY_TARGETS = {
+    "llama": ("llama", "deci"),
+    "mistral": ("llama", "deci"),
+    "qwen2": ("qwen2", "deci"),
+    "qwen3": ("qwen3", "deci"),
+}
+
+
+@dataclass
+class LayerTensors:
+    """One decoder layer in llama.cpp terms: its widths and named float32 arrays."""
+
+    n_head: int
+    n_head_kv: int
+    n_ff: int
+    tensors: dict[str, np.ndarray]
+
+
+def _name(kind: MODEL_TENSOR, layer: int | None = None, suffix: str = "weight") -> str:
+    base = TENSOR_NAMES[kind].format(bid=layer) if layer is not None else TENSOR_NAMES[kind]
+    return f"{base}.{suffix}"
+
+
+def _array(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(torch.float32).cpu().numpy()
+
+
+def _interleave(rows: np.ndarray, n_heads: int) -> np.ndarray:
+    """Reorder each head's rows from halves (HF rotate_half) to adjacent pairs: (n*d, ...) -> same shape."""
+    d = rows.shape[0] // n_heads
+    return rows.reshape(n_heads, 2, d // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def model_features(model: PreTrainedModel) -> set[str]:
+    """The optional layer parts this model has (see :data:`Feature`)."""
+    spec = spec_for(model.config)
+    found: set[str] = set()
+    for block in decoder_layers(model, spec):
+        attn = get_module(block, spec.attention.module)
+        if not isinstance(attn, ZeroAttention):
+            if getattr(get_module(attn, spec.attention.q), "bias", None) is not None:
+                found.add("qkv_bias")
+            if getattr(get_module(attn, spec.attention.o), "bias", None) is not None:
+                found.add("o_bias")
+            if spec.attention.head_norms:
+                found.add("qk_norm")
+        mlp = get_module(block, spec.mlp.module)
+        if not isinstance(mlp, ZeroMLP) and any(
+            getattr(get_module(mlp, name), "bias", None) is not None for name in (spec.mlp.gate, spec.mlp.up, spec.mlp.down)
+        ):
+            found.add("mlp_bias")
+    return found
+
+
+def choose_target(model: PreTrainedModel) -> GgufTarget:
+    """The first llama.cpp architecture of the model's family that expresses it, or a one-line error why none does."""
+    spec = spec_for(model.config)
+    if spec.name not in FAMILY_TARGETS:
+        raise PrunellmError(
+            f"GGUF export supports the families {', '.join(FAMILY_TARGETS)}; '{spec.name}' has no llama.cpp target "
+            "in prunellm/export/gguf.py (FAMILY_TARGETS)"
+        )
+    rope = getattr(model.config, "rope_parameters", None) or {}
+    rope_type = rope.get("rope_type", "default") if isinstance(rope, dict) else "default"
+    if rope_type != "default":
+        raise PrunellmError(f"GGUF export writes plain RoPE; this model uses rope scaling '{rope_type}', which is not exported yet")
+    widths = layer_widths(model, spec)
+    uniform = all(w == widths[0] for w in widths) and all(w["num_key_value_heads"] and w["intermediate_size"] for w in widths)
+    features = model_features(model)
+    reasons = []
+    for name in FAMILY_TARGETS[spec.name]:
+        target = TARGETS[name]
+        if not uniform and not target.per_layer:
+            reasons.append(f"'{name}' needs the same widths in every layer")
+        elif features - target.allowed:
+            reasons.append(f"'{name}' has no {', '.join(sorted(features - target.allowed))}")
+        elif target.required - features:
+            reasons.append(f"'{name}' requires {', '.join(sorted(target.required - features))}")
+        else:
+            return target
+    first_odd = next((i for i, w in enumerate(widths) if w != widths[0]), 0)
+    raise PrunellmError(
+        f"this {spec.name} model cannot be written as GGUF: {'; '.join(reasons)} (layer {first_odd}: {widths[first_odd]}); "
+        "prune with uniform widths per layer (--pruning_distribution uniform) or without q/k-norm families to export it"
+    )
+
+
+def layer_tensors(model: PreTrainedModel, index: int, target: GgufTarget) -> LayerTensors:
+    """One decoder layer's llama.cpp tensors (float32, Hugging Face (out, in) layout)."""
+    spec = spec_for(model.config)
+    block = decoder_layers(model, spec)[index]
+    d_h = head_dim(model.config, spec)
+    attn_norm, ffn_norm = (get_module(block, name).weight for name in spec.layer_norms[:2])
+    T = MODEL_TENSOR
+    out: dict[str, np.ndarray] = {}
+    attn = get_module(block, spec.attention.module)
+    hidden = attn_norm.shape[0]
+    n_head = n_kv = 0
+    zero_attention = isinstance(attn, ZeroAttention)
+    if zero_attention and index == 0:
+        # llama.cpp derives the head size from layer 0's head count: give it one KV group of zeros (output 0)
+        n_kv, n_head = 1, model.config.num_attention_heads // model.config.num_key_value_heads
+        out[_name(T.ATTN_NORM, index)] = _array(attn_norm)
+        for kind, rows in ((T.ATTN_Q, n_head * d_h), (T.ATTN_K, d_h), (T.ATTN_V, d_h)):
+            out[_name(kind, index)] = np.zeros((rows, hidden), np.float32)
+        out[_name(T.ATTN_OUT, index)] = np.zeros((hidden, n_head * d_h), np.float32)
+    elif not zero_attention:
+        q, k, v, o = (get_module(attn, getattr(spec.attention, key)) for key in ("q", "k", "v", "o"))
+        n_head, n_kv = q.out_features // d_h, k.out_features // d_h
+        out[_name(T.ATTN_NORM, index)] = _array(attn_norm)
+        for kind, linear, heads in ((T.ATTN_Q, q, n_head), (T.ATTN_K, k, n_kv), (T.ATTN_V, v, None), (T.ATTN_OUT, o, None)):
+            for suffix, param in (("weight", linear.weight), ("bias", linear.bias)):
+                if param is None:
+                    continue
+                data = _array(param)
+                if heads is not None and target.interleaved_rope:
+                    data = _interleave(data, heads)
+                out[_name(kind, index, suffix)] = data
+        for kind, norm in zip((T.ATTN_Q_NORM, T.ATTN_K_NORM), spec.attention.head_norms):
+            data = _array(get_module(attn, norm).weight)
+            out[_name(kind, index)] = _interleave(data, 1) if target.interleaved_rope else data
+    mlp = get_module(block, spec.mlp.module)
+    if isinstance(mlp, ZeroMLP):
+        if zero_attention:
+            n_ff = 0  # the whole layer is the identity: deci skips its FFN (and the attention outputs 0)
+        else:
+            # deci drops the attention output of an FFN-free layer: an all-zero 1-channel MLP outputs 0 exactly
+            n_ff = 1
+            out[_name(T.FFN_NORM, index)] = _array(ffn_norm)
+            out[_name(T.FFN_GATE, index)] = np.zeros((1, hidden), np.float32)
+            out[_name(T.FFN_UP, index)] = np.zeros((1, hidden), np.float32)
+            out[_name(T.FFN_DOWN, index)] = np.zeros((hidden, 1), np.float32)
+    else:
+        gate, up, down = (get_module(mlp, getattr(spec.mlp, key)) for key in ("gate", "up", "down"))
+        n_ff = gate.out_features
+        out[_name(T.FFN_NORM, index)] = _array(ffn_norm)
+        for kind, linear in ((T.FFN_GATE, gate), (T.FFN_UP, up), (T.FFN_DOWN, down)):
+            out[_name(kind, index)] = _array(linear.weight)
+            if linear.bias is not None:
+                out[_name(kind, index, "bias")] = _array(linear.bias)
+    return LayerTensors(n_head, n_kv, n_ff, out)
+
+
+def _encode(name: str, data: np.ndarray, outtype: OutType) -> tuple[np.ndarray, GGMLQuantizationType | None]:
+    """Norms and biases stay float32; matrices become f16 or Q8_0 (f16 where a row is not a multiple of 32)."""
+    if outtype == "f32" or data.ndim == 1:
+        return data.astype(np.float32), None
+    if outtype == "q8_0" and data.shape[-1] % 32 == 0:
+        return quantize(data, GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0
+    if outtype == "q8_0":
+        log.info("%s: rows of %d values are not a multiple of 32, written as f16", name, data.shape[-1])
+    return data.astype(np.float16), None
+
+
+def _rope_theta(config) -> float:
+    rope = getattr(config, "rope_parameters", None)
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        return float(rope["rope_theta"])
+    return float(getattr(config, "rope_theta", 10000.0))
+
+
+def export_gguf(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    output: str | Path,
+    outtype: OutType = "f16",
+    name: str = "model",
+) -> Path:
+    """Write ``model`` and its tokenizer as one GGUF file (temporary file, then rename).
+
+    Args:
+        model: a Hugging Face causal LM of a supported family, dense or pruned by prunellm.
+        tokenizer: its (byte-level BPE) tokenizer.
+        output: the folder that receives ``<name>-<outtype>.gguf``.
+        outtype: ``f32``, ``f16`` or ``q8_0`` for the weight matrices (norms and biases stay float32).
+        name: the file's stem and its ``general.name``.
+
+    Returns:
+        The path of the GGUF file.
+    """
+    config = model.config
+    spec = spec_for(config)
+    target = choose_target(model)
+    vocab = gguf_vocab(tokenizer, model.get_input_embeddings().weight.shape[0])
+    n_layers = len(decoder_layers(model, spec))
+    layers = [layer_tensors(model, i, target) for i in range(n_layers)]
+    d_h = head_dim(config, spec)
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    tied = head.data_ptr() == embed.data_ptr()
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    final = output / f"{name}-{outtype}.gguf"
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", dir=output)
+    os.close(fd)
+    try:
+        writer = GGUFWriter(tmp, target.arch)
+        writer.add_name(name)
+        writer.add_context_length(int(config.max_position_embeddings))
+        writer.add_embedding_length(int(embed.shape[1]))
+        writer.add_block_count(n_layers)
+        if target.per_layer:
+            writer.add_feed_forward_length([layer.n_ff for layer in layers])
+            writer.add_head_count([layer.n_head for layer in layers])
+            writer.add_head_count_kv([layer.n_head_kv for layer in layers])
+        else:
+            writer.add_feed_forward_length(layers[0].n_ff)
+            writer.add_head_count(layers[0].n_head)
+            writer.add_head_count_kv(layers[0].n_head_kv)
+        writer.add_key_length(d_h)
+        writer.add_value_length(d_h)
+        writer.add_rope_dimension_count(d_h)
+        writer.add_rope_freq_base(_rope_theta(config))
+        writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+        writer.add_vocab_size(len(vocab.tokens))
+        writer.add_file_type(FILE_TYPES[outtype])
+        write_vocab(writer, vocab)
+
+        tensors = {_name(MODEL_TENSOR.TOKEN_EMBD): _array(embed)}
+        for layer in layers:
+            tensors.update(layer.tensors)
+        tensors[_name(MODEL_TENSOR.OUTPUT_NORM)] = _array(get_module(model, spec.final_norm).weight)
+        if not tied:  # llama.cpp reuses token_embd when output.weight is absent
+            tensors[_name(MODEL_TENSOR.OUTPUT)] = _array(head)
+        for tensor_name, data in tensors.items():
+            encoded, raw_dtype = _encode(tensor_name, data, outtype)
+            writer.add_tensor(tensor_name, encoded, raw_dtype=raw_dtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    log.info("wrote %s (llama.cpp architecture '%s', %s)", final, target.arch, outtype)
+    return final

@@ -1,0 +1,362 @@
+"""Export to llama.cpp (GGUF) and vLLM: what is written runs there and computes what transformers computes."""
+
+from __future__ import annotations
+
+import json
+
+import gguf
+import pytest
+import torch
+from conftest import make_tiny_model
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from prunellm.errors import PrunellmError
+from prunellm.export.gguf import choose_target, export_gguf
+from prunellm.surgery import prune_units, remove_layers
+
+xllamacpp = pytest.importorskip("xllamacpp", reason="llama.cpp tests need the serve extra (pip install xllamacpp)")
+from prunellm.export.llamacpp import LlamaCpp  # noqa: E402
+
+TEXT = [
+    "The quick brown fox jumps over the lazy dog, and the dog does not mind at all.",
+    "Pruning removes channels and heads from a language model; serving it should be faster.",
+    "Numbers like 12345 and 2026 appear in text, and so do symbols: #, $, % and émigré words!",
+] * 20
+PROMPT = "The quick brown fox"
+CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+GGUF_FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (the GPT-2 kind) trained in code on a few sentences: 320 tokens."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+    )
+    backend.train_from_iterator(TEXT, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def tiny(family: str, tokenizer, **overrides):
+    # a larger init than transformers' 0.02 gives peaked next-token distributions, so greedy choices are not
+    # decided by float rounding between the two implementations
+    # the special ids must be the tokenizer's: generate() keeps eos_token_id out of the first min_new_tokens
+    special = {f"{name}_token_id": tokenizer.eos_token_id for name in ("bos", "eos", "pad")}
+    return make_tiny_model(family, vocab_size=len(tokenizer), initializer_range=0.3, **special, **overrides)
+
+
+def transformers_greedy(model, ids: list[int], n: int) -> list[int]:
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+def assert_llamacpp_matches(model, tokenizer, tmp_path, outtype="f32", n=32) -> gguf.GGUFReader:
+    path = export_gguf(model, tokenizer, tmp_path, outtype)
+    server = LlamaCpp(path, threads=1, exact=outtype == "f32")
+    ids = tokenizer(PROMPT)["input_ids"]
+    assert server.tokenize(PROMPT) == ids
+    assert server.tokenize(TEXT[2]) == tokenizer(TEXT[2])["input_ids"]
+    assert server.complete(ids, n).tokens == transformers_greedy(model, ids, n)
+    return gguf.GGUFReader(str(path))
+
+
+def field(reader: gguf.GGUFReader, key: str):
+    return reader.fields[key].contents()
+
+
+def uneven_plan(model) -> dict:
+    """Layer 0 keeps both KV groups and 84 of 96 channels, layer 1 its second KV group and 60 channels."""
+    return {
+        (0, "mlp_channel"): [i for i in range(96) if i % 8 != 3],
+        (1, "mlp_channel"): [i for i in range(96) if i % 3 != 1][:60],
+        (1, "kv_group"): [1],
+    }
+
+
+@pytest.mark.parametrize("family", GGUF_FAMILIES)
+def test_dense_model_runs_in_llamacpp_as_its_standard_architecture(family, tokenizer, tmp_path):
+    model = tiny(family, tokenizer)
+    reader = assert_llamacpp_matches(model, tokenizer, tmp_path)
+    assert field(reader, "general.architecture") == {"mistral": "llama"}.get(family, family)
+    assert field(reader, "tokenizer.chat_template") == CHAT_TEMPLATE
+    tied = model.config.tie_word_embeddings
+    assert ("output.weight" in {t.name for t in reader.tensors}) == (not tied)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_non_uniform_widths_run_in_llamacpp_as_deci(family, tokenizer, tmp_path):
+    model = tiny(family, tokenizer)
+    prune_units(model, uneven_plan(model))
+    reader = assert_llamacpp_matches(model, tokenizer, tmp_path)
+    arch = field(reader, "general.architecture")
+    assert arch == "deci"
+    assert field(reader, f"{arch}.feed_forward_length") == [84, 60]
+    assert field(reader, f"{arch}.attention.head_count") == [4, 2]
+    assert field(reader, f"{arch}.attention.head_count_kv") == [2, 1]
+
+
+@pytest.mark.parametrize(
+    "emptied",
+    [
+        {(0, "mlp_channel"): []},  # an MLP-free layer after live attention
+        {(1, "kv_group"): []},  # an attention-free layer
+        {(0, "kv_group"): [], (0, "mlp_channel"): []},  # a whole layer that is the identity
+    ],
+    ids=["zero_mlp", "zero_attention", "zero_layer"],
+)
+def test_zero_output_blocks_run_in_llamacpp(emptied, tokenizer, tmp_path):
+    model = tiny("llama", tokenizer)
+    prune_units(model, emptied)
+    reader = assert_llamacpp_matches(model, tokenizer, tmp_path)
+    n_ff = field(reader, "deci.feed_forward_length")
+    heads = field(reader, "deci.attention.head_count")
+    if (0, "mlp_channel") in emptied:
+        assert n_ff[0] == (0 if (0, "kv_group") in emptied else 1)  # 1 zero channel: deci would drop the attention
+    if (0, "kv_group") in emptied:
+        assert heads[0] == 2  # layer 0 sets llama.cpp's head size: one KV group of zeros
+    if (1, "kv_group") in emptied:
+        assert heads[1] == 0
+
+
+def test_depth_pruned_and_uniformly_pruned_models_keep_the_standard_architecture(tokenizer, tmp_path):
+    model = tiny("qwen2", tokenizer, num_hidden_layers=3)
+    remove_layers(model, [1])
+    prune_units(model, {(i, "mlp_channel"): list(range(0, 96, 2)) for i in range(2)})
+    reader = assert_llamacpp_matches(model, tokenizer, tmp_path)
+    assert field(reader, "general.architecture") == "qwen2"
+    assert field(reader, "qwen2.block_count") == 2
+    assert field(reader, "qwen2.feed_forward_length") == 48
+
+
+@pytest.mark.parametrize("outtype", ["f16", "q8_0"])
+def test_smaller_outtypes_load_and_mostly_agree(outtype, tokenizer, tmp_path):
+    model = tiny("llama", tokenizer, hidden_size=128, intermediate_size=128)
+    prune_units(model, {(0, "mlp_channel"): list(range(100))})  # 100 is not a multiple of 32: f16 rows for Q8_0
+    path = export_gguf(model, tokenizer, tmp_path, outtype)
+    reader = gguf.GGUFReader(str(path))
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    wanted = gguf.GGMLQuantizationType.Q8_0 if outtype == "q8_0" else gguf.GGMLQuantizationType.F16
+    assert types["blk.1.ffn_up.weight"] == wanted
+    assert types["blk.0.ffn_down.weight"] == gguf.GGMLQuantizationType.F16  # rows of 100
+    assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
+    ids = tokenizer(PROMPT)["input_ids"]
+    got = LlamaCpp(path).complete(ids, 8).tokens
+    assert len(got) == 8 and got[0] == transformers_greedy(model, ids, 1)[0]
+
+
+def test_qwen3_with_per_layer_widths_is_refused_in_one_line(tokenizer):
+    model = tiny("qwen3", tokenizer)
+    prune_units(model, uneven_plan(model))
+    with pytest.raises(PrunellmError, match="'deci' has no qk_norm") as info:
+        choose_target(model)
+    assert "\n" not in str(info.value) and "'qwen3' needs the same widths" in str(info.value)
+
+
+def test_family_without_a_target_is_refused(tokenizer):
+    with pytest.raises(PrunellmError, match="gemma"):
+        choose_target(tiny("gemma", tokenizer))
+
+
+def test_sentencepiece_tokenizers_are_refused(tokenizer, tmp_path):
+    backend = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    sp = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    with pytest.raises(PrunellmError, match="byte-level BPE"):
+        export_gguf(tiny("llama", tokenizer), sp, tmp_path)
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_export_writes_atomically_and_records_special_tokens(tokenizer, tmp_path):
+    path = export_gguf(tiny("llama", tokenizer), tokenizer, tmp_path, "f32", name="tiny")
+    assert path.name == "tiny-f32.gguf" and [p.name for p in tmp_path.iterdir()] == ["tiny-f32.gguf"]
+    reader = gguf.GGUFReader(str(path))
+    assert field(reader, "tokenizer.ggml.pre") == "gpt-2"
+    assert field(reader, "tokenizer.ggml.eos_token_id") == tokenizer.eos_token_id
+    assert len(field(reader, "tokenizer.ggml.tokens")) == len(tokenizer)
+    assert json.dumps(field(reader, "tokenizer.ggml.add_bos_token")) == "false"
+
+
+def test_cli_exports_a_saved_non_uniform_checkpoint(tokenizer, tmp_path, capsys):
+    from prunellm.checkpoint import save_model
+    from prunellm.cli import main
+
+    model = tiny("llama", tokenizer)
+    prune_units(model, uneven_plan(model))
+    save_model(model, tokenizer, tmp_path / "results" / "tiny-uneven" / "model")
+    code = main(["export", "--model", str(tmp_path / "results" / "tiny-uneven"), "--format", "gguf",
+                 "--output", str(tmp_path / "out"), "--outtype", "f32"])  # fmt: skip
+    assert code == 0
+    path = tmp_path / "out" / "tiny-uneven-f32.gguf"
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(path)  # the path, last (after the log)
+    ids = tokenizer(PROMPT)["input_ids"]
+    assert LlamaCpp(path, exact=True).complete(ids, 16).tokens == transformers_greedy(model, ids, 16)
+
+
+def test_cli_refuses_q8_0_for_vllm_in_one_line(tmp_path, capsys):
+    from prunellm.cli import main
+
+    assert main(["export", "--model", str(tmp_path), "--format", "vllm", "--outtype", "q8_0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --outtype q8_0") and "\n" not in err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# vLLM: nemotron-nas folders (structure here; an actual vLLM run where .venv-vllm exists)
+
+REPO_VLLM_PYTHON = __import__("conftest").REPO / ".venv-vllm" / "bin" / "python"
+HAS_VLLM = any((__import__("conftest").REPO / ".venv-vllm").glob("lib/python*/site-packages/vllm/__init__.py"))
+
+
+def vllm_plan() -> dict:
+    """Uneven MLP widths, layer 1 without attention, layer 2 without MLP: what nemotron-nas expresses."""
+    return {(0, "mlp_channel"): list(range(0, 96, 2)), (1, "kv_group"): [], (2, "mlp_channel"): []}
+
+
+def test_vllm_export_writes_nemotron_nas_block_configs_and_weights(tokenizer, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from prunellm.export.vllm import export_vllm
+
+    model = tiny("llama", tokenizer, num_hidden_layers=3)
+    prune_units(model, vllm_plan())
+    folder = export_vllm(model, tokenizer, tmp_path / "vllm", "f32")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "nemotron-nas" and config["architectures"] == ["DeciLMForCausalLM"]
+    assert config["block_configs"] == [
+        {"attention": {"no_op": False, "n_heads_in_group": 2}, "ffn": {"no_op": False, "intermediate_size": 48}},
+        {"attention": {"no_op": True}, "ffn": {"no_op": False, "intermediate_size": 96}},
+        {"attention": {"no_op": False, "n_heads_in_group": 2}, "ffn": {"no_op": True}},
+    ]
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (4, 2, 16)
+    assert config["attention_bias"] and config["qkv_bias"] and config["mlp_bias"] and config["tie_word_embeddings"]
+    state = load_file(str(folder / "model.safetensors"))
+    assert not any(k.startswith("model.layers.1.self_attn") or k == "model.layers.1.input_layernorm.weight" for k in state)
+    assert not any(k.startswith("model.layers.2.mlp") or k == "model.layers.2.post_attention_layernorm.weight" for k in state)
+    assert state["model.layers.0.mlp.gate_proj.weight"].shape == (48, 64)
+    assert state["model.layers.0.mlp.down_proj.weight"].shape == (64, 48)
+    assert torch.equal(state["model.layers.0.self_attn.q_proj.bias"], model.model.layers[0].self_attn.q_proj.bias)
+    assert "lm_head.weight" not in state
+    n_params = sum(p.numel() for p in model.parameters())
+    unused_norms = 2 * 64  # the norms in front of the removed attention (layer 1) and MLP (layer 2)
+    assert sum(t.numel() for t in state.values()) == n_params - unused_norms  # every other parameter once
+    loaded = AutoConfig.from_pretrained(folder, trust_remote_code=True)  # what vLLM reads: attributes, not dicts
+    assert loaded.block_configs[1].attention.no_op and loaded.block_configs[0].ffn.intermediate_size == 48
+    assert loaded.to_dict()["block_configs"] == config["block_configs"]
+
+
+def test_vllm_export_refuses_partial_attention_naming_the_layer(tokenizer, tmp_path):
+    from prunellm.export.vllm import export_vllm
+
+    model = tiny("llama", tokenizer)
+    prune_units(model, {(1, "kv_group"): [0]})
+    with pytest.raises(PrunellmError, match="layer 1 keeps 2 of 4 query heads") as info:
+        export_vllm(model, tokenizer, tmp_path / "vllm")
+    assert "--deploy_target vllm" in str(info.value) and not (tmp_path / "vllm").exists()
+
+
+def test_vllm_export_refuses_qwen3(tokenizer, tmp_path):
+    from prunellm.export.vllm import export_vllm
+
+    model = tiny("qwen3", tokenizer)
+    prune_units(model, {(0, "mlp_channel"): list(range(50))})
+    with pytest.raises(PrunellmError, match="'qwen3'"):
+        export_vllm(model, tokenizer, tmp_path / "vllm")
+
+
+def test_vllm_export_of_a_uniform_model_is_the_standard_architecture(tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from prunellm.export.vllm import export_vllm
+
+    model = tiny("qwen2", tokenizer, num_hidden_layers=3)
+    remove_layers(model, [2])
+    prune_units(model, {(i, "mlp_channel"): list(range(64)) for i in range(2)})
+    folder = export_vllm(model, tokenizer, tmp_path / "vllm", "f32")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2ForCausalLM"] and "auto_map" not in config
+    reloaded = AutoModelForCausalLM.from_pretrained(folder)  # no remote code
+    ids = torch.tensor([tokenizer(PROMPT)["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+    assert next(model.parameters()).dtype == torch.float32
+
+
+VLLM_GENERATE = """
+import json, sys
+from vllm import LLM, SamplingParams
+folder, ids, n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+llm = LLM(model=folder, trust_remote_code=True, dtype="float32", max_model_len=128, enforce_eager=True, seed=0)
+out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+print("TOKENS" + json.dumps(list(out[0].outputs[0].token_ids)))
+"""
+
+
+@pytest.mark.skipif(not HAS_VLLM, reason="vLLM runs in .venv-vllm: scripts/setup_vllm.sh")
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_vllm_serves_the_nemotron_nas_export_like_transformers(family, tokenizer, tmp_path):
+    import subprocess
+
+    from prunellm.export.vllm import export_vllm
+
+    model = tiny(family, tokenizer, num_hidden_layers=3)
+    prune_units(model, vllm_plan())
+    folder = export_vllm(model, tokenizer, tmp_path / "vllm", "f32")
+    ids = tokenizer(PROMPT)["input_ids"]
+    env = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    done = subprocess.run([str(REPO_VLLM_PYTHON), "-c", VLLM_GENERATE, str(folder), json.dumps(ids), "16"],
+                          capture_output=True, text=True, timeout=900, env=env)  # fmt: skip
+    line = next((x for x in done.stdout.splitlines() if x.startswith("TOKENS")), None)
+    assert line is not None, (done.stdout + done.stderr)[-4000:]
+    assert json.loads(line.removeprefix("TOKENS")) == transformers_greedy(model, ids, 16)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# prune --deploy_target vllm: only what nemotron-nas serves
+
+
+def test_whole_attention_selection_takes_all_kv_groups_of_a_layer_or_none():
+    from prunellm.selection import SelectionConstraints, normalized_values, select_global
+    from prunellm.units import all_units, count_parameters
+
+    model = make_tiny_model("llama", num_hidden_layers=4)
+    units = list(all_units(model, ("kv_group", "mlp_channel")))
+    generator = torch.Generator().manual_seed(0)
+    scores = {(u.layer, u.kind): torch.rand(u.count, generator=generator) * (0.01 if u.kind == "kv_group" else 1) for u in units}
+    values = normalized_values(units, scores, "none")
+    total = count_parameters(model)
+    for min_kv, expect_empty in ((0, True), (1, False)):
+        constraints = SelectionConstraints(min_kv_groups=min_kv, whole_attention=True)
+        kept = select_global(units, values, scores, int(0.3 * total), constraints, total).kept
+        kv = [kept[(layer, "kv_group")] for layer in range(4)]
+        assert all(k in ([], [0, 1]) for k in kv)
+        assert any(k == [] for k in kv) == expect_empty  # cheap KV groups go as whole blocks, or not at all
+        assert any(len(kept[(layer, "mlp_channel")]) < 96 for layer in range(4))
+
+
+def test_prune_for_vllm_gives_a_plan_vllm_serves(tokenizer, tmp_path):
+    from prunellm.checkpoint import load_pruned
+    from prunellm.cli import main
+    from prunellm.export.vllm import export_vllm
+
+    model = tiny("llama", tokenizer, num_hidden_layers=4)
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    (tmp_path / "text.txt").write_text(" ".join(TEXT))
+    args = ["prune", "--base_model", str(tmp_path / "tiny"), "--output_dir", str(tmp_path / "results"),
+            "--dataset", str(tmp_path / "text.txt"), "--taylor_num_samples", "8", "--taylor_seq_len", "32",
+            "--pruning_ratio", "0.2", "--importance_method", "magnitude", "--deploy_target", "vllm", "--min_kv_groups", "0"]  # fmt: skip
+    assert main([*args, "--output_name", "vllm"]) == 0
+    pruned = load_pruned(tmp_path / "results" / "vllm" / "model")
+    export_vllm(pruned, tokenizer, tmp_path / "served", "f32")  # expressible: no error
+    plan = json.loads((tmp_path / "results" / "vllm" / "plan.json").read_text())
+    assert "vllm" in json.dumps(plan)  # the recipe (and so the plan) records the target
+    assert main([*args, "--output_name", "lw", "--allocation", "layerwise"]) == 2
