@@ -112,7 +112,13 @@ under a load average of 6–11, not the method's cost; rows of `ROWS` missing ab
   helps most on text like its calibration (WikiText-2 validation), as with `lstsq` before.
 * **Default unchanged** (`taylor`, `block`, `lstsq`: 2.51× / 1.78× at 20 %): no measured combination beat it on
   both held-out texts, and none reached the issue's goal (≤ 0.8 × FLAP). Next rows to measure, in order:
-  `fluctuation/uniform/lstsq`, `obs/block/lstsq(_bias)`, `taylor/uniform/lstsq`, then the best at 30 %."""
+  `fluctuation/uniform/lstsq`, `obs/block/lstsq(_bias)`, `taylor/uniform/lstsq`, then the best at 30 %.
+* **Peers from their own code are not in this table yet.** FLAP at commit
+  `3bb57db3449dd2fa04a5c2192de80e87e33be2b1` (`git clone https://github.com/CASIA-IVA-Lab/FLAP && git checkout
+  3bb57db`, outside this repository) needs an adapter that: replaces `lib.prune.get_loaders` by these calibration
+  windows; makes `Tensor.cuda` a no-op on CPU; passes `position_embeddings` to each decoder layer (transformers 5
+  computes them in the model, FLAP calls layers directly); and replaces the literal 128-wide heads and the
+  shared q/k/v row mask of `compress` by GQA groups (3 KV heads × 3 query heads × 64 here). Not written yet."""
 
 
 def measure(out: str, rows: tuple[str, ...] = ROWS, threads: int = 2) -> None:
