@@ -164,16 +164,19 @@ def peer_section(total_params: int, ratio: float = 0.2) -> dict:
 
 def _section_modules() -> dict:
     """Section name -> (measure, render) for the sections that live in their own module."""
-    from benchmarks import depth_width, quality, recovery
+    from benchmarks import ablation, depth_width, quality, recovery
 
     return {
         "quality": (quality.run, quality.render),
+        "ablation": (ablation.run, ablation.render),
         "depth_width": (depth_width.run, depth_width.render),
         "recovery": (recovery.run, recovery.render),
     }
 
 
-SECTIONS = ("scoring", "ppl_throughput", "finetune_throughput", "quality", "depth_width", "recovery", "peer")
+SECTIONS = ("scoring", "ppl_throughput", "finetune_throughput", "quality", "ablation", "depth_width", "recovery", "peer")
+# measured only when named in --only (the issue-17 ablation alone takes ~30 min here), rendered whenever present
+OPTIONAL_SECTIONS = ("ablation",)
 SMOLLM2_PARAMS = 134_515_008
 
 
@@ -205,7 +208,9 @@ def render_section(name: str, section: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="prunellm benchmarks on SmolLM2-135M")
-    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections (default: all): {', '.join(SECTIONS)}")
+    default_sections = [s for s in SECTIONS if s not in OPTIONAL_SECTIONS]
+    parser.add_argument("--only", default=",".join(default_sections),
+                        help=f"comma-separated sections (default: all but {', '.join(OPTIONAL_SECTIONS)}): {', '.join(SECTIONS)}")
     parser.add_argument("--num_samples", type=int, default=32, help="windows of the ppl_throughput section")
     # 16 are enough for the scoring ratios: time per token and the memory peak of one micro-batch
     parser.add_argument("--scoring_num_samples", type=int, default=16, help="calibration windows of the scoring section")

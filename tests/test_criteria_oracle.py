@@ -115,3 +115,72 @@ def test_wanda_scores_match_hand_computed_activation_norms(family, batch_size):
                 total += float(_part(weighted, rows, columns).sum())
             expected.append(total)
         torch.testing.assert_close(scores[(u.layer, u.kind)].double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-4, atol=1e-9)
+
+
+def _output_projection_inputs(model, ids) -> dict[int, torch.Tensor]:
+    """Every linear's input rows ``(tokens, in)`` over all calibration windows, float64, from hooks of the oracle."""
+    inputs: dict[int, torch.Tensor] = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda m, args: inputs.__setitem__(id(m), args[0].double().reshape(-1, args[0].shape[-1])))
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    return inputs
+
+
+def _output_columns(model, u, index):
+    """(linear, columns) of the output projection (o_proj / down_proj) that unit ``index`` owns."""
+    return [(linear, columns) for linear, name, rows, columns in _owned(model, u.layer, u.kind, index) if columns is not None]
+
+
+def test_fluctuation_scores_match_hand_computed_variance(family):
+    model = make_tiny_model(family)
+    ids = calibration_ids(model.config.vocab_size, n=12, length=16, seed=8)
+    units = list(all_units(model))
+    stats = collect_activation_stats(model, ids, units, batch_size=4)
+    scores = get_criterion("fluctuation").score(model, units, stats, CriterionOptions(seed=0))
+    inputs = _output_projection_inputs(model, ids)
+    for u in units:
+        expected = []
+        for index in range(u.count):
+            total = 0.0
+            for linear, columns in _output_columns(model, u, index):
+                x = inputs[id(linear)][:, columns]  # (tokens, w)
+                variance = x.var(0, unbiased=False)  # FLAP's fluctuation of each input channel
+                total += float((linear.weight.detach().double()[:, columns].pow(2).sum(0) * variance).sum())
+            expected.append(total)
+        torch.testing.assert_close(scores[(u.layer, u.kind)].double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-4, atol=1e-9)
+
+
+def test_obs_scores_are_the_error_left_after_the_best_refit(family):
+    """Oracle: remove the unit's columns, refit the others by least squares on the (damped) calibration Gram,
+    measure the output error that is left — it must equal the closed-form OBS score."""
+    from prunellm.criteria.obs import DAMP
+
+    model = make_tiny_model(family)
+    ids = calibration_ids(model.config.vocab_size, n=12, length=16, seed=8)
+    units = list(all_units(model))
+    stats = collect_activation_stats(model, ids, units, batch_size=4, grams=True)
+    scores = get_criterion("obs").score(model, units, stats, CriterionOptions(seed=0))
+    inputs = _output_projection_inputs(model, ids)
+    for u in units:
+        expected = []
+        for index in range(u.count):
+            total = 0.0
+            for linear, columns in _output_columns(model, u, index):
+                x = inputs[id(linear)]
+                h = x.T @ x
+                h = h + DAMP * h.diagonal().mean() * torch.eye(len(h), dtype=torch.float64)
+                w = linear.weight.detach().double()
+                keep = torch.ones(w.shape[1], dtype=torch.bool)
+                keep[columns] = False
+                # best W'_S: argmin tr((W − W'_S P_S) H (W − W'_S P_S)ᵀ) = W H[:, S] H_SS⁻¹
+                refit = w @ h[:, keep] @ torch.linalg.inv(h[keep][:, keep])
+                error = w @ h @ w.T - 2 * refit @ h[keep] @ w.T + refit @ h[keep][:, keep] @ refit.T
+                total += float(error.trace())
+            expected.append(total)
+        torch.testing.assert_close(scores[(u.layer, u.kind)].double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-3, atol=1e-6)

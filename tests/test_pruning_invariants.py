@@ -26,7 +26,7 @@ def _scores(model, criterion: str, ids: torch.Tensor):
     if "gradients" in c.needs:
         stats = collect_gradient_stats(model, ids, units, terms=set(c.taylor_terms), batch_size=4)
     elif "activations" in c.needs:
-        stats = collect_activation_stats(model, ids, units)
+        stats = collect_activation_stats(model, ids, units, grams="gram" in c.activation_terms)
     else:
         stats = None
     return units, c.score(model, units, stats, CriterionOptions(seed=0))

@@ -84,3 +84,24 @@ def test_depth_pruning_informed_beats_last_and_random_layers(smollm, eval_ids):
         informed = ppl_without(removed)
         # better than the last six layers and than EVERY random draw (not their median)
         assert informed < last and all(informed < r for r in randoms), (method, removed, informed, last, randoms)
+
+
+@pytest.mark.parametrize("criterion,normalization", [("fluctuation", "block_standard"), ("obs", "block")])
+def test_activation_criteria_beat_random_and_magnitude_at_20_percent(smollm, eval_ids, criterion, normalization):
+    """The issue-17 criteria, each with the allocation it is measured with in docs/benchmarks.md, no reconstruction."""
+    from prunellm.calibration import collect_activation_stats
+
+    base, tokenizer = smollm
+    calibration = sample_calibration(tokenizer, "shakespeare", 32, 128, seed=0)
+    units = list(all_units(base))
+    total = count_parameters(base)
+    stats = collect_activation_stats(base, calibration, units, batch_size=8, grams=criterion == "obs")
+    result = {}
+    for name in (criterion, "magnitude", "random"):
+        scores = get_criterion(name).score(base, units, stats, CriterionOptions(seed=0))
+        model = copy.deepcopy(base)
+        values = normalized_values(units, scores, normalization if name == criterion else "block")
+        selection = select_global(units, values, scores, round(0.2 * total), SelectionConstraints(), total)
+        prune_units(model, selection.kept)
+        result[name] = _ppl(model, eval_ids)
+    assert result[criterion] < result["random"] and result[criterion] < result["magnitude"], result

@@ -157,7 +157,23 @@ def test_too_few_tokens_is_refused():
         compensate_projection(linear, stats, torch.arange(8), "lstsq", damp=0.01)
 
 
-@pytest.mark.parametrize("mode", ["bias", "lstsq"])
+@pytest.mark.parametrize("kind", ["mlp_channel", "kv_group"])
+def test_lstsq_bias_error_is_at_most_that_of_bias_and_of_lstsq(family, kind):
+    """The intercept refit solves over a space holding both the bias shift and the plain refit."""
+    ids = calibration_ids(n=16, length=32)
+    keep = [0] if kind == "kv_group" else _kept_mlp(model_ := make_tiny_model(family), 0, 2)
+    proj_of = lambda m: decoder_layers(m)[0].self_attn.o_proj if kind == "kv_group" else decoder_layers(m)[0].mlp.down_proj  # noqa: E731
+    reference = make_tiny_model(family)
+    target = _capture(reference, proj_of(reference), ids)
+    errors = {}
+    for mode in ("bias", "lstsq", "lstsq_bias"):
+        model = make_tiny_model(family)
+        prune_with_reconstruction(model, {(0, kind): keep}, ids, mode, damp=1e-6)
+        errors[mode] = float((_capture(model, proj_of(model), ids) - target).pow(2).sum())
+    assert errors["lstsq_bias"] <= min(errors["bias"], errors["lstsq"]) * (1 + 1e-4) + 1e-9
+
+
+@pytest.mark.parametrize("mode", ["bias", "lstsq", "lstsq_bias"])
 def test_reconstructed_checkpoint_loads_both_ways(mode, tmp_path):
     model = make_tiny_model("mistral")  # no biases anywhere: bias compensation must add them
     ids = calibration_ids(n=8, length=32)

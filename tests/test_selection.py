@@ -71,6 +71,33 @@ def test_normalization_block_gives_every_block_mean_one():
         normalized_values(units, scores, "bogus")
 
 
+def test_normalization_standard_z_scores_each_kind_over_all_layers():
+    model, units, scores, total = _setup()
+    values = normalized_values(units, scores, "standard")
+    for kind in ("kv_group", "mlp_channel"):
+        pooled = torch.cat([v for (layer, k), v in values.items() if k == kind])
+        assert abs(float(pooled.mean())) < 1e-9 and abs(float(pooled.std(unbiased=False)) - 1) < 1e-9
+    # a z-score keeps the order of importance per parameter within a kind, across layers
+    per_param = torch.cat([scores[key].double() / u.cost for u in units for key in [(u.layer, u.kind)] if u.kind == "mlp_channel"])
+    z = torch.cat([values[(u.layer, u.kind)] for u in units if u.kind == "mlp_channel"])
+    assert torch.equal(torch.argsort(per_param), torch.argsort(z))
+
+
+def test_normalization_block_standard_z_scores_each_block():
+    model, units, scores, total = _setup()
+    values = normalized_values(units, scores, "block_standard")
+    for value in values.values():
+        assert abs(float(value.mean())) < 1e-9 and abs(float(value.std(unbiased=False)) - 1) < 1e-9
+
+
+def test_normalization_uniform_removes_the_same_share_of_every_mlp_block():
+    model, units, scores, total = _setup()
+    values = normalized_values(units, scores, "uniform")
+    selection = select_global(units, values, scores, round(0.1 * total), SelectionConstraints(), total)
+    shares = {len(selection.kept[(u.layer, u.kind)]) for u in units if u.kind == "mlp_channel"}
+    assert max(shares) - min(shares) <= 1
+
+
 def test_nonfinite_scores_are_refused_with_the_layer():
     model, units, scores, total = _setup()
     scores[(2, "mlp_channel")][3] = float("nan")

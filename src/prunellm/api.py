@@ -115,7 +115,8 @@ def collect_stats(
             batch_size=batch_size, gradient_checkpointing=gradient_checkpointing,
         )  # fmt: skip
     if "activations" in needs:
-        return collect_activation_stats(model, calibration, units, batch_size=batch_size)
+        grams = "gram" in get_criterion(criterion).activation_terms
+        return collect_activation_stats(model, calibration, units, batch_size=batch_size, grams=grams)
     return Stats()
 
 
@@ -217,7 +218,7 @@ def prune(
     plan: Plan,
     *,
     calibration: torch.Tensor | None = None,
-    reconstruct: Literal["none", "bias", "lstsq"] = "none",
+    reconstruct: Literal["none", "bias", "lstsq", "lstsq_bias"] = "none",
     damp: float | Literal["auto"] = "auto",
     batch_size: int = 8,
 ) -> dict[str, Any]:

@@ -32,6 +32,8 @@ class Stats:
     """What calibration collected, keyed by unit set ``(layer, kind)`` or by module path."""
 
     act_sq: dict[str, torch.Tensor] = field(default_factory=dict)  # "layer.path" -> Σ x² per input feature
+    act_sum: dict[str, torch.Tensor] = field(default_factory=dict)  # "layer.path" -> Σ x per input feature
+    act_gram: dict[str, torch.Tensor] = field(default_factory=dict)  # "layer.path" -> XᵀX (in, in), column-sliced only
     act_tokens: int = 0
     taylor_first: dict[UnitKey, torch.Tensor] = field(default_factory=dict)  # Σ_e |w_e · G_e|
     taylor_second: dict[UnitKey, torch.Tensor] = field(default_factory=dict)  # ½ Σ_e w_e² · F_e
@@ -109,16 +111,23 @@ def module_key(layer: int, path: str) -> str:
     return f"{layer}.{path}"
 
 
-def activation_hooks(layers: nn.ModuleList, units: list[LayerUnits], stats: Stats) -> list:
-    """Forward pre-hooks adding Σ x² of every input feature of every sliced projection of ``units`` to
-    ``stats.act_sq`` (float32); returns the handles to remove. Each module is hooked once even if two unit kinds
-    name it. The in-memory and the offloaded (layer by layer) activation passes both record through these."""
+def activation_hooks(layers: nn.ModuleList, units: list[LayerUnits], stats: Stats, *, grams: bool = False) -> list:
+    """Forward pre-hooks adding Σ x and Σ x² of every input feature of every sliced projection of ``units`` to
+    ``stats`` (float32), and with ``grams`` the Gram matrix XᵀX of the projections whose input columns a unit owns
+    (o_proj, down_proj); returns the handles to remove. Each module is hooked once even if two unit kinds name it.
+    The in-memory and the offloaded (layer by layer) activation passes both record through these."""
+    gram_keys = {module_key(u.layer, s.module) for u in units for s in u.slices if s.dim == 1} if grams else set()
 
     def hook_for(key: str):
         def hook(module, args):
             x = args[0].detach().float()  # (B, T, in)
-            acc = x.pow(2).sum(dim=tuple(range(x.dim() - 1)))
-            stats.act_sq[key] = stats.act_sq[key] + acc.cpu() if key in stats.act_sq else acc.cpu()
+            dims = tuple(range(x.dim() - 1))
+            for table, acc in ((stats.act_sq, x.pow(2).sum(dim=dims)), (stats.act_sum, x.sum(dim=dims))):
+                table[key] = table[key] + acc.cpu() if key in table else acc.cpu()
+            if key in gram_keys:
+                flat = x.reshape(-1, x.shape[-1])  # (tokens, in)
+                gram = (flat.T @ flat).cpu()
+                stats.act_gram[key] = stats.act_gram[key] + gram if key in stats.act_gram else gram
 
         return hook
 
@@ -134,11 +143,12 @@ def activation_hooks(layers: nn.ModuleList, units: list[LayerUnits], stats: Stat
 
 @torch.no_grad()
 def collect_activation_stats(
-    model: nn.Module, input_ids: torch.Tensor, units: list[LayerUnits], batch_size: int = 8
+    model: nn.Module, input_ids: torch.Tensor, units: list[LayerUnits], batch_size: int = 8, *, grams: bool = False
 ) -> Stats:
-    """Forward pass recording Σ x² of every input feature of every sliced projection (float32)."""
+    """Forward pass recording Σ x and Σ x² of every input feature of every sliced projection (float32), and with
+    ``grams`` the Gram matrix XᵀX of the projections whose input columns a unit owns (o_proj, down_proj)."""
     stats = Stats()
-    handles = activation_hooks(decoder_layers(model), units, stats)
+    handles = activation_hooks(decoder_layers(model), units, stats, grams=grams)
     device = input_device(model)
     try:
         for batch in tqdm(batches_of(input_ids, batch_size), desc="activation statistics", leave=False):

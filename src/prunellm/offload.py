@@ -329,7 +329,9 @@ def offloaded_stats(
             elif index > max(by_layer, default=-1):
                 break  # nothing above is scored
             with onloader.onloaded(layers[index]):
-                handles = [] if gradients else activation_hooks(layers, by_layer.get(index, []), stats)
+                handles = [] if gradients else activation_hooks(
+                    layers, by_layer.get(index, []), stats, grams="gram" in crit.activation_terms
+                )
                 try:
                     with torch.no_grad():
                         hidden = [run_block(layers[index], h.to(device), kw[index]) for h, kw in zip(hidden, kwargs)]

@@ -166,8 +166,9 @@ class PruneRecipe(_Options):
     importance_method: str = Field("taylor", description="criterion: taylor, taylor_2nd, taylor_mix, magnitude, wanda, random")
     magnitude_norm: Literal["l1", "l2"] = Field("l2", description="norm of the magnitude criterion")
     units: str = Field("kv_group,mlp_channel", description="comma-separated unit kinds that may be pruned")
-    normalization: Literal["none", "block", "layer"] = Field(
-        "block", description="divide importance/cost by its block's (or layer's) mean before global ranking"
+    normalization: Literal["none", "block", "layer", "standard", "block_standard", "uniform"] = Field(
+        "block", description="divide importance/cost by its block's (or layer's) mean before global ranking; standard: "
+        "z-score per unit kind over all layers; block_standard: z-score per block (FLAP AL-AM); uniform: percentile in its block"
     )
     dataset: str = Field(
         "shakespeare", description="calibration text: shakespeare, wikitext2, ptb, c4, a local file/folder, or a mixture a+b"
@@ -191,8 +192,9 @@ class PruneRecipe(_Options):
         "any", description="vllm: prune only what vLLM's nemotron-nas serves: MLP channels, whole attention blocks (with --min_kv_groups 0)"
     )
     use_gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory)")
-    reconstruct: Literal["none", "bias", "lstsq"] = Field(
-        "lstsq", description="retraining-free compensation of o_proj/down_proj after pruning: none, bias (FLAP), lstsq"
+    reconstruct: Literal["none", "bias", "lstsq", "lstsq_bias"] = Field(
+        "lstsq", description="retraining-free compensation of o_proj/down_proj after pruning: none, bias (FLAP), lstsq, "
+        "lstsq_bias (lstsq with the bias refitted as an intercept)"
     )
     reconstruct_dataset: str | None = Field(
         None, description="calibration text for reconstruction (default: --dataset); a mixture a+b generalises best"

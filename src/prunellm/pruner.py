@@ -109,7 +109,8 @@ def collect_stats(model: nn.Module, calibration: torch.Tensor | None, units: lis
             gradient_checkpointing=recipe.use_gradient_checkpointing,
         )
     if "activations" in criterion.needs:
-        return collect_activation_stats(model, calibration, units, batch_size=recipe.gradient_batch_size)
+        grams = "gram" in criterion.activation_terms
+        return collect_activation_stats(model, calibration, units, batch_size=recipe.gradient_batch_size, grams=grams)
     return Stats()
 
 
@@ -248,7 +249,7 @@ def reconstruction_calibration(tokenizer, settings: dict[str, Any], flag: str = 
 
 def check_reconstruction_settings(settings: dict[str, Any]) -> None:
     """Refuse a plan whose reconstruction this version would not reproduce."""
-    if settings.get("mode") == "lstsq" and settings.get("solver") != SOLVER:
+    if settings.get("mode") in ("lstsq", "lstsq_bias") and settings.get("solver") != SOLVER:
         raise PrunellmError(
             f"the plan's lstsq reconstruction was made by an earlier solver ({settings.get('solver', 'ridge toward zero')}); "
             f"this version refits with {SOLVER} and would not reproduce its weights: prune again without --plan "

@@ -15,6 +15,9 @@ pruned units (o_proj reads the kept heads, down_proj the kept channels):
   other) from :data:`DAMP_GRID`, and leaves the projection alone when no λ beats no refit on held-out batches —
   a plain refit over-fits the calibration text and can raise the loss on other text.
   A refit that would not lower the layer's calibration reconstruction error is discarded.
+* ``lstsq_bias``: the same refit with the projection's bias as one more, always kept, input column of constant 1
+  (an intercept): the mean of what the removed units contributed (``bias``) and the refit of ``lstsq`` solved
+  jointly, in one ridge system on the Gram matrix of [x, 1].
 
 Memory is bounded by one layer's statistics (in×in float64) plus the calibration hidden states.
 """
@@ -39,7 +42,8 @@ from .units import decoder_layers, get_module, index_ranges, layer_units
 
 log = logging.getLogger(__name__)
 
-Mode = Literal["none", "bias", "lstsq"]
+Mode = Literal["none", "bias", "lstsq", "lstsq_bias"]
+LSTSQ_MODES = ("lstsq", "lstsq_bias")
 Damp = Union[float, Literal["auto"]]
 DAMP_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)  # λ / mean(diag H_SS) tried by damp="auto"
 SOLVER = "ridge_to_original"  # recorded in plans: replaying a plan made by another solver would differ
@@ -53,6 +57,20 @@ class InputStats:
     gram: torch.Tensor | None
     tokens: int = 0
     fold_grams: list[torch.Tensor] | None = None
+    fold_sums: list[torch.Tensor] | None = None
+    fold_tokens: list[int] | None = None
+
+    def augmented(self) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Gram matrices of [x, 1] (in + 1, in + 1): what a refit with an intercept (the projection's bias) solves."""
+
+        def aug(gram: torch.Tensor, total: torch.Tensor, n: int) -> torch.Tensor:
+            top = torch.cat([gram, total[:, None]], 1)
+            return torch.cat([top, torch.cat([total, torch.tensor([float(n)], dtype=total.dtype)])[None, :]], 0)
+
+        folds = None
+        if self.fold_grams is not None:
+            folds = [aug(g, t, n) for g, t, n in zip(self.fold_grams, self.fold_sums, self.fold_tokens)]
+        return aug(self.gram, self.sum, self.tokens), folds
 
 
 @dataclass
@@ -100,6 +118,8 @@ def _collect_input_stats(
     stats = InputStats(sum=torch.zeros(n, dtype=torch.float64), gram=None)
     if need_gram and folds > 1:
         stats.fold_grams = [torch.zeros(n, n, dtype=torch.float64) for _ in range(folds)]
+        stats.fold_sums = [torch.zeros(n, dtype=torch.float64) for _ in range(folds)]
+        stats.fold_tokens = [0] * folds
     elif need_gram:
         stats.gram = torch.zeros(n, n, dtype=torch.float64)
     calls = [0]
@@ -109,6 +129,8 @@ def _collect_input_stats(
         stats.sum += x.sum(0).double().cpu()
         if stats.fold_grams is not None:
             stats.fold_grams[calls[0] % folds] += (x.T @ x).double().cpu()
+            stats.fold_sums[calls[0] % folds] += x.sum(0).double().cpu()
+            stats.fold_tokens[calls[0] % folds] += x.shape[0]
         elif need_gram:
             stats.gram += (x.T @ x).double().cpu()
         stats.tokens += x.shape[0]
@@ -225,29 +247,38 @@ def compensate_projection(
         mean = stats.sum / max(stats.tokens, 1)  # (in,) float64
         shift = (weight.double().cpu()[:, removed] @ mean[removed]).to(weight.dtype).to(weight.device)  # (out,)
         new_bias = shift if linear.bias is None else linear.bias.detach() + shift
-    elif mode == "lstsq":
+    elif mode in LSTSQ_MODES:
         if stats.tokens < kept_columns.numel():
             raise PrunellmError(
                 f"--reconstruct_num_samples x --reconstruct_seq_len gives {stats.tokens} tokens, fewer than the "
                 f"{kept_columns.numel()} kept input columns of a projection: use at least {kept_columns.numel()} tokens"
             )
-        w = weight.cpu()
-        system = _System.build(stats.gram, w, kept_columns)
-        baseline, total = system.error(new_weight.cpu()), system.target_sq or 1.0
+        w, gram, fold_grams, columns = weight.cpu(), stats.gram, stats.fold_grams, kept_columns
+        if mode == "lstsq_bias":
+            # the bias is one more input column, constant 1, that is always kept and refitted with the others
+            bias = linear.bias.detach().cpu() if linear.bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype)
+            w = torch.cat([w, bias[:, None]], 1)  # (out, in + 1)
+            gram, fold_grams = stats.augmented()
+            columns = torch.cat([kept_columns, torch.tensor([linear.in_features])])
+        system = _System.build(gram, w, columns)
+        baseline, total = system.error(w[:, columns]), system.target_sq or 1.0
         if damp == "auto":
-            if not stats.fold_grams:
+            if not fold_grams:
                 raise PrunellmError("--reconstruct_damp auto needs per-fold statistics (collect them with folds=2)")
-            chosen, cv = choose_damp(w, stats.fold_grams, kept_columns)
+            chosen, cv = choose_damp(w, fold_grams, columns)
             report["cv_relative_error"] = {k: v / total for k, v in cv["cv_error"].items()} | {"no_refit": cv["cv_error_no_refit"] / total}
             if chosen is None:  # no damping generalises better than the original columns: leave them
                 report.update(damp=None, error_before=baseline / total, error_after=baseline / total, kept_original=True)
                 return new_weight, new_bias, report
             damp = chosen
-        solution, used = system.solve(w[:, kept_columns], float(damp))
+        solution, used = system.solve(w[:, columns], float(damp))
         refit = system.error(solution)
         report.update(damp=used, error_before=baseline / total, error_after=min(refit, baseline) / total)
         if refit < baseline:
-            new_weight = solution.to(weight.dtype).to(weight.device)
+            solution = solution.to(weight.dtype).to(weight.device)
+            if mode == "lstsq_bias":
+                solution, new_bias = solution[:, :-1].contiguous(), solution[:, -1].contiguous()
+            new_weight = solution
         else:  # never make the layer's calibration error worse
             report["kept_original"] = True
     return new_weight, new_bias, report
@@ -265,13 +296,13 @@ def prune_with_reconstruction(
     if mode == "none":
         prune_units(model, kept)
         return ReconstructionReport(mode="none")
-    if mode not in ("bias", "lstsq"):
-        raise PrunellmError(f"--reconstruct '{mode}' is not valid: use one of none, bias, lstsq")
+    if mode not in ("bias", *LSTSQ_MODES):
+        raise PrunellmError(f"--reconstruct '{mode}' is not valid: use one of none, bias, lstsq, lstsq_bias")
     if damp != "auto" and (isinstance(damp, str) or damp < 0):
         raise PrunellmError(f"--reconstruct_damp {damp} is not valid: use auto or a number ≥ 0")
     spec = spec_for(model.config)
     layers = decoder_layers(model, spec)
-    if mode == "lstsq" and damp == "auto":
+    if mode in LSTSQ_MODES and damp == "auto":
         batch_size = max(1, min(batch_size, (len(input_ids) + 1) // 2))  # cross-validation needs two batches or more
     hidden, kwargs_list = capture_layer_inputs(model, input_ids, batch_size)
     report = ReconstructionReport(mode=mode)
@@ -291,8 +322,8 @@ def prune_with_reconstruction(
                 prune_units(model, {key: []})
                 continue
             # statistics of the projection's input with the attention of this layer already pruned
-            folds = 2 if mode == "lstsq" and damp == "auto" else 1
-            stats = _collect_input_stats(layer, index, proj, hidden, kwargs_list, need_gram=(mode == "lstsq"), folds=folds)
+            folds = 2 if mode in LSTSQ_MODES and damp == "auto" else 1
+            stats = _collect_input_stats(layer, index, proj, hidden, kwargs_list, need_gram=mode in LSTSQ_MODES, folds=folds)
             keep = torch.as_tensor(sorted(kept[key]), dtype=torch.long)
             width = next(s.width for s in units.slices if s.module == proj)
             new_weight, new_bias, entry[kind] = compensate_projection(

@@ -9,6 +9,7 @@ repaired afterwards. The removed parameter count ends within one candidate's cos
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -18,7 +19,7 @@ from .calibration import UnitKey
 from .errors import PrunellmError
 from .units import LayerUnits
 
-Normalization = Literal["none", "block", "layer"]
+Normalization = Literal["none", "block", "layer", "standard", "block_standard", "uniform"]
 
 
 @dataclass(frozen=True)
@@ -66,10 +67,20 @@ def normalized_values(
                 entry[0] += float(scores[(u.layer, u.kind)].double().sum())
                 entry[1] += u.cost * u.count
         denominators = {key: torch.tensor(totals[key[0]][0] / totals[key[0]][1]) for key in per_param}
+    elif normalization == "standard":
+        return _standardized(per_param, priors, lambda key: key[1])
+    elif normalization == "block_standard":
+        return _standardized(per_param, priors, lambda key: key)
+    elif normalization == "uniform":
+        # percentile of each index within its block: one threshold removes about the same share of every block
+        ranks = {key: torch.argsort(torch.argsort(value, stable=True)).double() for key, value in per_param.items()}
+        return {key: (rank + 0.5) / len(rank) for key, rank in ranks.items()}
     elif normalization == "none":
         denominators = {key: torch.tensor(1.0) for key in per_param}
     else:
-        raise PrunellmError(f"--normalization '{normalization}' is not valid: use one of none, block, layer")
+        raise PrunellmError(
+            f"--normalization '{normalization}' is not valid: use one of none, block, layer, standard, block_standard, uniform"
+        )
     out = {}
     for key, value in per_param.items():
         denom = float(denominators[key])
@@ -77,6 +88,28 @@ def normalized_values(
         if priors is not None:
             value = value * priors.get(key, 1.0)
         out[key] = value
+    return out
+
+
+def _standardized(
+    per_param: dict[UnitKey, torch.Tensor], priors: dict[UnitKey, float] | None, pool_of
+) -> dict[UnitKey, torch.Tensor]:
+    """z-score of every index within its pool (``standard``: its unit kind over ALL layers; ``block_standard``: its
+    own block, FLAP's AL-AM), so one threshold compares heads with channels on how unusual each is in its pool
+    (cost still counts in the budget, not in the rank).
+
+    A prior p (> 0) shifts the z-score by ln p: a scale has no meaning for values centred on zero."""
+    out = {}
+    for pool in sorted({pool_of(key) for key in per_param}, key=str):
+        keys = [key for key in per_param if pool_of(key) == pool]
+        pooled = torch.cat([per_param[key] for key in keys])
+        mean, std = pooled.mean(), pooled.std(unbiased=False)
+        std = std if float(std) > 0 else torch.tensor(1.0, dtype=pooled.dtype)
+        for key in keys:
+            value = (per_param[key] - mean) / std
+            if priors is not None and priors.get(key, 1.0) > 0:
+                value = value + math.log(priors.get(key, 1.0))
+            out[key] = value
     return out
 
 

@@ -9,7 +9,7 @@ line below.
 
 from __future__ import annotations
 
-from . import depth, magnitude, random_, taylor, wanda  # noqa: F401  (registration side effect)
+from . import depth, fluctuation, magnitude, obs, random_, taylor, wanda  # noqa: F401  (registration side effect)
 from .registry import (
     LAYER_REGISTRY,
     REGISTRY,

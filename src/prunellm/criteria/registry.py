@@ -34,16 +34,19 @@ class Criterion:
     taylor_terms: frozenset[str]  # which gradient terms the gradient pass must produce
     score: ScoreFn
     help: str
+    activation_terms: frozenset[str] = frozenset()  # "gram": the activation pass also collects XᵀX of o/down inputs
 
 
 REGISTRY: dict[str, Criterion] = {}
 
 
-def register(name: str, needs: set[Need], help: str, taylor_terms: set[str] = frozenset()):
+def register(
+    name: str, needs: set[Need], help: str, taylor_terms: set[str] = frozenset(), activation_terms: set[str] = frozenset()
+):
     """Decorator: register a score function under ``name``."""
 
     def wrap(fn: ScoreFn) -> ScoreFn:
-        REGISTRY[name] = Criterion(name, frozenset(needs), frozenset(taylor_terms), fn, help)
+        REGISTRY[name] = Criterion(name, frozenset(needs), frozenset(taylor_terms), fn, help, frozenset(activation_terms))
         return fn
 
     return wrap
