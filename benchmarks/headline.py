@@ -54,6 +54,17 @@ def goal_rows(results: dict) -> list[list[str]]:
                 measured += " (Torch-Pruning: " + ", ".join(peer_ratios) + ")"
         why = WHY_MISSED["memory"].format(reference=scoring["reference"]["memory_ratio"])
         rows.append(["Peak RSS during scoring ÷ weight bytes (≤ 2.0)", measured, "met" if ok else f"missed: {why}"])
+    offload = results.get("offload")
+    for r in (offload or {}).get("rows", []):
+        where = ", hidden states in --offload_dir" if r["offload_dir"] else ""
+        goal = offload["goals"]["memory_ratio"].get(r["model"])
+        if goal is not None:
+            verdict = "met" if r["memory_ratio"] <= goal else "missed: see Offloaded scoring (stored hidden states and head)"
+            rows.append([f"Offloaded scoring memory ÷ weight bytes, {r['model']}{where} (≤ {goal})", str(r["memory_ratio"]), verdict])
+        if "time_ratio" in r and not r["offload_dir"]:
+            goal = offload["goals"]["time_ratio"]
+            verdict = "met" if r["time_ratio"] <= goal else "missed: the layer is computed three times (forward, recompute, backward)"
+            rows.append([f"Offloaded Taylor time ÷ in-memory forward+backward, {r['model']} (≤ {goal})", str(r["time_ratio"]), verdict])
     depth_width = results.get("depth_width")
     if depth_width:
         goal = depth_width["goal"]

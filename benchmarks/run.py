@@ -6,6 +6,8 @@
 Sections (each in its own module; every quality figure uses ``benchmarks.common``'s texts and protocols):
 * ``scoring``: scoring time ÷ one forward+backward over the same calibration data, and peak memory ÷ weight
   bytes, for every criterion (each measured in a fresh process; ``benchmarks/scoring_cost.py``).
+* ``offload``: offloaded scoring (one layer at a time from the shards): peak memory ÷ weight bytes and time ÷ the
+  in-memory forward+backward, on SmolLM2 and a random 1.1 B Llama (``offload_memory.py``).
 * ``ppl_throughput``: perplexity evaluation tokens/s ÷ raw batched forward tokens/s (``ppl_throughput.py``).
 * ``finetune_throughput``: LoRA training tokens/s of the engine ÷ a plain Trainer + peft script
   (``finetune_throughput.py``).
@@ -164,9 +166,10 @@ def peer_section(total_params: int, ratio: float = 0.2) -> dict:
 
 def _section_modules() -> dict:
     """Section name -> (measure, render) for the sections that live in their own module."""
-    from benchmarks import ablation, depth_width, quality, recovery
+    from benchmarks import ablation, depth_width, offload_memory, quality, recovery
 
     return {
+        "offload": (offload_memory.run, offload_memory.render),
         "quality": (quality.run, quality.render),
         "ablation": (ablation.run, ablation.render),
         "depth_width": (depth_width.run, depth_width.render),
@@ -174,7 +177,7 @@ def _section_modules() -> dict:
     }
 
 
-SECTIONS = ("scoring", "ppl_throughput", "finetune_throughput", "quality", "ablation", "depth_width", "recovery", "peer")
+SECTIONS = ("scoring", "offload", "ppl_throughput", "finetune_throughput", "quality", "ablation", "depth_width", "recovery", "peer")
 # measured only when named in --only (the issue-17 ablation alone takes ~30 min here), rendered whenever present
 OPTIONAL_SECTIONS = ("ablation",)
 SMOLLM2_PARAMS = 134_515_008

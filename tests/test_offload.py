@@ -101,3 +101,16 @@ def test_cli_offload_gives_the_same_plan(tmp_path):
         plans[name] = json.loads((tmp_path / "results" / name / "plan.json").read_text())
     assert plans["offload"]["layers"] == plans["memory"]["layers"] == plans["disk"]["layers"]
     assert plans["offload"]["params_after"] == plans["memory"]["params_after"]
+
+
+def test_offload_benchmark_section_renders():
+    from benchmarks.offload_memory import render
+
+    row = dict(params=1_100_048_384, layers=22, dtype="bfloat16", weight_mb=2098.3, offload_dir=False, tokens=256,
+               seconds=30.0, rss_before_mb=400.0, peak_rss_mb=800.0, memory_ratio=0.19, total_rss_ratio=0.38)  # fmt: skip
+    section = {"rows": [{**row, "model": "llama-2048x22", "reference_seconds": 25.0, "reference_memory_ratio": 1.1,
+                         "time_ratio": 1.2},
+                        {**row, "model": "llama-2048x6", "layers": 6, "weight_mb": 700.0, "peak_rss_mb": 780.0}]}  # fmt: skip
+    text = render(section)
+    assert "| llama-2048x22 | 1100 M | 22 | bfloat16 |" in text and "0.19 (met, goal ≤ 0.25)" in text and "1.2 (met)" in text
+    assert "16 more layers cost 20 MB" in text and "Llama-3-70B" in text
