@@ -307,11 +307,12 @@ def test_vllm_serves_the_nemotron_nas_export_like_transformers(family, tokenizer
 
     from prunellm.export.vllm import export_vllm
 
-    model = tiny(family, tokenizer, num_hidden_layers=3)
+    model = tiny(family, tokenizer, num_hidden_layers=3, head_dim=32)  # vLLM's CPU attention has no head_dim 16
     prune_units(model, vllm_plan())
     folder = export_vllm(model, tokenizer, tmp_path / "vllm", "f32")
     ids = tokenizer(PROMPT)["input_ids"]
-    env = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    # the engine in this process (no spawned engine core), 1 GiB of KV cache
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     done = subprocess.run([str(REPO_VLLM_PYTHON), "-c", VLLM_GENERATE, str(folder), json.dumps(ids), "16"],
                           capture_output=True, text=True, timeout=900, env=env)  # fmt: skip
     line = next((x for x in done.stdout.splitlines() if x.startswith("TOKENS")), None)
