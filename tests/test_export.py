@@ -361,3 +361,18 @@ def test_prune_for_vllm_gives_a_plan_vllm_serves(tokenizer, tmp_path):
     plan = json.loads((tmp_path / "results" / "vllm" / "plan.json").read_text())
     assert "vllm" in json.dumps(plan)  # the recipe (and so the plan) records the target
     assert main([*args, "--output_name", "lw", "--allocation", "layerwise"]) == 2
+
+
+def test_serving_benchmark_renders_ratios_and_vllm_errors():
+    from benchmarks.serving import render, render_readme
+
+    rows = [
+        {"label": "dense", "removed": 0.0, "gguf_arch": "llama", "llamacpp_prefill_tok_s": 100.0, "llamacpp_decode_tok_s": 10.0,
+         "vllm_prefill_tok_s": 50.0, "vllm_decode_tok_s": 5.0},
+        {"label": "width", "removed": 0.2, "gguf_arch": "deci", "llamacpp_prefill_tok_s": 130.0, "llamacpp_decode_tok_s": 12.5,
+         "llamacpp_prefill_ratio": 1.3, "llamacpp_decode_ratio": 1.25, "vllm_error": "RuntimeError: boom"},
+    ]  # fmt: skip
+    section = {"prompt_tokens": 128, "new_tokens": 64, "threads": 1, "rounds": 5, "goal": 1.2, "models": rows}
+    text = render(section)
+    assert "| width | 20.0% | deci | 130.0 (1.3×) | 12.5 (1.25×) | RuntimeError: boom | RuntimeError: boom |" in text
+    assert render_readme({"serving": section}).startswith("`prunellm export`") and "Not measured" in render_readme({})
