@@ -173,7 +173,7 @@ def test_existing_output_is_refused_without_overwrite(workspace, capsys):
         (["--allocation", "layerwise", "--max_pruning_rate", "0.01", "--pruning_ratio", "0.5"],
          "--pruning_ratio 0.500 cannot be met"),
         (["--reconstruct_damp", "often"], "--reconstruct_damp"),
-        (["--importance_method", "tayl0r"], "--importance_method tayl0r: is not a criterion: use one of magnitude, random, taylor"),
+        (["--importance_method", "tayl0r"], "--importance_method tayl0r: is not a criterion: use one of fluctuation, magnitude, obs, random, taylor"),
         (["--units", "kv_group,heads"], "--units kv_group,heads: is not valid: use a comma-separated subset of kv_group, mlp_channel"),
         (["--tau", "often"], "--tau often: is not valid: use auto, a number, inf or -inf"),
         (["--allocation", "layerwise", "--pruning_distribution", "1-3"], "--pruning_distribution 1-3: is not valid: use A:M"),
@@ -192,7 +192,9 @@ def test_bad_input_gives_one_line(workspace, capsys, extra, expected):
 @pytest.mark.parametrize(
     "extra, expected, wrong",
     [
-        (["--taylor_seq_len", "64"], "has 28 tokens with this tokenizer, but --taylor_seq_len 64 needs at least 65", "--seq_len"),
+        (["--taylor_seq_len", "64", "--reconstruct", "none"],
+         "has 28 tokens with this tokenizer, but --taylor_seq_len 64 needs at least 65", "--seq_len"),
+        (["--taylor_seq_len", "16"], "--reconstruct_seq_len 128 needs at least 129", "--seq_len"),  # checked before scoring
         (["--importance_method", "magnitude", "--reconstruct_seq_len", "64"],
          "--dataset '", "--reconstruct_dataset"),  # reconstruction text defaults to --dataset: name the flag given
         (["--importance_method", "magnitude", "--reconstruct_seq_len", "64"], "--reconstruct_seq_len 64 needs", "--seq_len"),
