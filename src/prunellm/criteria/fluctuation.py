@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from ..calibration import module_key
-from ..units import decoder_layers, get_module, reduce_to_units
-from .registry import register
+from ..units import reduce_to_units
+from .registry import register, sum_over_slices
 
 
 def input_variance(stats, key: str) -> torch.Tensor:
@@ -25,17 +25,10 @@ def input_variance(stats, key: str) -> torch.Tensor:
 
 @register("fluctuation", {"activations"}, "FLAP fluctuation: Var(x_j)·‖W[:, j]‖² over the unit's o_proj/down_proj inputs")
 def fluctuation(model, units, stats, options):
-    layers = decoder_layers(model)
-    scores = {}
-    with torch.no_grad():
-        for unit in units:
-            total = torch.zeros(unit.count)
-            for s in unit.slices:
-                if s.dim != 1:  # only the output projection's input columns fluctuate into the residual stream
-                    continue
-                linear = get_module(layers[unit.layer], s.module)
-                variance = input_variance(stats, module_key(unit.layer, s.module)).to(linear.weight.device)  # (in,)
-                weighted = linear.weight.float().pow(2) * variance[None, :]  # (out, in)
-                total += reduce_to_units(weighted, s, unit.count).cpu()
-            scores[(unit.layer, unit.kind)] = total
-    return scores
+    def slice_score(unit, s, linear):
+        if s.dim != 1:  # only the output projection's input columns fluctuate into the residual stream
+            return None
+        variance = input_variance(stats, module_key(unit.layer, s.module)).to(linear.weight.device)  # (in,)
+        return reduce_to_units(linear.weight.float().pow(2) * variance[None, :], s, unit.count)  # (out, in) -> (count,)
+
+    return sum_over_slices(model, units, slice_score)

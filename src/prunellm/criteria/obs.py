@@ -13,8 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..calibration import module_key
-from ..units import decoder_layers, get_module
-from .registry import register
+from .registry import register, sum_over_slices
 
 DAMP = 0.01
 
@@ -43,15 +42,9 @@ def obs_errors(weight: torch.Tensor, gram: torch.Tensor, width: int, damp: float
     activation_terms={"gram"},
 )
 def obs(model, units, stats, options):
-    layers = decoder_layers(model)
-    scores = {}
-    with torch.no_grad():
-        for unit in units:
-            total = torch.zeros(unit.count)
-            for s in unit.slices:
-                if s.dim != 1:
-                    continue
-                linear = get_module(layers[unit.layer], s.module)
-                total += obs_errors(linear.weight.detach().float().cpu(), stats.act_gram[module_key(unit.layer, s.module)], s.width)
-            scores[(unit.layer, unit.kind)] = total
-    return scores
+    def slice_score(unit, s, linear):
+        if s.dim != 1:
+            return None
+        return obs_errors(linear.weight.detach().float().cpu(), stats.act_gram[module_key(unit.layer, s.module)], s.width)
+
+    return sum_over_slices(model, units, slice_score)

@@ -39,6 +39,26 @@ class Criterion:
 
 REGISTRY: dict[str, Criterion] = {}
 
+SliceScoreFn = Callable[[LayerUnits, object, nn.Linear], "torch.Tensor | None"]
+
+
+def sum_over_slices(model: nn.Module, units: list[LayerUnits], slice_score: SliceScoreFn) -> dict[UnitKey, torch.Tensor]:
+    """Per-unit scores as the sum over each unit's slices of ``slice_score(unit, slice, linear)`` — a ``(count,)``
+    tensor for that slice, or ``None`` to skip it — the loop every slice-wise criterion shares (float32, no grad)."""
+    from ..units import decoder_layers, get_module
+
+    layers = decoder_layers(model)
+    scores = {}
+    with torch.no_grad():
+        for unit in units:
+            total = torch.zeros(unit.count)
+            for s in unit.slices:
+                part = slice_score(unit, s, get_module(layers[unit.layer], s.module))
+                if part is not None:
+                    total += part.cpu()
+            scores[(unit.layer, unit.kind)] = total
+    return scores
+
 
 def register(
     name: str, needs: set[Need], help: str, taylor_terms: set[str] = frozenset(), activation_terms: set[str] = frozenset()

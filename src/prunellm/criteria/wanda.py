@@ -7,24 +7,16 @@ over calibration tokens (no padding).
 
 from __future__ import annotations
 
-import torch
 
 from ..calibration import module_key
-from ..units import decoder_layers, get_module, reduce_to_units
-from .registry import register
+from ..units import reduce_to_units
+from .registry import register, sum_over_slices
 
 
 @register("wanda", {"activations"}, "Wanda: Σ|W|·‖X‖ with input activation norms from calibration")
 def wanda(model, units, stats, options):
-    layers = decoder_layers(model)
-    scores = {}
-    with torch.no_grad():
-        for unit in units:
-            total = torch.zeros(unit.count)
-            for s in unit.slices:
-                linear = get_module(layers[unit.layer], s.module)
-                norm = stats.act_sq[module_key(unit.layer, s.module)].sqrt().to(linear.weight.device)  # (in,)
-                weighted = linear.weight.float().abs() * norm[None, :]  # (out, in)
-                total += reduce_to_units(weighted, s, unit.count).cpu()
-            scores[(unit.layer, unit.kind)] = total
-    return scores
+    def slice_score(unit, s, linear):
+        norm = stats.act_sq[module_key(unit.layer, s.module)].sqrt().to(linear.weight.device)  # (in,)
+        return reduce_to_units(linear.weight.float().abs() * norm[None, :], s, unit.count)  # (out, in) -> (count,)
+
+    return sum_over_slices(model, units, slice_score)
