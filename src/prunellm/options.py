@@ -163,7 +163,7 @@ class PruneRecipe(_Options):
     base_model: str = Field("smollm2-135m", description="smollm2-135m, a local model directory, or a hub id")
     output_name: str = Field("", description="run name; results go to <output_dir>/<output_name>/ (default: derived)")
     pruning_ratio: float = Field(0.2, description="fraction of the model's TOTAL parameters to remove, in (0, 1)")
-    importance_method: str = Field("taylor", description="criterion: taylor, taylor_2nd, taylor_mix, magnitude, wanda, random")
+    importance_method: str = Field("taylor", description="criterion: taylor, taylor_2nd, taylor_mix, magnitude, wanda, fluctuation, obs, random (or one registered by a user)")
     magnitude_norm: Literal["l1", "l2"] = Field("l2", description="norm of the magnitude criterion")
     units: str = Field("kv_group,mlp_channel", description="comma-separated unit kinds that may be pruned")
     normalization: Literal["none", "block", "layer", "standard", "block_standard", "uniform"] = Field(
