@@ -206,3 +206,73 @@ def test_layer_inputs_follow_each_layers_own_mask_with_mixed_layer_types():
         first_only = torch.cat([run_block(layers[1], run_block(layers[0], h, kw[0]), kw[0]) for h, kw in zip(hidden, kwargs)])
     torch.testing.assert_close(own, expected[2], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(first_only, expected[2], atol=1e-3)
+
+
+def _zero_units(model, kept):
+    """Zero what the pruned units contribute (their o_proj/down_proj input columns): removing them changes nothing."""
+    for (layer, kind), indices in kept.items():
+        units = layer_units(model, layer, kind)
+        proj = decoder_layers(model)[layer].self_attn.o_proj if kind == "kv_group" else decoder_layers(model)[layer].mlp.down_proj
+        width = next(s.width for s in units.slices if s.module.endswith("o_proj" if kind == "kv_group" else "down_proj"))
+        with torch.no_grad():
+            for unit in set(range(units.count)) - set(indices):
+                proj.weight[:, unit * width : (unit + 1) * width] = 0
+
+
+@pytest.mark.parametrize("target", ["dense", "residual"])
+@pytest.mark.parametrize("mode", ["bias", "lstsq", "lstsq_bias"])
+def test_targets_change_nothing_when_the_pruned_units_contribute_nothing(family, mode, target):
+    model = make_tiny_model(family)
+    ids = calibration_ids(n=8, length=32)
+    kept = {(0, "kv_group"): [0], (0, "mlp_channel"): _kept_mlp(model, 0), (1, "mlp_channel"): _kept_mlp(model, 1, 2)}
+    _zero_units(model, kept)
+    with torch.no_grad():
+        before = model(ids).logits
+    prune_with_reconstruction(model, kept, ids, mode, damp=1e-3, target=target, refit_unpruned=True)
+    with torch.no_grad():
+        after = model(ids).logits
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+def test_an_explicit_target_equal_to_the_projection_output_gives_the_implicit_refit():
+    """Xᵀ Y with Y = X Wᵀ + b is the system the implicit path builds: the same solution, bias or not."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(10, 4, bias=True)
+    x = torch.randn(600, 10, dtype=torch.float64)
+    y = x @ linear.weight.detach().double().T + linear.bias.detach().double()
+    implicit = InputStats(sum=x.sum(0), gram=x.T @ x, tokens=600)
+    explicit = InputStats(sum=x.sum(0), gram=x.T @ x, tokens=600, cross=x.T @ y, target_sq=float(y.square().sum()), target_sum=y.sum(0))
+    kept = torch.tensor([0, 1, 2, 3, 5, 8])
+    for mode in ("bias", "lstsq", "lstsq_bias"):
+        w_i, b_i, _ = compensate_projection(linear, implicit, kept, mode, damp=0.01)
+        w_e, b_e, _ = compensate_projection(linear, explicit, kept, mode, damp=0.01)
+        torch.testing.assert_close(w_e, w_i, rtol=1e-5, atol=1e-6)
+        if b_i is None:
+            assert b_e is None
+        else:
+            torch.testing.assert_close(b_e, b_i, rtol=1e-5, atol=1e-6)
+
+
+def _last_hidden(model, ids):
+    with torch.no_grad():
+        return model(ids, output_hidden_states=True).hidden_states[-1]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_the_residual_target_tracks_the_dense_stream_better_than_the_pruned_target(family):
+    ids = calibration_ids(n=16, length=32)
+    dense = make_tiny_model(family)
+    reference = _last_hidden(dense, ids)
+    kept = {(i, "mlp_channel"): _kept_mlp(dense, i, 2) for i in range(2)} | {(0, "kv_group"): [0]}
+    errors = {}
+    for target in ("pruned", "residual"):
+        model = make_tiny_model(family)
+        prune_with_reconstruction(model, kept, ids, "lstsq_bias", damp=1e-3, target=target)
+        errors[target] = float((_last_hidden(model, ids) - reference).pow(2).sum())
+    assert errors["residual"] < errors["pruned"]
+
+
+def test_an_unknown_target_is_refused():
+    model = make_tiny_model("llama")
+    with pytest.raises(PrunellmError, match="--reconstruct_target 'x' is not valid"):
+        prune_with_reconstruction(model, {(0, "mlp_channel"): [0]}, calibration_ids(), "lstsq", target="x")

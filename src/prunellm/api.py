@@ -221,17 +221,19 @@ def prune(
     reconstruct: Literal["none", "bias", "lstsq", "lstsq_bias"] = "none",
     damp: float | Literal["auto"] = "auto",
     batch_size: int = 8,
+    target: Literal["pruned", "dense", "residual"] = "pruned",
 ) -> dict[str, Any]:
     """Apply ``plan`` to ``model`` in place: slice the weights (layer by layer, compensating o_proj/down_proj by
     ``reconstruct`` on ``calibration`` windows), then drop the plan's removed layers. Returns the reconstruction
     report; the model's parameter count then equals the plan's plus the report's ``added_params`` (biases that
-    compensation adds where the family builds none)."""
+    compensation adds where the family builds none). ``target`` is what each refit preserves (pruned, dense or
+    residual: see :mod:`prunellm.reconstruction`)."""
     from .reconstruction import prune_with_reconstruction
     from .surgery import remove_layers
 
     if reconstruct != "none" and calibration is None:
         raise PrunellmError(f"reconstruct='{reconstruct}' needs calibration windows: pass calibration=calibrate(...)")
-    report = prune_with_reconstruction(model, plan.kept_units(), calibration, reconstruct, damp, batch_size)
+    report = prune_with_reconstruction(model, plan.kept_units(), calibration, reconstruct, damp, batch_size, target=target)
     remove_layers(model, plan.removed_layers)
     return {"mode": reconstruct, "added_params": report.added_params, "layers": report.layers}
 

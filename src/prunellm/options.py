@@ -205,6 +205,11 @@ class PruneRecipe(_Options):
         "auto", description="ridge damping of the lstsq refit toward the original weights, relative to mean(diag XᵀX); "
         "auto = chosen per projection by 2-fold cross-validation on the calibration batches"
     )
+    reconstruct_target: Literal["pruned", "dense", "residual"] = Field(
+        "pruned", description="what each refit preserves: pruned (the projection's own output on the pruned model's "
+        "inputs), dense (the dense model's projection output), residual (the dense model's residual stream: corrects "
+        "the error of earlier layers too)"
+    )
     plan: str | None = Field(None, description="replay this plan.json on the original weights instead of scoring")
     allocation: Literal["global", "layerwise"] = Field(
         "global", description="global importance/cost ranking, or per-layer rates from layer importance (layer_pruning.py)"

@@ -229,6 +229,7 @@ def reconstruction_settings(recipe: PruneRecipe, seed: int) -> dict[str, Any]:
         "num_samples": recipe.reconstruct_num_samples,
         "seq_len": recipe.reconstruct_seq_len,
         "damp": recipe.reconstruct_damp,
+        "target": recipe.reconstruct_target,
         "solver": SOLVER,
         "seed": seed + 3,  # windows apart from the scoring calibration, same train part (never eval text)
     }
@@ -272,7 +273,9 @@ def apply_plan_with_reconstruction(model: nn.Module, tokenizer, plan: Plan) -> d
             f"(hash {tensor_hash(ids)} != {settings['hash']}): use the same tokenizer and corpus"
         )
     started = time.perf_counter()
-    report = prune_with_reconstruction(model, plan.kept_units(), ids, settings["mode"], settings.get("damp", "auto"))
+    report = prune_with_reconstruction(
+        model, plan.kept_units(), ids, settings["mode"], settings.get("damp", "auto"), target=settings.get("target", "pruned")
+    )
     remove_layers(model, plan.removed_layers)
     return {
         "settings": settings, "seconds": round(time.perf_counter() - started, 3), "added_params": report.added_params,

@@ -19,14 +19,25 @@ pruned units (o_proj reads the kept heads, down_proj the kept channels):
   (an intercept): the mean of what the removed units contributed (``bias``) and the refit of ``lstsq`` solved
   jointly, in one ridge system on the Gram matrix of [x, 1].
 
-Memory is bounded by one layer's statistics (in×in float64) plus the calibration hidden states.
+What a refit preserves is its *target* (``target``):
+
+* ``pruned`` (default): the projection's own output on the pruned model's inputs, X Wᵀ — each projection is
+  refitted to do what it did before on what it now receives;
+* ``dense``: the dense model's output of that projection on the dense model's inputs — the refit also absorbs the
+  error the already pruned earlier layers left in its input;
+* ``residual``: the dense model's residual stream after the block — o_proj makes h + attn(h) match the dense
+  model's, down_proj the layer's output — so each refit corrects every error accumulated so far (pre-norm residual
+  blocks: a projection's output is added to the stream as it is, true of every family spec).
+
+For ``dense`` and ``residual`` a dense copy of the calibration hidden states runs beside the pruned one.
+Memory is bounded by one layer's statistics (in×in and in×out float64) plus the calibration hidden states.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Callable, Literal, Union
 
 import torch
 from torch import nn
@@ -43,6 +54,8 @@ from .units import decoder_layers, get_module, index_ranges, layer_units
 log = logging.getLogger(__name__)
 
 Mode = Literal["none", "bias", "lstsq", "lstsq_bias"]
+Target = Literal["pruned", "dense", "residual"]
+TARGETS = ("pruned", "dense", "residual")
 LSTSQ_MODES = ("lstsq", "lstsq_bias")
 Damp = Union[float, Literal["auto"]]
 DAMP_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)  # λ / mean(diag H_SS) tried by damp="auto"
@@ -59,6 +72,13 @@ class InputStats:
     fold_grams: list[torch.Tensor] | None = None
     fold_sums: list[torch.Tensor] | None = None
     fold_tokens: list[int] | None = None
+    # with an explicit target Y (``target`` other than "pruned"): Σ x yᵀ (in, out), Σ‖y‖², Σ y — total and per fold
+    cross: torch.Tensor | None = None
+    target_sq: float = 0.0
+    target_sum: torch.Tensor | None = None
+    fold_cross: list[torch.Tensor] | None = None
+    fold_target_sq: list[float] | None = None
+    fold_target_sum: list[torch.Tensor] | None = None
 
     def augmented(self) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         """Gram matrices of [x, 1] (in + 1, in + 1): what a refit with an intercept (the projection's bias) solves."""
@@ -105,13 +125,28 @@ def _run_layer(layer: nn.Module, index: int, hidden: list[torch.Tensor], kwargs_
         return [run_block(layer, h, kw[index]) for h, kw in zip(hidden, kwargs_list)]
 
 
+# what a target function gets for one batch: the batch index, the projection's input x (tokens, in) and, when the
+# whole layer ran, the layer's output and the projection's output (each (tokens, hidden)); returns y (tokens, out)
+TargetFn = Callable[[int, torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], torch.Tensor]
+
+
 def _collect_input_stats(
-    layer: nn.Module, index: int, path: str, hidden: list[torch.Tensor], kwargs_list: list[list[dict]], need_gram: bool, folds: int = 1
+    layer: nn.Module,
+    index: int,
+    path: str,
+    hidden: list[torch.Tensor],
+    kwargs_list: list[list[dict]],
+    need_gram: bool,
+    folds: int = 1,
+    target: TargetFn | None = None,
+    target_needs_output: bool = False,
 ) -> InputStats:
     """Run the layer up to ``path`` over every batch, accumulating Σx (and XᵀX) of ``path``'s input.
 
     Each batch's XᵀX is computed in float32 (fast BLAS) and summed into a float64 accumulator; with ``folds`` > 1
-    batch b also goes to fold b mod ``folds`` (the total Gram is their sum).
+    batch b also goes to fold b mod ``folds`` (the total Gram is their sum). With ``target``, Σ x yᵀ, Σ‖y‖² and
+    Σ y of the target outputs are accumulated too (``target_needs_output``: the whole layer runs, and the target
+    function receives the layer's and the projection's outputs).
     """
     linear = get_module(layer, path)
     n = linear.in_features
@@ -122,33 +157,67 @@ def _collect_input_stats(
         stats.fold_tokens = [0] * folds
     elif need_gram:
         stats.gram = torch.zeros(n, n, dtype=torch.float64)
+    if target is not None:
+        out = linear.out_features
+        k = max(folds, 1)
+        stats.fold_cross = [torch.zeros(n, out, dtype=torch.float64) for _ in range(k)]
+        stats.fold_target_sq = [0.0] * k
+        stats.fold_target_sum = [torch.zeros(out, dtype=torch.float64) for _ in range(k)]
     calls = [0]
+    seen: dict[str, torch.Tensor] = {}
 
-    def hook(module, args):
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (tokens, in)
+    def accumulate(x: torch.Tensor, y: torch.Tensor | None) -> None:
+        fold = calls[0] % folds
         stats.sum += x.sum(0).double().cpu()
         if stats.fold_grams is not None:
-            stats.fold_grams[calls[0] % folds] += (x.T @ x).double().cpu()
-            stats.fold_sums[calls[0] % folds] += x.sum(0).double().cpu()
-            stats.fold_tokens[calls[0] % folds] += x.shape[0]
+            stats.fold_grams[fold] += (x.T @ x).double().cpu()
+            stats.fold_sums[fold] += x.sum(0).double().cpu()
+            stats.fold_tokens[fold] += x.shape[0]
         elif need_gram:
             stats.gram += (x.T @ x).double().cpu()
+        if y is not None:
+            stats.fold_cross[fold] += (x.T @ y).double().cpu()
+            stats.fold_target_sq[fold] += float(y.double().square().sum())
+            stats.fold_target_sum[fold] += y.sum(0).double().cpu()
         stats.tokens += x.shape[0]
+
+    def pre_hook(module, args):
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (tokens, in)
+        if target_needs_output:
+            seen["x"] = x
+            return
+        accumulate(x, target(calls[0], x, None, None) if target is not None else None)
         calls[0] += 1
         raise StopForward  # the rest of the layer is not needed (for o_proj: the whole MLP)
 
-    handle = linear.register_forward_pre_hook(hook)
+    def post_hook(module, args, output):
+        seen["projection"] = output.detach().reshape(-1, output.shape[-1]).float()
+
+    handles = [linear.register_forward_pre_hook(pre_hook)]
+    if target_needs_output:
+        handles.append(linear.register_forward_hook(post_hook))
     try:
         with torch.no_grad():
             for h, kw in zip(hidden, kwargs_list):
                 try:
-                    run_block(layer, h, kw[index])
+                    out_h = run_block(layer, h, kw[index])
                 except StopForward:
-                    pass
+                    continue
+                x = seen.pop("x")
+                y = target(calls[0], x, out_h.reshape(-1, out_h.shape[-1]).float(), seen.pop("projection"))
+                accumulate(x, y)
+                calls[0] += 1
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     if stats.fold_grams is not None:
         stats.gram = sum(stats.fold_grams[1:], stats.fold_grams[0].clone())
+    if target is not None:
+        stats.cross = sum(stats.fold_cross[1:], stats.fold_cross[0].clone())
+        stats.target_sq = sum(stats.fold_target_sq)
+        stats.target_sum = sum(stats.fold_target_sum[1:], stats.fold_target_sum[0].clone())
+        if folds <= 1:
+            stats.fold_cross = stats.fold_target_sq = stats.fold_target_sum = None
     return stats
 
 
@@ -162,9 +231,16 @@ class _System:
 
     @classmethod
     def build(cls, gram: torch.Tensor, weight: torch.Tensor, kept: torch.Tensor) -> "_System":
+        """The system whose target is the projection's own output X Wᵀ."""
         w = weight.double()
         rows = gram[kept]
         return cls(rows[:, kept], rows @ w.T, float(((w @ gram) * w).sum()))
+
+    @classmethod
+    def build_for_target(cls, gram: torch.Tensor, cross: torch.Tensor, target_sq: float, kept: torch.Tensor) -> "_System":
+        """The system whose target Y was given: Xᵀ Y (``cross``, (in, out)) and ‖Y‖²."""
+        rows = gram[kept]
+        return cls(rows[:, kept], cross[kept], float(target_sq))
 
     def __add__(self, other: "_System") -> "_System":
         return _System(self.h_ss + other.h_ss, self.rhs + other.rhs, self.target_sq + other.target_sq)
@@ -206,13 +282,17 @@ def solve_lstsq(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, da
     return _System.build(gram, weight, kept).solve(weight[:, kept], damp)
 
 
-def choose_damp(weight: torch.Tensor, fold_grams: list[torch.Tensor], kept: torch.Tensor) -> tuple[float | None, dict]:
+def choose_damp(
+    weight: torch.Tensor, fold_grams: list[torch.Tensor], kept: torch.Tensor, fold_systems: list["_System"] | None = None
+) -> tuple[float | None, dict]:
     """λ of :data:`DAMP_GRID` with the lowest held-out output error under k-fold cross-validation.
 
     Returns ``(None, errors)`` when no λ beats leaving the kept columns as they are on the held-out folds.
+    ``fold_systems`` (systems for an explicit target) replace the ones built from ``fold_grams`` and ``weight``.
     """
     w = weight.cpu()
-    folds = [_System.build(gram, w, kept) for gram in fold_grams]  # each fold's products once, not once per λ
+    # each fold's products once, not once per λ
+    folds = fold_systems if fold_systems is not None else [_System.build(gram, w, kept) for gram in fold_grams]
     total = sum(folds[1:], folds[0])
     plain = w[:, kept]
     cv = dict.fromkeys(DAMP_GRID, 0.0)
@@ -228,25 +308,75 @@ def choose_damp(weight: torch.Tensor, fold_grams: list[torch.Tensor], kept: torc
     return (best if cv[best] < baseline else None), errors
 
 
+def _augment_target(cross: torch.Tensor, target_sum: torch.Tensor) -> torch.Tensor:
+    """Xᵀ Y of [x, 1]: one more row, Σ y."""
+    return torch.cat([cross, target_sum[None, :]], 0)
+
+
+def _without_bias(cross: torch.Tensor, target_sq: float, target_sum: torch.Tensor, x_sum: torch.Tensor, tokens: int, bias: torch.Tensor):
+    """Xᵀ(Y − 1bᵀ) and ‖Y − 1bᵀ‖²: the target a refit of the weight alone must meet when the bias b stays."""
+    b = bias.double()
+    return cross - x_sum[:, None] * b[None, :], target_sq - 2 * float(b @ target_sum) + tokens * float(b @ b)
+
+
+def _target_systems(
+    stats: InputStats, columns: torch.Tensor, intercept: bool, bias: torch.Tensor | None
+) -> tuple["_System", list["_System"] | None]:
+    """The total and per-fold systems of a projection whose target Y was collected (``stats.cross``); ``bias``:
+    the projection's bias, kept as it is (``intercept=False``)."""
+    if not intercept and bias is not None:
+        cross, target_sq = _without_bias(stats.cross, stats.target_sq, stats.target_sum, stats.sum, stats.tokens, bias.cpu())
+        total = _System.build_for_target(stats.gram, cross, target_sq, columns)
+        folds = None
+        if stats.fold_grams and stats.fold_cross:
+            folds = []
+            for g, c, sq, ts, xs, n in zip(stats.fold_grams, stats.fold_cross, stats.fold_target_sq, stats.fold_target_sum,
+                                           stats.fold_sums, stats.fold_tokens):  # fmt: skip
+                fc, fsq = _without_bias(c, sq, ts, xs, n, bias.cpu())
+                folds.append(_System.build_for_target(g, fc, fsq, columns))
+        return total, folds
+    if intercept:
+        gram, fold_grams = stats.augmented()
+        cross = _augment_target(stats.cross, stats.target_sum)
+        fold_cross = (
+            [_augment_target(c, t) for c, t in zip(stats.fold_cross, stats.fold_target_sum)] if stats.fold_cross else None
+        )
+    else:
+        gram, fold_grams, cross, fold_cross = stats.gram, stats.fold_grams, stats.cross, stats.fold_cross
+    total = _System.build_for_target(gram, cross, stats.target_sq, columns)
+    folds = None
+    if fold_grams and fold_cross:
+        folds = [_System.build_for_target(g, c, sq, columns) for g, c, sq in zip(fold_grams, fold_cross, stats.fold_target_sq)]
+    return total, folds
+
+
 def compensate_projection(
-    linear: nn.Linear, stats: InputStats, kept_columns: torch.Tensor, mode: Mode, damp: Damp
+    linear: nn.Linear, stats: InputStats, kept_columns: torch.Tensor, mode: Mode, damp: Damp, refit_unpruned: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
     """New (out, k) weight and bias for a projection that keeps only ``kept_columns`` of its input.
 
     Returns the weight, the bias (``None`` = unchanged) and a report entry. ``damp="auto"`` needs
-    ``stats.fold_grams``.
+    ``stats.fold_grams``. With a collected target (``stats.cross``) the refit preserves that target instead of
+    the projection's own output; ``refit_unpruned`` refits a projection that lost no input too (only useful with
+    such a target: it then corrects the error of earlier layers).
     """
     weight = linear.weight.detach()
     removed = torch.ones(linear.in_features, dtype=torch.bool)
     removed[kept_columns] = False
     report: dict = {"kept_columns": int(kept_columns.numel()), "removed_columns": int(removed.sum())}
     new_weight, new_bias = weight[:, kept_columns].clone(), None
-    if not removed.any():
+    explicit = stats.cross is not None
+    if not removed.any() and not (refit_unpruned and explicit):
         return new_weight, None, report
     if mode == "bias":
-        mean = stats.sum / max(stats.tokens, 1)  # (in,) float64
-        shift = (weight.double().cpu()[:, removed] @ mean[removed]).to(weight.dtype).to(weight.device)  # (out,)
-        new_bias = shift if linear.bias is None else linear.bias.detach() + shift
+        if explicit:  # the intercept that makes the mean output equal the target's mean
+            mean_x, mean_y = stats.sum / max(stats.tokens, 1), stats.target_sum / max(stats.tokens, 1)
+            shift = (mean_y - weight.double().cpu()[:, kept_columns] @ mean_x[kept_columns]).to(weight.dtype).to(weight.device)
+            new_bias = shift
+        else:
+            mean = stats.sum / max(stats.tokens, 1)  # (in,) float64
+            shift = (weight.double().cpu()[:, removed] @ mean[removed]).to(weight.dtype).to(weight.device)  # (out,)
+            new_bias = shift if linear.bias is None else linear.bias.detach() + shift
     elif mode in LSTSQ_MODES:
         if stats.tokens < kept_columns.numel():
             raise PrunellmError(
@@ -260,12 +390,15 @@ def compensate_projection(
             w = torch.cat([w, bias[:, None]], 1)  # (out, in + 1)
             gram, fold_grams = stats.augmented()
             columns = torch.cat([kept_columns, torch.tensor([linear.in_features])])
-        system = _System.build(gram, w, columns)
+        if explicit:
+            system, fold_systems = _target_systems(stats, columns, mode == "lstsq_bias", linear.bias.detach() if linear.bias is not None else None)
+        else:
+            system, fold_systems = _System.build(gram, w, columns), None
         baseline, total = system.error(w[:, columns]), system.target_sq or 1.0
         if damp == "auto":
             if not fold_grams:
                 raise PrunellmError("--reconstruct_damp auto needs per-fold statistics (collect them with folds=2)")
-            chosen, cv = choose_damp(w, fold_grams, columns)
+            chosen, cv = choose_damp(w, fold_grams, columns, fold_systems)
             report["cv_relative_error"] = {k: v / total for k, v in cv["cv_error"].items()} | {"no_refit": cv["cv_error_no_refit"] / total}
             if chosen is None:  # no damping generalises better than the original columns: leave them
                 report.update(damp=None, error_before=baseline / total, error_after=baseline / total, kept_original=True)
@@ -284,6 +417,58 @@ def compensate_projection(
     return new_weight, new_bias, report
 
 
+@dataclass
+class _DenseLayer:
+    """What the dense model's layer did on the dense stream, per batch: its output and its down_proj's output."""
+
+    inputs: list[torch.Tensor]
+    outputs: list[torch.Tensor]
+    mlp_outputs: list[torch.Tensor]
+
+    def attention_output(self, b: int) -> torch.Tensor:
+        """h_mid − h: what the attention block added to the stream (o_proj's output, bias included)."""
+        return self.outputs[b] - self.mlp_outputs[b] - self._flat(self.inputs[b])
+
+    def mid(self, b: int) -> torch.Tensor:
+        return self.outputs[b] - self.mlp_outputs[b]
+
+    @staticmethod
+    def _flat(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1, t.shape[-1]).float()
+
+
+def _run_dense_layer(layer: nn.Module, index: int, down: str, hidden: list[torch.Tensor], kwargs_list: list[list[dict]]) -> _DenseLayer:
+    """Run the (still unpruned) layer on the dense stream, keeping its outputs and its MLP's output per batch."""
+    outputs, mlp_outputs = [], []
+    handle = get_module(layer, down).register_forward_hook(
+        lambda module, args, output: mlp_outputs.append(output.detach().reshape(-1, output.shape[-1]).float())
+    )
+    try:
+        with torch.no_grad():
+            for h, kw in zip(hidden, kwargs_list):
+                out = run_block(layer, h, kw[index])
+                outputs.append(out.reshape(-1, out.shape[-1]).float())
+    finally:
+        handle.remove()
+    return _DenseLayer(hidden, outputs, mlp_outputs)
+
+
+def _target_fns(target: Target, dense: _DenseLayer, pruned_inputs: list[torch.Tensor]) -> dict[str, tuple[TargetFn, bool]]:
+    """Per projection kind ("kv_group" → o_proj, "mlp_channel" → down_proj): the target function and whether it
+    needs the layer's outputs on the pruned stream."""
+    flat = _DenseLayer._flat
+    if target == "dense":
+        return {
+            "kv_group": (lambda b, x, out, proj: dense.attention_output(b), False),
+            "mlp_channel": (lambda b, x, out, proj: dense.mlp_outputs[b], False),
+        }
+    # residual: the stream after the block must match the dense model's
+    return {
+        "kv_group": (lambda b, x, out, proj: dense.mid(b) - flat(pruned_inputs[b]), False),
+        "mlp_channel": (lambda b, x, out, proj: dense.outputs[b] - (out - proj), True),
+    }
+
+
 def prune_with_reconstruction(
     model: nn.Module,
     kept: dict[UnitKey, list[int]],
@@ -291,13 +476,21 @@ def prune_with_reconstruction(
     mode: Mode,
     damp: Damp = "auto",
     batch_size: int = 8,
+    target: Target = "pruned",
+    refit_unpruned: bool = False,
 ) -> ReconstructionReport:
-    """Prune every layer's units as ``kept`` says, in layer order, compensating o_proj/down_proj inputs."""
+    """Prune every layer's units as ``kept`` says, in layer order, compensating o_proj/down_proj inputs.
+
+    ``target`` is what each refit preserves (see the module docstring); ``refit_unpruned`` also refits projections
+    that lost no input (``dense``/``residual`` targets only: it corrects the error earlier layers left).
+    """
     if mode == "none":
         prune_units(model, kept)
         return ReconstructionReport(mode="none")
     if mode not in ("bias", *LSTSQ_MODES):
         raise PrunellmError(f"--reconstruct '{mode}' is not valid: use one of none, bias, lstsq, lstsq_bias")
+    if target not in TARGETS:
+        raise PrunellmError(f"--reconstruct_target '{target}' is not valid: use one of {', '.join(TARGETS)}")
     if damp != "auto" and (isinstance(damp, str) or damp < 0):
         raise PrunellmError(f"--reconstruct_damp {damp} is not valid: use auto or a number ≥ 0")
     spec = spec_for(model.config)
@@ -305,31 +498,41 @@ def prune_with_reconstruction(
     if mode in LSTSQ_MODES and damp == "auto":
         batch_size = max(1, min(batch_size, (len(input_ids) + 1) // 2))  # cross-validation needs two batches or more
     hidden, kwargs_list = capture_layer_inputs(model, input_ids, batch_size)
+    dense_hidden = list(hidden) if target != "pruned" else None
     report = ReconstructionReport(mode=mode)
     compensated = False
+    o_path, down_path = f"{spec.attention.module}.{spec.attention.o}", f"{spec.mlp.module}.{spec.mlp.down}"
     for index in tqdm(range(len(layers)), desc=f"reconstruction ({mode})", leave=False):
         layer = layers[index]
         entry: dict = {"layer": index}
-        for kind, proj in (
-            ("kv_group", f"{spec.attention.module}.{spec.attention.o}"),
-            ("mlp_channel", f"{spec.mlp.module}.{spec.mlp.down}"),
-        ):
+        targets = {}
+        if dense_hidden is not None:
+            dense = _run_dense_layer(layer, index, down_path, dense_hidden, kwargs_list)
+            targets = _target_fns(target, dense, hidden)
+        for kind, proj in (("kv_group", o_path), ("mlp_channel", down_path)):
             key = (index, kind)
             units = layer_units(model, index, kind, spec)
-            if key not in kept or len(kept[key]) == units.count:
+            pruned_here = key in kept and len(kept[key]) < units.count
+            if not pruned_here and not (refit_unpruned and targets and units.count > 0):
                 continue
-            if not kept[key]:  # the whole block goes: a zero-output block, nothing to refit
+            if pruned_here and not kept[key]:  # the whole block goes: a zero-output block, nothing to refit
                 prune_units(model, {key: []})
                 continue
             # statistics of the projection's input with the attention of this layer already pruned
             folds = 2 if mode in LSTSQ_MODES and damp == "auto" else 1
-            stats = _collect_input_stats(layer, index, proj, hidden, kwargs_list, need_gram=mode in LSTSQ_MODES, folds=folds)
-            keep = torch.as_tensor(sorted(kept[key]), dtype=torch.long)
+            fn, needs_output = targets.get(kind, (None, False))
+            stats = _collect_input_stats(
+                layer, index, proj, hidden, kwargs_list, need_gram=mode in LSTSQ_MODES, folds=folds, target=fn,
+                target_needs_output=needs_output,
+            )  # fmt: skip
+            indices = kept[key] if pruned_here else list(range(units.count))
+            keep = torch.as_tensor(sorted(indices), dtype=torch.long)
             width = next(s.width for s in units.slices if s.module == proj)
             new_weight, new_bias, entry[kind] = compensate_projection(
-                get_module(layer, proj), stats, index_ranges(keep, width), mode, damp
+                get_module(layer, proj), stats, index_ranges(keep, width), mode, damp, refit_unpruned=refit_unpruned
             )
-            prune_units(model, {key: kept[key]})  # slices the unit's rows and the projection's columns
+            if pruned_here:
+                prune_units(model, {key: kept[key]})  # slices the unit's rows and the projection's columns
             projection = get_module(layer, proj)
             with torch.no_grad():
                 projection.weight.copy_(new_weight)
@@ -338,6 +541,8 @@ def prune_with_reconstruction(
                 projection.bias = nn.Parameter(new_bias, requires_grad=projection.weight.requires_grad)
                 compensated = True
         hidden = _run_layer(layer, index, hidden, kwargs_list)  # the next layer sees this layer's pruned output
+        if dense_hidden is not None:
+            dense_hidden = [o.reshape(h.shape).to(h.dtype) for o, h in zip(dense.outputs, dense_hidden)]
         report.layers.append(entry)
     if compensated:
         # o_proj/down_proj may now carry a bias their family's config does not build: the checkpoint must
