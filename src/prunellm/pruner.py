@@ -10,7 +10,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -348,44 +348,124 @@ def write_layer_importance(out: Path, method: str, scores: list[float], rates: l
     plot_layer_importance(scores, method, out / "visualization" / "layer_importance.png", highlight=removed)
 
 
+def depth_plan(model: nn.Module, tokenizer, recipe: LayersRecipe, run: RunOptions, out: Path) -> tuple[Plan, list[dict]]:
+    """Depth pruning's complete Plan: the decoder layers to remove, ranked by the layer criterion (writes
+    ``layer_importance.json`` into ``out``); no per-unit table."""
+    n_layers = len(decoder_layers(model))
+    total = count_parameters(model)
+    if recipe.n_remove_layers is not None:
+        n_remove = recipe.n_remove_layers
+    elif recipe.pruning_ratio is not None:
+        n_remove = layers_for_ratio(model, recipe.pruning_ratio, total)
+    else:
+        raise PrunellmError("give --n_remove_layers N or --pruning_ratio r")
+    if not 1 <= n_remove < n_layers:
+        raise PrunellmError(f"--n_remove_layers {n_remove} must be between 1 and {n_layers - 1} (the model has {n_layers} layers)")
+    candidates = [i for i in range(recipe.freeze_first_n_layers, n_layers - recipe.freeze_last_n_layers)]
+    ids = sample_calibration(tokenizer, recipe.dataset, recipe.num_samples, recipe.seq_len, run.seed)
+    removed, scores = choose_layers_to_remove(
+        model, ids, recipe.layer_importance_method, n_remove, iterative=recipe.iterative,
+        batch_size=recipe.batch_size, candidates=candidates,
+    )  # fmt: skip
+    write_layer_importance(out, recipe.layer_importance_method, scores, removed=removed)
+    per_layer = layer_params(model)
+    plan = Plan(
+        base_model=recipe.base_model, method="layers", criterion=recipe.layer_importance_method,
+        target_ratio=recipe.pruning_ratio, params_before=total,
+        params_after=total - sum(per_layer[i] for i in removed),
+        layers=[LayerPlan() for _ in range(n_layers)], removed_layers=removed, recipe=recipe.model_dump(),
+        calibration={"source": describe_source(recipe.dataset, "train"), "num_samples": recipe.num_samples,
+                     "seq_len": recipe.seq_len, "hash": tensor_hash(ids)},
+        seed=run.seed, versions=package_versions(), reconstruction={"mode": "none"},
+    )  # fmt: skip
+    return plan, []
+
+
+def width_plan(model: nn.Module, tokenizer, recipe: PruneRecipe, run: RunOptions, out: Path) -> tuple[Plan, list[dict]]:
+    """Width pruning's complete Plan (``--plan`` replayed, or scored and selected) and its per-unit table.
+
+    The reconstruction settings go into the plan before scoring: a bad ``--reconstruct_dataset`` or too short a
+    text fails now, not after scoring.
+    """
+    if recipe.plan:
+        return load_plan_for(model, recipe.plan), []
+    settings = reconstruction_settings(recipe.reconstruction, recipe.calibration.dataset, run.seed)
+    if settings["mode"] != "none":
+        flag = "--reconstruct_dataset" if recipe.reconstruction.reconstruct_dataset else "--dataset"
+        settings["source"] = describe_source(settings["dataset"], "train", flag=flag)
+        settings["hash"] = tensor_hash(reconstruction_calibration(tokenizer, settings, flag))
+    return score_and_plan(model, tokenizer, recipe, run, out, settings)
+
+
+@dataclass(frozen=True)
+class WidthPruning:
+    """``prunellm prune``: kv groups and MLP channels, ranked globally or per layer, optionally fine-tuned after."""
+
+    recipe: PruneRecipe
+    run: RunOptions
+    finetune: FinetuneOptions | None = None
+
+    @property
+    def base_model(self) -> str:
+        return self.recipe.base_model
+
+    @property
+    def name(self) -> str:
+        return self.recipe.output_name or default_output_name(self.recipe)
+
+    @property
+    def run_evaluation(self) -> str:
+        return self.recipe.run_evaluation
+
+    def context_lengths(self) -> dict[str, int]:
+        """Flag -> tokens the loaded model's context must hold (checked before any work)."""
+        lengths = {"taylor_seq_len": self.recipe.calibration.taylor_seq_len}
+        if self.recipe.reconstruction.reconstruct != "none":
+            lengths["reconstruct_seq_len"] = self.recipe.reconstruction.reconstruct_seq_len
+        if self.finetune is not None and self.finetune.finetune:
+            lengths["finetune_seq_len"] = self.finetune.data.seq_len
+        return lengths
+
+    def make_plan(self, model: nn.Module, tokenizer, out: Path) -> tuple[Plan, list[dict]]:
+        return width_plan(model, tokenizer, self.recipe, self.run, out)
+
+
+@dataclass(frozen=True)
+class DepthPruning:
+    """``prunellm layers``: whole decoder layers removed."""
+
+    recipe: LayersRecipe
+    run: RunOptions
+    finetune: None = None  # depth runs are not fine-tuned in the same process
+
+    @property
+    def base_model(self) -> str:
+        return self.recipe.base_model
+
+    @property
+    def name(self) -> str:
+        return self.recipe.output_name or f"{Path(self.recipe.base_model).name}_layers_{self.recipe.layer_importance_method}"
+
+    @property
+    def run_evaluation(self) -> str:
+        return self.recipe.run_evaluation
+
+    def context_lengths(self) -> dict[str, int]:
+        return {"seq_len": self.recipe.seq_len}
+
+    def make_plan(self, model: nn.Module, tokenizer, out: Path) -> tuple[Plan, list[dict]]:
+        return depth_plan(model, tokenizer, self.recipe, self.run, out)
+
+
+Workflow = WidthPruning | DepthPruning
+"""What differs between the two runs: the recipe, how the Plan is made and what the model's context must hold."""
+
+
 def prune_layers(recipe: LayersRecipe, run: RunOptions, eval_options: EvalOptions | None = None, argv: list[str] | None = None) -> PruneResult:
     """Depth pruning: remove whole decoder layers, into ``<output_dir>/<output_name>/`` (standard HF checkpoint)."""
     if run.offload:
         raise PrunellmError("--offload scores units for prunellm prune; prunellm layers runs in memory: leave --offload out")
-
-    def make_plan(model: nn.Module, tokenizer, tmp: Path) -> tuple[Plan, list[dict]]:
-        n_layers = len(decoder_layers(model))
-        total = count_parameters(model)
-        if recipe.n_remove_layers is not None:
-            n_remove = recipe.n_remove_layers
-        elif recipe.pruning_ratio is not None:
-            n_remove = layers_for_ratio(model, recipe.pruning_ratio, total)
-        else:
-            raise PrunellmError("give --n_remove_layers N or --pruning_ratio r")
-        if not 1 <= n_remove < n_layers:
-            raise PrunellmError(f"--n_remove_layers {n_remove} must be between 1 and {n_layers - 1} (the model has {n_layers} layers)")
-        candidates = [i for i in range(recipe.freeze_first_n_layers, n_layers - recipe.freeze_last_n_layers)]
-        ids = sample_calibration(tokenizer, recipe.dataset, recipe.num_samples, recipe.seq_len, run.seed)
-        removed, scores = choose_layers_to_remove(
-            model, ids, recipe.layer_importance_method, n_remove, iterative=recipe.iterative,
-            batch_size=recipe.batch_size, candidates=candidates,
-        )  # fmt: skip
-        write_layer_importance(tmp, recipe.layer_importance_method, scores, removed=removed)
-        per_layer = layer_params(model)
-        plan = Plan(
-            base_model=recipe.base_model, method="layers", criterion=recipe.layer_importance_method,
-            target_ratio=recipe.pruning_ratio, params_before=total,
-            params_after=total - sum(per_layer[i] for i in removed),
-            layers=[LayerPlan() for _ in range(n_layers)], removed_layers=removed, recipe=recipe.model_dump(),
-            calibration={"source": describe_source(recipe.dataset, "train"), "num_samples": recipe.num_samples,
-                         "seq_len": recipe.seq_len, "hash": tensor_hash(ids)},
-            seed=run.seed, versions=package_versions(), reconstruction={"mode": "none"},
-        )  # fmt: skip
-        return plan, []
-
-    name = recipe.output_name or f"{Path(recipe.base_model).name}_layers_{recipe.layer_importance_method}"
-    check = lambda model: check_context(model, seq_len=recipe.seq_len)  # noqa: E731
-    return execute_run(recipe.base_model, name, recipe.run_evaluation, run, eval_options, argv, make_plan, check=check)
+    return execute_run(DepthPruning(recipe, run), eval_options, argv)
 
 
 def load_plan_for(model: nn.Module, path: str) -> Plan:
@@ -418,9 +498,6 @@ def print_summary(console, plan: Plan, comparison: dict, evaluation: dict[str, A
     console.print(format_layer_table(comparison))
 
 
-PlanMaker = Callable[[nn.Module, Any, Path], tuple[Plan, list[dict]]]
-
-
 def evaluation_metrics(run_evaluation: str, eval_options: EvalOptions | None) -> list[str]:
     """What a prune/layers run evaluates: ``--run_evaluation``, or ``--metrics`` when only that was given.
 
@@ -443,15 +520,9 @@ def evaluation_metrics(run_evaluation: str, eval_options: EvalOptions | None) ->
 
 
 def execute_run(
-    base_model: str,
-    name: str,
-    run_evaluation: str,
-    run: RunOptions,
+    workflow: Workflow,
     eval_options: EvalOptions | None,
     argv: list[str] | None,
-    make_plan: PlanMaker,
-    finetune: FinetuneOptions | None = None,
-    check: Callable[[nn.Module], None] | None = None,
     *,
     lora: LoraOptions | None = None,
     tracking: TrackingOptions | None = None,
@@ -464,13 +535,13 @@ def execute_run(
     from rich.console import Console
 
     console = Console(stderr=True)
-    evaluate_what = evaluation_metrics(run_evaluation, eval_options)  # disagreeing flags fail before any work
-    out = check_output_dir(run, name)
+    run, base_model, finetune = workflow.run, workflow.base_model, workflow.finetune
+    evaluate_what = evaluation_metrics(workflow.run_evaluation, eval_options)  # disagreeing flags fail before any work
+    out = check_output_dir(run, workflow.name)
     torch.manual_seed(run.seed)
     tokenizer = load_tokenizer(base_model)
     model = load_model(base_model, dtype=run.dtype, device=run.device)
-    if check is not None:
-        check(model)  # input that only the loaded model can refuse, before any work
+    check_context(model, **workflow.context_lengths())  # input that only the loaded model can refuse, before any work
     eval_options = (eval_options or EvalOptions()).model_copy(update={"metrics": ",".join(evaluate_what) or "ppl"})
     timings: dict[str, float] = {}
     evaluation: dict[str, Any] = {}
@@ -481,7 +552,7 @@ def execute_run(
             evaluation["base"] = evaluate(model, tokenizer, eval_options, model_path=base_model)
             save_results(evaluation["base"], tmp / "evaluation_results_base.json")
         started = time.perf_counter()
-        plan, table = make_plan(model, tokenizer, tmp)  # complete here; surgery reads it and never changes it
+        plan, table = workflow.make_plan(model, tokenizer, tmp)  # complete here; surgery reads it and never changes it
         reconstruction = apply_plan_with_reconstruction(model, tokenizer, plan)
         if reconstruction["layers"]:
             write_json_atomic(tmp / "analysis" / "reconstruction.json", reconstruction)
@@ -543,37 +614,16 @@ def prune(
     ("recovered"); the returned ``model`` is then the recovered one. ``lora`` and ``tracking`` are the same
     option groups as ``prunellm finetune``'s.
     """
-
-    def make_plan(model: nn.Module, tokenizer, tmp: Path) -> tuple[Plan, list[dict]]:
-        if recipe.plan:
-            return load_plan_for(model, recipe.plan), []
-        settings = reconstruction_settings(recipe.reconstruction, recipe.calibration.dataset, run.seed)
-        if settings["mode"] != "none":  # a bad --reconstruct_dataset or too short a text fails now, not after scoring
-            flag = "--reconstruct_dataset" if recipe.reconstruction.reconstruct_dataset else "--dataset"
-            settings["source"] = describe_source(settings["dataset"], "train", flag=flag)
-            settings["hash"] = tensor_hash(reconstruction_calibration(tokenizer, settings, flag))
-        return score_and_plan(model, tokenizer, recipe, run, tmp, settings)
-
-    def check(model: nn.Module) -> None:
-        seq_lens = {"taylor_seq_len": recipe.calibration.taylor_seq_len}
-        if recipe.reconstruction.reconstruct != "none":
-            seq_lens["reconstruct_seq_len"] = recipe.reconstruction.reconstruct_seq_len
-        if finetune is not None and finetune.finetune:
-            seq_lens["finetune_seq_len"] = finetune.data.seq_len
-        check_context(model, **seq_lens)
-
     if recipe.allocation.allocation == "layerwise":  # refuse bad allocation options before loading anything
         parse_distribution(recipe.allocation.pruning_distribution)
-    name = recipe.output_name or default_output_name(recipe)
+    workflow = WidthPruning(recipe, run, finetune)
     if finetune is not None and finetune.finetune:  # bad fine-tuning options fail before pruning, not after
         from .finetune import checkpoint_dir_after_pruning
         from .finetune.engine import report_to, resolve_checkpoint
 
         report_to(tracking or TrackingOptions())
         resolve_checkpoint(
-            finetune.finetune_resume_from_checkpoint, checkpoint_dir_after_pruning(Path(run.output_dir) / name),
+            finetune.finetune_resume_from_checkpoint, checkpoint_dir_after_pruning(Path(run.output_dir) / workflow.name),
             flag="--finetune_resume_from_checkpoint",
         )  # fmt: skip
-    return execute_run(
-        recipe.base_model, name, recipe.run_evaluation, run, eval_options, argv, make_plan, finetune, check, lora=lora, tracking=tracking
-    )
+    return execute_run(workflow, eval_options, argv, lora=lora, tracking=tracking)
