@@ -47,20 +47,22 @@ class _Options(BaseModel):
             else:
                 nested.setdefault(path[0], {})[path[1]] = value
         for name in groups:
-            given = out.get(name)
+            given, flat = out.get(name), nested.get(name, {})
             if given is not None and not isinstance(given, (dict, BaseModel)):
                 continue  # not a mapping: the group's own validation says so
-            if isinstance(given, BaseModel):
-                given = given.model_dump(exclude_unset=True)
-            given = dict(given or {})
-            twice = sorted(set(given) & set(nested.get(name, {})))
+            if isinstance(given, BaseModel) and not flat:
+                continue  # a built group stays as it is (also on assignment, validate_assignment)
+            explicit = given.model_fields_set if isinstance(given, BaseModel) else set(given or {})
+            twice = sorted(explicit & set(flat))
             if twice:
                 raise ValueError(f"'{twice[0]}' is given both flat and in group '{name}': give it once")
-            if name not in out and name not in nested:
+            if given is None and not flat:
                 continue
-            # a partial group keeps what this parent's default sets (recovery trains shorter than `prunellm finetune`)
-            default = cls.model_fields[name].get_default(call_default_factory=True)
-            out[name] = {**default.model_dump(exclude_unset=True), **given, **nested.get(name, {})}
+            if isinstance(given, BaseModel):  # a built group is complete: flat keys change some of it
+                out[name] = {**given.model_dump(), **flat}
+            else:  # a partial group keeps what this parent's default sets (recovery trains shorter than `finetune`)
+                default = cls.model_fields[name].get_default(call_default_factory=True)
+                out[name] = {**default.model_dump(exclude_unset=True), **(given or {}), **flat}
         return out
 
     def flat(self) -> dict[str, Any]:
