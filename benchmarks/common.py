@@ -112,7 +112,7 @@ class Shared:
         """The windows ``prunellm prune`` would reconstruct from with ``recipe`` (``None`` for none), sampled once."""
         from prunellm.pruner import reconstruction_calibration, reconstruction_settings
 
-        settings = reconstruction_settings(recipe, seed)
+        settings = reconstruction_settings(recipe.reconstruction, recipe.calibration.dataset, seed)
         key = ("reconstruction", settings["mode"] != "none", settings.get("dataset"), settings.get("num_samples"), settings.get("seq_len"), settings.get("seed"))
         if key not in self.cache:
             self.cache[key] = reconstruction_calibration(self.tokenizer, settings)
@@ -129,7 +129,7 @@ class Shared:
         if missing:
             started = time.perf_counter()
             ids = sample_calibration(self.tokenizer, CALIBRATION, num_samples, seq_len, seed)
-            terms = set().union(*(get_criterion(c).taylor_terms for c in missing))
+            terms = [term for c in missing for term in get_criterion(c).gradient_terms]  # one pass, each term once
             stats = collect_gradient_stats(self.base, ids, self.units, terms=terms, batch_size=batch_size)
             seconds = round(time.perf_counter() - started, 1)
             for c in missing:

@@ -75,18 +75,18 @@ def run(ratio: float = 0.2, rounds: int = SPEED_ROUNDS) -> dict:
     depth_params = rows[-1]["params"]
 
     scores, _ = bench.gradient_scores(
-        (width_recipe.importance_method,), width_recipe.taylor_num_samples, width_recipe.taylor_seq_len,
-        run_options.seed, width_recipe.gradient_batch_size,
-    )[width_recipe.importance_method]
-    values = normalized_values(units, scores, width_recipe.normalization)
+        (width_recipe.scoring.importance_method,), width_recipe.calibration.taylor_num_samples, width_recipe.calibration.taylor_seq_len,
+        run_options.seed, width_recipe.calibration.gradient_batch_size,
+    )[width_recipe.scoring.importance_method]
+    values = normalized_values(units, scores, width_recipe.selection.normalization)
     recon_ids = bench.reconstruction_ids(width_recipe, run_options.seed)
     for round_to in ROUND_TO:
-        constraints = SelectionConstraints(min_kv_groups=width_recipe.min_kv_groups, round_to=round_to)
+        constraints = SelectionConstraints(min_kv_groups=width_recipe.selection.min_kv_groups, round_to=round_to)
         selection = select_global(units, values, scores, total - depth_params, constraints, total)
         model = copy.deepcopy(base)
-        reconstruct = width_recipe.reconstruct if round_to == 1 else "none"  # speed rows: same shapes either way
-        prune_with_reconstruction(model, selection.kept, recon_ids, reconstruct, width_recipe.reconstruct_damp)
-        label = f"taylor, round_to {round_to}" + ("" if reconstruct == width_recipe.reconstruct else f", reconstruct {reconstruct}")
+        reconstruct = width_recipe.reconstruction.reconstruct if round_to == 1 else "none"  # speed rows: same shapes either way
+        prune_with_reconstruction(model, selection.kept, recon_ids, reconstruct, width_recipe.reconstruction.reconstruct_damp)
+        label = f"taylor, round_to {round_to}" + ("" if reconstruct == width_recipe.reconstruction.reconstruct else f", reconstruct {reconstruct}")
         record("width", label, model, {"round_to": round_to, "reconstruct": reconstruct}, tier="full" if round_to == 1 else "128")
     threads = torch.get_num_threads()
     torch.set_num_threads(SPEED_THREADS)  # one thread: the least disturbed timing on a shared 2-core machine

@@ -46,16 +46,17 @@ def run(criteria: tuple[str, ...] = CRITERIA, ratios: tuple[float, ...] = RATIOS
     from prunellm.criteria import CriterionOptions, get_criterion
     from prunellm.data import sample_calibration
     from prunellm.options import PruneRecipe, RunOptions
-    from prunellm.pruner import collect_stats, compute_priors, select_by_layer_rates
+    from prunellm.pruner import ablation_windows, collect_stats, compute_priors, select_by_layer_rates, selection_constraints
     from prunellm.reconstruction import prune_with_reconstruction
     from prunellm.selection import SelectionConstraints, normalized_values, select_global
     from prunellm.units import count_parameters
 
     torch.manual_seed(0)
     defaults, run_options = PruneRecipe(base_model=MODEL, dataset=CALIBRATION), RunOptions()
+    calib = defaults.calibration
     bench = shared()
     tokenizer, base, total, units = bench.tokenizer, bench.base, bench.total, bench.units
-    constraints = SelectionConstraints(min_kv_groups=defaults.min_kv_groups, round_to=defaults.round_to)
+    constraints = selection_constraints(defaults.selection)
     rows: list[dict] = []
     started = time.perf_counter()
     dense = bench.dense_ppl()
@@ -63,20 +64,21 @@ def run(criteria: tuple[str, ...] = CRITERIA, ratios: tuple[float, ...] = RATIOS
 
     def scores_for(criterion: str, num_samples: int):
         if "gradients" in get_criterion(criterion).needs:
-            gradient = tuple(c for c in criteria if "gradients" in get_criterion(c).needs) if num_samples == defaults.taylor_num_samples else (criterion,)
-            return bench.gradient_scores(gradient or (criterion,), num_samples, defaults.taylor_seq_len, run_options.seed, defaults.gradient_batch_size)[criterion]
+            gradient = tuple(c for c in criteria if "gradients" in get_criterion(c).needs) if num_samples == calib.taylor_num_samples else (criterion,)
+            return bench.gradient_scores(gradient or (criterion,), num_samples, calib.taylor_seq_len, run_options.seed, calib.gradient_batch_size)[criterion]
         t0 = time.perf_counter()
-        recipe = defaults.model_copy(update={"importance_method": criterion, "taylor_num_samples": num_samples})
-        ids = sample_calibration(tokenizer, CALIBRATION, num_samples, defaults.taylor_seq_len, run_options.seed) if get_criterion(criterion).needs else None
-        stats = collect_stats(base, ids, units, recipe)
+        recipe = defaults.replace(importance_method=criterion, taylor_num_samples=num_samples)
+        ids = sample_calibration(tokenizer, CALIBRATION, num_samples, calib.taylor_seq_len, run_options.seed) if get_criterion(criterion).needs else None
+        stats = collect_stats(base, ids, units, recipe.scoring, recipe.calibration)
         return get_criterion(criterion).score(base, units, stats, CriterionOptions(seed=run_options.seed)), round(time.perf_counter() - t0, 1)
 
     def measure(group: str, label: str, kept, ratio: float, reconstruct: str = "none", share: str | None = None,
                 reconstruct_dataset: str | None = None, tier: str = "128", **extra) -> None:  # fmt: skip
         model = copy.deepcopy(base)
         t0 = time.perf_counter()
-        recipe = defaults.model_copy(update={"reconstruct": reconstruct, "reconstruct_dataset": reconstruct_dataset})
-        prune_with_reconstruction(model, kept, bench.reconstruction_ids(recipe, run_options.seed), reconstruct, defaults.reconstruct_damp)
+        recipe = defaults.replace(reconstruct=reconstruct, reconstruct_dataset=reconstruct_dataset)
+        prune_with_reconstruction(model, kept, bench.reconstruction_ids(recipe, run_options.seed), reconstruct,
+                                  defaults.reconstruction.reconstruct_damp)  # fmt: skip
         if reconstruct != "none":
             extra["reconstruct_calibration"] = MIXED_CALIBRATION_LABEL if reconstruct_dataset else SINGLE_TEXT_CALIBRATION
         row = {
@@ -98,8 +100,8 @@ def run(criteria: tuple[str, ...] = CRITERIA, ratios: tuple[float, ...] = RATIOS
 
     taylor = None
     for criterion in criteria:
-        scores, seconds = scores_for(criterion, defaults.taylor_num_samples)
-        values = normalized_values(units, scores, defaults.normalization)
+        scores, seconds = scores_for(criterion, calib.taylor_num_samples)
+        values = normalized_values(units, scores, defaults.selection.normalization)
         for ratio in ratios:
             budget = {"budget": "total_20pct"} if criterion == "taylor" and ratio == 0.2 else {}
             measure("grid", criterion, kept_global(values, scores, ratio), ratio, scoring_seconds=seconds,
@@ -110,9 +112,9 @@ def run(criteria: tuple[str, ...] = CRITERIA, ratios: tuple[float, ...] = RATIOS
         scores, values, seconds = taylor
         with tempfile.TemporaryDirectory(prefix="prunellm-bench-") as tmp:
             t0 = time.perf_counter()
-            priors = compute_priors(base, tokenizer, defaults.model_copy(update={"temperature": 1.0}), run_options, Path(tmp))
+            priors = compute_priors(base, tokenizer, defaults.priors.model_copy(update={"temperature": 1.0}), calib, run_options.seed, Path(tmp))
             prior_seconds = round(time.perf_counter() - t0, 1)
-        prior_values = normalized_values(units, scores, defaults.normalization, priors)
+        prior_values = normalized_values(units, scores, defaults.selection.normalization, priors)
         for ratio in ratios:
             measure("prior", "taylor T=1", kept_global(prior_values, scores, ratio), ratio, prior_seconds=prior_seconds,
                     tier="full" if ratio == 0.2 else "wikitext128")  # fmt: skip
@@ -123,7 +125,7 @@ def run(criteria: tuple[str, ...] = CRITERIA, ratios: tuple[float, ...] = RATIOS
                     tier="full" if ratio == 0.2 else "128", **budget)  # fmt: skip
         mlp_units = [u for u in units if u.kind == "mlp_channel"]
         mlp_scores = {key: value for key, value in scores.items() if key[1] == "mlp_channel"}
-        mlp_values = normalized_values(mlp_units, mlp_scores, defaults.normalization)
+        mlp_values = normalized_values(mlp_units, mlp_scores, defaults.selection.normalization)
         mlp_ratio = 0.2 * sum(u.cost * u.count for u in mlp_units) / total  # as many parameters as 20 % of all MLP channels, ranked globally
         kept_mlp = kept_global(mlp_values, mlp_scores, mlp_ratio, mlp_units)
         for mode in ("none", "bias", "lstsq"):
@@ -137,20 +139,23 @@ def run(criteria: tuple[str, ...] = CRITERIA, ratios: tuple[float, ...] = RATIOS
                     reconstruct_dataset=mixture, budget="total_20pct", tier="full")  # fmt: skip
         for num_samples in SENSITIVITY_SAMPLES:
             few_scores, few_seconds = scores_for("taylor", num_samples)
-            few_values = normalized_values(units, few_scores, defaults.normalization)
+            few_values = normalized_values(units, few_scores, defaults.selection.normalization)
             measure("calibration", f"taylor, {num_samples} windows", kept_global(few_values, few_scores, 0.2), 0.2,
                     scoring_seconds=few_seconds, num_samples=num_samples)  # fmt: skip
         rows.append({**next(r for r in rows if r["group"] == "grid" and r["label"] == "taylor" and r["target_ratio"] == 0.2),
-                     "group": "calibration", "label": f"taylor, {defaults.taylor_num_samples} windows",
-                     "num_samples": defaults.taylor_num_samples, "scoring_seconds": seconds})  # fmt: skip
+                     "group": "calibration", "label": f"taylor, {calib.taylor_num_samples} windows",
+                     "num_samples": calib.taylor_num_samples, "scoring_seconds": seconds})  # fmt: skip
         rows[-1].pop("budget", None)
         with tempfile.TemporaryDirectory(prefix="prunellm-bench-") as tmp:
-            recipe = defaults.model_copy(update={"allocation": "layerwise", "pruning_ratio": 0.2})
-            selection = select_by_layer_rates(base, tokenizer, units, values, scores, recipe, run_options, Path(tmp), total)
+            layer_ids = ablation_windows(tokenizer, calib, run_options.seed, "layer")
+            selection = select_by_layer_rates(
+                base, layer_ids, units, values, scores, defaults.allocation.model_copy(update={"allocation": "layerwise"}),
+                round(0.2 * total), constraints, calib.gradient_batch_size, Path(tmp), total,
+            )  # fmt: skip
         measure("layerwise", "taylor, layerwise (removal, inverse)", selection.kept, 0.2, tier="full")
     return {
         "protocol": protocol_text(),
-        "calibration": f"Shakespeare train plays, {defaults.taylor_num_samples}×{defaults.taylor_seq_len} tokens, seed {run_options.seed}",
+        "calibration": f"Shakespeare train plays, {calib.taylor_num_samples}×{calib.taylor_seq_len} tokens, seed {run_options.seed}",
         "dense": dense,
         "params": total,
         "rows": rows,

@@ -43,18 +43,19 @@ def run(steps: int = 12, batch_size: int = 4, seq_len: int = 128, ratio: float =
     tokenizer, base, token_sets = bench.tokenizer, bench.base, bench.token_sets
     recipe, seed = PruneRecipe(base_model=MODEL, dataset=CALIBRATION, pruning_ratio=ratio), RunOptions().seed
     dense = bench.dense_ppl()
-    cached = bench.cache.pop(pruned_key(recipe.importance_method, ratio, recipe.reconstruct), None)
+    cached = bench.cache.pop(pruned_key(recipe.scoring.importance_method, ratio, recipe.reconstruction.reconstruct), None)
     if cached is not None:  # the quality section pruned the same model (same scores, selection and reconstruction)
         pruned, row = cached
         rows = [{"method": "pruned (no recovery)", "params": row["params"], "ppl": row["ppl"]}]
     else:  # what `prunellm prune --pruning_ratio 0.2` does, from the run's shared Taylor scores
-        scores, _ = bench.gradient_scores((recipe.importance_method,), recipe.taylor_num_samples, recipe.taylor_seq_len, seed,
-                                          recipe.gradient_batch_size)[recipe.importance_method]  # fmt: skip
-        values = normalized_values(bench.units, scores, recipe.normalization)
-        constraints = SelectionConstraints(min_kv_groups=recipe.min_kv_groups, round_to=recipe.round_to)
+        calib, rebuild = recipe.calibration, recipe.reconstruction
+        scores, _ = bench.gradient_scores((recipe.scoring.importance_method,), calib.taylor_num_samples, calib.taylor_seq_len, seed,
+                                          calib.gradient_batch_size)[recipe.scoring.importance_method]  # fmt: skip
+        values = normalized_values(bench.units, scores, recipe.selection.normalization)
+        constraints = SelectionConstraints(min_kv_groups=recipe.selection.min_kv_groups, round_to=recipe.selection.round_to)
         kept = select_global(bench.units, values, scores, round(ratio * bench.total), constraints, bench.total).kept
         pruned = copy.deepcopy(base)
-        prune_with_reconstruction(pruned, kept, bench.reconstruction_ids(recipe, seed), recipe.reconstruct, recipe.reconstruct_damp)
+        prune_with_reconstruction(pruned, kept, bench.reconstruction_ids(recipe, seed), rebuild.reconstruct, rebuild.reconstruct_damp)
         rows = [{"method": "pruned (no recovery)", "params": count_parameters(pruned), "ppl": evaluate_ppl(pruned, token_sets)}]
     data = FinetuneData(dataset_name=CALIBRATION, num_samples=steps * batch_size, seq_len=seq_len, val_set_size=8)
     for name, use_lora, lr, alpha in METHODS:
@@ -76,7 +77,7 @@ def run(steps: int = 12, batch_size: int = 4, seq_len: int = 128, ratio: float =
     return {
         "protocol": protocol_text(),
         "budget": f"{steps} steps × {batch_size} × {seq_len} tokens = {steps * batch_size * seq_len} tokens of the Shakespeare train plays",
-        "pruning": f"taylor, {round(ratio * 100)} % of all parameters, reconstruct {recipe.reconstruct}",
+        "pruning": f"taylor, {round(ratio * 100)} % of all parameters, reconstruct {recipe.reconstruction.reconstruct}",
         "dense": dense,
         "rows": rows,
         "seconds": round(time.perf_counter() - started, 1),

@@ -52,7 +52,7 @@ def measure(criterion: str, num_samples: int, seq_len: int, batch_size: int) -> 
     else:
         started = time.perf_counter()
         if "gradients" in spec.needs:
-            collect_gradient_stats(model, calibration, units, terms=set(spec.taylor_terms), batch_size=batch_size)
+            collect_gradient_stats(model, calibration, units, terms=spec.gradient_terms, batch_size=batch_size)
         elif "activations" in spec.needs:
             collect_activation_stats(model, calibration, units, batch_size=batch_size)
         elapsed = time.perf_counter() - started

@@ -300,7 +300,22 @@ def test_a_recipe_file_runs_the_same_pruning_as_the_flags(workspace, capsys):
     flags = json.loads((workspace / "results" / "flags" / "plan.json").read_text())
     from_file = json.loads((workspace / "results" / "fromfile" / "plan.json").read_text())
     assert from_file["layers"] == flags["layers"] and from_file["params_after"] == flags["params_after"]
+    # the grouped form (one mapping per pipeline step, as PruneRecipe nests them) gives the same plan and recipe
+    recipe.write_text(
+        "command: prune\n"
+        f"recipe:\n  base_model: {workspace / 'tiny'}\n  output_name: grouped\n"
+        f"  calibration: {{dataset: {workspace / 'text.txt'}, taylor_num_samples: 8, taylor_seq_len: 32}}\n"
+        "  budget: {pruning_ratio: 0.015}\n  scoring: {importance_method: wanda}\n  reconstruction: {reconstruct: none}\n"
+        f"run:\n  output_dir: {workspace / 'results'}\n"
+    )
+    assert main(["run", str(recipe)]) == 0
+    grouped = json.loads((workspace / "results" / "grouped" / "plan.json").read_text())
+    assert grouped["layers"] == flags["layers"] and grouped["recipe"] == {**from_file["recipe"], "output_name": "grouped"}
     capsys.readouterr()
+    recipe.write_text("command: prune\nrecipe:\n  budget: {pruning_ratoi: 0.2}\n")
+    assert main(["run", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "recipe.budget.pruning_ratoi" in err[0], err
     recipe.write_text("command: prune\nrecipe:\n  pruning_ratoi: 0.2\n")
     assert main(["run", str(recipe)]) == 2
     err = capsys.readouterr().err.strip().splitlines()

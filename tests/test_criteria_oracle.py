@@ -66,7 +66,7 @@ def test_taylor_scores_match_plain_autograd(family, batch_size):
     model = make_tiny_model(family)
     ids = calibration_ids(model.config.vocab_size, n=12, length=16, seed=7)
     units = list(all_units(model))
-    stats = collect_gradient_stats(model, ids, units, terms={"first", "second"}, batch_size=batch_size)
+    stats = collect_gradient_stats(model, ids, units, terms=get_criterion("taylor_2nd").gradient_terms, batch_size=batch_size)
     first = get_criterion("taylor").score(model, units, stats, CriterionOptions(seed=0))
     second = get_criterion("taylor_2nd").score(model, units, stats, CriterionOptions(seed=0))
     grads, squares = _oracle_gradients(model, ids, batch_size)

@@ -288,7 +288,9 @@ def test_finetune_flag_forms(tmp_path):
 
     assert parsed().finetune is False and parsed("--finetune").finetune is True
     assert parsed("--finetune", "True").finetune is True and parsed("--finetune", "False").finetune is False
-    assert parsed("--finetune_method", "full", "--finetune_epochs", "2").finetune_epochs == 2.0
+    assert parsed("--finetune_method", "full", "--finetune_epochs", "2").training.num_epochs == 2.0
+    # recovery's flags set the engine's own groups, with recovery's shorter defaults
+    assert parsed().data.num_samples == 256 and parsed().training.batch_size == 16 and parsed().training.save_steps == 0
 
 
 def _word_tokenizer(text: str, size: int = 400):

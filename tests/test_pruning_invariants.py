@@ -24,7 +24,7 @@ def _scores(model, criterion: str, ids: torch.Tensor):
     units = list(all_units(model))
     c = get_criterion(criterion)
     if "gradients" in c.needs:
-        stats = collect_gradient_stats(model, ids, units, terms=set(c.taylor_terms), batch_size=4)
+        stats = collect_gradient_stats(model, ids, units, terms=c.gradient_terms, batch_size=4)
     elif "activations" in c.needs:
         stats = collect_activation_stats(model, ids, units, grams="gram" in c.activation_terms)
     else:

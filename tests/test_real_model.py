@@ -48,7 +48,7 @@ def test_taylor_beats_random_and_magnitude_at_20_percent(smollm, eval_ids):
     calibration = sample_calibration(tokenizer, "shakespeare", 64, 128, seed=0)
     units = list(all_units(base))
     total = count_parameters(base)
-    stats = collect_gradient_stats(base, calibration, units, terms={"first"}, batch_size=8)
+    stats = collect_gradient_stats(base, calibration, units, terms=get_criterion("taylor").gradient_terms, batch_size=8)
     dense = _ppl(base, eval_ids)
     result = {}
     for name in ("taylor", "magnitude", "random"):

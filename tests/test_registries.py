@@ -8,7 +8,8 @@ import torch
 from conftest import calibration_ids, make_tiny_model
 
 import prunellm as pl
-from prunellm.criteria import REGISTRY, register
+from prunellm.calibration import GradientTerm
+from prunellm.criteria import REGISTRY, get_criterion, register
 from prunellm.errors import PrunellmError
 from prunellm.evaluation import METRICS, Column, Metric, evaluate, save_results, validate_results
 from prunellm.evaluation import register as register_metric
@@ -69,6 +70,31 @@ def test_a_criterion_registered_outside_the_package_prunes(cubic_magnitude):
     pl.prune(model, plan)
     assert plan.criterion == "cubic_magnitude"
     assert torch.isfinite(model(calibration_ids(model.config.vocab_size, n=2, length=8)).logits).all()
+
+
+@pytest.fixture
+def squared_taylor():
+    """A gradient criterion: Σ (w·G)² over the unit, its formula declared here; the gradient pass only sums it."""
+    term = GradientTerm("squared_first", lambda w, mean_g, fisher: (w * mean_g).pow(2), over="means")
+
+    @register("squared_taylor", {"gradients"}, "Σ(w·G)² of the unit", gradient_terms=(term,))
+    def score(model, units, stats, options):
+        return {key: value.clone() for key, value in stats.gradient_terms["squared_first"].items()}
+
+    yield "squared_taylor"
+    REGISTRY.pop("squared_taylor")
+
+
+def test_a_gradient_criterion_registered_outside_the_package_scores_in_memory_and_offloaded(squared_taylor):
+    model = make_tiny_model("llama")
+    ids = calibration_ids(model.config.vocab_size, n=8, length=16, seed=3)
+    in_memory = pl.score(model, ids, squared_taylor, batch_size=4)
+    offloaded = pl.score(model, ids, squared_taylor, batch_size=4, offload=True)
+    first = pl.score(model, ids, "taylor", batch_size=4)
+    assert get_criterion(squared_taylor).gradient_terms[0].name == "squared_first"
+    for key, value in in_memory.scores.items():
+        assert torch.equal(value, offloaded.scores[key])  # one reducer behind both passes
+        assert (value > 0).all() and not torch.equal(value, first.scores[key])
 
 
 def test_a_metric_registered_outside_the_package_is_measured_validated_and_reported(zero_fraction, tmp_path):

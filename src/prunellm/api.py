@@ -111,7 +111,7 @@ def collect_stats(
         raise PrunellmError(f"criterion '{criterion}' needs calibration windows: pass calibration=calibrate(tokenizer, ...)")
     if "gradients" in needs:
         return collect_gradient_stats(
-            model, calibration, units, terms=set(get_criterion(criterion).taylor_terms),
+            model, calibration, units, terms=get_criterion(criterion).gradient_terms,
             batch_size=batch_size, gradient_checkpointing=gradient_checkpointing,
         )  # fmt: skip
     if "activations" in needs:

@@ -2,7 +2,7 @@
 
 Three passes exist and the runner picks the cheapest one that covers every requested need:
 weights only (no data), a forward pass with input hooks (activation norms), and a forward+backward pass
-whose gradients are reduced to per-unit Taylor terms as they arrive (``register_post_accumulate_grad_hook``)
+whose gradients are reduced to the per-unit terms the criteria declare (:class:`GradientTerm`) as they arrive (``register_post_accumulate_grad_hook``)
 and then freed, so the model's ``.grad`` tensors never exist all at once. Accumulation is float32 whatever
 the model dtype.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Literal
 
 import torch
 from torch import nn
@@ -35,9 +35,8 @@ class Stats:
     act_sum: dict[str, torch.Tensor] = field(default_factory=dict)  # "layer.path" -> Σ x per input feature
     act_gram: dict[str, torch.Tensor] = field(default_factory=dict)  # "layer.path" -> XᵀX (in, in), column-sliced only
     act_tokens: int = 0
-    taylor_first: dict[UnitKey, torch.Tensor] = field(default_factory=dict)  # Σ_e |w_e · G_e|
-    taylor_second: dict[UnitKey, torch.Tensor] = field(default_factory=dict)  # ½ Σ_e w_e² · F_e
-    taylor_mix: dict[UnitKey, torch.Tensor] = field(default_factory=dict)  # Σ_e |w_e G_e − ½ w_e² F_e|
+    # gradient term name -> (layer, kind) -> Σ over each index's elements of the term's formula (GradientTerm)
+    gradient_terms: dict[str, dict[UnitKey, torch.Tensor]] = field(default_factory=dict)
     grad_batches: int = 0
     grad_tokens: int = 0
     mean_loss: float | None = None
@@ -174,24 +173,47 @@ def _only_sliced_params_require_grad(model: nn.Module, params: Iterable[nn.Param
             p.grad = None
 
 
+@dataclass(frozen=True)
+class GradientTerm:
+    """One per-element quantity of the sliced weights (and biases) that the gradient pass sums per unit index for a
+    criterion, into ``Stats.gradient_terms[name]``. The formula lives in the criterion's file; the pass only
+    delivers its raw inputs (float32):
+
+    * ``over="batches"``: ``formula(w, g)`` on every micro-batch's gradient ``g``; the per-unit sums are averaged
+      over the micro-batches (Σ_b reduce(formula) / n_batches);
+    * ``over="means"``: ``formula(w, G, F)`` once per parameter, on the mean gradient ``G`` over all micro-batches
+      and, when ``fisher``, the mean squared gradient ``F`` (the empirical Fisher diagonal; else ``None``).
+    """
+
+    name: str
+    formula: Callable[..., torch.Tensor]
+    over: Literal["batches", "means"]
+    fisher: bool = False
+
+
 class GradientReducer:
-    """Reduces each micro-batch gradient of the sliced weights (and biases) of ``units`` to per-unit Taylor terms
-    in ``stats`` as it arrives, then frees it.
+    """Reduces each micro-batch gradient of the sliced weights (and biases) of ``units`` to the per-unit sums of
+    the requested :class:`GradientTerm` s in ``stats`` as it arrives, then frees it.
 
     The one reduction behind both gradient passes: the in-memory pass hooks every sliced parameter of the model,
     the offloaded pass (:mod:`prunellm.offload`) one decoder layer's at a time and calls :meth:`finish` for that
-    layer before the next, so only one layer's accumulators exist at once.
+    layer before the next, so only one layer's accumulators exist at once. Terms over the means need the mean
+    gradient: with more than one micro-batch a float32 accumulator per hooked parameter holds it until
+    :meth:`finish`; with one micro-batch they are reduced at once and nothing is kept.
 
     Args:
         layers: the decoder layers (the parameters are looked up when hooked, so a layer may be loaded later).
-        terms: any of ``first`` (Σ|w·G|, G the gradient averaged over the ``n_batches`` micro-batches), ``second``
-            (½Σ w²·mean(g²), the empirical Fisher diagonal) and ``mix`` (Σ|w·G − ½w²F|).
+        terms: what the criteria ask for (e.g. :data:`prunellm.criteria.taylor.FIRST`).
     """
 
-    def __init__(self, layers: nn.ModuleList, units: list[LayerUnits], terms: set[str], n_batches: int, stats: Stats):
-        self.layers, self.units, self.terms, self.n_batches, self.stats = layers, units, terms, n_batches, stats
-        self.need_grad_acc = bool(terms & {"first", "mix"}) and n_batches > 1
-        self.need_fisher_acc = "mix" in terms
+    def __init__(self, layers: nn.ModuleList, units: list[LayerUnits], terms: Iterable[GradientTerm], n_batches: int, stats: Stats):
+        self.layers, self.units, self.n_batches, self.stats = layers, units, n_batches, stats
+        terms = {term.name: term for term in terms}.values()  # a term asked for by two criteria is summed once
+        self.per_batch = [t for t in terms if t.over == "batches"]
+        self.from_means = [t for t in terms if t.over == "means"]
+        self.need_fisher = any(t.fisher for t in self.from_means)
+        for term in terms:
+            stats.gradient_terms.setdefault(term.name, {})
         self.grad_acc: dict[int, torch.Tensor] = {}
         self.fisher_acc: dict[int, torch.Tensor] = {}
         # id(param) -> (param, (layer, kind), unit, slice, is_bias) for the parameters hooked now
@@ -216,53 +238,49 @@ class GradientReducer:
         self.by_param.update({id(p): (p, key, unit, s, is_bias) for p, key, unit, s, is_bias in entries})
         return [p.register_post_accumulate_grad_hook(self.on_grad) for p, *_ in entries]
 
-    def _add(self, table: dict[UnitKey, torch.Tensor], key: UnitKey, value: torch.Tensor) -> None:
+    def _add(self, term: GradientTerm, key: UnitKey, value: torch.Tensor) -> None:
+        table = self.stats.gradient_terms[term.name]
         value = value.cpu()
         table[key] = table[key] + value if key in table else value
+
+    def _reduce_means(self, pid: int, w: torch.Tensor, mean_g: torch.Tensor, fisher: torch.Tensor | None) -> None:
+        _, key, unit, s, is_bias = self.by_param[pid]
+        for term in self.from_means:
+            self._add(term, key, reduce_to_units(term.formula(w, mean_g, fisher), s, unit.count, is_bias))
 
     def on_grad(self, p: torch.Tensor) -> None:
         """Post-accumulate-grad hook: fold ``p.grad`` (one micro-batch) into the terms, then free it."""
         _, key, unit, s, is_bias = self.by_param[id(p)]
-        terms, stats = self.terms, self.stats
         g = p.grad.detach().float()
         if not torch.isfinite(g).all():
             raise PrunellmError(
                 f"non-finite gradient in layer {key[0]} ({s.module}): run in float32 (--dtype float32) or bfloat16"
             )
         w = p.detach().float()
-        if self.need_grad_acc:
+        for term in self.per_batch:
+            self._add(term, key, reduce_to_units(term.formula(w, g), s, unit.count, is_bias) / self.n_batches)
+        if self.from_means and self.n_batches == 1:  # G is this gradient, F its square: reduce now, keep nothing
+            self._reduce_means(id(p), w, g, g.pow(2) / self.n_batches if self.need_fisher else None)
+        elif self.from_means:
             if id(p) in self.grad_acc:
                 self.grad_acc[id(p)].add_(g)
             else:
                 self.grad_acc[id(p)] = g.clone()
-        elif "first" in terms or "mix" in terms:  # a single micro-batch: G is this gradient
-            if "first" in terms:
-                self._add(stats.taylor_first, key, reduce_to_units((w * g).abs(), s, unit.count, is_bias))
-            if "mix" in terms:
-                self.grad_acc[id(p)] = g.clone()
-        if "second" in terms:
-            self._add(stats.taylor_second, key, reduce_to_units(0.5 * w.pow(2) * g.pow(2), s, unit.count, is_bias) / self.n_batches)
-        if self.need_fisher_acc:
-            sq = g.pow(2)
-            if id(p) in self.fisher_acc:
-                self.fisher_acc[id(p)].add_(sq)
-            else:
-                self.fisher_acc[id(p)] = sq
+            if self.need_fisher:
+                sq = g.pow(2)
+                if id(p) in self.fisher_acc:
+                    self.fisher_acc[id(p)].add_(sq)
+                else:
+                    self.fisher_acc[id(p)] = sq
         p.grad = None  # freed as soon as it is reduced
 
     def finish(self) -> None:
-        """Finish the terms that needed the accumulated gradient G (mean over micro-batches) for every parameter
-        hooked so far, and free their accumulators (call once all micro-batches went through them)."""
-        terms = self.terms
+        """Reduce the terms over the means (G = accumulated gradient / micro-batches) for every parameter hooked so
+        far, and free their accumulators (call once all micro-batches went through them)."""
         for pid, acc in self.grad_acc.items():
-            p, key, unit, s, is_bias = self.by_param[pid]
-            w = p.detach().float()
-            mean_g = acc / self.n_batches if self.need_grad_acc else acc
-            if "first" in terms and self.need_grad_acc:
-                self._add(self.stats.taylor_first, key, reduce_to_units((w * mean_g).abs(), s, unit.count, is_bias))
-            if "mix" in terms:
-                fisher = self.fisher_acc[pid] / self.n_batches
-                self._add(self.stats.taylor_mix, key, reduce_to_units((w * mean_g - 0.5 * w.pow(2) * fisher).abs(), s, unit.count, is_bias))
+            p = self.by_param[pid][0]
+            fisher = self.fisher_acc[pid] / self.n_batches if self.need_fisher else None
+            self._reduce_means(pid, p.detach().float(), acc / self.n_batches, fisher)
         self.grad_acc.clear()
         self.fisher_acc.clear()
         self.by_param.clear()
@@ -280,20 +298,20 @@ def collect_gradient_stats(
     input_ids: torch.Tensor,
     units: list[LayerUnits],
     *,
-    terms: set[str],
+    terms: Iterable[GradientTerm],
     batch_size: int = 4,
     gradient_checkpointing: bool = False,
 ) -> Stats:
-    """Forward+backward over calibration data, reducing gradients to per-unit Taylor terms.
+    """Forward+backward over calibration data, reducing gradients to the per-unit sums of ``terms``.
 
     Args:
-        terms: any of ``first`` (Σ|w·G|, G the gradient averaged over micro-batches), ``second``
-            (½Σ w²·mean(g²), the empirical Fisher diagonal) and ``mix`` (Σ|w·G − ½w²F|).
+        terms: the :class:`GradientTerm` s the criteria ask for (``Criterion.gradient_terms``), e.g. the first-order
+            Taylor Σ|w·G| of :mod:`prunellm.criteria.taylor`.
         batch_size: micro-batch size; gradients of micro-batches are accumulated in float32.
         gradient_checkpointing: trade compute for activation memory (big models).
 
-    Memory: per-unit terms need no per-element state, except that the first-order and mixed terms need the
-    *accumulated* gradient G; when there is more than one micro-batch a float32 accumulator per sliced weight
+    Memory: per-unit terms need no per-element state, except that terms over the means need the *accumulated*
+    gradient G; when there is more than one micro-batch a float32 accumulator per sliced weight
     holds it (the same size as one gradient of the prunable weights, the only model-sized state; the offloaded
     pass, :mod:`prunellm.offload`, holds one layer's at a time).
     """

@@ -355,7 +355,7 @@ def _backward_sweep(model, spec, layers, onloader: Onloader, store: HiddenStore,
     micro-batch, reduce the layer's weight gradients (accumulated over all micro-batches) to per-unit terms."""
     n_batches = len(batches)
     stats.grad_batches = n_batches
-    reducer = GradientReducer(layers, units, set(crit.taylor_terms), n_batches, stats)
+    reducer = GradientReducer(layers, units, crit.gradient_terms, n_batches, stats)
     losses, upstream = [], []
     norm, head = get_module(model, spec.final_norm), get_module(model, spec.lm_head)
     with onloader.onloaded(norm, head):

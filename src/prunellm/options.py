@@ -7,17 +7,85 @@ dtype, seed, output folder). Every model is strict (``extra="forbid"``): a missp
 from __future__ import annotations
 
 import argparse
+import functools
 import types
 import typing
-from typing import Any, Literal, Union
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import PrunellmError
 
 
 class _Options(BaseModel):
+    """A strict option group. A field whose type is itself an option group nests that group; its flags stay flat
+    (``--dataset`` sets ``calibration.dataset``), and so do the keys a recipe file or a constructor may give."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # group field -> {field of the group: (flag, help)}: the group's fields that get a flag, under another name
+    # (only where a flat flag would collide, e.g. recovery's --finetune_num_samples); other groups expose every field
+    group_flags: ClassVar[dict[str, dict[str, tuple[str, str]]]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nest_flat_keys(cls, data: Any) -> Any:
+        groups = option_groups(cls)
+        if not groups or not isinstance(data, dict):
+            return data
+        flags = option_flags(cls)
+        out: dict[str, Any] = {}
+        nested: dict[str, dict[str, Any]] = {}
+        for key, value in data.items():
+            # a mapping under a group's name is the group (`allocation: {…}`); anything else under a flag's name is
+            # that flag (`--allocation layerwise` sets allocation.allocation)
+            grouped = key in groups and isinstance(value, (dict, BaseModel))
+            path = flags[key].path if key in flags and not grouped else (key,)
+            if len(path) == 1:
+                out[key] = value
+            else:
+                nested.setdefault(path[0], {})[path[1]] = value
+        for name in groups:
+            given, flat = out.get(name), nested.get(name, {})
+            if given is not None and not isinstance(given, (dict, BaseModel)):
+                continue  # not a mapping: the group's own validation says so
+            if isinstance(given, BaseModel) and not flat:
+                continue  # a built group stays as it is (also on assignment, validate_assignment)
+            explicit = given.model_fields_set if isinstance(given, BaseModel) else set(given or {})
+            twice = sorted(explicit & set(flat))
+            if twice:
+                raise ValueError(f"'{twice[0]}' is given both flat and in group '{name}': give it once")
+            if given is None and not flat:
+                continue
+            if isinstance(given, BaseModel):  # a built group is complete: flat keys change some of it
+                out[name] = {**given.model_dump(), **flat}
+            else:  # a partial group keeps what this parent's default sets (recovery trains shorter than `finetune`)
+                default = cls.model_fields[name].get_default(call_default_factory=True)
+                out[name] = {**default.model_dump(exclude_unset=True), **(given or {}), **flat}
+        return out
+
+    def flat(self) -> dict[str, Any]:
+        """``{flag: value}`` of every flag, in ``--help`` order (what plan.json records as the recipe)."""
+        out = {}
+        for flag, entry in option_flags(type(self)).items():
+            value: Any = self
+            for part in entry.path:
+                value = getattr(value, part)
+            out[flag] = value
+        return out
+
+    def replace(self, **changes: Any):
+        """A validated copy with some options changed, named by flag (``recipe.replace(importance_method="wanda")``)."""
+        data = self.model_dump()
+        flags = option_flags(type(self))
+        for key, value in changes.items():
+            path = flags[key].path if key in flags else (key,)
+            target = data
+            for part in path[:-1]:
+                target = target[part]
+            target[path[-1]] = value
+        return type(self).model_validate(data)
 
 
 class RunOptions(_Options):
@@ -126,14 +194,55 @@ def _unwrap_optional(annotation: Any) -> Any:
     return annotation
 
 
-def add_options(parser: argparse.ArgumentParser, model: type[BaseModel], title: str | None = None) -> None:
-    """Add one ``--field`` per field of ``model`` (help and default from the field)."""
-    group = parser.add_argument_group(title or model.__name__, (model.__doc__ or "").strip().splitlines()[0])
+@dataclass(frozen=True)
+class Flag:
+    """One command-line flag of an option model: where its value lives and how ``--help`` shows it."""
+
+    path: tuple[str, ...]  # ("dataset",) or ("calibration", "dataset")
+    annotation: Any
+    default: Any
+    help: str
+    section: str | None  # the nested group whose --help section it is in (None: the model's own section)
+
+
+def option_groups(model: type[BaseModel]) -> dict[str, type[BaseModel]]:
+    """The nested option groups of ``model``: field name -> group model."""
+    return {
+        name: field.annotation for name, field in model.model_fields.items()
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+    }  # fmt: skip
+
+
+@functools.cache
+def option_flags(model: type[BaseModel]) -> dict[str, Flag]:
+    """Every flag of ``model`` in declaration order, nested groups' fields included (flat names)."""
+    groups = option_groups(model)
+    renamed = getattr(model, "group_flags", {})
+    flags: dict[str, Flag] = {}
     for name, field in model.model_fields.items():
-        annotation = _unwrap_optional(field.annotation)
-        help_text = field.description or ""
-        default = field.default
-        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
+        if name not in groups:
+            flags[name] = Flag((name,), field.annotation, field.default, field.description or "", None)
+            continue
+        default = field.get_default(call_default_factory=True)
+        exposed = renamed.get(name) or {sub: (sub, None) for sub in groups[name].model_fields}
+        for sub, (flag, help_text) in exposed.items():
+            inner = groups[name].model_fields[sub]
+            section = None if name in renamed else name
+            flags[flag] = Flag((name, sub), inner.annotation, getattr(default, sub), help_text or inner.description or "", section)
+    return flags
+
+
+def add_options(parser: argparse.ArgumentParser, model: type[BaseModel], title: str | None = None) -> None:
+    """Add one ``--flag`` per option of ``model`` (help and default from the field); each nested group that keeps
+    its field names gets its own ``--help`` section, ``<title>: <group>``."""
+    title = title or model.__name__
+    sections = {None: parser.add_argument_group(title, (model.__doc__ or "").strip().splitlines()[0])}
+    for flag, entry in option_flags(model).items():
+        if entry.section not in sections:
+            doc = (option_groups(model)[entry.section].__doc__ or "").strip().splitlines()[0]
+            sections[entry.section] = parser.add_argument_group(f"{title}: {entry.section}", doc)
+        annotation = _unwrap_optional(entry.annotation)
+        kwargs: dict[str, Any] = {"dest": flag, "default": argparse.SUPPRESS}
         if annotation is bool:
             kwargs.update(nargs="?", const=True, type=parse_bool, metavar="BOOL")
         elif typing.get_origin(annotation) is Literal:
@@ -143,55 +252,139 @@ def add_options(parser: argparse.ArgumentParser, model: type[BaseModel], title: 
             kwargs.update(type=annotation)
         else:
             kwargs.update(type=str)
-        group.add_argument(f"--{name}", help=f"{help_text} (default: {default})", **kwargs)
+        sections[entry.section].add_argument(f"--{flag}", help=f"{entry.help} (default: {entry.default})", **kwargs)
 
 
 def build_options(model: type[BaseModel], namespace: argparse.Namespace) -> BaseModel:
-    """Instantiate ``model`` from the parsed flags that belong to it; errors name the flag."""
-    values = {name: getattr(namespace, name) for name in model.model_fields if hasattr(namespace, name)}
+    """Instantiate ``model`` from the parsed flags that belong to it (flat flags into their groups); errors name
+    the flag."""
+    flags = option_flags(model)
+    values = {flag: getattr(namespace, flag) for flag in flags if hasattr(namespace, flag)}
     try:
         return model(**values)
     except ValidationError as exc:
         error = exc.errors()[0]
-        flag = f"--{error['loc'][0]}" if error.get("loc") else model.__name__
-        raise PrunellmError(f"{flag} {values.get(error['loc'][0], '') if error.get('loc') else ''}: {error['msg'].removeprefix('Value error, ')}") from None
+        loc = tuple(error.get("loc") or ())
+        by_path = {entry.path: flag for flag, entry in flags.items()}
+        flag = by_path.get(loc[:2]) or by_path.get(loc[:1])
+        where = f"--{flag} {values.get(flag, '')}" if flag else model.__name__ + " "
+        raise PrunellmError(f"{where}: {error['msg'].removeprefix('Value error, ')}") from None
 
 
-class PruneRecipe(_Options):
-    """What to prune and how (global structured pruning)."""
+def _at_least_one(cls, value):
+    if value is not None and value < 1:
+        raise ValueError("must be at least 1")
+    return value
 
-    base_model: str = Field("smollm2-135m", description="smollm2-135m, a local model directory, or a hub id")
-    output_name: str = Field("", description="run name; results go to <output_dir>/<output_name>/ (default: derived)")
+
+def _not_negative(cls, value):
+    if value < 0:
+        raise ValueError("must be 0 or more")
+    return value
+
+
+class BudgetOptions(_Options):
+    """How much is removed, and which unit kinds and layers may lose parameters."""
+
     pruning_ratio: float = Field(0.2, description="fraction of the model's TOTAL parameters to remove, in (0, 1)")
+    units: str = Field("kv_group,mlp_channel", description="comma-separated unit kinds that may be pruned")
+    freeze_first_n_layers: int = Field(0, description="never prune the first N layers")
+    freeze_last_n_layers: int = Field(0, description="never prune the last N layers")
+    layer_start: int = Field(0, description="first layer that may be pruned")
+    layer_end: int | None = Field(None, description="one past the last layer that may be pruned (default: all)")
+
+    _layers_not_negative = field_validator("freeze_first_n_layers", "freeze_last_n_layers", "layer_start")(_not_negative)
+
+    @field_validator("pruning_ratio")
+    @classmethod
+    def _ratio(cls, value):
+        if not 0.0 < value < 1.0:
+            raise ValueError("must be a fraction strictly between 0 and 1")
+        return value
+
+    @field_validator("units")
+    @classmethod
+    def _units(cls, value):
+        from .units import UNIT_KINDS
+
+        kinds = split_list(value)
+        if not kinds or any(kind not in UNIT_KINDS for kind in kinds):
+            raise ValueError(f"is not valid: use a comma-separated subset of {', '.join(UNIT_KINDS)}")
+        return value
+
+
+class ScoringOptions(_Options):
+    """The importance criterion that scores every index of every unit."""
+
     importance_method: str = Field("taylor", description="criterion: taylor, taylor_2nd, taylor_mix, magnitude, wanda, fluctuation, obs, random (or one registered by a user)")
     magnitude_norm: Literal["l1", "l2"] = Field("l2", description="norm of the magnitude criterion")
-    units: str = Field("kv_group,mlp_channel", description="comma-separated unit kinds that may be pruned")
-    normalization: Literal["none", "block", "layer", "standard", "block_standard", "uniform"] = Field(
-        "block", description="divide importance/cost by its block's (or layer's) mean before global ranking; standard: "
-        "z-score per unit kind over all layers; block_standard: z-score per block (FLAP AL-AM); uniform: percentile in its block"
-    )
+
+    @field_validator("importance_method")
+    @classmethod
+    def _criterion(cls, value):
+        from .criteria import REGISTRY  # the registry, so a criterion registered by a user is valid here too
+
+        if value not in REGISTRY:
+            raise ValueError(f"is not a criterion: use one of {', '.join(REGISTRY)}")
+        return value
+
+
+class CalibrationOptions(_Options):
+    """Calibration windows of the scoring passes and the layer/block ablations (train part, never eval text)."""
+
     dataset: str = Field(
         "shakespeare", description="calibration text: shakespeare, wikitext2, ptb, c4, a local file/folder, or a mixture a+b"
     )
     taylor_num_samples: int = Field(128, description="calibration windows for scoring")
     taylor_seq_len: int = Field(128, description="tokens per calibration window")
     gradient_batch_size: int = Field(4, description="calibration windows per forward(+backward) pass")
+    layer_importance_num_samples: int = Field(16, description="calibration windows for the layer ablation prior")
+    block_importance_num_samples: int = Field(16, description="calibration windows for the block ablation prior")
+    use_gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory)")
+
+    _positive = field_validator("taylor_num_samples", "taylor_seq_len", "gradient_batch_size",
+                                "layer_importance_num_samples", "block_importance_num_samples")(_at_least_one)  # fmt: skip
+
+
+class PriorOptions(_Options):
+    """Layer/block Δloss priors (H-GSP) that scale every unit's score."""
+
     temperature: float = Field(0.0, description="layer/block prior exponent T (0 = no prior, skips the ablation passes)")
     tau: Union[float, Literal["auto"]] = Field(
         "auto", description="prior switch: layer Δ below tau uses the layer prior, else the block's; auto, a number, inf, -inf"
     )
-    layer_importance_num_samples: int = Field(16, description="calibration windows for the layer ablation prior")
-    block_importance_num_samples: int = Field(16, description="calibration windows for the block ablation prior")
-    freeze_first_n_layers: int = Field(0, description="never prune the first N layers")
-    freeze_last_n_layers: int = Field(0, description="never prune the last N layers")
-    layer_start: int = Field(0, description="first layer that may be pruned")
-    layer_end: int | None = Field(None, description="one past the last layer that may be pruned (default: all)")
+
+    @field_validator("tau", mode="before")
+    @classmethod
+    def _tau(cls, value):
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError("is not valid: use auto, a number, inf or -inf") from None
+
+
+class SelectionOptions(_Options):
+    """How importance is compared across blocks, and what every pruned layer must keep."""
+
+    normalization: Literal["none", "block", "layer", "standard", "block_standard", "uniform"] = Field(
+        "block", description="divide importance/cost by its block's (or layer's) mean before global ranking; standard: "
+        "z-score per unit kind over all layers; block_standard: z-score per block (FLAP AL-AM); uniform: percentile in its block"
+    )
     min_kv_groups: int = Field(1, description="KV groups every layer keeps (0 allows removing a whole attention block)")
     round_to: int = Field(1, description="kept MLP channels per layer are a multiple of N")
     deploy_target: Literal["any", "vllm"] = Field(
         "any", description="vllm: prune only what vLLM's nemotron-nas serves: MLP channels, whole attention blocks (with --min_kv_groups 0)"
     )
-    use_gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory)")
+
+    _kv_not_negative = field_validator("min_kv_groups")(_not_negative)
+    _round_positive = field_validator("round_to")(_at_least_one)
+
+
+class ReconstructionOptions(_Options):
+    """Retraining-free compensation of o_proj/down_proj after pruning, and its calibration windows."""
+
     reconstruct: Literal["none", "bias", "lstsq", "lstsq_bias"] = Field(
         "lstsq", description="retraining-free compensation of o_proj/down_proj after pruning: none, bias (FLAP), lstsq, "
         "lstsq_bias (lstsq with the bias refitted as an intercept)"
@@ -210,7 +403,26 @@ class PruneRecipe(_Options):
         "inputs), dense (the dense model's projection output), residual (the dense model's residual stream: corrects "
         "the error of earlier layers too)"
     )
-    plan: str | None = Field(None, description="replay this plan.json on the original weights instead of scoring")
+
+    _positive = field_validator("reconstruct_num_samples", "reconstruct_seq_len")(_at_least_one)
+
+    @field_validator("reconstruct_damp", mode="before")
+    @classmethod
+    def _damp(cls, value):
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError("must be auto or a number ≥ 0") from None
+        if number < 0:
+            raise ValueError("must be auto or a number ≥ 0")
+        return number
+
+
+class AllocationOptions(_Options):
+    """How the budget is spread over layers: one global ranking, or per-layer rates from layer importance."""
+
     allocation: Literal["global", "layerwise"] = Field(
         "global", description="global importance/cost ranking, or per-layer rates from layer importance (layer_pruning.py)"
     )
@@ -227,31 +439,8 @@ class PruneRecipe(_Options):
     pruning_distribution: str = Field(
         "auto", description="layerwise: attention:MLP split of each layer's removed parameters, e.g. 1:3; auto = by their sizes"
     )
-    run_evaluation: str = Field("", description="evaluate before and after pruning, e.g. ppl (empty: none)")
 
-    @field_validator("pruning_ratio")
-    @classmethod
-    def _ratio(cls, value):
-        if not 0.0 < value < 1.0:
-            raise ValueError("must be a fraction strictly between 0 and 1")
-        return value
-
-    @field_validator("taylor_num_samples", "taylor_seq_len", "gradient_batch_size", "round_to",
-                     "layer_importance_num_samples", "block_importance_num_samples",
-                     "reconstruct_num_samples", "reconstruct_seq_len")
-    @classmethod
-    def _at_least_one(cls, value):
-        if value < 1:
-            raise ValueError("must be at least 1")
-        return value
-
-    @field_validator("freeze_first_n_layers", "freeze_last_n_layers", "layer_start", "min_kv_groups", "freeze_top_n_layers")
-    @classmethod
-    def _not_negative(cls, value):
-        if value < 0:
-            raise ValueError("must be 0 or more")
-        return value
-
+    _top_not_negative = field_validator("freeze_top_n_layers")(_not_negative)
 
     @field_validator("min_pruning_rate", "max_pruning_rate")
     @classmethod
@@ -268,35 +457,6 @@ class PruneRecipe(_Options):
             raise ValueError(f"is below --min_pruning_rate {low}: give a maximum at least as large as the minimum")
         return value
 
-    @field_validator("importance_method")
-    @classmethod
-    def _criterion(cls, value):
-        from .criteria import REGISTRY  # the registry, so a criterion registered by a user is valid here too
-
-        if value not in REGISTRY:
-            raise ValueError(f"is not a criterion: use one of {', '.join(REGISTRY)}")
-        return value
-
-    @field_validator("units")
-    @classmethod
-    def _units(cls, value):
-        from .units import UNIT_KINDS
-
-        kinds = split_list(value)
-        if not kinds or any(kind not in UNIT_KINDS for kind in kinds):
-            raise ValueError(f"is not valid: use a comma-separated subset of {', '.join(UNIT_KINDS)}")
-        return value
-
-    @field_validator("tau", mode="before")
-    @classmethod
-    def _tau(cls, value):
-        if isinstance(value, str) and value.strip().lower() == "auto":
-            return "auto"
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ValueError("is not valid: use auto, a number, inf or -inf") from None
-
     @field_validator("pruning_distribution")
     @classmethod
     def _distribution(cls, value):
@@ -311,18 +471,25 @@ class PruneRecipe(_Options):
             raise ValueError("needs non-negative parts, not both zero")
         return value
 
-    @field_validator("reconstruct_damp", mode="before")
-    @classmethod
-    def _damp(cls, value):
-        if isinstance(value, str) and value.strip().lower() == "auto":
-            return "auto"
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise ValueError("must be auto or a number ≥ 0") from None
-        if number < 0:
-            raise ValueError("must be auto or a number ≥ 0")
-        return number
+
+class PruneRecipe(_Options):
+    """What to prune and how (global structured pruning).
+
+    One typed group per pipeline step (``recipe.calibration``, ``recipe.budget`` …); each step receives only its
+    group. The flags, a recipe file and the constructor also take the options flat (``PruneRecipe(dataset="c4")``).
+    """
+
+    base_model: str = Field("smollm2-135m", description="smollm2-135m, a local model directory, or a hub id")
+    output_name: str = Field("", description="run name; results go to <output_dir>/<output_name>/ (default: derived)")
+    plan: str | None = Field(None, description="replay this plan.json on the original weights instead of scoring")
+    run_evaluation: str = Field("", description="evaluate before and after pruning, e.g. ppl (empty: none)")
+    budget: BudgetOptions = Field(default_factory=BudgetOptions)
+    scoring: ScoringOptions = Field(default_factory=ScoringOptions)
+    calibration: CalibrationOptions = Field(default_factory=CalibrationOptions)
+    priors: PriorOptions = Field(default_factory=PriorOptions)
+    selection: SelectionOptions = Field(default_factory=SelectionOptions)
+    allocation: AllocationOptions = Field(default_factory=AllocationOptions)
+    reconstruction: ReconstructionOptions = Field(default_factory=ReconstructionOptions)
 
 
 class LayersRecipe(_Options):
@@ -454,31 +621,40 @@ class DistillOptions(_Options):
 class FinetuneOptions(_Options):
     """Recovery fine-tuning right after pruning, in the same process (into <run>/finetuned/).
 
+    The data and training settings are ``prunellm finetune``'s own groups (:class:`FinetuneData`,
+    :class:`TrainOptions`) with a shorter default run; their ``--finetune_*`` flags are listed in ``group_flags``.
     The LoRA settings (--lora_r, --lora_alpha, --lora_dropout, --lora_target_modules) and tracking
     (--report_to, --wandb_project, --logging_steps) are the same option groups as ``prunellm finetune``'s.
     """
 
     finetune: bool = Field(False, description="fine-tune the pruned model, then evaluate it again")
     finetune_method: Literal["lora", "full"] = Field("lora", description="LoRA adapters (merged) or full-parameter training")
-    finetune_data_path: str = Field("", description="Alpaca data (hub name, .json/.jsonl, bigbench_natural_instructions); empty = plain text")
-    finetune_dataset: str = Field("shakespeare", description="plain text for language modelling when --finetune_data_path is empty")
-    finetune_num_samples: int = Field(256, ge=1, description="plain text: training windows")
-    finetune_seq_len: int = Field(128, ge=1, description="plain text: tokens per window")
-    finetune_val_set_size: int = Field(32, ge=0, description="held-out examples or eval-part windows for the validation loss")
-    finetune_epochs: float = Field(1.0, gt=0, description="passes over the training data")
-    finetune_max_steps: int | None = Field(None, ge=1, description="stop after N optimizer steps (overrides --finetune_epochs)")
-    finetune_learning_rate: float = Field(1e-4, gt=0, description="peak learning rate")
-    finetune_batch_size: int = Field(16, ge=1, description="examples per optimizer step")
-    finetune_micro_batch_size: int = Field(4, ge=1, description="examples per forward pass")
+    data: FinetuneData = Field(default_factory=lambda: FinetuneData(num_samples=256, val_set_size=32))
+    training: TrainOptions = Field(default_factory=lambda: TrainOptions(num_epochs=1.0, batch_size=16, save_steps=0))
     finetune_distill_alpha: float = Field(0.0, ge=0, le=1, description="> 0: distil from the unpruned --base_model with this KL weight")
-    finetune_save_steps: int = Field(
-        0, ge=0, description="checkpoint every N steps into <output_dir>/<output_name>.finetune_checkpoints (kept there "
-        "if the run is interrupted, moved into <run>/finetuned/checkpoints when it succeeds; 0 = none)"
-    )  # fmt: skip
-    finetune_save_total_limit: int = Field(2, ge=1, description="checkpoints kept")
     finetune_resume_from_checkpoint: str | None = Field(
         None, description="continue an interrupted run's fine-tuning: 'last' or a checkpoint-N folder of <output_name>.finetune_checkpoints"
     )
+
+    group_flags: ClassVar[dict[str, dict[str, tuple[str, str]]]] = {
+        "data": {
+            "data_path": ("finetune_data_path", "Alpaca data (hub name, .json/.jsonl, bigbench_natural_instructions); empty = plain text"),
+            "dataset_name": ("finetune_dataset", "plain text for language modelling when --finetune_data_path is empty"),
+            "num_samples": ("finetune_num_samples", "plain text: training windows"),
+            "seq_len": ("finetune_seq_len", "plain text: tokens per window"),
+            "val_set_size": ("finetune_val_set_size", "held-out examples or eval-part windows for the validation loss"),
+        },
+        "training": {
+            "num_epochs": ("finetune_epochs", "passes over the training data"),
+            "max_steps": ("finetune_max_steps", "stop after N optimizer steps (overrides --finetune_epochs)"),
+            "learning_rate": ("finetune_learning_rate", "peak learning rate"),
+            "batch_size": ("finetune_batch_size", "examples per optimizer step"),
+            "micro_batch_size": ("finetune_micro_batch_size", "examples per forward pass"),
+            "save_steps": ("finetune_save_steps", "checkpoint every N steps into <output_dir>/<output_name>.finetune_checkpoints "
+                           "(kept there if the run is interrupted, moved into <run>/finetuned/checkpoints when it succeeds; 0 = none)"),
+            "save_total_limit": ("finetune_save_total_limit", "checkpoints kept"),
+        },
+    }  # fmt: skip
 
 
 class ExportOptions(_Options):

@@ -10,13 +10,14 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from .analysis import analyze_model, compare_models, format_layer_table, write_analysis
-from .calibration import Stats, UnitKey, collect_activation_stats, collect_gradient_stats
+from .api import collect_stats as api_collect_stats
+from .calibration import Stats, UnitKey
 from .checkpoint import save_model
 from .criteria import CriterionOptions, get_criterion
 from .data import describe_source, sample_calibration, tensor_hash
@@ -33,7 +34,23 @@ from .layers import (
     parse_distribution,
     select_layerwise,
 )
-from .options import EvalOptions, FinetuneOptions, LayersRecipe, LoraOptions, PruneRecipe, RunOptions, TrackingOptions, split_list
+from .options import (
+    AllocationOptions,
+    BudgetOptions,
+    CalibrationOptions,
+    EvalOptions,
+    FinetuneOptions,
+    LayersRecipe,
+    LoraOptions,
+    PriorOptions,
+    PruneRecipe,
+    ReconstructionOptions,
+    RunOptions,
+    ScoringOptions,
+    SelectionOptions,
+    TrackingOptions,
+    split_list,
+)
 from .paths import atomic_dir, write_json_atomic
 from .plan import LayerPlan, Plan, package_versions
 from .priors import ablation_deltas, prior_multipliers, resolve_tau
@@ -62,7 +79,7 @@ class PruneResult:
 def default_output_name(recipe: PruneRecipe) -> str:
     """``<model>_<criterion>_p<ratio>`` when ``--output_name`` is not given."""
     model = Path(recipe.base_model).name or "model"
-    return f"{model}_{recipe.importance_method}_p{round(recipe.pruning_ratio * 100)}"
+    return f"{model}_{recipe.scoring.importance_method}_p{round(recipe.budget.pruning_ratio * 100)}"
 
 
 def check_output_dir(run: RunOptions, name: str) -> Path:
@@ -73,78 +90,86 @@ def check_output_dir(run: RunOptions, name: str) -> Path:
     return out
 
 
-def eligible_layers(recipe: PruneRecipe, num_layers: int) -> list[int]:
+def eligible_layers(budget: BudgetOptions, num_layers: int) -> list[int]:
     """Layers that may be pruned under the layer range and the freeze flags."""
-    end = num_layers if recipe.layer_end is None else recipe.layer_end
-    if not 0 <= recipe.layer_start < end <= num_layers:
+    end = num_layers if budget.layer_end is None else budget.layer_end
+    if not 0 <= budget.layer_start < end <= num_layers:
         raise PrunellmError(
-            f"--layer_start {recipe.layer_start} / --layer_end {recipe.layer_end} must satisfy 0 <= start < end <= {num_layers}"
+            f"--layer_start {budget.layer_start} / --layer_end {budget.layer_end} must satisfy 0 <= start < end <= {num_layers}"
         )
-    first, last = recipe.freeze_first_n_layers, num_layers - recipe.freeze_last_n_layers
-    layers = [i for i in range(recipe.layer_start, end) if first <= i < last]
+    first, last = budget.freeze_first_n_layers, num_layers - budget.freeze_last_n_layers
+    layers = [i for i in range(budget.layer_start, end) if first <= i < last]
     if not layers:
         raise PrunellmError("--freeze_first_n_layers/--freeze_last_n_layers leave no layer that may be pruned")
     return layers
 
 
-def unit_kinds(recipe: PruneRecipe) -> tuple[str, ...]:
+def unit_kinds(budget: BudgetOptions) -> tuple[str, ...]:
     """Validated ``--units``."""
-    kinds = tuple(split_list(recipe.units))
+    kinds = tuple(split_list(budget.units))
     bad = [k for k in kinds if k not in UNIT_KINDS]
     if bad or not kinds:
-        raise PrunellmError(f"--units '{recipe.units}' is not valid: use a comma-separated subset of {', '.join(UNIT_KINDS)}")
+        raise PrunellmError(f"--units '{budget.units}' is not valid: use a comma-separated subset of {', '.join(UNIT_KINDS)}")
     return kinds
 
 
-def collect_stats(model: nn.Module, calibration: torch.Tensor | None, units: list[LayerUnits], recipe: PruneRecipe) -> Stats:
+def collect_stats(
+    model: nn.Module, ids: torch.Tensor | None, units: list[LayerUnits], scoring: ScoringOptions, calibration: CalibrationOptions
+) -> Stats:
     """Run the one calibration pass the criterion needs."""
-    criterion = get_criterion(recipe.importance_method)
-    if "gradients" in criterion.needs:
-        return collect_gradient_stats(
-            model,
-            calibration,
-            units,
-            terms=set(criterion.taylor_terms),
-            batch_size=recipe.gradient_batch_size,
-            gradient_checkpointing=recipe.use_gradient_checkpointing,
-        )
-    if "activations" in criterion.needs:
-        grams = "gram" in criterion.activation_terms
-        return collect_activation_stats(model, calibration, units, batch_size=recipe.gradient_batch_size, grams=grams)
-    return Stats()
+    return api_collect_stats(
+        model, ids, units, scoring.importance_method, batch_size=calibration.gradient_batch_size,
+        gradient_checkpointing=calibration.use_gradient_checkpointing,
+    )  # fmt: skip
 
 
-def offloaded_run_stats(recipe: PruneRecipe, run: RunOptions, calibration, units: list[LayerUnits], options: CriterionOptions):
+def offloaded_run_stats(
+    base_model: str, scoring: ScoringOptions, calibration: CalibrationOptions, run: RunOptions, ids, units: list[LayerUnits],
+    options: CriterionOptions,
+):  # fmt: skip
     """``--offload``: score from the checkpoint's shards, one decoder layer on ``--device`` at a time."""
     if run.device == "auto":
         raise PrunellmError("--offload runs one layer at a time on one device: use --device cpu, cuda or cuda:N, not auto")
-    lazy = load_lazy(recipe.base_model, dtype=run.dtype)
+    lazy = load_lazy(base_model, dtype=run.dtype)
     return offloaded_stats(
-        lazy, calibration, units, recipe.importance_method, device=run.device, batch_size=recipe.gradient_batch_size,
+        lazy, ids, units, scoring.importance_method, device=run.device, batch_size=calibration.gradient_batch_size,
         offload_dir=run.offload_dir, options=options,
     )  # fmt: skip
 
 
+def ablation_windows(tokenizer, calibration: CalibrationOptions, seed: int, target: Literal["layer", "block"]) -> torch.Tensor:
+    """Windows of the layer (seed + 1) or block (seed + 2) ablations: apart from the scoring calibration's (a
+    different seed), from the same train part, never eval text."""
+    num_samples = calibration.layer_importance_num_samples if target == "layer" else calibration.block_importance_num_samples
+    return sample_calibration(
+        tokenizer, calibration.dataset, num_samples, calibration.taylor_seq_len, seed + (1 if target == "layer" else 2),
+        seq_len_flag="--taylor_seq_len", num_samples_flag=f"--{target}_importance_num_samples",
+    )  # fmt: skip
+
+
 def compute_priors(
-    model: nn.Module, tokenizer, recipe: PruneRecipe, run: RunOptions, out: Path
+    model: nn.Module, tokenizer, priors: PriorOptions, calibration: CalibrationOptions, seed: int, out: Path
 ) -> dict[UnitKey, float] | None:
     """Layer/block Δloss priors (skipped when ``--temperature 0``); writes both JSON files."""
-    if recipe.temperature == 0:
+    if priors.temperature == 0:
         return None
-    if recipe.temperature < 0:
-        raise PrunellmError(f"--temperature {recipe.temperature} must be 0 (off) or positive")
-    # separate windows from the scoring calibration (a different seed), same train part: never eval text
-    layer_ids = sample_calibration(tokenizer, recipe.dataset, recipe.layer_importance_num_samples, recipe.taylor_seq_len, run.seed + 1,
-                                   seq_len_flag="--taylor_seq_len", num_samples_flag="--layer_importance_num_samples")
-    block_ids = sample_calibration(tokenizer, recipe.dataset, recipe.block_importance_num_samples, recipe.taylor_seq_len, run.seed + 2,
-                                   seq_len_flag="--taylor_seq_len", num_samples_flag="--block_importance_num_samples")
-    layer_d = ablation_deltas(model, layer_ids, "layer", recipe.gradient_batch_size)
-    attn_d = ablation_deltas(model, block_ids, "attention", recipe.gradient_batch_size)
-    mlp_d = ablation_deltas(model, block_ids, "mlp", recipe.gradient_batch_size)
-    tau = resolve_tau(recipe.tau, layer_d)
+    if priors.temperature < 0:
+        raise PrunellmError(f"--temperature {priors.temperature} must be 0 (off) or positive")
+    layer_ids = ablation_windows(tokenizer, calibration, seed, "layer")
+    block_ids = ablation_windows(tokenizer, calibration, seed, "block")
+    layer_d = ablation_deltas(model, layer_ids, "layer", calibration.gradient_batch_size)
+    attn_d = ablation_deltas(model, block_ids, "attention", calibration.gradient_batch_size)
+    mlp_d = ablation_deltas(model, block_ids, "mlp", calibration.gradient_batch_size)
+    tau = resolve_tau(priors.tau, layer_d)
     write_json_atomic(out / "layer_importance_loss.json", {"metric": "delta_loss_zero_ablation", "layers": layer_d, "tau": tau})
     write_json_atomic(out / "block_importance_loss.json", {"metric": "delta_loss_zero_ablation", "attention": attn_d, "mlp": mlp_d})
-    return prior_multipliers(layer_d, attn_d, mlp_d, recipe.temperature, tau)
+    return prior_multipliers(layer_d, attn_d, mlp_d, priors.temperature, tau)
+
+
+def selection_constraints(selection: SelectionOptions) -> SelectionConstraints:
+    """What every pruned layer must keep (``--deploy_target vllm``: whole attention blocks only)."""
+    return SelectionConstraints(min_kv_groups=selection.min_kv_groups, round_to=selection.round_to,
+                                whole_attention=selection.deploy_target == "vllm")  # fmt: skip
 
 
 def plan_from_selection(
@@ -159,12 +184,12 @@ def plan_from_selection(
     return Plan(
         base_model=recipe.base_model,
         method="global",
-        criterion=recipe.importance_method,
-        target_ratio=recipe.pruning_ratio,
+        criterion=recipe.scoring.importance_method,
+        target_ratio=recipe.budget.pruning_ratio,
         params_before=params_before,
         params_after=params_after,
         layers=layers,
-        recipe=recipe.model_dump(),
+        recipe=recipe.flat(),  # flat, as the flags name the options: a replay reads it back the same way
         calibration=calibration,
         seed=seed,
         versions=package_versions(),
@@ -178,40 +203,44 @@ def score_and_plan(
     """Score every eligible unit, rank globally and return the complete Plan (with ``reconstruction``, the settings of
     :func:`reconstruction_settings`) plus the per-unit table (no surgery)."""
     spec_for(model.config)  # refuse unknown families before any work
-    kinds = unit_kinds(recipe)
-    if recipe.deploy_target == "vllm" and recipe.allocation == "layerwise":
+    kinds = unit_kinds(recipe.budget)
+    if recipe.selection.deploy_target == "vllm" and recipe.allocation.allocation == "layerwise":
         raise PrunellmError("--deploy_target vllm needs --allocation global (layerwise rates remove single KV groups, which vLLM cannot serve)")
-    criterion = get_criterion(recipe.importance_method)
-    layers = eligible_layers(recipe, len(decoder_layers(model)))
+    calib, scoring = recipe.calibration, recipe.scoring
+    criterion = get_criterion(scoring.importance_method)
+    layers = eligible_layers(recipe.budget, len(decoder_layers(model)))
     units = [u for u in all_units(model, kinds) if u.layer in layers]
     total = count_parameters(model)
     calibration_info: dict[str, Any] = {"needs": sorted(criterion.needs)}
-    calibration = None
+    ids = None
     if criterion.needs & {"gradients", "activations"}:
-        calibration = sample_calibration(tokenizer, recipe.dataset, recipe.taylor_num_samples, recipe.taylor_seq_len, run.seed,
-                                         seq_len_flag="--taylor_seq_len", num_samples_flag="--taylor_num_samples")
+        ids = sample_calibration(tokenizer, calib.dataset, calib.taylor_num_samples, calib.taylor_seq_len, run.seed,
+                                 seq_len_flag="--taylor_seq_len", num_samples_flag="--taylor_num_samples")  # fmt: skip
         calibration_info.update(
-            source=describe_source(recipe.dataset, "train"),
-            num_samples=recipe.taylor_num_samples,
-            seq_len=recipe.taylor_seq_len,
-            hash=tensor_hash(calibration),
+            source=describe_source(calib.dataset, "train"),
+            num_samples=calib.taylor_num_samples,
+            seq_len=calib.taylor_seq_len,
+            hash=tensor_hash(ids),
         )
     started = time.perf_counter()
-    options = CriterionOptions(seed=run.seed, magnitude_norm=recipe.magnitude_norm)
+    options = CriterionOptions(seed=run.seed, magnitude_norm=scoring.magnitude_norm)
     if run.offload:  # the same scores with one layer of the checkpoint on the device at a time
-        scores, stats = offloaded_run_stats(recipe, run, calibration, units, options)
+        scores, stats = offloaded_run_stats(recipe.base_model, scoring, calib, run, ids, units, options)
     else:
-        stats = collect_stats(model, calibration, units, recipe)
+        stats = collect_stats(model, ids, units, scoring, calib)
         scores = criterion.score(model, units, stats, options)
     calibration_info["scoring_seconds"] = round(time.perf_counter() - started, 3)
-    priors = compute_priors(model, tokenizer, recipe, run, out)
-    values = normalized_values(units, scores, recipe.normalization, priors)
-    if recipe.allocation == "layerwise":
-        selection = select_by_layer_rates(model, tokenizer, units, values, scores, recipe, run, out, total)
+    priors = compute_priors(model, tokenizer, recipe.priors, calib, run.seed, out)
+    values = normalized_values(units, scores, recipe.selection.normalization, priors)
+    target = round(recipe.budget.pruning_ratio * total)
+    constraints = selection_constraints(recipe.selection)
+    if recipe.allocation.allocation == "layerwise":
+        layer_ids = ablation_windows(tokenizer, calib, run.seed, "layer")
+        selection = select_by_layer_rates(
+            model, layer_ids, units, values, scores, recipe.allocation, target, constraints, calib.gradient_batch_size, out, total
+        )
     else:
-        constraints = SelectionConstraints(min_kv_groups=recipe.min_kv_groups, round_to=recipe.round_to,
-                                           whole_attention=recipe.deploy_target == "vllm")  # fmt: skip
-        selection = select_global(units, values, scores, round(recipe.pruning_ratio * total), constraints, total)
+        selection = select_global(units, values, scores, target, constraints, total)
     plan = plan_from_selection(
         model, selection.kept, recipe, total, total - selection.removed_params, calibration_info, run.seed,
         reconstruction or {"mode": "none"},
@@ -219,17 +248,18 @@ def score_and_plan(
     return plan, selection.table
 
 
-def reconstruction_settings(recipe: PruneRecipe, seed: int) -> dict[str, Any]:
-    """What the plan records so that a replay reconstructs from the same calibration windows."""
-    if recipe.reconstruct == "none":
+def reconstruction_settings(reconstruction: ReconstructionOptions, dataset: str, seed: int) -> dict[str, Any]:
+    """What the plan records so that a replay reconstructs from the same calibration windows (``dataset``: the
+    scoring calibration's text, used when ``--reconstruct_dataset`` is empty)."""
+    if reconstruction.reconstruct == "none":
         return {"mode": "none"}
     return {
-        "mode": recipe.reconstruct,
-        "dataset": recipe.reconstruct_dataset or recipe.dataset,
-        "num_samples": recipe.reconstruct_num_samples,
-        "seq_len": recipe.reconstruct_seq_len,
-        "damp": recipe.reconstruct_damp,
-        "target": recipe.reconstruct_target,
+        "mode": reconstruction.reconstruct,
+        "dataset": reconstruction.reconstruct_dataset or dataset,
+        "num_samples": reconstruction.reconstruct_num_samples,
+        "seq_len": reconstruction.reconstruct_seq_len,
+        "damp": reconstruction.reconstruct_damp,
+        "target": reconstruction.reconstruct_target,
         "solver": SOLVER,
         "seed": seed + 3,  # windows apart from the scoring calibration, same train part (never eval text)
     }
@@ -283,26 +313,29 @@ def apply_plan_with_reconstruction(model: nn.Module, tokenizer, plan: Plan) -> d
     }  # fmt: skip
 
 
-def select_by_layer_rates(model, tokenizer, units, values, scores, recipe: PruneRecipe, run: RunOptions, out: Path, total: int):
-    """Per-layer allocation: layer importance -> per-layer rates meeting the budget -> lowest units per layer."""
-    ids = sample_calibration(tokenizer, recipe.dataset, recipe.layer_importance_num_samples, recipe.taylor_seq_len, run.seed + 1,
-                             seq_len_flag="--taylor_seq_len", num_samples_flag="--layer_importance_num_samples")
-    importance = layer_importance(model, ids, recipe.layer_importance_method, recipe.gradient_batch_size)
+def select_by_layer_rates(
+    model: nn.Module, layer_ids: torch.Tensor, units: list[LayerUnits], values, scores, allocation: AllocationOptions,
+    target_params: int, constraints: SelectionConstraints, batch_size: int, out: Path, total: int,
+):  # fmt: skip
+    """Per-layer allocation: layer importance (on ``layer_ids``, :func:`ablation_windows`) -> per-layer rates meeting
+    the budget -> lowest units per layer."""
+    importance = layer_importance(model, layer_ids, allocation.layer_importance_method, batch_size)
     n_layers = len(importance)
     eligible = {u.layer for u in units}
-    frozen = {i for i in range(n_layers) if i not in eligible or i >= n_layers - recipe.freeze_top_n_layers}
+    frozen = {i for i in range(n_layers) if i not in eligible or i >= n_layers - allocation.freeze_top_n_layers}
     prunable = [0] * n_layers
     for u in units:
         prunable[u.layer] += u.removed_cost(u.count)
     rates = allocate_rates(
-        importance, prunable, round(recipe.pruning_ratio * total), strategy=recipe.pruning_strategy,
-        weight=recipe.layer_importance_weight, min_rate=recipe.min_pruning_rate, max_rate=recipe.max_pruning_rate,
+        importance, prunable, target_params, strategy=allocation.pruning_strategy,
+        weight=allocation.layer_importance_weight, min_rate=allocation.min_pruning_rate, max_rate=allocation.max_pruning_rate,
         frozen=frozen, total_params=total,
     )  # fmt: skip
-    write_layer_importance(out, recipe.layer_importance_method, importance, rates=rates)
+    write_layer_importance(out, allocation.layer_importance_method, importance, rates=rates)
     return select_layerwise(
-        units, values, scores, rates, parse_distribution(recipe.pruning_distribution), recipe.min_kv_groups, recipe.round_to
-    )
+        units, values, scores, rates, parse_distribution(allocation.pruning_distribution), constraints.min_kv_groups,
+        constraints.round_to,
+    )  # fmt: skip
 
 
 def write_layer_importance(out: Path, method: str, scores: list[float], rates: list[float] | None = None, removed: list[int] | None = None) -> None:
@@ -318,53 +351,133 @@ def write_layer_importance(out: Path, method: str, scores: list[float], rates: l
     plot_layer_importance(scores, method, out / "visualization" / "layer_importance.png", highlight=removed)
 
 
+def depth_plan(model: nn.Module, tokenizer, recipe: LayersRecipe, run: RunOptions, out: Path) -> tuple[Plan, list[dict]]:
+    """Depth pruning's complete Plan: the decoder layers to remove, ranked by the layer criterion (writes
+    ``layer_importance.json`` into ``out``); no per-unit table."""
+    n_layers = len(decoder_layers(model))
+    total = count_parameters(model)
+    if recipe.n_remove_layers is not None:
+        n_remove = recipe.n_remove_layers
+    elif recipe.pruning_ratio is not None:
+        n_remove = layers_for_ratio(model, recipe.pruning_ratio, total)
+    else:
+        raise PrunellmError("give --n_remove_layers N or --pruning_ratio r")
+    if not 1 <= n_remove < n_layers:
+        raise PrunellmError(f"--n_remove_layers {n_remove} must be between 1 and {n_layers - 1} (the model has {n_layers} layers)")
+    candidates = [i for i in range(recipe.freeze_first_n_layers, n_layers - recipe.freeze_last_n_layers)]
+    ids = sample_calibration(tokenizer, recipe.dataset, recipe.num_samples, recipe.seq_len, run.seed)
+    removed, scores = choose_layers_to_remove(
+        model, ids, recipe.layer_importance_method, n_remove, iterative=recipe.iterative,
+        batch_size=recipe.batch_size, candidates=candidates,
+    )  # fmt: skip
+    write_layer_importance(out, recipe.layer_importance_method, scores, removed=removed)
+    per_layer = layer_params(model)
+    plan = Plan(
+        base_model=recipe.base_model, method="layers", criterion=recipe.layer_importance_method,
+        target_ratio=recipe.pruning_ratio, params_before=total,
+        params_after=total - sum(per_layer[i] for i in removed),
+        layers=[LayerPlan() for _ in range(n_layers)], removed_layers=removed, recipe=recipe.model_dump(),
+        calibration={"source": describe_source(recipe.dataset, "train"), "num_samples": recipe.num_samples,
+                     "seq_len": recipe.seq_len, "hash": tensor_hash(ids)},
+        seed=run.seed, versions=package_versions(), reconstruction={"mode": "none"},
+    )  # fmt: skip
+    return plan, []
+
+
+def width_plan(model: nn.Module, tokenizer, recipe: PruneRecipe, run: RunOptions, out: Path) -> tuple[Plan, list[dict]]:
+    """Width pruning's complete Plan (``--plan`` replayed, or scored and selected) and its per-unit table.
+
+    The reconstruction settings go into the plan before scoring: a bad ``--reconstruct_dataset`` or too short a
+    text fails now, not after scoring.
+    """
+    if recipe.plan:
+        return load_plan_for(model, recipe.plan), []
+    settings = reconstruction_settings(recipe.reconstruction, recipe.calibration.dataset, run.seed)
+    if settings["mode"] != "none":
+        flag = "--reconstruct_dataset" if recipe.reconstruction.reconstruct_dataset else "--dataset"
+        settings["source"] = describe_source(settings["dataset"], "train", flag=flag)
+        settings["hash"] = tensor_hash(reconstruction_calibration(tokenizer, settings, flag))
+    return score_and_plan(model, tokenizer, recipe, run, out, settings)
+
+
+@dataclass(frozen=True)
+class WidthPruning:
+    """``prunellm prune``: kv groups and MLP channels, ranked globally or per layer, optionally fine-tuned after."""
+
+    recipe: PruneRecipe
+    run: RunOptions
+    finetune: FinetuneOptions | None = None
+
+    @property
+    def base_model(self) -> str:
+        return self.recipe.base_model
+
+    @property
+    def name(self) -> str:
+        return self.recipe.output_name or default_output_name(self.recipe)
+
+    @property
+    def run_evaluation(self) -> str:
+        return self.recipe.run_evaluation
+
+    def context_lengths(self) -> dict[str, int]:
+        """Flag -> tokens the loaded model's context must hold (checked before any work)."""
+        lengths = {"taylor_seq_len": self.recipe.calibration.taylor_seq_len}
+        if self.recipe.reconstruction.reconstruct != "none":
+            lengths["reconstruct_seq_len"] = self.recipe.reconstruction.reconstruct_seq_len
+        if self.finetune is not None and self.finetune.finetune:
+            lengths["finetune_seq_len"] = self.finetune.data.seq_len
+        return lengths
+
+    def make_plan(self, model: nn.Module, tokenizer, out: Path) -> tuple[Plan, list[dict]]:
+        return width_plan(model, tokenizer, self.recipe, self.run, out)
+
+
+@dataclass(frozen=True)
+class DepthPruning:
+    """``prunellm layers``: whole decoder layers removed."""
+
+    recipe: LayersRecipe
+    run: RunOptions
+    finetune: None = None  # depth runs are not fine-tuned in the same process
+
+    @property
+    def base_model(self) -> str:
+        return self.recipe.base_model
+
+    @property
+    def name(self) -> str:
+        return self.recipe.output_name or f"{Path(self.recipe.base_model).name}_layers_{self.recipe.layer_importance_method}"
+
+    @property
+    def run_evaluation(self) -> str:
+        return self.recipe.run_evaluation
+
+    def context_lengths(self) -> dict[str, int]:
+        return {"seq_len": self.recipe.seq_len}
+
+    def make_plan(self, model: nn.Module, tokenizer, out: Path) -> tuple[Plan, list[dict]]:
+        return depth_plan(model, tokenizer, self.recipe, self.run, out)
+
+
+Workflow = WidthPruning | DepthPruning
+"""What differs between the two runs: the recipe, how the Plan is made and what the model's context must hold."""
+
+
 def prune_layers(recipe: LayersRecipe, run: RunOptions, eval_options: EvalOptions | None = None, argv: list[str] | None = None) -> PruneResult:
     """Depth pruning: remove whole decoder layers, into ``<output_dir>/<output_name>/`` (standard HF checkpoint)."""
     if run.offload:
         raise PrunellmError("--offload scores units for prunellm prune; prunellm layers runs in memory: leave --offload out")
-
-    def make_plan(model: nn.Module, tokenizer, tmp: Path) -> tuple[Plan, list[dict]]:
-        n_layers = len(decoder_layers(model))
-        total = count_parameters(model)
-        if recipe.n_remove_layers is not None:
-            n_remove = recipe.n_remove_layers
-        elif recipe.pruning_ratio is not None:
-            n_remove = layers_for_ratio(model, recipe.pruning_ratio, total)
-        else:
-            raise PrunellmError("give --n_remove_layers N or --pruning_ratio r")
-        if not 1 <= n_remove < n_layers:
-            raise PrunellmError(f"--n_remove_layers {n_remove} must be between 1 and {n_layers - 1} (the model has {n_layers} layers)")
-        candidates = [i for i in range(recipe.freeze_first_n_layers, n_layers - recipe.freeze_last_n_layers)]
-        ids = sample_calibration(tokenizer, recipe.dataset, recipe.num_samples, recipe.seq_len, run.seed)
-        removed, scores = choose_layers_to_remove(
-            model, ids, recipe.layer_importance_method, n_remove, iterative=recipe.iterative,
-            batch_size=recipe.batch_size, candidates=candidates,
-        )  # fmt: skip
-        write_layer_importance(tmp, recipe.layer_importance_method, scores, removed=removed)
-        per_layer = layer_params(model)
-        plan = Plan(
-            base_model=recipe.base_model, method="layers", criterion=recipe.layer_importance_method,
-            target_ratio=recipe.pruning_ratio, params_before=total,
-            params_after=total - sum(per_layer[i] for i in removed),
-            layers=[LayerPlan() for _ in range(n_layers)], removed_layers=removed, recipe=recipe.model_dump(),
-            calibration={"source": describe_source(recipe.dataset, "train"), "num_samples": recipe.num_samples,
-                         "seq_len": recipe.seq_len, "hash": tensor_hash(ids)},
-            seed=run.seed, versions=package_versions(), reconstruction={"mode": "none"},
-        )  # fmt: skip
-        return plan, []
-
-    name = recipe.output_name or f"{Path(recipe.base_model).name}_layers_{recipe.layer_importance_method}"
-    check = lambda model: check_context(model, seq_len=recipe.seq_len)  # noqa: E731
-    return execute_run(recipe.base_model, name, recipe.run_evaluation, run, eval_options, argv, make_plan, check=check)
+    return execute_run(DepthPruning(recipe, run), eval_options, argv)
 
 
-def load_plan_for(model: nn.Module, recipe: PruneRecipe) -> Plan:
+def load_plan_for(model: nn.Module, path: str) -> Plan:
     """Read ``--plan`` and check it was made for this model's original weights."""
-    plan = Plan.load(recipe.plan)
+    plan = Plan.load(path)
     total = count_parameters(model)
     if plan.params_before != total or len(plan.layers) != len(decoder_layers(model)):
         raise PrunellmError(
-            f"--plan '{recipe.plan}' was made for a model with {plan.params_before} parameters and {len(plan.layers)} "
+            f"--plan '{path}' was made for a model with {plan.params_before} parameters and {len(plan.layers)} "
             f"layers, but --base_model has {total} and {len(decoder_layers(model))}"
         )
     check_reconstruction_settings(plan.reconstruction or {"mode": "none"})  # before any work
@@ -386,9 +499,6 @@ def print_summary(console, plan: Plan, comparison: dict, evaluation: dict[str, A
             table.add_row(f"PPL {label} {row['dataset']} ({row['protocol']}, {row['scored_tokens']} tok)", f"{row['ppl']:.3f}")
     console.print(table)
     console.print(format_layer_table(comparison))
-
-
-PlanMaker = Callable[[nn.Module, Any, Path], tuple[Plan, list[dict]]]
 
 
 def evaluation_metrics(run_evaluation: str, eval_options: EvalOptions | None) -> list[str]:
@@ -413,15 +523,9 @@ def evaluation_metrics(run_evaluation: str, eval_options: EvalOptions | None) ->
 
 
 def execute_run(
-    base_model: str,
-    name: str,
-    run_evaluation: str,
-    run: RunOptions,
+    workflow: Workflow,
     eval_options: EvalOptions | None,
     argv: list[str] | None,
-    make_plan: PlanMaker,
-    finetune: FinetuneOptions | None = None,
-    check: Callable[[nn.Module], None] | None = None,
     *,
     lora: LoraOptions | None = None,
     tracking: TrackingOptions | None = None,
@@ -434,13 +538,13 @@ def execute_run(
     from rich.console import Console
 
     console = Console(stderr=True)
-    evaluate_what = evaluation_metrics(run_evaluation, eval_options)  # disagreeing flags fail before any work
-    out = check_output_dir(run, name)
+    run, base_model, finetune = workflow.run, workflow.base_model, workflow.finetune
+    evaluate_what = evaluation_metrics(workflow.run_evaluation, eval_options)  # disagreeing flags fail before any work
+    out = check_output_dir(run, workflow.name)
     torch.manual_seed(run.seed)
     tokenizer = load_tokenizer(base_model)
     model = load_model(base_model, dtype=run.dtype, device=run.device)
-    if check is not None:
-        check(model)  # input that only the loaded model can refuse, before any work
+    check_context(model, **workflow.context_lengths())  # input that only the loaded model can refuse, before any work
     eval_options = (eval_options or EvalOptions()).model_copy(update={"metrics": ",".join(evaluate_what) or "ppl"})
     timings: dict[str, float] = {}
     evaluation: dict[str, Any] = {}
@@ -451,7 +555,7 @@ def execute_run(
             evaluation["base"] = evaluate(model, tokenizer, eval_options, model_path=base_model)
             save_results(evaluation["base"], tmp / "evaluation_results_base.json")
         started = time.perf_counter()
-        plan, table = make_plan(model, tokenizer, tmp)  # complete here; surgery reads it and never changes it
+        plan, table = workflow.make_plan(model, tokenizer, tmp)  # complete here; surgery reads it and never changes it
         reconstruction = apply_plan_with_reconstruction(model, tokenizer, plan)
         if reconstruction["layers"]:
             write_json_atomic(tmp / "analysis" / "reconstruction.json", reconstruction)
@@ -513,37 +617,16 @@ def prune(
     ("recovered"); the returned ``model`` is then the recovered one. ``lora`` and ``tracking`` are the same
     option groups as ``prunellm finetune``'s.
     """
-
-    def make_plan(model: nn.Module, tokenizer, tmp: Path) -> tuple[Plan, list[dict]]:
-        if recipe.plan:
-            return load_plan_for(model, recipe), []
-        settings = reconstruction_settings(recipe, run.seed)
-        if settings["mode"] != "none":  # a bad --reconstruct_dataset or too short a text fails now, not after scoring
-            flag = "--reconstruct_dataset" if recipe.reconstruct_dataset else "--dataset"
-            settings["source"] = describe_source(settings["dataset"], "train", flag=flag)
-            settings["hash"] = tensor_hash(reconstruction_calibration(tokenizer, settings, flag))
-        return score_and_plan(model, tokenizer, recipe, run, tmp, settings)
-
-    def check(model: nn.Module) -> None:
-        seq_lens = {"taylor_seq_len": recipe.taylor_seq_len}
-        if recipe.reconstruct != "none":
-            seq_lens["reconstruct_seq_len"] = recipe.reconstruct_seq_len
-        if finetune is not None and finetune.finetune:
-            seq_lens["finetune_seq_len"] = finetune.finetune_seq_len
-        check_context(model, **seq_lens)
-
-    if recipe.allocation == "layerwise":  # refuse bad allocation options before loading anything
-        parse_distribution(recipe.pruning_distribution)
-    name = recipe.output_name or default_output_name(recipe)
+    if recipe.allocation.allocation == "layerwise":  # refuse bad allocation options before loading anything
+        parse_distribution(recipe.allocation.pruning_distribution)
+    workflow = WidthPruning(recipe, run, finetune)
     if finetune is not None and finetune.finetune:  # bad fine-tuning options fail before pruning, not after
         from .finetune import checkpoint_dir_after_pruning
         from .finetune.engine import report_to, resolve_checkpoint
 
         report_to(tracking or TrackingOptions())
         resolve_checkpoint(
-            finetune.finetune_resume_from_checkpoint, checkpoint_dir_after_pruning(Path(run.output_dir) / name),
+            finetune.finetune_resume_from_checkpoint, checkpoint_dir_after_pruning(Path(run.output_dir) / workflow.name),
             flag="--finetune_resume_from_checkpoint",
         )  # fmt: skip
-    return execute_run(
-        recipe.base_model, name, recipe.run_evaluation, run, eval_options, argv, make_plan, finetune, check, lora=lora, tracking=tracking
-    )
+    return execute_run(workflow, eval_options, argv, lora=lora, tracking=tracking)

@@ -56,10 +56,12 @@ def hidden_change_scores(model: nn.Module, input_ids: torch.Tensor, batch_size: 
 
 def taylor_layer_scores(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 4) -> list[float]:
     """Σ|w·G| over every prunable projection of each layer."""
+    from .taylor import FIRST  # here, so that the criteria register in the import order of criteria/__init__.py
+
     units = list(all_units(model, UNIT_KINDS))
-    stats = collect_gradient_stats(model, input_ids, units, terms={"first"}, batch_size=batch_size)
+    stats = collect_gradient_stats(model, input_ids, units, terms=(FIRST,), batch_size=batch_size)
     scores = [0.0] * len(decoder_layers(model))
-    for (layer, _), value in stats.taylor_first.items():
+    for (layer, _), value in stats.gradient_terms[FIRST.name].items():
         scores[layer] += float(value.sum())
     return scores
 

@@ -9,7 +9,7 @@ from typing import Callable, Literal
 import torch
 from torch import nn
 
-from ..calibration import Stats, UnitKey
+from ..calibration import GradientTerm, Stats, UnitKey
 from ..errors import PrunellmError
 from ..units import LayerUnits
 
@@ -31,7 +31,7 @@ class Criterion:
 
     name: str
     needs: frozenset[Need]
-    taylor_terms: frozenset[str]  # which gradient terms the gradient pass must produce
+    gradient_terms: tuple[GradientTerm, ...]  # what the gradient pass sums per unit index (formulas in the criterion)
     score: ScoreFn
     help: str
     activation_terms: frozenset[str] = frozenset()  # "gram": the activation pass also collects XᵀX of o/down inputs
@@ -61,12 +61,16 @@ def sum_over_slices(model: nn.Module, units: list[LayerUnits], slice_score: Slic
 
 
 def register(
-    name: str, needs: set[Need], help: str, taylor_terms: set[str] = frozenset(), activation_terms: set[str] = frozenset()
-):
-    """Decorator: register a score function under ``name``."""
+    name: str, needs: set[Need], help: str, *, gradient_terms: tuple[GradientTerm, ...] = (),
+    activation_terms: set[str] = frozenset(),
+):  # fmt: skip
+    """Decorator: register a score function under ``name``; a gradient criterion declares the
+    :class:`~prunellm.calibration.GradientTerm` s (its formulas) that it reads from ``stats.gradient_terms``."""
 
     def wrap(fn: ScoreFn) -> ScoreFn:
-        REGISTRY[name] = Criterion(name, frozenset(needs), frozenset(taylor_terms), fn, help, frozenset(activation_terms))
+        if "gradients" in needs and not gradient_terms:
+            raise ValueError(f"criterion '{name}' needs gradients: declare the gradient_terms it reads")
+        REGISTRY[name] = Criterion(name, frozenset(needs), tuple(gradient_terms), fn, help, frozenset(activation_terms))
         return fn
 
     return wrap

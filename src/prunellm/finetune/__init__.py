@@ -43,18 +43,6 @@ __all__ = [
 ]
 
 
-# engine option <- the `prunellm prune --finetune_*` flag that sets it
-_DATA_FLAGS = {
-    "data_path": "finetune_data_path", "dataset_name": "finetune_dataset", "num_samples": "finetune_num_samples",
-    "seq_len": "finetune_seq_len", "val_set_size": "finetune_val_set_size",
-}  # fmt: skip
-_TRAIN_FLAGS = {
-    "num_epochs": "finetune_epochs", "max_steps": "finetune_max_steps", "learning_rate": "finetune_learning_rate",
-    "batch_size": "finetune_batch_size", "micro_batch_size": "finetune_micro_batch_size",
-    "save_steps": "finetune_save_steps", "save_total_limit": "finetune_save_total_limit",
-}  # fmt: skip
-
-
 def checkpoint_dir_after_pruning(run_dir: Path) -> Path:
     """Where ``prunellm prune --finetune`` keeps checkpoints while it runs: beside the run folder, which is
     written atomically, so that an interrupted run leaves them for ``--finetune_resume_from_checkpoint``."""
@@ -77,7 +65,8 @@ def finetune_after_pruning(
 ) -> dict[str, Any]:
     """Fine-tune a just-pruned in-memory model into ``<run_dir>/finetuned/`` and evaluate it (``eval_options``).
 
-    The model is trained in place (full) or gets LoRA adapters merged into it. ``base_model`` is the unpruned
+    ``options.data`` and ``options.training`` are the engine's own groups (the run's seed replaces the training
+    seed). The model is trained in place (full) or gets LoRA adapters merged into it. ``base_model`` is the unpruned
     model, the teacher when ``finetune_distill_alpha > 0``. ``lora`` and ``tracking`` are the same option groups
     as ``prunellm finetune``'s. Checkpoints (``finetune_save_steps``) go to ``checkpoint_dir`` (default
     ``<run_dir>/finetuned/checkpoints``); ``finetune_resume_from_checkpoint`` continues from one of them.
@@ -85,13 +74,13 @@ def finetune_after_pruning(
     Returns:
         The metrics of :meth:`FineTuner.finetune`; ``evaluation`` holds the recovered model's results.
     """
-    if options.finetune_batch_size % options.finetune_micro_batch_size:
+    if options.training.batch_size % options.training.micro_batch_size:
         raise PrunellmError(
-            f"--finetune_micro_batch_size {options.finetune_micro_batch_size} does not divide "
-            f"--finetune_batch_size {options.finetune_batch_size}: use a divisor of it"
+            f"--finetune_micro_batch_size {options.training.micro_batch_size} does not divide "
+            f"--finetune_batch_size {options.training.batch_size}: use a divisor of it"
         )
-    data = FinetuneData(**{field: getattr(options, flag) for field, flag in _DATA_FLAGS.items()})
-    training = TrainOptions(**{field: getattr(options, flag) for field, flag in _TRAIN_FLAGS.items()}, seed=seed)
+    data = options.data
+    training = options.training.model_copy(update={"seed": seed})
     distill = None
     if options.finetune_distill_alpha > 0:
         distill = DistillOptions(distill_from=base_model, distill_alpha=options.finetune_distill_alpha)
