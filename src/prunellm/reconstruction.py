@@ -291,8 +291,16 @@ def prune_with_reconstruction(
     mode: Mode,
     damp: Damp = "auto",
     batch_size: int = 8,
+    *,
+    capture=None,
+    on_layer=None,
 ) -> ReconstructionReport:
-    """Prune every layer's units as ``kept`` says, in layer order, compensating o_proj/down_proj inputs."""
+    """Prune every layer's units as ``kept`` says, in layer order, compensating o_proj/down_proj inputs.
+
+    ``capture(model, input_ids, batch_size)`` and ``on_layer`` are the streamed save's (:mod:`prunellm.streaming`):
+    the layer-0 inputs gathered without the whole embedding, and ``on_layer.enter(i)`` / ``on_layer.exit(i)``
+    around layer i's work (read it from the shards; write it to the output shard and drop it).
+    """
     if mode == "none":
         prune_units(model, kept)
         return ReconstructionReport(mode="none")
@@ -304,10 +312,12 @@ def prune_with_reconstruction(
     layers = decoder_layers(model, spec)
     if mode in LSTSQ_MODES and damp == "auto":
         batch_size = max(1, min(batch_size, (len(input_ids) + 1) // 2))  # cross-validation needs two batches or more
-    hidden, kwargs_list = capture_layer_inputs(model, input_ids, batch_size)
+    hidden, kwargs_list = (capture or capture_layer_inputs)(model, input_ids, batch_size)
     report = ReconstructionReport(mode=mode)
     compensated = False
     for index in tqdm(range(len(layers)), desc=f"reconstruction ({mode})", leave=False):
+        if on_layer is not None:
+            on_layer.enter(index)
         layer = layers[index]
         entry: dict = {"layer": index}
         for kind, proj in (
@@ -339,6 +349,8 @@ def prune_with_reconstruction(
                 compensated = True
         hidden = _run_layer(layer, index, hidden, kwargs_list)  # the next layer sees this layer's pruned output
         report.layers.append(entry)
+        if on_layer is not None:
+            on_layer.exit(index)
     if compensated:
         # o_proj/down_proj may now carry a bias their family's config does not build: the checkpoint must
         # record it per layer (see hf_modeling.resize_layers)
