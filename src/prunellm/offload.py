@@ -56,7 +56,7 @@ from .units import LayerUnits, decoder_layers, get_module
 log = logging.getLogger(__name__)
 
 VOCAB_SLICE_BYTES = 16 * 2**20  # one vocabulary slice of the embedding or LM head read at a time
-# full float32 logit rows of one chunk of tokens at the top (× ~3 with the softmax and its gradient); the head is
+# full float32 logit rows of one chunk of tokens at the top (× 2 with the softmax and its gradient); the head is
 # read twice per chunk, so a device with room takes bigger chunks (Llama-3's 128 k words: 2 k tokens per GiB)
 LOGITS_CHUNK_BYTES = 16 * 2**20
 LOGITS_CHUNK_BYTES_ACCELERATOR = 2**30
@@ -292,7 +292,7 @@ def _head_losses_and_grads(onloader: Onloader, head: nn.Linear, normed: list[tor
     and its gradient with respect to the final-norm output, with the LM head read one vocabulary slice at a time.
 
     The tokens of all micro-batches go through in chunks; a chunk's full logit rows (chunk × vocab, at most
-    ``logits_chunk_bytes``) are filled slice by slice, HF's own float32 cross-entropy and its backward run on them,
+    ``LOGITS_CHUNK_BYTES``) are filled slice by slice, HF's own float32 cross-entropy and its backward run on them,
     and dL/dx = dL/dz · W is summed slice by slice again: the head is read twice per chunk and never whole, the
     logits of one chunk only. Why full rows and not an online logsumexp over slices (the head read once): that is
     closer to float64 than HF's float32 kernel (relative error of dL/dx 1e-6 against HF's 6.5e-6 on SmolLM2, whose
@@ -326,19 +326,24 @@ def _head_losses_and_grads(onloader: Onloader, head: nn.Linear, normed: list[tor
         logits = torch.empty(last - first, vocab, dtype=dtype, device=device)  # (chunk, V): as HF, the model's dtype
         for start, stop, weight, bias in head_slices():
             logits[:, start:stop] = F.linear(xc, weight, bias)
-        z = logits.float().requires_grad_()  # then float32
+        # HF's float32 cross-entropy, forward and backward by hand so that the rows exist twice at most, not ~5
+        # times under autograd: log_softmax is the very kernel, and its backward for a loss −w·out[y] is
+        # exp(out)·w − w·onehot(y), the same operations in the same order as torch's log_softmax backward
+        out = torch.log_softmax(logits.float(), dim=1)  # (chunk, V) float32
         del logits
-        with torch.enable_grad():
-            loss = F.cross_entropy(z, y[first:last], reduction="none")  # (chunk,)
-            (loss * weights[first:last]).sum().backward()
-        per_token[first:last] = loss.detach()
-        grad_z = z.grad.to(dtype)  # as the backward of HF's .float()
-        del z, loss
+        tokens, wc = torch.arange(last - first, device=device), weights[first:last]
+        per_token[first:last] = -out[tokens, y[first:last]]
+        grad = out.exp_().mul_(wc[:, None])  # in place: the softmax, weighted
+        grad[tokens, y[first:last]] -= wc
+        grad_z = grad.to(dtype)  # as the backward of HF's .float()
+        del out, grad
         acc = torch.zeros(last - first, width, dtype=dtype, device=device)
         for start, stop, weight, _ in head_slices():
             acc += grad_z[:, start:stop] @ weight
         grad_x[first:last] = acc
         del grad_z, acc
+    if device.type == "cpu":
+        rss.trim_heap()  # the chunks' freed rows go back to the OS before the backward sweep
     losses, grads, offset = [], [], 0
     for h, n in zip(normed, sizes):
         losses.append(per_token[offset : offset + n].sum() / n)
