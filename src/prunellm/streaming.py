@@ -9,8 +9,9 @@ written. The embedding, final norm and head are copied tensor by tensor. The res
 :func:`~prunellm.checkpoint.save_model` writes for the in-memory pruned model: same tensor names, dtype and
 config, loaded by :func:`prunellm.load_pruned` or transformers alike.
 
-Memory: one decoder layer (or the embedding) plus the output shard being filled (``shard_bytes``), and with
-reconstruction one layer boundary's calibration hidden states and one projection's float64 Gram matrix.
+Memory: one decoder layer (or the embedding, or the head): output tensors go straight to disk, each shard's
+header written last into room reserved at its front. With reconstruction, also one layer boundary's calibration
+hidden states and one projection's float64 Gram matrix.
 """
 
 from __future__ import annotations
@@ -36,38 +37,79 @@ from .units import decoder_layers, get_module
 
 log = logging.getLogger(__name__)
 
-SHARD_BYTES = 512 * 2**20  # an output shard is written once it holds this much (HF names and index)
+SHARD_BYTES = 2 * 2**30  # an output shard is closed once it holds this much (HF names and index)
+HEADER_ROOM = 2**20  # bytes reserved for a shard's JSON header (~10 k tensor names); a full header closes the shard
+_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+           torch.bool: "BOOL"}  # fmt: skip
+
+
+class _ShardFile:
+    """One safetensors file written tensor by tensor: the data goes straight to disk, the header (names, dtypes,
+    shapes, offsets) is written at the front on :meth:`close` into room reserved for it (padded with spaces, as
+    safetensors itself pads), so no shard is ever held in memory."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.file = path, open(path, "wb")
+        self.file.write(b"\0" * (8 + HEADER_ROOM))
+        self.entries: dict[str, dict] = {}
+        self.size = 0
+
+    def header(self, extra: dict | None = None) -> bytes:
+        entries = {**self.entries, **(extra or {})}
+        return json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
+
+    def fits(self, name: str, tensor: torch.Tensor) -> bool:
+        entry = {name: {"dtype": "BOOL", "shape": list(tensor.shape), "data_offsets": [self.size, self.size + 2**62]}}
+        return len(self.header(entry)) <= HEADER_ROOM
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        data = tensor.detach().to("cpu").contiguous()
+        nbytes = data.numel() * data.element_size()
+        self.entries[name] = {"dtype": _DTYPES[data.dtype], "shape": list(data.shape), "data_offsets": [self.size, self.size + nbytes]}
+        if nbytes:
+            self.file.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+        self.size += nbytes
+
+    def close(self) -> None:
+        header = self.header()
+        self.file.seek(0)
+        self.file.write(HEADER_ROOM.to_bytes(8, "little") + header + b" " * (HEADER_ROOM - len(header)))
+        self.file.close()
 
 
 class ShardWriter:
-    """Tensors written to safetensors shards of about ``shard_bytes`` as they come, named and indexed as
-    ``save_pretrained`` names them (``model.safetensors``, or ``model-0000k-of-0000n.safetensors`` + index)."""
+    """Tensors written to safetensors shards of about ``shard_bytes`` as they come (straight to disk), named and
+    indexed as ``save_pretrained`` names them (``model.safetensors``, or ``model-0000k-of-0000n.safetensors`` + index)."""
 
     def __init__(self, folder: Path, shard_bytes: int = SHARD_BYTES) -> None:
         self.folder, self.shard_bytes = folder, shard_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.shards: list[list[str]] = []  # the tensor names of each written shard
+        self.current: _ShardFile | None = None
+        self.shards: list[list[str]] = []  # the tensor names of each closed shard
+        self.names: set[str] = set()
         self.total = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self.pending or any(name in shard for shard in self.shards):
+        if name in self.names:
             raise RuntimeError(f"tensor '{name}' written twice")
-        self.pending[name] = tensor.detach().to("cpu").contiguous()
+        self.names.add(name)
+        if self.current is not None and not self.current.fits(name, tensor):
+            self.flush()
+        if self.current is None:
+            self.current = _ShardFile(self.folder / f".shard-{len(self.shards):05d}.tmp")
+        self.current.add(name, tensor)
         self.total += tensor.numel() * tensor.element_size()
-        if sum(t.numel() * t.element_size() for t in self.pending.values()) >= self.shard_bytes:
+        if self.current.size >= self.shard_bytes:
             self.flush()
 
     def flush(self) -> None:
-        if not self.pending:
-            return
-        from safetensors.torch import save_file
-
-        save_file(self.pending, str(self.folder / f".shard-{len(self.shards):05d}.tmp"), metadata={"format": "pt"})
-        self.shards.append(sorted(self.pending))
-        self.pending = {}
+        if self.current is not None:
+            self.current.close()
+            self.shards.append(sorted(self.current.entries))
+            self.current = None
 
     def close(self) -> None:
-        """Write what is pending, give the shards their final names and write the index when there are several."""
+        """Close the open shard, give the shards their final names and write the index when there are several."""
         self.flush()
         n = len(self.shards)
         names = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
