@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -27,7 +29,7 @@ from tqdm.auto import tqdm
 from .calibration import UnitKey, batches_of, capture_block_inputs
 from .checkpoint import finish_checkpoint
 from .errors import PrunellmError
-from .offload import _WEIGHTS, Onloader, _buffers_on, _input_embeddings, is_lazy, to_meta
+from .offload import Onloader, _buffers_on, _input_embeddings, _vocab_rows, is_lazy, to_meta
 from .paths import atomic_dir
 from .plan import Plan
 from .reconstruction import prune_with_reconstruction
@@ -63,13 +65,18 @@ class _ShardFile:
         entry = {name: {"dtype": "BOOL", "shape": list(tensor.shape), "data_offsets": [self.size, self.size + 2**62]}}
         return len(self.header(entry)) <= HEADER_ROOM
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        data = tensor.detach().to("cpu").contiguous()
-        nbytes = data.numel() * data.element_size()
-        self.entries[name] = {"dtype": _DTYPES[data.dtype], "shape": list(data.shape), "data_offsets": [self.size, self.size + nbytes]}
-        if nbytes:
-            self.file.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
-        self.size += nbytes
+    def add(self, name: str, parts: list[torch.Tensor] | Iterator[torch.Tensor], dtype: torch.dtype, shape: list[int]) -> None:
+        """Write a tensor of ``shape`` from ``parts``, consecutive row slices (or the whole tensor), as they come."""
+        start = self.size
+        for part in parts:
+            data = part.detach().to("cpu", dtype).contiguous()
+            if data.numel():
+                self.file.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+            self.size += data.numel() * data.element_size()
+        expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if self.size - start != expected:
+            raise RuntimeError(f"tensor '{name}': {self.size - start} bytes written, its shape {shape} needs {expected}")
+        self.entries[name] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [start, self.size]}
 
     def close(self) -> None:
         header = self.header()
@@ -89,7 +96,8 @@ class ShardWriter:
         self.names: set[str] = set()
         self.total = 0
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
+    def add(self, name: str, tensor: torch.Tensor, parts: Iterator[torch.Tensor] | None = None) -> None:
+        """Write ``tensor``, or a tensor of its shape and dtype (a meta one will do) from ``parts``, its row slices."""
         if name in self.names:
             raise RuntimeError(f"tensor '{name}' written twice")
         self.names.add(name)
@@ -97,7 +105,7 @@ class ShardWriter:
             self.flush()
         if self.current is None:
             self.current = _ShardFile(self.folder / f".shard-{len(self.shards):05d}.tmp")
-        self.current.add(name, tensor)
+        self.current.add(name, [tensor] if parts is None else parts, tensor.dtype, list(tensor.shape))
         self.total += tensor.numel() * tensor.element_size()
         if self.current.size >= self.shard_bytes:
             self.flush()
@@ -172,12 +180,11 @@ def save_pruned_streamed(
     device = torch.device(device)
     spec = spec_for(model.config)
     onloader = Onloader(model, device)
-    weights = _WEIGHTS[model]
     kept: dict[UnitKey, list[int]] = plan.kept_units()
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         writer = ShardWriter(tmp, shard_bytes)
-        _copy_outside_layers(model, spec, weights, writer)
+        _copy_outside_layers(model, spec, onloader, writer)
         stream = _LayerStream(model, onloader, writer, plan.removed_layers)
         restore = _buffers_on(model, device)
         try:
@@ -214,18 +221,24 @@ def save_pruned_streamed(
     return report
 
 
-def _copy_outside_layers(model: nn.Module, spec, weights, writer: ShardWriter) -> None:
-    """The tensors outside the decoder layers (embedding, final norm, head) copied one at a time, in the model's
-    dtype; a tied head has no tensor of its own in the shards and gets none in the output, as ``save_pretrained``
-    writes it."""
+def _copy_outside_layers(model: nn.Module, spec, onloader: Onloader, writer: ShardWriter) -> None:
+    """The tensors outside the decoder layers (embedding, final norm, head) copied in the model's dtype, in row
+    slices of ``VOCAB_SLICE_BYTES``; a tied head has no tensor of its own in the shards and gets none in the
+    output, as ``save_pretrained`` writes it."""
     prefix = f"{spec.layers}."
-    state = model.state_dict(keep_vars=True)
-    for name, tensor in state.items():
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for name, tensor in model.state_dict(keep_vars=True).items():
         if name.startswith(prefix):
             continue
-        if name in weights:
-            value = weights.read([name], torch.device("cpu"))[name]
-            writer.add(name, value.to(tensor.dtype) if value.is_floating_point() else value)
-            del value
+        module_name, _, pname = name.rpartition(".")
+        module = modules[module_name]
+        if pname in module._parameters and name in onloader.weights:
+            if tensor.dim() == 0:
+                parts = iter([onloader.weights.read([name], torch.device("cpu"))[name]])
+            else:
+                length = tensor.shape[0]
+                rows = _vocab_rows(length, max(1, tensor[0].numel()), tensor.element_size())
+                parts = (onloader.rows(module, pname, start, min(start + rows, length)) for start in range(0, max(length, 1), rows))
+            writer.add(name, tensor, parts)
         elif tensor.device.type != "meta":  # a persistent buffer the skeleton holds for real
             writer.add(name, tensor)
