@@ -156,3 +156,43 @@ def test_offload_benchmark_section_renders():
     text = render(section)
     assert "| llama-2048x22 | 1100 M | 22 | bfloat16 |" in text and "0.19 (met, goal ≤ 0.25)" in text and "1.2 (met)" in text
     assert "16 more layers cost 20 MB" in text and "Llama-3-70B" in text
+
+
+def test_a_crashed_offloaded_scoring_restarts_where_it_stopped(saved, tmp_path, monkeypatch):
+    import prunellm.offload as offload
+
+    model, folder = saved("qwen2")
+    ids = calibration_ids(model.config.vocab_size, n=8, length=16, seed=6)
+    reference = pl.score(model, ids, "taylor_mix", batch_size=4)
+    lazy = load_lazy(str(folder))
+    finish, done = offload.GradientReducer.finish, []
+
+    def crash_in_layer_1(self):  # the backward sweep finished layer 2, dies in layer 1
+        done.append(1)
+        if len(done) == 2:
+            raise RuntimeError("crash")
+        finish(self)
+
+    monkeypatch.setattr(offload.GradientReducer, "finish", crash_in_layer_1)
+    with pytest.raises(RuntimeError, match="crash"):
+        pl.score(lazy, ids, "taylor_mix", batch_size=4, offload_dir=tmp_path / "h")
+    monkeypatch.setattr(offload.GradientReducer, "finish", finish)
+    (kept,) = (tmp_path / "h").iterdir()
+    assert sorted(p.name for p in kept.iterdir()) == ["hidden_00000.safetensors", "hidden_00001.safetensors", "progress.safetensors"]
+    read, original = [], offload.SafetensorsWeights.read
+    monkeypatch.setattr(offload.SafetensorsWeights, "read", lambda self, names, device: read.extend(names) or original(self, names, device))
+    resumed = pl.score(lazy, ids, "taylor_mix", batch_size=4, offload_dir=tmp_path / "h")
+    _assert_same(resumed, reference)
+    assert resumed.stats.mean_loss == pytest.approx(reference.stats.mean_loss, rel=1e-6)
+    assert {name.split(".")[2] for name in read if name.startswith("model.layers.")} == {"0", "1"}  # no forward, no layer 2
+    assert list((tmp_path / "h").iterdir()) == []  # finished: its folder goes
+    # a forward sweep that died: the rerun starts from the last layer input stored
+    monkeypatch.setattr(offload, "_loss_at_top", lambda *args: (_ for _ in ()).throw(RuntimeError("crash at the top")))
+    with pytest.raises(RuntimeError, match="crash at the top"):
+        pl.score(lazy, ids, "taylor_mix", batch_size=4, offload_dir=tmp_path / "h")
+    monkeypatch.undo()
+    read.clear()
+    monkeypatch.setattr(offload.SafetensorsWeights, "read", lambda self, names, device: read.extend(names) or original(self, names, device))
+    _assert_same(pl.score(lazy, ids, "taylor_mix", batch_size=4, offload_dir=tmp_path / "h"), reference)
+    layers_read = [name.split(".")[2] for name in read if name.startswith("model.layers.")]
+    assert layers_read[: len(layers_read) // 2] and set(layers_read[:1]) == {"2"}  # forward resumed at layer 2

@@ -9,15 +9,17 @@ go through the layers one layer at a time, every layer's input hidden states kep
 * activation and weight criteria (``wanda``, ``magnitude``) record their statistics and score a layer while it is
   on the device, in the forward sweep;
 * gradient criteria (``taylor``, ``taylor_2nd``, ``taylor_mix``) are exact: the loss is HF's mean token loss of
-  each micro-batch (labels = inputs, shifted), computed at the top from the final norm and the LM head in chunks of
-  tokens so the (tokens × vocab) logits never exist whole; the backward sweep then goes down the layers,
-  recomputing each layer from its stored input, propagating dL/dhidden for every micro-batch, and reducing the
-  layer's weight gradients to per-unit terms with the in-memory pass's own reducer
+  each micro-batch (labels = inputs, shifted), computed at the top from the final norm and the LM head read in
+  vocabulary slices, over the full logit rows of one chunk of tokens at a time (so neither the (tokens × vocab)
+  logits nor the head exist whole; the embedding lookup is gathered from slices too); the backward sweep then goes
+  down the layers, recomputing each layer from its stored input, propagating dL/dhidden for every micro-batch, and
+  reducing the layer's weight gradients to per-unit terms with the in-memory pass's own reducer
   (:class:`~prunellm.calibration.GradientReducer`): G is the gradient averaged over all micro-batches, accumulated
-  for one layer at a time, never for the whole model.
+  for one layer at a time, never for the whole model. With ``offload_dir`` the run is resumable
+  (:class:`ScoringProgress`): a rerun of the same scoring after a crash restarts at the layer it stopped at.
 
-Memory: one layer's weights and float32 gradient accumulators, the embedding or head while they run, one logits
-chunk, and the hidden states of every layer boundary (``offload_dir``: on disk instead).
+Memory: one layer's weights and float32 gradient accumulators, one vocabulary slice and one chunk's logit rows at
+the top, and the hidden states of every layer boundary (``offload_dir``: on disk instead).
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import contextlib
 import json
 import logging
 import shutil
-import tempfile
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -254,15 +255,79 @@ class HiddenStore:
         save_file({str(i): h.detach().cpu().contiguous() for i, h in enumerate(hidden)}, str(tmp))
         tmp.replace(self._file(layer))
 
-    def pop(self, layer: int) -> list[torch.Tensor]:
+    def has(self, layer: int) -> bool:
+        return layer in self.memory if self.folder is None else self._file(layer).is_file()
+
+    def get(self, layer: int) -> list[torch.Tensor]:
+        """The stored inputs of ``layer`` (from memory they are handed over: :meth:`drop` after is a no-op)."""
         if self.folder is None:
             return self.memory.pop(layer)
         from safetensors.torch import load
 
-        file = self._file(layer)
-        tensors = load(file.read_bytes())  # read into memory, then the file goes
-        file.unlink()
+        tensors = load(self._file(layer).read_bytes())  # read into memory; the file stays until drop()
         return [tensors[str(i)] for i in range(len(tensors))]
+
+    def drop(self, layer: int) -> None:
+        if self.folder is not None:
+            self._file(layer).unlink(missing_ok=True)
+
+
+class ScoringProgress:
+    """What an offloaded gradient scoring run has finished, kept in its ``--offload_dir`` folder so that a rerun of
+    the same scoring (same model, calibration, criterion, units, batch size, dtype) restarts where it stopped: after
+    the backward sweep finished layer k, dL/dhidden at k's input, the per-unit terms and scores of the layers above
+    and the loss are written (one safetensors file, through a temporary name), then k's stored input is deleted.
+    Without a progress file the forward sweep restarts from the highest layer input stored."""
+
+    def __init__(self, folder: Path) -> None:
+        self.file = folder / "progress.safetensors"
+
+    def load(self) -> dict | None:
+        if not self.file.is_file():
+            return None
+        from safetensors import safe_open
+
+        with safe_open(self.file, framework="pt") as f:
+            meta = json.loads(f.metadata()["progress"])
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        tables: dict[str, dict[UnitKey, torch.Tensor]] = {}
+        for name, value in tensors.items():
+            table, layer, kind = name.split("|")
+            if table != "upstream":
+                tables.setdefault(table, {})[(int(layer), kind)] = value
+        meta["upstream"] = [tensors[f"upstream|{b}|"] for b in range(meta["n_batches"])]
+        meta["tables"] = tables
+        return meta
+
+    def save(self, next_layer: int, upstream: list[torch.Tensor], stats: Stats, scores: dict, losses: list[float]) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {f"upstream|{b}|": g.detach().cpu().contiguous() for b, g in enumerate(upstream)}
+        tables = {"scores": scores, "taylor_first": stats.taylor_first, "taylor_second": stats.taylor_second,
+                  "taylor_mix": stats.taylor_mix}  # fmt: skip
+        for table, values in tables.items():
+            tensors.update({f"{table}|{layer}|{kind}": v.detach().cpu().contiguous() for (layer, kind), v in values.items()})
+        meta = {"next": next_layer, "n_batches": len(upstream), "losses": losses, "grad_tokens": stats.grad_tokens}
+        tmp = self.file.with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata={"progress": json.dumps(meta)})
+        tmp.replace(self.file)
+
+
+def _scoring_folder(model: nn.Module, calibration: torch.Tensor, units: list[LayerUnits], criterion: str, batch_size: int, offload_dir: str | Path) -> Path:
+    """``offload_dir/prunellm-scoring-<hash of what the scores depend on>``: a rerun of the same scoring finds it."""
+    import hashlib
+
+    from .data import tensor_hash
+
+    weights = _WEIGHTS.get(model)
+    key = {
+        "model": str(weights.folder.resolve()) if weights is not None else f"host:{getattr(model.config, '_name_or_path', '')}",
+        "config": model.config.to_json_string(use_diff=False), "dtype": str(next(model.parameters()).dtype),
+        "criterion": criterion, "batch_size": batch_size, "calibration": tensor_hash(calibration),
+        "units": sorted((u.layer, u.kind, u.count) for u in units),
+    }  # fmt: skip
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(offload_dir) / f"prunellm-scoring-{digest}"
 
 
 def _vocab_rows(vocab: int, width: int, element_bytes: int = 4) -> int:
@@ -418,11 +483,15 @@ def offloaded_stats(
     batches = batches_of(calibration, batch_size)
     gradients = "gradients" in needs
     restore = _buffers_on(model, device)
-    scratch = None
-    if gradients and offload_dir is not None:  # a private folder inside it, removed at the end
-        Path(offload_dir).mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix="prunellm-hidden-", dir=offload_dir))
+    scratch = progress = None
+    if gradients and offload_dir is not None:  # this scoring's folder: removed when it succeeds, resumed if not
+        scratch = _scoring_folder(model, calibration, units, criterion, batch_size, offload_dir)
+        progress = ScoringProgress(scratch)
     store = HiddenStore(scratch)
+    resumed = progress.load() if progress is not None else None
+    if resumed is not None:
+        log.info("offloaded scoring resumes in %s: the backward sweep restarts at layer %d", scratch, resumed["next"])
+    finished = False
     try:
         log.info("offloaded %s scoring: %d layers one at a time on %s, %d micro-batches", criterion, len(layers), device, len(batches))
         embed = get_module(model, spec.embed)
@@ -439,10 +508,19 @@ def offloaded_stats(
         kwargs = [per_layer for _, per_layer in captured]
         del captured
         lowest = min(by_layer, default=0)  # the backward sweep stops at the lowest scored layer
+        start = 0
+        if scratch is not None and resumed is None:  # an interrupted forward sweep restarts at the last input stored
+            stored = lowest
+            while stored < len(layers) and store.has(stored):
+                stored += 1
+            if stored > lowest:
+                start = stored - 1
+                hidden = [h.to(device) for h in store.get(start)]
         # forward sweep: each layer's input kept for the backward sweep; activation criteria score here
-        for index in tqdm(range(len(layers)), desc="offloaded forward", unit="layer", leave=False):
+        for index in tqdm(range(start, len(layers) if resumed is None else 0), desc="offloaded forward", unit="layer", leave=False):
             if gradients and index >= lowest:
-                store.put(index, hidden)
+                if not store.has(index):
+                    store.put(index, hidden)
             elif index > max(by_layer, default=-1):
                 break  # nothing above is scored
             with onloader.onloaded(layers[index]):
@@ -458,22 +536,22 @@ def offloaded_stats(
                 if not gradients:
                     score_layer(index)
         if gradients:
-            _backward_sweep(model, spec, layers, onloader, store, hidden, kwargs, batches, units, crit, stats, score_layer, device)
+            if resumed is not None:
+                for table, values in resumed["tables"].items():
+                    (scores if table == "scores" else getattr(stats, table)).update(values)
+            _backward_sweep(model, spec, layers, onloader, store, hidden, kwargs, batches, units, crit, stats, score_layer,
+                            device, progress, scores, resumed)  # fmt: skip
+        finished = True
     finally:
         for (module, name), buf in restore.items():
             module._buffers[name] = buf
-        if scratch is not None:
+        if scratch is not None and finished:
             shutil.rmtree(scratch, ignore_errors=True)
     return scores, stats
 
 
-def _backward_sweep(model, spec, layers, onloader: Onloader, store: HiddenStore, hidden, kwargs, batches, units, crit, stats: Stats, score_layer, device) -> None:
-    """The loss at the top, then down the layers: recompute each from its stored input, propagate dL/dhidden per
-    micro-batch, reduce the layer's weight gradients (accumulated over all micro-batches) to per-unit terms."""
-    n_batches = len(batches)
-    stats.grad_batches = n_batches
-    reducer = GradientReducer(layers, units, set(crit.taylor_terms), n_batches, stats)
-    norm, head = get_module(model, spec.final_norm), get_module(model, spec.lm_head)
+def _loss_at_top(onloader: Onloader, norm: nn.Module, head: nn.Module, hidden: list[torch.Tensor], batches, stats: Stats, device) -> tuple[list[float], list[torch.Tensor]]:
+    """Each micro-batch's loss and dL/dhidden at the last layer's output (through the final norm and the head)."""
     upstream = []
     with onloader.onloaded(norm):
         with torch.no_grad():
@@ -488,11 +566,30 @@ def _backward_sweep(model, spec, layers, onloader: Onloader, store: HiddenStore,
             upstream.append(h.grad)
             stats.grad_tokens += batch.numel()
         del grads
+    return losses, upstream
+
+
+def _backward_sweep(model, spec, layers, onloader: Onloader, store: HiddenStore, hidden, kwargs, batches, units, crit, stats: Stats, score_layer, device,
+                    progress: ScoringProgress | None = None, scores: dict | None = None, resumed: dict | None = None) -> None:  # fmt: skip
+    """The loss at the top, then down the layers: recompute each from its stored input, propagate dL/dhidden per
+    micro-batch, reduce the layer's weight gradients (accumulated over all micro-batches) to per-unit terms.
+    With ``progress`` each finished layer is recorded (:class:`ScoringProgress`); ``resumed``: what it recorded,
+    the top and the layers above ``resumed["next"]`` done."""
+    n_batches = len(batches)
+    stats.grad_batches = n_batches
+    reducer = GradientReducer(layers, units, set(crit.taylor_terms), n_batches, stats)
+    norm, head = get_module(model, spec.final_norm), get_module(model, spec.lm_head)
+    if resumed is None:
+        losses, upstream = _loss_at_top(onloader, norm, head, hidden, batches, stats, device)
+        top = len(layers) - 1
+    else:
+        losses, upstream, top = resumed["losses"], [g.to(device) for g in resumed["upstream"]], resumed["next"]
+        stats.grad_tokens = resumed["grad_tokens"]
     hidden.clear()  # the last layer's outputs are not needed below the top
     stats.mean_loss = sum(losses) / len(losses)
     lowest = min((u.layer for u in units), default=0)
-    for index in tqdm(range(len(layers) - 1, lowest - 1, -1), desc="offloaded backward", unit="layer", leave=False):
-        inputs = store.pop(index)
+    for index in tqdm(range(top, lowest - 1, -1), desc="offloaded backward", unit="layer", leave=False):
+        inputs = store.get(index)
         with onloader.onloaded(layers[index]):
             for p, *_ in reducer.parameters(index):
                 p.requires_grad_(True)
@@ -514,3 +611,6 @@ def _backward_sweep(model, spec, layers, onloader: Onloader, store: HiddenStore,
             reducer.finish()
             score_layer(index)
         del inputs
+        if progress is not None and index > lowest:  # recorded before its input goes: a crash from here resumes below
+            progress.save(index - 1, upstream, stats, scores, losses)
+        store.drop(index)

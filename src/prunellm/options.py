@@ -33,7 +33,7 @@ class RunOptions(_Options):
     offload: bool = Field(
         False, description="score, slice, reconstruct and save with one decoder layer at a time on --device, read from the model's safetensors shards"
     )
-    offload_dir: str | None = Field(None, description="with --offload: keep per-layer hidden states in this folder, not in memory")
+    offload_dir: str | None = Field(None, description="with --offload: keep per-layer hidden states in this folder, not in memory; a crashed gradient scoring run given the same folder resumes where it stopped")
 
 
 class EvalOptions(_Options):
