@@ -6,7 +6,9 @@ Each measurement runs in a fresh process (as ``benchmarks/scoring_cost.py``). Re
   what scoring adds to the Python + torch runtime, relative to the weights it never holds at once (goals ≤ 0.5 on
   SmolLM2-135M, ≤ 0.25 on a ≥ 1 B-parameter Llama); ``total_rss_ratio`` is the whole process's peak ÷ weights;
 * ``time_ratio`` = offloaded ``taylor`` scoring seconds ÷ one plain in-memory forward+backward over the same
-  calibration windows, same dtype (goal ≤ 1.5).
+  calibration windows, same dtype (goal ≤ 1.5);
+* mode ``save``: the streamed surgery + save of ``prune --offload`` (:func:`prunellm.streaming.save_pruned_streamed`,
+  a 20 % magnitude plan, no reconstruction): the same memory ratio while every layer is read, sliced and written.
 
 Models: the embedded SmolLM2-135M (fp32, its converted cache folder), and randomly initialised Llama-architecture
 models of TinyLlama's width (hidden 2048, 32 query / 4 KV heads, MLP 5632, vocab 32000) stored in bf16 and
@@ -67,7 +69,7 @@ def _calibration(model_name: str, vocab: int, num_samples: int, seq_len: int):
 
 
 def measure(model_name: str, mode: str, num_samples: int, seq_len: int, batch_size: int, offload_dir: str | None) -> dict:
-    """One row in this process (call in a fresh process): ``mode`` offload (taylor) or forward_backward."""
+    """One row in this process (call in a fresh process): ``mode`` offload (taylor), save or forward_backward."""
     import torch
 
     from prunellm import rss
@@ -97,6 +99,23 @@ def measure(model_name: str, mode: str, num_samples: int, seq_len: int, batch_si
         started = time.perf_counter()
         for batch in calibration.split(batch_size):
             model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
+    elif mode == "save":
+        import shutil
+        import tempfile
+
+        import prunellm as pl
+        from prunellm.streaming import save_pruned_streamed
+
+        plan = pl.select(lazy, pl.score(lazy, None, "magnitude"), 0.2)  # weights only, read layer by layer
+        out = Path(tempfile.mkdtemp(prefix="prunellm-streamed-save-"))
+        gc.collect()
+        rss.trim_heap()
+        before = rss.rss_bytes()
+        rss.reset_peak()
+        started = time.perf_counter()
+        save_pruned_streamed(lazy, plan, None, out / "model")
+        row["output_mb"] = round(sum(f.stat().st_size for f in (out / "model").iterdir()) / 2**20, 1)
+        shutil.rmtree(out)
     else:
         units = list(all_units(lazy))
         gc.collect()
@@ -151,11 +170,15 @@ def run() -> dict:
                 row["reference_memory_ratio"] = reference["memory_ratio"]
                 row["time_ratio"] = round(row["seconds"] / reference["seconds"], 3)
             rows.append(row)
-    return {"rows": rows, "goals": {"memory_ratio": MEMORY_GOALS, "time_ratio": TIME_GOAL}}
+    saves = [run_isolated(model_name, "save", 1, 1, 1) for model_name in ("smollm2-135m", "llama-2048x22")]
+    return {"rows": rows, "saves": saves, "goals": {"memory_ratio": MEMORY_GOALS, "time_ratio": TIME_GOAL}}
 
 
 def llama70b_arithmetic() -> list[str]:
-    """What offloaded Taylor scoring of Llama-3-70B needs on one 24 GB GPU (bf16 weights, float32 accumulators)."""
+    """What offloaded Taylor scoring and the streamed save of Llama-3-70B need on one 24 GB GPU (bf16 weights,
+    float32 accumulators)."""
+    from prunellm.offload import LOGITS_CHUNK_BYTES_ACCELERATOR, VOCAB_SLICE_BYTES
+
     hidden, inter, layers, heads, kv, vocab, d_h = 8192, 28672, 80, 64, 8, 128256, 128
     gib = 2**30
     layer = 2 * hidden * heads * d_h + 2 * hidden * kv * d_h + 3 * hidden * inter  # q, o + k, v + gate, up, down
@@ -166,6 +189,9 @@ def llama70b_arithmetic() -> list[str]:
     tokens = windows * seq_len
     gpu_layer = (2 * layer + 4 * layer + 4 * 4 * largest) / gib  # bf16 weights, fp32 G, ~4 fp32 temporaries
     boundary = tokens * hidden * 2 / gib  # one layer boundary's hidden states, bf16
+    chunk = LOGITS_CHUNK_BYTES_ACCELERATOR // (4 * vocab)  # tokens whose full float32 logit rows are held at once
+    chunks = -(-tokens // chunk)
+    top = (2 * LOGITS_CHUNK_BYTES_ACCELERATOR + VOCAB_SLICE_BYTES) / gib
     return [
         f"- Parameters: {layers} layers × {layer / 1e6:.0f} M + embedding and head 2 × {head / 1e6:.0f} M = "
         f"{total / 1e9:.1f} B = {2 * total / gib:.0f} GiB in bf16; the in-memory pass needs that plus a float32 "
@@ -174,15 +200,25 @@ def llama70b_arithmetic() -> list[str]:
         f"accumulator of G {4 * layer / gib:.2f} GiB + float32 temporaries of the projection being reduced (≈ 4 × "
         f"{4 * largest / gib:.2f} GiB; each gradient is reduced and freed as it arrives) ≈ {gpu_layer:.1f} GiB, plus the "
         f"recomputed activations of one micro-batch (4 × 128 tokens: ~{4 * 128 * inter * 2 * 6 / gib:.2f} GiB) and "
-        f"dL/dhidden of every window at the current boundary ({boundary:.2f} GiB). At the top: the head "
-        f"{2 * head / gib:.2f} GiB + 16 MiB float32 logits chunks. So ≈ {gpu_layer + boundary + 1:.0f} GiB at the "
-        "peak: it fits one 24 GB GPU with room to spare (taylor_2nd needs no second accumulator).",
+        f"dL/dhidden of every window at the current boundary ({boundary:.2f} GiB). So ≈ {gpu_layer + boundary + 1:.0f} GiB "
+        "at the peak: it fits one 24 GB GPU with room to spare (taylor_2nd needs no second accumulator).",
+        f"- GPU at the top: the {2 * head / gib:.2f} GiB head is never there whole: it is read in "
+        f"{VOCAB_SLICE_BYTES // 2**20} MiB vocabulary slices into the full float32 logit rows of {chunk} tokens at a time "
+        f"({LOGITS_CHUNK_BYTES_ACCELERATOR // 2**20} MiB, twice with the softmax: ≈ {top:.1f} GiB), the embedding likewise "
+        f"for the input lookup. The head is read twice per chunk: {chunks} chunks × 2 × {2 * head / gib:.2f} GiB = "
+        f"{chunks * 2 * 2 * head / gib:.0f} GiB from host memory or disk.",
         f"- Host: the stored inputs of all {layers + 1} layer boundaries for {windows} × {seq_len} calibration tokens, "
         f"{boundary * 1024:.0f} MiB each, {(layers + 1) * boundary:.1f} GiB in all (`--offload_dir`: on disk instead), "
         f"plus one layer read from the shards ({2 * layer / gib:.2f} GiB).",
-        f"- Work: each layer is read twice ({2 * 2 * total / gib:.0f} GiB from disk in all, ~2 minutes at 2 GB/s) and "
-        f"computed three times (forward, recompute, backward ≈ 4 forward passes, {4 * 2 * total * tokens / 1e15:.1f} PFLOP: "
-        "about a minute at 150 TFLOP/s of bf16).",
+        f"- Streamed surgery + save (`prune --offload`): one layer at a time again ({2 * layer / gib:.2f} GiB read, sliced, "
+        "written straight into the output shard); with `--reconstruct lstsq` also one boundary's reconstruction hidden "
+        f"states (64 × 128 tokens: {64 * 128 * hidden * 2 / gib:.2f} GiB in bf16) and the float64 Gram matrices of "
+        f"down_proj's input on the host ({inter**2 * 8 / gib:.1f} GiB each; `--reconstruct_damp auto` keeps two folds and "
+        f"their sum, {3 * inter**2 * 8 / gib:.0f} GiB).",
+        f"- Work: each layer is read twice for scoring and once for the save ({3 * 2 * layers * layer / gib:.0f} GiB from "
+        f"disk, ~{3 * 2 * layers * layer / 2e9 / 60:.0f} minutes at 2 GB/s, plus the head reads above) and computed three "
+        "times for scoring (forward, recompute, backward "
+        f"≈ 4 forward passes, {4 * 2 * total * tokens / 1e15:.1f} PFLOP: about a minute at 150 TFLOP/s of bf16).",
     ]
 
 
@@ -217,13 +253,26 @@ def render(section: dict) -> str:
             f"{16 * big['tokens'] * 2048 * 4 / 2**20:.0f} MB), against {big['weight_mb'] - small['weight_mb']:.0f} MB "
             "more weights."
         )
+    saves = ""
+    if section.get("saves"):
+        save_rows = [[r["model"], f"{r['params'] / 1e6:.0f} M", str(r["weight_mb"]), str(r["output_mb"]), str(r["seconds"]),
+                      str(r["memory_ratio"]), str(r["total_rss_ratio"])] for r in section["saves"]]  # fmt: skip
+        saves = "\n".join([
+            "Streamed surgery + save (`prune --offload` after scoring: each layer read from the shards, sliced by the "
+            "plan, written straight into the output safetensors shard and dropped; a 20 % magnitude plan, no "
+            "reconstruction, float32; memory ratio as above):",
+            "",
+            markdown_table(["model", "params", "weights MB", "output MB", "seconds", "memory ratio", "whole-process peak ÷ weights"], save_rows),
+            "",
+        ])  # fmt: skip
     return "\n".join([
         "## Offloaded scoring: models larger than memory (`--offload`)",
         "",
         "`prunellm prune --offload` / `prunellm.score(prunellm.offload.load_lazy(path), ids)`: the skeleton's parameters "
         "are meta tensors; one decoder layer at a time is read from the safetensors shards, run over every calibration "
         "window and dropped; exact Taylor gradients come from a backward sweep down the layers that recomputes each "
-        "layer from its stored input (loss at the top in chunks of tokens). Scores equal the in-memory pass's "
+        "layer from its stored input (loss at the top with the embedding and LM head read in vocabulary slices). Scores "
+        "equal the in-memory pass's "
         "(`tests/test_offload.py`, `tests/test_offload_real.py`). Criterion `taylor`, CPU, each row a fresh process. "
         "Memory ratio = (peak RSS while scoring − RSS with the empty skeleton built) ÷ weight bytes; the in-memory "
         "reference's memory ratio is its (peak − RSS after loading) ÷ weights, i.e. what its backward adds on top of "
@@ -234,12 +283,17 @@ def render(section: dict) -> str:
         "",
         growth,
         "",
-        "Where SmolLM2's offloaded peak goes: at the top the tied 49 k × 576 head (108 MB, 0.21 of the weights) is on the "
-        "device while every layer boundary's stored hidden states are still held (31 × 1024 tokens × 576 × 4 bytes = "
-        "73 MB), plus 16 MiB logits chunks with their softmax gradient; the on-disk row drops the hidden states and meets "
-        "the goal. A model whose layers dwarf its vocabulary (the 1.1 B rows) is dominated by one layer's float32 weights "
-        "and accumulators instead. Timings were taken on a 2-core machine shared with other jobs (load average 6–12): "
-        "ratios of runs made minutes apart carry that noise.",
+        saves,
+        "Where SmolLM2's offloaded peak goes: the embedding and the tied 49 k × 576 head (108 MB, 0.21 of the weights) "
+        "are never on the device whole: the input lookup gathers from 16 MiB vocabulary slices, and the loss fills the "
+        "full float32 logit rows of 85 tokens at a time (16 MiB, twice with the softmax) slice by slice, running HF's "
+        "own log-softmax on them so that the scores keep the in-memory rounding (the head is read twice per chunk of "
+        "tokens, 24 × 108 MB from the page cache here). Before, the head and its read buffer were held at the top: "
+        "0.65×. What remains is mostly the stored hidden states of every layer boundary (31 × 1024 tokens × 576 × 4 "
+        "bytes = 73 MB; the on-disk row holds none) and, in the backward sweep, one layer's float32 weights, G "
+        "accumulator and recomputed activations. A model whose layers dwarf its vocabulary (the 1.1 B rows) is "
+        "dominated by one layer's float32 weights and accumulators instead. Timings were taken on a 2-core machine "
+        "shared with other jobs (load average 8–12 during this run): ratios of runs made minutes apart carry that noise.",
         "",
         "### Llama-3-70B on one 24 GB GPU (arithmetic, not measured)",
         "",
@@ -251,7 +305,7 @@ def render(section: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m", help=f"smollm2-135m or {', '.join(SYNTHETIC_LAYERS)}")
-    parser.add_argument("--mode", default="offload", choices=["offload", "forward_backward"])
+    parser.add_argument("--mode", default="offload", choices=["offload", "save", "forward_backward"])
     parser.add_argument("--num_samples", type=int, default=16)
     parser.add_argument("--seq_len", type=int, default=128)
     parser.add_argument("--batch_size", type=int, default=4)

@@ -55,6 +55,28 @@ def test_offloaded_from_disk_matches_in_memory_scores_and_plan(family, criterion
     assert all(p.device.type == "meta" for p in lazy.parameters())  # every layer went back to the shards
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral"])  # tied head (the embedding's rows) and an untied one
+def test_head_and_embedding_read_in_uneven_vocabulary_slices(family, saved, monkeypatch):
+    import prunellm.offload as offload
+
+    model, folder = saved(family)
+    ids = calibration_ids(model.config.vocab_size, n=8, length=16, seed=5)
+    reference = pl.score(model, ids, "taylor_mix", batch_size=4)
+    # 128 words in slices of 7 rows (the last one 2); the 2 × 60 shifted tokens in chunks of 25, one across both
+    # micro-batches
+    monkeypatch.setattr(offload, "VOCAB_SLICE_BYTES", 4 * 64 * 7)
+    monkeypatch.setattr(offload, "LOGITS_CHUNK_BYTES", 4 * 128 * 25)
+    reads = []
+    read_rows = offload.SafetensorsWeights.read_rows
+    monkeypatch.setattr(offload.SafetensorsWeights, "read_rows", lambda self, name, a, b, d: reads.append(b - a) or read_rows(self, name, a, b, d))
+    offloaded = pl.score(load_lazy(str(folder)), ids, "taylor_mix", batch_size=4)
+    _assert_same(offloaded, reference)
+    assert offloaded.stats.mean_loss == pytest.approx(reference.stats.mean_loss, rel=1e-6)
+    assert max(reads) == 7 and sum(reads) == 128 + 5 * 2 * 128  # the embedding once, the head twice per chunk
+    host = pl.score(model, ids, "taylor_mix", batch_size=4, offload=True)  # slices of host memory
+    _assert_same(host, reference)
+
+
 def test_hidden_states_on_disk_and_a_model_in_host_memory(saved, tmp_path):
     model, folder = saved("qwen3")
     ids = calibration_ids(model.config.vocab_size, n=12, length=16, seed=3)
@@ -82,7 +104,9 @@ def test_a_folder_without_safetensors_is_refused(tmp_path):
         load_lazy(str(tmp_path))
 
 
-def test_cli_offload_gives_the_same_plan(tmp_path):
+def test_cli_offload_gives_the_same_plan_and_model(tmp_path):
+    from test_streaming import _tensors
+
     from prunellm.cli import main
     from prunellm.models import load_tokenizer
 
@@ -93,14 +117,32 @@ def test_cli_offload_gives_the_same_plan(tmp_path):
     text = tmp_path / "text.txt"
     text.write_text(" ".join("the king and the queen walked to the castle while the people sang".split() * 200))
     plans = {}
-    for name, extra in (("memory", []), ("offload", ["--offload"]), ("disk", ["--offload", "--offload_dir", str(tmp_path / "h")])):
+    lstsq = ["--reconstruct", "lstsq", "--reconstruct_num_samples", "8", "--reconstruct_seq_len", "32"]
+    runs = (("memory", ["--reconstruct", "none"]), ("offload", ["--offload", "--reconstruct", "none"]),
+            ("disk", ["--offload", "--offload_dir", str(tmp_path / "h"), "--reconstruct", "none"]),
+            ("memory_lstsq", lstsq), ("offload_lstsq", ["--offload", *lstsq]))  # fmt: skip
+    for name, extra in runs:
         args = ["prune", "--base_model", str(tmp_path / "tiny"), "--output_dir", str(tmp_path / "results"), "--output_name", name,
                 "--dataset", str(text), "--taylor_num_samples", "8", "--taylor_seq_len", "32", "--gradient_batch_size", "4",
-                "--pruning_ratio", "0.02", "--reconstruct", "none", "--importance_method", "taylor", *extra]  # fmt: skip
+                "--pruning_ratio", "0.02", "--importance_method", "taylor", *extra]  # fmt: skip
         assert main(args) == 0
         plans[name] = json.loads((tmp_path / "results" / name / "plan.json").read_text())
     assert plans["offload"]["layers"] == plans["memory"]["layers"] == plans["disk"]["layers"]
     assert plans["offload"]["params_after"] == plans["memory"]["params_after"]
+    for streamed, reference in (("offload", "memory"), ("offload_lstsq", "memory_lstsq")):  # the streamed save
+        a, b = (_tensors(tmp_path / "results" / name / "model") for name in (streamed, reference))
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in b)
+    assert any(not torch.equal(a[k], _tensors(tmp_path / "results" / "offload" / "model")[k]) for k in a)  # refitted
+    report = json.loads((tmp_path / "results" / "offload_lstsq" / "analysis" / "reconstruction.json").read_text())
+    assert report["layers"] and report["settings"]["mode"] == "lstsq"
+
+
+def test_cli_offload_refuses_what_needs_the_whole_model(tmp_path, capsys):
+    from prunellm.cli import main
+
+    assert main(["prune", "--offload", "--run_evaluation", "ppl", "--temperature", "1", "--output_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--run_evaluation/--metrics, --temperature (ablation priors) still load it whole" in err
 
 
 def test_offload_benchmark_section_renders():
@@ -114,3 +156,43 @@ def test_offload_benchmark_section_renders():
     text = render(section)
     assert "| llama-2048x22 | 1100 M | 22 | bfloat16 |" in text and "0.19 (met, goal ≤ 0.25)" in text and "1.2 (met)" in text
     assert "16 more layers cost 20 MB" in text and "Llama-3-70B" in text
+
+
+def test_a_crashed_offloaded_scoring_restarts_where_it_stopped(saved, tmp_path, monkeypatch):
+    import prunellm.offload as offload
+
+    model, folder = saved("qwen2")
+    ids = calibration_ids(model.config.vocab_size, n=8, length=16, seed=6)
+    reference = pl.score(model, ids, "taylor_mix", batch_size=4)
+    lazy = load_lazy(str(folder))
+    finish, done = offload.GradientReducer.finish, []
+
+    def crash_in_layer_1(self):  # the backward sweep finished layer 2, dies in layer 1
+        done.append(1)
+        if len(done) == 2:
+            raise RuntimeError("crash")
+        finish(self)
+
+    monkeypatch.setattr(offload.GradientReducer, "finish", crash_in_layer_1)
+    with pytest.raises(RuntimeError, match="crash"):
+        pl.score(lazy, ids, "taylor_mix", batch_size=4, offload_dir=tmp_path / "h")
+    monkeypatch.setattr(offload.GradientReducer, "finish", finish)
+    (kept,) = (tmp_path / "h").iterdir()
+    assert sorted(p.name for p in kept.iterdir()) == ["hidden_00000.safetensors", "hidden_00001.safetensors", "progress.safetensors"]
+    read, original = [], offload.SafetensorsWeights.read
+    monkeypatch.setattr(offload.SafetensorsWeights, "read", lambda self, names, device: read.extend(names) or original(self, names, device))
+    resumed = pl.score(lazy, ids, "taylor_mix", batch_size=4, offload_dir=tmp_path / "h")
+    _assert_same(resumed, reference)
+    assert resumed.stats.mean_loss == pytest.approx(reference.stats.mean_loss, rel=1e-6)
+    assert {name.split(".")[2] for name in read if name.startswith("model.layers.")} == {"0", "1"}  # no forward, no layer 2
+    assert list((tmp_path / "h").iterdir()) == []  # finished: its folder goes
+    # a forward sweep that died: the rerun starts from the last layer input stored
+    monkeypatch.setattr(offload, "_loss_at_top", lambda *args: (_ for _ in ()).throw(RuntimeError("crash at the top")))
+    with pytest.raises(RuntimeError, match="crash at the top"):
+        pl.score(lazy, ids, "taylor_mix", batch_size=4, offload_dir=tmp_path / "h")
+    monkeypatch.undo()
+    read.clear()
+    monkeypatch.setattr(offload.SafetensorsWeights, "read", lambda self, names, device: read.extend(names) or original(self, names, device))
+    _assert_same(pl.score(lazy, ids, "taylor_mix", batch_size=4, offload_dir=tmp_path / "h"), reference)
+    layers_read = [name.split(".")[2] for name in read if name.startswith("model.layers.")]
+    assert layers_read[: len(layers_read) // 2] and set(layers_read[:1]) == {"2"}  # forward resumed at layer 2

@@ -77,11 +77,15 @@ class _InputRecorder(nn.Module):
         return hidden_states
 
 
-def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batch: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
+def capture_block_inputs(
+    model: nn.Module, blocks: nn.ModuleList, batch: torch.Tensor | None, *, inputs_embeds: torch.Tensor | None = None
+) -> tuple[torch.Tensor, list[dict]]:
     """The hidden states entering the first block and the keyword arguments each block receives (one batch).
 
     Each block's own arguments are kept: models that mix sliding-window and full-attention layers pass them
     different masks. The blocks are stood in for by recorders during the pass, so it costs the embedding only.
+    ``inputs_embeds`` (B, T, H) instead of ``batch``: the embedding lookup is done already (the offloaded pass
+    gathers it slice by slice), the model's own scaling of it still applies.
     """
     kwargs: list[dict] = [{} for _ in blocks]
     first: list[torch.Tensor] = []
@@ -90,7 +94,10 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batch: torch.T
         blocks[i] = _InputRecorder(block, i, kwargs, first, last=i == len(originals) - 1)
     try:
         with torch.no_grad():
-            model(input_ids=batch, use_cache=False)
+            if inputs_embeds is None:
+                model(input_ids=batch, use_cache=False)
+            else:
+                model(inputs_embeds=inputs_embeds, use_cache=False)
     except StopForward:
         pass
     finally:

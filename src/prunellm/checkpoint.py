@@ -44,27 +44,34 @@ def _base_class_name(model: PreTrainedModel) -> str:
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | Path) -> Path:
     """Save ``model`` (and tokenizer) to ``out_dir`` atomically, with remote code when widths vary per layer."""
     out_dir = Path(out_dir)
-    non_uniform = bool(getattr(model.config, PRUNED_LAYERS_KEY, None))
-    base_name = _base_class_name(model)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        config_path = tmp / "config.json"
-        config = json.loads(config_path.read_text())
-        config.pop("auto_map", None)
-        config["architectures"] = [base_name]
-        if non_uniform:
-            source = Path(hf_modeling.__file__).read_text()
-            source += (
-                f"\n\nfrom transformers import {base_name} as _Base  # noqa: E402\n\n"
-                f"Pruned{base_name} = pruned_class(_Base)\n"
-            )
-            (tmp / MODELING_FILE).write_text(source)
-            config["auto_map"] = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.Pruned{base_name}"}
-            config["architectures"] = [f"Pruned{base_name}"]
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        finish_checkpoint(model, tokenizer, tmp)
     return out_dir
+
+
+def finish_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, folder: Path) -> None:
+    """Beside the weights and ``config.json`` in ``folder``: the tokenizer, the architecture name, and with per-layer
+    widths the modeling file that ``auto_map`` names (:func:`save_model`, and the streamed save of
+    :mod:`prunellm.streaming`)."""
+    non_uniform = bool(getattr(model.config, PRUNED_LAYERS_KEY, None))
+    base_name = _base_class_name(model)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("auto_map", None)
+    config["architectures"] = [base_name]
+    if non_uniform:
+        source = Path(hf_modeling.__file__).read_text()
+        source += (
+            f"\n\nfrom transformers import {base_name} as _Base  # noqa: E402\n\n"
+            f"Pruned{base_name} = pruned_class(_Base)\n"
+        )
+        (folder / MODELING_FILE).write_text(source)
+        config["auto_map"] = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.Pruned{base_name}"}
+        config["architectures"] = [f"Pruned{base_name}"]
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def model_class(config, path: str | Path = "") -> type[PreTrainedModel]:

@@ -9,15 +9,17 @@ go through the layers one layer at a time, every layer's input hidden states kep
 * activation and weight criteria (``wanda``, ``magnitude``) record their statistics and score a layer while it is
   on the device, in the forward sweep;
 * gradient criteria (``taylor``, ``taylor_2nd``, ``taylor_mix``) are exact: the loss is HF's mean token loss of
-  each micro-batch (labels = inputs, shifted), computed at the top from the final norm and the LM head in chunks of
-  tokens so the (tokens × vocab) logits never exist whole; the backward sweep then goes down the layers,
-  recomputing each layer from its stored input, propagating dL/dhidden for every micro-batch, and reducing the
-  layer's weight gradients to per-unit terms with the in-memory pass's own reducer
+  each micro-batch (labels = inputs, shifted), computed at the top from the final norm and the LM head read in
+  vocabulary slices, over the full logit rows of one chunk of tokens at a time (so neither the (tokens × vocab)
+  logits nor the head exist whole; the embedding lookup is gathered from slices too); the backward sweep then goes
+  down the layers, recomputing each layer from its stored input, propagating dL/dhidden for every micro-batch, and
+  reducing the layer's weight gradients to per-unit terms with the in-memory pass's own reducer
   (:class:`~prunellm.calibration.GradientReducer`): G is the gradient averaged over all micro-batches, accumulated
-  for one layer at a time, never for the whole model.
+  for one layer at a time, never for the whole model. With ``offload_dir`` the run is resumable
+  (:class:`ScoringProgress`): a rerun of the same scoring after a crash restarts at the layer it stopped at.
 
-Memory: one layer's weights and float32 gradient accumulators, the embedding or head while they run, one logits
-chunk, and the hidden states of every layer boundary (``offload_dir``: on disk instead).
+Memory: one layer's weights and float32 gradient accumulators, one vocabulary slice and one chunk's logit rows at
+the top, and the hidden states of every layer boundary (``offload_dir``: on disk instead).
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import contextlib
 import json
 import logging
 import shutil
-import tempfile
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,7 +56,11 @@ from .units import LayerUnits, decoder_layers, get_module
 
 log = logging.getLogger(__name__)
 
-LOGITS_CHUNK_BYTES = 16 * 2**20  # float32 logits of one chunk of tokens at the top (× ~3 with softmax and gradient)
+VOCAB_SLICE_BYTES = 16 * 2**20  # one vocabulary slice of the embedding or LM head read at a time
+# full float32 logit rows of one chunk of tokens at the top (× 2 with the softmax and its gradient); the head is
+# read twice per chunk, so a device with room takes bigger chunks (Llama-3's 128 k words: 2 k tokens per GiB)
+LOGITS_CHUNK_BYTES = 16 * 2**20
+LOGITS_CHUNK_BYTES_ACCELERATOR = 2**30
 
 
 class SafetensorsWeights:
@@ -97,6 +102,14 @@ class SafetensorsWeights:
                 for name in file_names:
                     out[name] = f.get_tensor(name)
         return out
+
+    def read_rows(self, name: str, start: int, stop: int, device: torch.device) -> torch.Tensor:
+        """Rows ``start:stop`` of the named tensor on ``device``: only their bytes are read (``get_slice``)."""
+        from safetensors import safe_open
+
+        with safe_open(self.files[name], framework="pt", device="cpu") as f:
+            rows = f.get_slice(name)[start:stop]
+        return rows.to(device)
 
 
 # lazily loaded skeletons -> where their weights are (no state on the modules themselves)
@@ -162,9 +175,17 @@ class Onloader:
             return alias
         raise PrunellmError(f"'{self.weights.folder}' holds no tensor '{name}': the shards do not match config.json")
 
-    @contextlib.contextmanager
-    def onloaded(self, *modules: nn.Module) -> Iterator[None]:
-        """The parameters of ``modules`` on the compute device for the duration of the block."""
+    def rows(self, module: nn.Module, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of ``module``'s parameter ``name`` on the compute device in the model's dtype, read
+        from the shards (only those rows) or sliced from host memory; the module keeps its own parameter."""
+        p = module._parameters[name]
+        if self.weights is None:
+            return p.detach()[start:stop].to(self.device)
+        full = f"{self.names[id(module)]}.{name}".lstrip(".")
+        return self.weights.read_rows(self._key(full), start, stop, self.device).to(p.dtype)
+
+    def _fresh(self, modules: tuple[nn.Module, ...]) -> list[tuple[nn.Module, str, nn.Parameter, nn.Parameter]]:
+        """(module, parameter name, its own parameter, a fresh one on the device) for every parameter of ``modules``."""
         slots = []  # (module, parameter name, its own parameter, full name)
         for module in modules:
             for sub in module.modules():
@@ -174,18 +195,41 @@ class Onloader:
         if self.weights is not None:
             keys = {full: self._key(full) for *_, full in slots}
             loaded = self.weights.read(sorted(set(keys.values())), self.device)
+        fresh = []
+        for sub, pname, p, full in slots:
+            data = loaded[keys[full]] if self.weights is not None else p.detach()
+            fresh.append((sub, pname, p, nn.Parameter(data.to(self.device, p.dtype), requires_grad=False)))
+        return fresh
+
+    @contextlib.contextmanager
+    def onloaded(self, *modules: nn.Module) -> Iterator[None]:
+        """The parameters of ``modules`` on the compute device for the duration of the block."""
+        slots = self._fresh(modules)
         try:
-            for sub, pname, p, full in slots:
-                data = loaded[keys[full]] if self.weights is not None else p.detach()
-                sub._parameters[pname] = nn.Parameter(data.to(self.device, p.dtype), requires_grad=False)
-            if self.weights is not None:
-                del loaded
+            for sub, pname, _, new in slots:
+                sub._parameters[pname] = new
             yield
         finally:
             for sub, pname, p, _ in slots:
                 sub._parameters[pname] = p
+            del slots
             if self.device.type == "cpu":
                 rss.trim_heap()  # freed layers go back to the OS, not to the next layer's peak
+
+    def materialize(self, module: nn.Module) -> None:
+        """Put ``module``'s parameters on the compute device for good (surgery may replace them); :func:`to_meta`
+        drops them again."""
+        for sub, pname, _, new in self._fresh((module,)):
+            sub._parameters[pname] = new
+
+
+def to_meta(module: nn.Module) -> None:
+    """Replace every parameter of ``module`` by a meta tensor of its shape (the skeleton keeps the pruned shapes)."""
+    for sub in module.modules():
+        for pname, p in sub._parameters.items():
+            if p is not None:
+                sub._parameters[pname] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+    rss.trim_heap()
 
 
 class HiddenStore:
@@ -211,43 +255,168 @@ class HiddenStore:
         save_file({str(i): h.detach().cpu().contiguous() for i, h in enumerate(hidden)}, str(tmp))
         tmp.replace(self._file(layer))
 
-    def pop(self, layer: int) -> list[torch.Tensor]:
+    def has(self, layer: int) -> bool:
+        return layer in self.memory if self.folder is None else self._file(layer).is_file()
+
+    def get(self, layer: int) -> list[torch.Tensor]:
+        """The stored inputs of ``layer`` (from memory they are handed over: :meth:`drop` after is a no-op)."""
         if self.folder is None:
             return self.memory.pop(layer)
         from safetensors.torch import load
 
-        file = self._file(layer)
-        tensors = load(file.read_bytes())  # read into memory, then the file goes
-        file.unlink()
+        tensors = load(self._file(layer).read_bytes())  # read into memory; the file stays until drop()
         return [tensors[str(i)] for i in range(len(tensors))]
 
+    def drop(self, layer: int) -> None:
+        if self.folder is not None:
+            self._file(layer).unlink(missing_ok=True)
 
-def _head_loss_and_grad(head: nn.Module, normed: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """HF's causal-LM loss of one micro-batch (mean over the B·(T−1) shifted tokens, logits upcast to float32) and
-    its gradient with respect to the final-norm output, in chunks of tokens.
 
-    normed: (B, T, H) final-norm output (detached); ids: (B, T) the labels. Returns (loss, dL/dnormed (B, T, H)).
+class ScoringProgress:
+    """What an offloaded gradient scoring run has finished, kept in its ``--offload_dir`` folder so that a rerun of
+    the same scoring (same model, calibration, criterion, units, batch size, dtype) restarts where it stopped: after
+    the backward sweep finished layer k, dL/dhidden at k's input, the per-unit terms and scores of the layers above
+    and the loss are written (one safetensors file, through a temporary name), then k's stored input is deleted.
+    Without a progress file the forward sweep restarts from the highest layer input stored."""
+
+    def __init__(self, folder: Path) -> None:
+        self.file = folder / "progress.safetensors"
+
+    def load(self) -> dict | None:
+        if not self.file.is_file():
+            return None
+        from safetensors import safe_open
+
+        with safe_open(self.file, framework="pt") as f:
+            meta = json.loads(f.metadata()["progress"])
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        tables: dict[str, dict[UnitKey, torch.Tensor]] = {}
+        for name, value in tensors.items():
+            table, layer, kind = name.split("|")
+            if table != "upstream":
+                tables.setdefault(table, {})[(int(layer), kind)] = value
+        meta["upstream"] = [tensors[f"upstream|{b}|"] for b in range(meta["n_batches"])]
+        meta["tables"] = tables
+        return meta
+
+    def save(self, next_layer: int, upstream: list[torch.Tensor], stats: Stats, scores: dict, losses: list[float]) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {f"upstream|{b}|": g.detach().cpu().contiguous() for b, g in enumerate(upstream)}
+        # the scores done so far and every gradient term's per-unit sums (Stats.gradient_terms), by term name
+        tables = {"scores": scores} | {f"term:{name}": values for name, values in stats.gradient_terms.items()}
+        for table, values in tables.items():
+            tensors.update({f"{table}|{layer}|{kind}": v.detach().cpu().contiguous() for (layer, kind), v in values.items()})
+        meta = {"next": next_layer, "n_batches": len(upstream), "losses": losses, "grad_tokens": stats.grad_tokens}
+        tmp = self.file.with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata={"progress": json.dumps(meta)})
+        tmp.replace(self.file)
+
+
+def _scoring_folder(model: nn.Module, calibration: torch.Tensor, units: list[LayerUnits], criterion: str, batch_size: int, offload_dir: str | Path) -> Path:
+    """``offload_dir/prunellm-scoring-<hash of what the scores depend on>``: a rerun of the same scoring finds it."""
+    import hashlib
+
+    from .data import tensor_hash
+
+    weights = _WEIGHTS.get(model)
+    key = {
+        "model": str(weights.folder.resolve()) if weights is not None else f"host:{getattr(model.config, '_name_or_path', '')}",
+        "config": model.config.to_json_string(use_diff=False), "dtype": str(next(model.parameters()).dtype),
+        "criterion": criterion, "batch_size": batch_size, "calibration": tensor_hash(calibration),
+        "units": sorted((u.layer, u.kind, u.count) for u in units),
+    }  # fmt: skip
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(offload_dir) / f"prunellm-scoring-{digest}"
+
+
+def _vocab_rows(vocab: int, width: int, element_bytes: int = 4) -> int:
+    """Rows of the embedding or LM head per vocabulary slice read (at most ``VOCAB_SLICE_BYTES``)."""
+    return max(1, min(VOCAB_SLICE_BYTES // (element_bytes * width), vocab))
+
+
+def _input_embeddings(onloader: Onloader, embed: nn.Module, batches: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """Each micro-batch's input embeddings (B, T, H), gathered from the embedding read one vocabulary slice at a
+    time, so the whole (vocab × H) table never exists on the device (a plain lookup: rows are copied exactly)."""
+    vocab, width = embed.weight.shape
+    out = [torch.empty(*b.shape, width, dtype=dtype, device=onloader.device) for b in batches]
+    ids = [b.to(onloader.device) for b in batches]
+    rows = _vocab_rows(vocab, width, embed.weight.element_size())
+    for start in range(0, vocab, rows):
+        weight = onloader.rows(embed, "weight", start, min(start + rows, vocab))  # (rows, H)
+        for e, i in zip(out, ids):
+            inside = (i >= start) & (i < start + weight.shape[0])
+            if inside.any():
+                e[inside] = weight[i[inside] - start].to(dtype)
+        del weight
+    return out
+
+
+def _head_losses_and_grads(onloader: Onloader, head: nn.Linear, normed: list[torch.Tensor], batches: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """HF's causal-LM loss of every micro-batch (mean over its B·(T−1) shifted tokens, logits upcast to float32)
+    and its gradient with respect to the final-norm output, with the LM head read one vocabulary slice at a time.
+
+    The tokens of all micro-batches go through in chunks; a chunk's full logit rows (chunk × vocab, at most
+    ``LOGITS_CHUNK_BYTES``) are filled slice by slice, HF's own float32 cross-entropy and its backward run on them,
+    and dL/dx = dL/dz · W is summed slice by slice again: the head is read twice per chunk and never whole, the
+    logits of one chunk only. Why full rows and not an online logsumexp over slices (the head read once): that is
+    closer to float64 than HF's float32 kernel (relative error of dL/dx 1e-6 against HF's 6.5e-6 on SmolLM2, whose
+    logsumexp over 49 k words carries ~1e-5), but scores must equal the in-memory pass's, and that difference,
+    grown over 30 layers, exceeds rtol 1e-4 on some units; on the full rows the rounding is HF's.
+    normed: (B, T, H) per micro-batch (detached); returns (losses, dL/dnormed per micro-batch).
     """
-    batch, length, width = normed.shape
-    x = normed[:, :-1].reshape(-1, width)  # (n, H): position t predicts token t + 1
-    targets = ids[:, 1:].reshape(-1).to(normed.device)
-    n = targets.numel()
-    vocab = head.weight.shape[0]
-    chunk = max(1, LOGITS_CHUNK_BYTES // (4 * vocab))
+    device = onloader.device
+    vocab, width = head.weight.shape
+    dtype = normed[0].dtype
+    sizes = [ids[:, 1:].numel() for ids in batches]
+    x = torch.cat([h[:, :-1].reshape(-1, width) for h in normed])  # (N, H): position t predicts token t + 1
+    y = torch.cat([ids[:, 1:].reshape(-1) for ids in batches]).to(device)
+    # each token's weight in its micro-batch's mean (float32 1/n, as HF's mean reduction divides)
+    weights = torch.cat([torch.full((n,), 1.0 / n, dtype=torch.float32, device=device) for n in sizes])
+    budget = LOGITS_CHUNK_BYTES if device.type == "cpu" else LOGITS_CHUNK_BYTES_ACCELERATOR
+    chunk = max(1, budget // (4 * vocab))
+    rows = _vocab_rows(vocab, width, head.weight.element_size())
+    slices = [(start, min(start + rows, vocab)) for start in range(0, vocab, rows)]
+
+    def head_slices() -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor | None]]:
+        for start, stop in slices:
+            bias = onloader.rows(head, "bias", start, stop) if head.bias is not None else None
+            yield start, stop, onloader.rows(head, "weight", start, stop), bias  # (rows, H), the model's dtype
+
+    per_token = torch.empty(x.shape[0], dtype=torch.float32, device=device)
     grad_x = torch.empty_like(x)
-    total = torch.zeros((), dtype=torch.float32, device=normed.device)
-    for start in range(0, n, chunk):
-        xc = x[start : start + chunk].detach().requires_grad_()
-        with torch.enable_grad():
-            logits = head(xc).float()  # (chunk, V)
-            summed = F.cross_entropy(logits, targets[start : start + chunk], reduction="sum")
-            (summed / n).backward()
-        grad_x[start : start + chunk] = xc.grad
-        total += summed.detach()
-        del logits, summed, xc
-    grad = torch.zeros_like(normed)
-    grad[:, :-1] = grad_x.view(batch, length - 1, width)
-    return total / n, grad
+    for first in range(0, x.shape[0], chunk):
+        last = min(first + chunk, x.shape[0])
+        xc = x[first:last]
+        logits = torch.empty(last - first, vocab, dtype=dtype, device=device)  # (chunk, V): as HF, the model's dtype
+        for start, stop, weight, bias in head_slices():
+            logits[:, start:stop] = F.linear(xc, weight, bias)
+        # HF's float32 cross-entropy, forward and backward by hand so that the rows exist twice at most, not ~5
+        # times under autograd: log_softmax is the very kernel, and its backward for a loss −w·out[y] is
+        # exp(out)·w − w·onehot(y), the same operations in the same order as torch's log_softmax backward
+        out = torch.log_softmax(logits.float(), dim=1)  # (chunk, V) float32
+        del logits
+        tokens, wc = torch.arange(last - first, device=device), weights[first:last]
+        per_token[first:last] = -out[tokens, y[first:last]]
+        grad = out.exp_().mul_(wc[:, None])  # in place: the softmax, weighted
+        grad[tokens, y[first:last]] -= wc
+        grad_z = grad.to(dtype)  # as the backward of HF's .float()
+        del out, grad
+        acc = torch.zeros(last - first, width, dtype=dtype, device=device)
+        for start, stop, weight, _ in head_slices():
+            acc += grad_z[:, start:stop] @ weight
+        grad_x[first:last] = acc
+        del grad_z, acc
+    if device.type == "cpu":
+        rss.trim_heap()  # the chunks' freed rows go back to the OS before the backward sweep
+    losses, grads, offset = [], [], 0
+    for h, n in zip(normed, sizes):
+        losses.append(per_token[offset : offset + n].sum() / n)
+        grad = torch.zeros_like(h)
+        grad[:, :-1] = grad_x[offset : offset + n].view(h.shape[0], h.shape[1] - 1, width)
+        grads.append(grad)
+        offset += n
+    return losses, grads
 
 
 def _buffers_on(model: nn.Module, device: torch.device) -> dict:
@@ -284,6 +453,12 @@ def offloaded_stats(
     if needs & {"gradients", "activations"} and calibration is None:
         raise PrunellmError(f"criterion '{criterion}' needs calibration windows: pass calibration=calibrate(tokenizer, ...)")
     spec = spec_for(model.config)
+    head = get_module(model, spec.lm_head)
+    if "gradients" in needs and (not isinstance(head, nn.Linear) or getattr(model.config, "final_logit_softcapping", None)):
+        raise PrunellmError(
+            f"offloaded gradient scoring computes the loss as lm_head(final_norm(h)) with a linear head; "
+            f"{type(model).__name__} transforms its logits further: score it in memory (leave --offload out)"
+        )
     layers = decoder_layers(model, spec)
     onloader = Onloader(model, device)
     by_layer: dict[int, list[LayerUnits]] = {}
@@ -308,24 +483,44 @@ def offloaded_stats(
     batches = batches_of(calibration, batch_size)
     gradients = "gradients" in needs
     restore = _buffers_on(model, device)
-    scratch = None
-    if gradients and offload_dir is not None:  # a private folder inside it, removed at the end
-        Path(offload_dir).mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix="prunellm-hidden-", dir=offload_dir))
+    scratch = progress = None
+    if gradients and offload_dir is not None:  # this scoring's folder: removed when it succeeds, resumed if not
+        scratch = _scoring_folder(model, calibration, units, criterion, batch_size, offload_dir)
+        progress = ScoringProgress(scratch)
     store = HiddenStore(scratch)
+    resumed = progress.load() if progress is not None else None
+    if resumed is not None:
+        log.info("offloaded scoring resumes in %s: the backward sweep restarts at layer %d", scratch, resumed["next"])
+    finished = False
     try:
         log.info("offloaded %s scoring: %d layers one at a time on %s, %d micro-batches", criterion, len(layers), device, len(batches))
-        with torch.no_grad(), onloader.onloaded(get_module(model, spec.embed)):
-            captured = [capture_block_inputs(model, layers, batch.to(device)) for batch in batches]
+        embed = get_module(model, spec.embed)
+        with torch.no_grad():
+            if type(embed) is nn.Embedding:  # a plain lookup: gathered one vocabulary slice at a time
+                embeds = _input_embeddings(onloader, embed, batches, next(layers[0].parameters()).dtype)
+                captured = [capture_block_inputs(model, layers, None, inputs_embeds=e) for e in embeds]
+                del embeds
+            else:  # an embedding module with its own forward: on the device whole while it runs
+                with onloader.onloaded(embed):
+                    captured = [capture_block_inputs(model, layers, batch.to(device)) for batch in batches]
         stats.act_tokens = 0 if gradients else sum(b.numel() for b in batches)
         hidden = [first for first, _ in captured]
         kwargs = [per_layer for _, per_layer in captured]
         del captured
         lowest = min(by_layer, default=0)  # the backward sweep stops at the lowest scored layer
+        start = 0
+        if scratch is not None and resumed is None:  # an interrupted forward sweep restarts at the last input stored
+            stored = lowest
+            while stored < len(layers) and store.has(stored):
+                stored += 1
+            if stored > lowest:
+                start = stored - 1
+                hidden = [h.to(device) for h in store.get(start)]
         # forward sweep: each layer's input kept for the backward sweep; activation criteria score here
-        for index in tqdm(range(len(layers)), desc="offloaded forward", unit="layer", leave=False):
+        for index in tqdm(range(start, len(layers) if resumed is None else 0), desc="offloaded forward", unit="layer", leave=False):
             if gradients and index >= lowest:
-                store.put(index, hidden)
+                if not store.has(index):
+                    store.put(index, hidden)
             elif index > max(by_layer, default=-1):
                 break  # nothing above is scored
             with onloader.onloaded(layers[index]):
@@ -341,38 +536,63 @@ def offloaded_stats(
                 if not gradients:
                     score_layer(index)
         if gradients:
-            _backward_sweep(model, spec, layers, onloader, store, hidden, kwargs, batches, units, crit, stats, score_layer, device)
+            if resumed is not None:
+                for table, values in resumed["tables"].items():
+                    if table == "scores":
+                        scores.update(values)
+                    else:
+                        stats.gradient_terms.setdefault(table.removeprefix("term:"), {}).update(values)
+            _backward_sweep(model, spec, layers, onloader, store, hidden, kwargs, batches, units, crit, stats, score_layer,
+                            device, progress, scores, resumed)  # fmt: skip
+        finished = True
     finally:
         for (module, name), buf in restore.items():
             module._buffers[name] = buf
-        if scratch is not None:
+        if scratch is not None and finished:
             shutil.rmtree(scratch, ignore_errors=True)
     return scores, stats
 
 
-def _backward_sweep(model, spec, layers, onloader: Onloader, store: HiddenStore, hidden, kwargs, batches, units, crit, stats: Stats, score_layer, device) -> None:
+def _loss_at_top(onloader: Onloader, norm: nn.Module, head: nn.Module, hidden: list[torch.Tensor], batches, stats: Stats, device) -> tuple[list[float], list[torch.Tensor]]:
+    """Each micro-batch's loss and dL/dhidden at the last layer's output (through the final norm and the head)."""
+    upstream = []
+    with onloader.onloaded(norm):
+        with torch.no_grad():
+            normed = [norm(h.to(device)) for h in hidden]  # (B, T, H) per micro-batch
+        losses, grads = _head_losses_and_grads(onloader, head, normed, batches)
+        del normed
+        for index, (h, batch, grad) in enumerate(zip(hidden, batches, grads)):
+            losses[index] = check_loss(losses[index], index)
+            h = h.to(device).requires_grad_()
+            with torch.enable_grad():
+                norm(h).backward(grad)
+            upstream.append(h.grad)
+            stats.grad_tokens += batch.numel()
+        del grads
+    return losses, upstream
+
+
+def _backward_sweep(model, spec, layers, onloader: Onloader, store: HiddenStore, hidden, kwargs, batches, units, crit, stats: Stats, score_layer, device,
+                    progress: ScoringProgress | None = None, scores: dict | None = None, resumed: dict | None = None) -> None:  # fmt: skip
     """The loss at the top, then down the layers: recompute each from its stored input, propagate dL/dhidden per
-    micro-batch, reduce the layer's weight gradients (accumulated over all micro-batches) to per-unit terms."""
+    micro-batch, reduce the layer's weight gradients (accumulated over all micro-batches) to per-unit terms.
+    With ``progress`` each finished layer is recorded (:class:`ScoringProgress`); ``resumed``: what it recorded,
+    the top and the layers above ``resumed["next"]`` done."""
     n_batches = len(batches)
     stats.grad_batches = n_batches
     reducer = GradientReducer(layers, units, crit.gradient_terms, n_batches, stats)
-    losses, upstream = [], []
     norm, head = get_module(model, spec.final_norm), get_module(model, spec.lm_head)
-    with onloader.onloaded(norm, head):
-        for index, (h, batch) in enumerate(zip(hidden, batches)):
-            h = h.to(device).requires_grad_()
-            with torch.enable_grad():
-                normed = norm(h)  # (B, T, H)
-            loss, grad = _head_loss_and_grad(head, normed.detach(), batch)
-            losses.append(check_loss(loss, index))
-            normed.backward(grad)
-            upstream.append(h.grad)
-            stats.grad_tokens += batch.numel()
+    if resumed is None:
+        losses, upstream = _loss_at_top(onloader, norm, head, hidden, batches, stats, device)
+        top = len(layers) - 1
+    else:
+        losses, upstream, top = resumed["losses"], [g.to(device) for g in resumed["upstream"]], resumed["next"]
+        stats.grad_tokens = resumed["grad_tokens"]
     hidden.clear()  # the last layer's outputs are not needed below the top
     stats.mean_loss = sum(losses) / len(losses)
     lowest = min((u.layer for u in units), default=0)
-    for index in tqdm(range(len(layers) - 1, lowest - 1, -1), desc="offloaded backward", unit="layer", leave=False):
-        inputs = store.pop(index)
+    for index in tqdm(range(top, lowest - 1, -1), desc="offloaded backward", unit="layer", leave=False):
+        inputs = store.get(index)
         with onloader.onloaded(layers[index]):
             for p, *_ in reducer.parameters(index):
                 p.requires_grad_(True)
@@ -394,3 +614,6 @@ def _backward_sweep(model, spec, layers, onloader: Onloader, store: HiddenStore,
             reducer.finish()
             score_layer(index)
         del inputs
+        if progress is not None and index > lowest:  # recorded before its input goes: a crash from here resumes below
+            progress.save(index - 1, upstream, stats, scores, losses)
+        store.drop(index)

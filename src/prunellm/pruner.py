@@ -123,6 +123,29 @@ def collect_stats(
     )  # fmt: skip
 
 
+def check_offload(recipe: PruneRecipe, run: RunOptions, evaluate_what: list[str], finetune: FinetuneOptions | None) -> None:
+    """``--offload`` streams the model layer by layer: refuse, before any work, the steps that still need it whole."""
+    if not run.offload:
+        return
+    if run.device == "auto":
+        raise PrunellmError("--offload runs one layer at a time on one device: use --device cpu, cuda or cuda:N, not auto")
+    whole = {
+        "--run_evaluation/--metrics": bool(evaluate_what),
+        "--finetune": finetune is not None and finetune.finetune,
+        "--temperature (ablation priors)": recipe.priors.temperature != 0,
+        "--allocation layerwise": recipe.allocation.allocation == "layerwise",
+        "--reconstruct_target dense/residual": recipe.reconstruction.reconstruct != "none"
+        and recipe.reconstruction.reconstruct_target != "pruned",
+    }
+    needing = [flag for flag, asked in whole.items() if asked]
+    if needing:
+        raise PrunellmError(
+            f"--offload streams the model one layer at a time, but {', '.join(needing)} still load it whole: leave "
+            "them out (evaluate or fine-tune the saved, smaller pruned model with prunellm eval / finetune) or run "
+            "without --offload"
+        )
+
+
 def offloaded_run_stats(
     base_model: str, scoring: ScoringOptions, calibration: CalibrationOptions, run: RunOptions, ids, units: list[LayerUnits],
     options: CriterionOptions,
@@ -288,11 +311,14 @@ def check_reconstruction_settings(settings: dict[str, Any]) -> None:
         )
 
 
-def apply_plan_with_reconstruction(model: nn.Module, tokenizer, plan: Plan) -> dict[str, Any]:
+def apply_plan_with_reconstruction(
+    model: nn.Module, tokenizer, plan: Plan, *, stream_to: Path | None = None, device: str = "cpu"
+) -> dict[str, Any]:
     """Surgery as the plan says, with the plan's reconstruction; returns the reconstruction report.
 
     The plan is read, never changed: its reconstruction settings carry the hash of their calibration windows,
-    which must tokenize to the same windows here.
+    which must tokenize to the same windows here. ``stream_to`` (``--offload``): ``model`` is a lazy skeleton,
+    sliced (and refitted) one layer at a time on ``device`` and written into that checkpoint folder as it goes.
     """
     settings = plan.reconstruction or {"mode": "none"}
     check_reconstruction_settings(settings)
@@ -303,6 +329,19 @@ def apply_plan_with_reconstruction(model: nn.Module, tokenizer, plan: Plan) -> d
             f"(hash {tensor_hash(ids)} != {settings['hash']}): use the same tokenizer and corpus"
         )
     started = time.perf_counter()
+    if stream_to is not None:
+        from .streaming import save_pruned_streamed
+
+        if settings.get("target", "pruned") != "pruned":
+            raise PrunellmError(f"--offload streams reconstruction with --reconstruct_target pruned only, not {settings['target']}")
+        streamed = save_pruned_streamed(
+            model, plan, tokenizer, stream_to, calibration=ids, reconstruct=settings["mode"],
+            damp=settings.get("damp", "auto"), device=device,
+        )  # fmt: skip
+        return {
+            "settings": settings, "seconds": round(time.perf_counter() - started, 3),
+            "added_params": streamed["added_params"], "layers": streamed["layers"],
+        }  # fmt: skip
     report = prune_with_reconstruction(
         model, plan.kept_units(), ids, settings["mode"], settings.get("damp", "auto"), target=settings.get("target", "pruned")
     )
@@ -543,7 +582,10 @@ def execute_run(
     out = check_output_dir(run, workflow.name)
     torch.manual_seed(run.seed)
     tokenizer = load_tokenizer(base_model)
-    model = load_model(base_model, dtype=run.dtype, device=run.device)
+    if run.offload:  # a meta skeleton: scoring, surgery and save read one layer of the shards at a time
+        model = load_lazy(base_model, dtype=run.dtype)
+    else:
+        model = load_model(base_model, dtype=run.dtype, device=run.device)
     check_context(model, **workflow.context_lengths())  # input that only the loaded model can refuse, before any work
     eval_options = (eval_options or EvalOptions()).model_copy(update={"metrics": ",".join(evaluate_what) or "ppl"})
     timings: dict[str, float] = {}
@@ -556,7 +598,9 @@ def execute_run(
             save_results(evaluation["base"], tmp / "evaluation_results_base.json")
         started = time.perf_counter()
         plan, table = workflow.make_plan(model, tokenizer, tmp)  # complete here; surgery reads it and never changes it
-        reconstruction = apply_plan_with_reconstruction(model, tokenizer, plan)
+        reconstruction = apply_plan_with_reconstruction(
+            model, tokenizer, plan, stream_to=tmp / "model" if run.offload else None, device=run.device
+        )  # with --offload the pruned checkpoint is written here, layer by layer
         if reconstruction["layers"]:
             write_json_atomic(tmp / "analysis" / "reconstruction.json", reconstruction)
         timings["prune_seconds"] = round(time.perf_counter() - started, 3)
@@ -572,7 +616,8 @@ def execute_run(
             f"; +{reconstruction['added_params']} compensation biases" if reconstruction["added_params"] else "",
         )  # fmt: skip
         plan.save(tmp / "plan.json")
-        save_model(model, tokenizer, tmp / "model")
+        if not run.offload:
+            save_model(model, tokenizer, tmp / "model")
         pruned = analyze_model(model)
         comparison = compare_models(original, pruned, plan.removed_layers)
         write_analysis(tmp, original, pruned, table, plan.removed_layers)
@@ -619,6 +664,7 @@ def prune(
     """
     if recipe.allocation.allocation == "layerwise":  # refuse bad allocation options before loading anything
         parse_distribution(recipe.allocation.pruning_distribution)
+    check_offload(recipe, run, evaluation_metrics(recipe.run_evaluation, eval_options), finetune)
     workflow = WidthPruning(recipe, run, finetune)
     if finetune is not None and finetune.finetune:  # bad fine-tuning options fail before pruning, not after
         from .finetune import checkpoint_dir_after_pruning

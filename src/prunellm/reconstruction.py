@@ -478,11 +478,17 @@ def prune_with_reconstruction(
     batch_size: int = 8,
     target: Target = "pruned",
     refit_unpruned: bool = False,
+    *,
+    capture=None,
+    on_layer=None,
 ) -> ReconstructionReport:
     """Prune every layer's units as ``kept`` says, in layer order, compensating o_proj/down_proj inputs.
 
     ``target`` is what each refit preserves (see the module docstring); ``refit_unpruned`` also refits projections
     that lost no input (``dense``/``residual`` targets only: it corrects the error earlier layers left).
+    ``capture(model, input_ids, batch_size)`` and ``on_layer`` are the streamed save's (:mod:`prunellm.streaming`):
+    the layer-0 inputs gathered without the whole embedding, and ``on_layer.enter(i)`` / ``on_layer.exit(i)``
+    around layer i's work (read it from the shards; write it to the output shard and drop it).
     """
     if mode == "none":
         prune_units(model, kept)
@@ -497,12 +503,16 @@ def prune_with_reconstruction(
     layers = decoder_layers(model, spec)
     if mode in LSTSQ_MODES and damp == "auto":
         batch_size = max(1, min(batch_size, (len(input_ids) + 1) // 2))  # cross-validation needs two batches or more
-    hidden, kwargs_list = capture_layer_inputs(model, input_ids, batch_size)
+    hidden, kwargs_list = (capture or capture_layer_inputs)(model, input_ids, batch_size)
+    if target != "pruned" and capture is not None:
+        raise PrunellmError(f"--reconstruct_target {target} needs the dense layers beside the pruned ones: not streamed")
     dense_hidden = list(hidden) if target != "pruned" else None
     report = ReconstructionReport(mode=mode)
     compensated = False
     o_path, down_path = f"{spec.attention.module}.{spec.attention.o}", f"{spec.mlp.module}.{spec.mlp.down}"
     for index in tqdm(range(len(layers)), desc=f"reconstruction ({mode})", leave=False):
+        if on_layer is not None:
+            on_layer.enter(index)
         layer = layers[index]
         entry: dict = {"layer": index}
         targets = {}
@@ -544,6 +554,8 @@ def prune_with_reconstruction(
         if dense_hidden is not None:
             dense_hidden = [o.reshape(h.shape).to(h.dtype) for o, h in zip(dense.outputs, dense_hidden)]
         report.layers.append(entry)
+        if on_layer is not None:
+            on_layer.exit(index)
     if compensated:
         # o_proj/down_proj may now carry a bias their family's config does not build: the checkpoint must
         # record it per layer (see hf_modeling.resize_layers)

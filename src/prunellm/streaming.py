@@ -1,0 +1,244 @@
+"""Surgery and save streamed layer by layer: a Plan applied to a model that never exists whole in memory.
+
+Each decoder layer of a :func:`~prunellm.offload.load_lazy` skeleton is read from the input shards onto the compute
+device, sliced by the same surgery as the in-memory path (:func:`~prunellm.surgery.prune_units`; with
+``reconstruct``, refitted by :func:`~prunellm.reconstruction.prune_with_reconstruction` on calibration hidden states
+that flow through the already pruned layers, one layer boundary held at a time), written to the output
+safetensors shard and dropped again; the skeleton keeps the pruned shapes (meta tensors), from which the config is
+written. The embedding, final norm and head are copied tensor by tensor. The result is the checkpoint
+:func:`~prunellm.checkpoint.save_model` writes for the in-memory pruned model: same tensor names, dtype and
+config, loaded by :func:`prunellm.load_pruned` or transformers alike.
+
+Memory: one decoder layer (or the embedding, or the head): output tensors go straight to disk, each shard's
+header written last into room reserved at its front. With reconstruction, also one layer boundary's calibration
+hidden states and one projection's float64 Gram matrix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibration import UnitKey, batches_of, capture_block_inputs
+from .checkpoint import finish_checkpoint
+from .errors import PrunellmError
+from .offload import Onloader, _buffers_on, _input_embeddings, _vocab_rows, is_lazy, to_meta
+from .paths import atomic_dir
+from .plan import Plan
+from .reconstruction import prune_with_reconstruction
+from .specs import spec_for
+from .surgery import prune_units, remove_layers
+from .units import decoder_layers, get_module
+
+log = logging.getLogger(__name__)
+
+SHARD_BYTES = 2 * 2**30  # an output shard is closed once it holds this much (HF names and index)
+HEADER_ROOM = 2**20  # bytes reserved for a shard's JSON header (~10 k tensor names); a full header closes the shard
+_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+           torch.bool: "BOOL"}  # fmt: skip
+
+
+class _ShardFile:
+    """One safetensors file written tensor by tensor: the data goes straight to disk, the header (names, dtypes,
+    shapes, offsets) is written at the front on :meth:`close` into room reserved for it (padded with spaces, as
+    safetensors itself pads), so no shard is ever held in memory."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.file = path, open(path, "wb")
+        self.file.write(b"\0" * (8 + HEADER_ROOM))
+        self.entries: dict[str, dict] = {}
+        self.size = 0
+
+    def header(self, extra: dict | None = None) -> bytes:
+        entries = {**self.entries, **(extra or {})}
+        return json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
+
+    def fits(self, name: str, tensor: torch.Tensor) -> bool:
+        entry = {name: {"dtype": "BOOL", "shape": list(tensor.shape), "data_offsets": [self.size, self.size + 2**62]}}
+        return len(self.header(entry)) <= HEADER_ROOM
+
+    def add(self, name: str, parts: list[torch.Tensor] | Iterator[torch.Tensor], dtype: torch.dtype, shape: list[int]) -> None:
+        """Write a tensor of ``shape`` from ``parts``, consecutive row slices (or the whole tensor), as they come."""
+        start = self.size
+        for part in parts:
+            data = part.detach().to("cpu", dtype).contiguous()
+            if data.numel():
+                self.file.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+            self.size += data.numel() * data.element_size()
+        expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if self.size - start != expected:
+            raise RuntimeError(f"tensor '{name}': {self.size - start} bytes written, its shape {shape} needs {expected}")
+        self.entries[name] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [start, self.size]}
+
+    def close(self) -> None:
+        header = self.header()
+        self.file.seek(0)
+        self.file.write(HEADER_ROOM.to_bytes(8, "little") + header + b" " * (HEADER_ROOM - len(header)))
+        self.file.close()
+
+
+class ShardWriter:
+    """Tensors written to safetensors shards of about ``shard_bytes`` as they come (straight to disk), named and
+    indexed as ``save_pretrained`` names them (``model.safetensors``, or ``model-0000k-of-0000n.safetensors`` + index)."""
+
+    def __init__(self, folder: Path, shard_bytes: int = SHARD_BYTES) -> None:
+        self.folder, self.shard_bytes = folder, shard_bytes
+        self.current: _ShardFile | None = None
+        self.shards: list[list[str]] = []  # the tensor names of each closed shard
+        self.names: set[str] = set()
+        self.total = 0
+
+    def add(self, name: str, tensor: torch.Tensor, parts: Iterator[torch.Tensor] | None = None) -> None:
+        """Write ``tensor``, or a tensor of its shape and dtype (a meta one will do) from ``parts``, its row slices."""
+        if name in self.names:
+            raise RuntimeError(f"tensor '{name}' written twice")
+        self.names.add(name)
+        if self.current is not None and not self.current.fits(name, tensor):
+            self.flush()
+        if self.current is None:
+            self.current = _ShardFile(self.folder / f".shard-{len(self.shards):05d}.tmp")
+        self.current.add(name, [tensor] if parts is None else parts, tensor.dtype, list(tensor.shape))
+        self.total += tensor.numel() * tensor.element_size()
+        if self.current.size >= self.shard_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.current is not None:
+            self.current.close()
+            self.shards.append(sorted(self.current.entries))
+            self.current = None
+
+    def close(self) -> None:
+        """Close the open shard, give the shards their final names and write the index when there are several."""
+        self.flush()
+        n = len(self.shards)
+        names = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+        for k, name in enumerate(names):
+            (self.folder / f".shard-{k:05d}.tmp").replace(self.folder / name)
+        if n > 1:
+            weight_map = {tensor: name for name, shard in zip(names, self.shards) for tensor in shard}
+            index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+class _LayerStream:
+    """``enter(i)``: decoder layer i read onto the device; ``exit(i)``: its (pruned) tensors to the output shard
+    under its index after layer removal, then dropped (the skeleton keeps their shapes)."""
+
+    def __init__(self, model: nn.Module, onloader: Onloader, writer: ShardWriter, removed: list[int]) -> None:
+        self.spec = spec_for(model.config)
+        self.layers = decoder_layers(model, self.spec)
+        self.onloader, self.writer = onloader, writer
+        kept = [i for i in range(len(self.layers)) if i not in set(removed)]
+        self.new_index = {old: new for new, old in enumerate(kept)}
+
+    def enter(self, index: int) -> None:
+        self.onloader.materialize(self.layers[index])
+
+    def exit(self, index: int) -> None:
+        layer = self.layers[index]
+        if index in self.new_index:
+            for name, tensor in layer.state_dict(prefix=f"{self.spec.layers}.{self.new_index[index]}.").items():
+                self.writer.add(name, tensor)
+        to_meta(layer)
+
+
+def save_pruned_streamed(
+    model: nn.Module,
+    plan: Plan,
+    tokenizer,
+    out_dir: str | Path,
+    *,
+    calibration: torch.Tensor | None = None,
+    reconstruct: str = "none",
+    damp: float | str = "auto",
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    shard_bytes: int = SHARD_BYTES,
+) -> dict:
+    """Apply ``plan`` to the :func:`~prunellm.offload.load_lazy` skeleton ``model`` one decoder layer at a time and
+    write the pruned checkpoint to ``out_dir`` (atomically) as it goes; returns the reconstruction report
+    (``mode``, ``added_params``, ``layers``) as :func:`prunellm.prune` does.
+
+    Afterwards ``model`` is the pruned skeleton (meta tensors of the pruned shapes, config updated), so parameter
+    counts and the per-layer analysis read it as they read the in-memory pruned model.
+    """
+    if not is_lazy(model):
+        raise PrunellmError("save_pruned_streamed reads a model's layers from its shards: pass prunellm.offload.load_lazy(path)")
+    if reconstruct != "none" and calibration is None:
+        raise PrunellmError(f"reconstruct='{reconstruct}' needs calibration windows: pass calibration=calibrate(...)")
+    if len(plan.layers) != len(decoder_layers(model)):
+        raise PrunellmError(f"the plan has {len(plan.layers)} layers, the model {len(decoder_layers(model))}: it was made for another model")
+    device = torch.device(device)
+    spec = spec_for(model.config)
+    onloader = Onloader(model, device)
+    kept: dict[UnitKey, list[int]] = plan.kept_units()
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        writer = ShardWriter(tmp, shard_bytes)
+        _copy_outside_layers(model, spec, onloader, writer)
+        stream = _LayerStream(model, onloader, writer, plan.removed_layers)
+        restore = _buffers_on(model, device)
+        try:
+            if reconstruct == "none":
+                for index in tqdm(range(len(stream.layers)), desc="streamed surgery", unit="layer", leave=False):
+                    stream.enter(index)
+                    prune_units(model, {key: value for key, value in kept.items() if key[0] == index})
+                    stream.exit(index)
+                report = {"mode": "none", "added_params": 0, "layers": []}
+            else:
+
+                def capture(model, input_ids, batch_size):  # layer-0 inputs without the whole embedding
+                    batches = batches_of(input_ids, batch_size)
+                    embed = get_module(model, spec.embed)
+                    dtype = next(p.dtype for p in model.parameters())
+                    captured = [capture_block_inputs(model, stream.layers, None, inputs_embeds=e)
+                                for e in _input_embeddings(onloader, embed, batches, dtype)]  # fmt: skip
+                    return [h.detach() for h, _ in captured], [kw for _, kw in captured]
+
+                result = prune_with_reconstruction(
+                    model, kept, calibration, reconstruct, damp, batch_size, capture=capture, on_layer=stream
+                )  # fmt: skip
+                report = {"mode": reconstruct, "added_params": result.added_params, "layers": result.layers}
+        finally:
+            for (module, name), buf in restore.items():
+                module._buffers[name] = buf
+        remove_layers(model, plan.removed_layers)
+        writer.close()
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None and model.can_generate():
+            model.generation_config.save_pretrained(tmp)
+        finish_checkpoint(model, tokenizer, tmp)
+    log.info("streamed the pruned model into %s (%d shards)", out_dir, len(writer.shards))
+    return report
+
+
+def _copy_outside_layers(model: nn.Module, spec, onloader: Onloader, writer: ShardWriter) -> None:
+    """The tensors outside the decoder layers (embedding, final norm, head) copied in the model's dtype, in row
+    slices of ``VOCAB_SLICE_BYTES``; a tied head has no tensor of its own in the shards and gets none in the
+    output, as ``save_pretrained`` writes it."""
+    prefix = f"{spec.layers}."
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if name.startswith(prefix):
+            continue
+        module_name, _, pname = name.rpartition(".")
+        module = modules[module_name]
+        if pname in module._parameters and name in onloader.weights:
+            if tensor.dim() == 0:
+                parts = iter([onloader.weights.read([name], torch.device("cpu"))[name]])
+            else:
+                length = tensor.shape[0]
+                rows = _vocab_rows(length, max(1, tensor[0].numel()), tensor.element_size())
+                parts = (onloader.rows(module, pname, start, min(start + rows, length)) for start in range(0, max(length, 1), rows))
+            writer.add(name, tensor, parts)
+        elif tensor.device.type != "meta":  # a persistent buffer the skeleton holds for real
+            writer.add(name, tensor)
