@@ -123,14 +123,20 @@ under a load average of 6–11, not the method's cost; rows of `ROWS` missing ab
   shared q/k/v row mask of `compress` by GQA groups (3 KV heads × 3 query heads × 64 here). Not written yet."""
 
 
-def measure(out: str, rows: tuple[str, ...] = ROWS, threads: int = 2) -> None:
-    """Measure the dense model and every row not yet in ``out`` (JSON lines), appending each as it finishes."""
+def start(out: str, threads: int = 2):
+    """What every row of a protocol run needs: ``(base, tokenizer, token_sets, ids, total, done, emit)``.
+
+    The dense model is loaded and, unless ``out`` (JSON lines) already has it, evaluated as the row ``dense``;
+    ``done`` holds the names of the rows already in ``out``; ``emit(row)`` appends a row (and prints it).
+    Shared by this ablation and the peer table (``benchmarks/peers/run.py``).
+    """
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     import prunellm as pl
     from prunellm.units import count_parameters
 
     base, tokenizer = pl.load(MODEL)
+    base.eval()
     token_sets = eval_token_sets(tokenizer)
     ids = calibration_windows(tokenizer)
     total = count_parameters(base)
@@ -148,6 +154,15 @@ def measure(out: str, rows: tuple[str, ...] = ROWS, threads: int = 2) -> None:
 
     if "dense" not in done:
         emit({"row": "dense", "ppl": evaluate(base, token_sets), "params": total})
+    return base, tokenizer, token_sets, ids, total, done, emit
+
+
+def measure(out: str, rows: tuple[str, ...] = ROWS, threads: int = 2) -> None:
+    """Measure the dense model and every row not yet in ``out`` (JSON lines), appending each as it finishes."""
+    import prunellm as pl
+    from prunellm.units import count_parameters
+
+    base, _, token_sets, ids, total, done, emit = start(out, threads)
     scores: dict[str, object] = {}
     for row in rows:
         if row in done:
@@ -192,11 +207,16 @@ def main() -> None:
     if not args.into_results:
         measure(args.out, tuple(args.rows), args.threads)
         return
+    into_results("ablation", read_rows(args.out))
+
+
+def into_results(name: str, section: dict) -> None:
+    """Write ``section`` as ``name`` into ``benchmarks/results.json`` (then ``python -m benchmarks.run --render``)."""
     from benchmarks.run import ROOT, write_atomic
 
     saved = ROOT / "benchmarks" / "results.json"
     results = json.loads(saved.read_text())
-    results["ablation"] = read_rows(args.out)
+    results[name] = section
     write_atomic(saved, json.dumps(results, indent=2) + "\n")
 
 

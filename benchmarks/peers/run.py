@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks.ablation import NUM_SAMPLES, SEED, SEQ_LEN, TEXTS, WINDOWS, calibration_windows, evaluate
+from benchmarks.ablation import NUM_SAMPLES, SEED, SEQ_LEN, TEXTS, WINDOWS, evaluate, into_results, start
 
 log = logging.getLogger("benchmarks.peers")
 RATIOS = (0.2, 0.3)
@@ -131,31 +131,9 @@ def _prune_torch_pruning(base, tokenizer, ids, target_params: int) -> tuple[obje
 
 def measure(out: str, rows: tuple[str, ...] = ROWS, mirror: str | None = None, threads: int = 2) -> None:
     """Measure the dense model and every row (``method/ratio``) not yet in ``out`` (JSON lines), appending each."""
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    import prunellm as pl
-    from benchmarks.common import MODEL, eval_token_sets
     from prunellm.units import count_parameters
 
-    base, tokenizer = pl.load(MODEL)
-    base.eval()
-    token_sets = eval_token_sets(tokenizer)
-    ids = calibration_windows(tokenizer)
-    total = count_parameters(base)
-    done = set()
-    try:
-        with open(out) as handle:
-            done = {json.loads(line)["row"] for line in handle if line.strip()}
-    except FileNotFoundError:
-        pass
-
-    def emit(row: dict) -> None:
-        with open(out, "a") as handle:
-            handle.write(json.dumps(row) + "\n")
-        print(json.dumps(row), flush=True)
-
-    if "dense" not in done:
-        emit({"row": "dense", "ppl": evaluate(base, token_sets), "params": total})
+    base, tokenizer, token_sets, ids, total, done, emit = start(out, threads)
     cache: dict = {}
     for row in rows:
         if row in done:
@@ -274,12 +252,7 @@ def main() -> None:
     if not args.into_results:
         measure(args.out, tuple(args.rows), args.peer_source, args.threads)
         return
-    from benchmarks.run import ROOT, write_atomic
-
-    saved = ROOT / "benchmarks" / "results.json"
-    results = json.loads(saved.read_text())
-    results["peers_table"] = read_rows(args.out)
-    write_atomic(saved, json.dumps(results, indent=2) + "\n")
+    into_results("peers_table", read_rows(args.out))
 
 
 if __name__ == "__main__":
