@@ -142,7 +142,8 @@ def measure(out: str, rows: tuple[str, ...] = ROWS, mirror: str | None = None, t
         ratio_f = float(ratio)
         target = round(ratio_f * total)
         started = time.perf_counter()
-        result = {"row": row, "method": method, "ratio": ratio_f, "target_removed_params": target}
+        result = {"row": row, "method": method, "ratio": ratio_f, "target_removed_params": target,
+                  "threads": torch.get_num_threads()}  # fmt: skip
         try:
             if method == "prunellm":
                 model, info = _prune_prunellm(base, ids, ratio_f, cache)
@@ -229,6 +230,10 @@ def render(section: dict) -> str:
         note = f"; {row['note']}" if row.get("note") else ""
         lines.append(f"* `{row['row']}`: {json.dumps(row.get('setting', {}))} {where}".rstrip()
                      + f", {row['seconds']:.0f} s{note}{extra}")  # fmt: skip
+    missing = [name for name in ROWS if name not in {r["row"] for r in section["rows"]}]
+    if missing:
+        lines += ["", "Not measured in this run (— above): " + ", ".join(f"`{name}`" for name in missing)
+                  + "; `python -m benchmarks.peers.run --out FILE --rows ...` adds them to FILE."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
