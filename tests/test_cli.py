@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import REPO, make_tiny_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -323,3 +323,14 @@ def test_a_recipe_file_runs_the_same_pruning_as_the_flags(workspace, capsys):
     recipe.write_text("command: prune\nrecovry: {}\n")
     assert main(["run", str(recipe)]) == 2
     assert "unknown group 'recovry'" in capsys.readouterr().err
+
+
+def test_the_shipped_retraining_free_recipe_parses_into_its_groups():
+    """recipes/retraining_free.yaml (the best measured combination, docs/benchmarks.md) is a valid recipe file."""
+    from prunellm.cli import read_recipe_file
+
+    command, groups = read_recipe_file(REPO / "recipes" / "retraining_free.yaml")
+    recipe = groups["recipe"]
+    assert command == "prune"
+    assert (recipe.scoring.importance_method, recipe.budget.units) == ("fluctuation", "mlp_channel")
+    assert (recipe.selection.normalization, recipe.reconstruction.reconstruct) == ("uniform", "lstsq_bias")

@@ -38,7 +38,8 @@ def obs_errors(weight: torch.Tensor, gram: torch.Tensor, width: int, damp: float
 @register(
     "obs",
     {"activations"},
-    "OBS: output error after the optimal least-squares update, tr(W_G [H⁻¹]_GG⁻¹ W_Gᵀ), H = XᵀX of o/down inputs",
+    "OBS (experimental: did not beat random on SmolLM2 without reconstruction): output error after the optimal "
+    "least-squares update, tr(W_G [H⁻¹]_GG⁻¹ W_Gᵀ), H = XᵀX of o/down inputs",
     activation_terms={"gram"},
 )
 def obs(model, units, stats, options):
