@@ -93,7 +93,8 @@ def test_a_gradient_criterion_registered_outside_the_package_scores_in_memory_an
     first = pl.score(model, ids, "taylor", batch_size=4)
     assert get_criterion(squared_taylor).gradient_terms[0].name == "squared_first"
     for key, value in in_memory.scores.items():
-        assert torch.equal(value, offloaded.scores[key])  # one reducer behind both passes
+        # one reducer behind both passes; the offloaded loss reads the head in vocabulary slices (float32 order)
+        torch.testing.assert_close(offloaded.scores[key], value, rtol=1e-4, atol=1e-12)
         assert (value > 0).all() and not torch.equal(value, first.scores[key])
 
 
