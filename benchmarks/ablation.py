@@ -209,8 +209,9 @@ def measure(out: str, rows: tuple[str, ...] = ROWS, threads: int = 2) -> None:
         model = copy.deepcopy(base)
         pl.prune(model, plan, calibration=ids, reconstruct=fields["reconstruct"], target=fields["target"])
         widths = {
-            "kv_groups": [len(layer.kv_groups) for layer in plan.layers],
-            "mlp_channels": [len(layer.mlp_channels) for layer in plan.layers],
+            # None: a kind the row did not consider (kept whole)
+            "kv_groups": [None if layer.kv_groups is None else len(layer.kv_groups) for layer in plan.layers],
+            "mlp_channels": [None if layer.mlp_channels is None else len(layer.mlp_channels) for layer in plan.layers],
         }
         emit({
             "row": row, **fields, "removed": round(1 - count_parameters(model) / total, 4),
