@@ -191,8 +191,9 @@ SECTIONS = (
 )  # fmt: skip
 # measured only when named in --only and outside the whole-run time goal, rendered whenever present: the issue-17
 # ablation alone takes ~30 min here; serving needs the serve extra / .venv-vllm and spends most of its ~8 min loading vLLM
-# peers_table runs three peers and prunellm at two ratios with seven evaluations (~25 min on an idle machine)
-OPT_IN = ("ablation", "peers_table", "serving")
+# peers_table runs three peers and prunellm at two ratios with seven evaluations (~25 min on an idle machine);
+# offload writes a random 1.1 B model to disk and measures five fresh processes (~20 min under load)
+OPT_IN = ("ablation", "peers_table", "serving", "offload")
 SMOLLM2_PARAMS = 134_515_008
 
 
