@@ -277,6 +277,16 @@ def _at_least_one(cls, value):
     return value
 
 
+def _auto_or_number(value, message: str) -> Union[float, Literal["auto"]]:
+    """``"auto"`` (any case) or the value as a float; ``message`` is the error otherwise."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(message) from None
+
+
 def _not_negative(cls, value):
     if value < 0:
         raise ValueError("must be 0 or more")
@@ -357,12 +367,7 @@ class PriorOptions(_Options):
     @field_validator("tau", mode="before")
     @classmethod
     def _tau(cls, value):
-        if isinstance(value, str) and value.strip().lower() == "auto":
-            return "auto"
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ValueError("is not valid: use auto, a number, inf or -inf") from None
+        return _auto_or_number(value, "is not valid: use auto, a number, inf or -inf")
 
 
 class SelectionOptions(_Options):
@@ -409,13 +414,8 @@ class ReconstructionOptions(_Options):
     @field_validator("reconstruct_damp", mode="before")
     @classmethod
     def _damp(cls, value):
-        if isinstance(value, str) and value.strip().lower() == "auto":
-            return "auto"
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise ValueError("must be auto or a number ≥ 0") from None
-        if number < 0:
+        number = _auto_or_number(value, "must be auto or a number ≥ 0")
+        if number != "auto" and number < 0:
             raise ValueError("must be auto or a number ≥ 0")
         return number
 
