@@ -21,8 +21,9 @@ import torch
 from benchmarks.common import MODEL, WIKITEXT_VALID, eval_token_sets
 
 NUM_SAMPLES, SEQ_LEN, SEED, WINDOWS = 32, 128, 42, 64
-# criterion[@units] / normalization / reconstruct[:target] / ratio of all parameters; units: all (default), mlp
-# (MLP channels only) or attn (KV groups only); target: what the refit preserves (pruned, dense, residual)
+# criterion[@units] / normalization / reconstruct[:target][+select] / ratio of all parameters; units: all (default),
+# mlp (MLP channels only) or attn (KV groups only); target: what the refit preserves (pruned, dense, residual);
+# select: obs = each layer's units chosen by greedy OBS on its pruned-model inputs (the criterion sets the counts)
 UNITS = {"all": ("kv_group", "mlp_channel"), "mlp": ("mlp_channel",), "attn": ("kv_group",)}
 ROWS = (
     "fluctuation/standard/bias/0.2",  # WIFV with z-scores pooled over all layers: early layers' small variance looks unimportant
@@ -50,9 +51,10 @@ def parse_row(row: str) -> dict:
     """``criterion[@units]/normalization/reconstruct[:target]/ratio`` as the fields of a result row."""
     criterion, normalization, reconstruct, ratio = row.split("/")
     criterion, _, units = criterion.partition("@")
+    reconstruct, _, select = reconstruct.partition("+")
     reconstruct, _, target = reconstruct.partition(":")
     return {"criterion": criterion, "units": units or "all", "normalization": normalization, "reconstruct": reconstruct,
-            "target": target or "pruned", "ratio": float(ratio)}  # fmt: skip
+            "target": target or "pruned", "select": select or "plan", "ratio": float(ratio)}  # fmt: skip
 
 
 def calibration_windows(tokenizer) -> torch.Tensor:
@@ -106,14 +108,16 @@ def render(section: dict) -> str:
         "(rows appended as they finish).", "",
         "Units: `all` = KV groups and MLP channels, `mlp` = MLP channels only. Target: what the refit preserves "
         "(`pruned` = each projection's own output on the pruned model's inputs, `residual` = the dense model's "
-        "residual stream).", "",
+        "residual stream). `+ obs`: the criterion and allocation set each layer's count, greedy OBS on the layer's "
+        "pruned-model inputs chooses which units (`--reconstruct_select obs`).", "",
         "| criterion | units | allocation | reconstruct | target | removed | " + " | ".join(label for _, label in TEXTS) + " | seconds |",
         "|---|---|---|---|---|---|" + "---|" * len(TEXTS) + "---|",
     ]  # fmt: skip
     for row in section["rows"]:
         ratios = " | ".join(f"{row['ppl'][key] / dense[key]:.2f}" for key, _ in TEXTS)
         lines.append(
-            f"| {row['criterion']} | {row.get('units', 'all')} | {row['normalization']} | {row['reconstruct']} | "
+            f"| {row['criterion']} | {row.get('units', 'all')} | {row['normalization']} | {row['reconstruct']}"
+            f"{' + obs' if row.get('select', 'plan') != 'plan' else ''} | "
             f"{row.get('target', 'pruned') if row['reconstruct'] != 'none' else '—'} | {row['removed'] * 100:.1f} % | "
             f"{ratios} | {row['seconds']:.0f} |"
         )  # fmt: skip
@@ -208,7 +212,7 @@ def measure(out: str, rows: tuple[str, ...] = ROWS, threads: int = 2) -> None:
             scores[key] = pl.score(base, ids, fields["criterion"], units=UNITS[fields["units"]])
         plan = pl.select(base, scores[key], fields["ratio"], normalization=fields["normalization"])
         model = copy.deepcopy(base)
-        pl.prune(model, plan, calibration=ids, reconstruct=fields["reconstruct"], target=fields["target"])
+        pl.prune(model, plan, calibration=ids, reconstruct=fields["reconstruct"], target=fields["target"], select=fields["select"])
         widths = {
             # None: a kind the row did not consider (kept whole)
             "kv_groups": [None if layer.kv_groups is None else len(layer.kv_groups) for layer in plan.layers],

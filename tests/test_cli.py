@@ -14,6 +14,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from prunellm.checkpoint import load_pruned
 from prunellm.cli import main
 from prunellm.models import load_tokenizer
+from prunellm.units import layer_units
 
 TEXT = " ".join(
     "the king and the queen walked to the castle while the people sang of war and peace and love".split() * 120
@@ -100,6 +101,27 @@ def test_reconstruction_on_a_mixture_is_recorded_and_replayed(workspace):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_obs_selection_records_the_units_it_applied_and_replays_identically(workspace):
+    """--reconstruct_select obs keeps the criterion's per-layer counts, and plan.json records the units the refit
+    chose, so a replay gives the same weights and the plan describes the model."""
+    recon = ("--reconstruct", "lstsq_bias", "--reconstruct_num_samples", "8", "--reconstruct_seq_len", "32")
+    assert main(_prune_args(workspace, "obs_plan", "--importance_method", "magnitude", *recon)) == 0
+    assert main(_prune_args(workspace, "obs_sel", "--importance_method", "magnitude", "--reconstruct_select", "obs", *recon)) == 0
+    by_plan = json.loads((workspace / "results" / "obs_plan" / "plan.json").read_text())
+    by_obs = json.loads((workspace / "results" / "obs_sel" / "plan.json").read_text())
+    assert by_obs["reconstruction"]["select"] == "obs" and by_obs["params_after"] == by_plan["params_after"]
+    counts = lambda plan: [(len(l["kv_groups"] or []), len(l["mlp_channels"] or [])) for l in plan["layers"]]  # noqa: E731
+    assert counts(by_obs) == counts(by_plan) and by_obs["layers"] != by_plan["layers"]
+    model = load_pruned(workspace / "results" / "obs_sel" / "model")
+    for index, layer in enumerate(by_obs["layers"]):
+        if layer["mlp_channels"] is not None:
+            assert layer_units(model, index, "mlp_channel").count == len(layer["mlp_channels"])
+    assert main(_prune_args(workspace, "obs_replay", "--plan", str(workspace / "results" / "obs_sel" / "plan.json"))) == 0
+    a = load_file(workspace / "results" / "obs_sel" / "model" / "model.safetensors")
+    b = load_file(workspace / "results" / "obs_replay" / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_the_plan_is_complete_before_surgery_and_never_patched(workspace, monkeypatch):
     """plan.json is the Plan as selection made it: surgery reads it and changes nothing. Bias compensation on a
     family without o_proj/down_proj biases adds parameters, which reconstruction reports, not the plan."""
@@ -179,6 +201,7 @@ def test_existing_output_is_refused_without_overwrite(workspace, capsys):
         (["--allocation", "layerwise", "--pruning_distribution", "1-3"], "--pruning_distribution 1-3: is not valid: use A:M"),
         (["--run_evaluation", "ppl,bleu"], "--run_evaluation 'bleu' is not valid: use a comma-separated subset of ppl"),
         (["--reconstruct_dataset", "no_such_corpus"], "--reconstruct_dataset 'no_such_corpus'"),
+        (["--reconstruct_select", "obs", "--reconstruct", "bias"], "--reconstruct_select obs chooses units for a least-squares refit"),
     ],
 )
 def test_bad_input_gives_one_line(workspace, capsys, extra, expected):

@@ -408,6 +408,10 @@ class ReconstructionOptions(_Options):
         "inputs), dense (the dense model's projection output), residual (the dense model's residual stream: corrects "
         "the error of earlier layers too)"
     )
+    reconstruct_select: Literal["plan", "obs"] = Field(
+        "plan", description="which units each layer loses: plan (the criterion's), obs (the plan's count per layer, "
+        "chosen by greedy OBS on the pruned model's inputs, each removal followed by the optimal refit; lstsq modes)"
+    )
 
     _positive = field_validator("reconstruct_num_samples", "reconstruct_seq_len")(_at_least_one)
 

@@ -51,6 +51,15 @@ class Plan:
                 kept[(index, "mlp_channel")] = entry.mlp_channels
         return kept
 
+    def set_kept_units(self, kept: dict[tuple[int, str], list[int]]) -> None:
+        """Replace the kept indices of the (layer, kind) entries in ``kept`` (same counts: the budget is unchanged)."""
+        for (index, kind), indices in kept.items():
+            entry = self.layers[index]
+            name = "kv_groups" if kind == "kv_group" else "mlp_channels"
+            if getattr(entry, name) is not None and len(getattr(entry, name)) != len(indices):
+                raise ValueError(f"layer {index} {kind}: {len(indices)} kept units replace {len(getattr(entry, name))}")
+            setattr(entry, name, sorted(int(i) for i in indices))
+
     @property
     def achieved_ratio(self) -> float:
         """Fraction of the model's total parameters removed."""

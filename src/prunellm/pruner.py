@@ -283,6 +283,7 @@ def reconstruction_settings(reconstruction: ReconstructionOptions, dataset: str,
         "seq_len": reconstruction.reconstruct_seq_len,
         "damp": reconstruction.reconstruct_damp,
         "target": reconstruction.reconstruct_target,
+        "select": reconstruction.reconstruct_select,
         "solver": SOLVER,
         "seed": seed + 3,  # windows apart from the scoring calibration, same train part (never eval text)
     }
@@ -316,8 +317,10 @@ def apply_plan_with_reconstruction(
 ) -> dict[str, Any]:
     """Surgery as the plan says, with the plan's reconstruction; returns the reconstruction report.
 
-    The plan is read, never changed: its reconstruction settings carry the hash of their calibration windows,
-    which must tokenize to the same windows here. ``stream_to`` (``--offload``): ``model`` is a lazy skeleton,
+    The plan's reconstruction settings carry the hash of their calibration windows, which must tokenize to the
+    same windows here. The plan is read, and changed only by ``select: obs``, which chooses each layer's units
+    (the plan's counts) during the refit: the plan then records the units applied (a replay chooses them again,
+    from the same weights and windows, identically). ``stream_to`` (``--offload``): ``model`` is a lazy skeleton,
     sliced (and refitted) one layer at a time on ``device`` and written into that checkpoint folder as it goes.
     """
     settings = plan.reconstruction or {"mode": "none"}
@@ -336,15 +339,18 @@ def apply_plan_with_reconstruction(
             raise PrunellmError(f"--offload streams reconstruction with --reconstruct_target pruned only, not {settings['target']}")
         streamed = save_pruned_streamed(
             model, plan, tokenizer, stream_to, calibration=ids, reconstruct=settings["mode"],
-            damp=settings.get("damp", "auto"), device=device,
+            damp=settings.get("damp", "auto"), device=device, select=settings.get("select", "plan"),
         )  # fmt: skip
         return {
             "settings": settings, "seconds": round(time.perf_counter() - started, 3),
             "added_params": streamed["added_params"], "layers": streamed["layers"],
         }  # fmt: skip
     report = prune_with_reconstruction(
-        model, plan.kept_units(), ids, settings["mode"], settings.get("damp", "auto"), target=settings.get("target", "pruned")
-    )
+        model, plan.kept_units(), ids, settings["mode"], settings.get("damp", "auto"), target=settings.get("target", "pruned"),
+        select=settings.get("select", "plan"),
+    )  # fmt: skip
+    if settings.get("select", "plan") != "plan":
+        plan.set_kept_units(report.kept)
     remove_layers(model, plan.removed_layers)
     return {
         "settings": settings, "seconds": round(time.perf_counter() - started, 3), "added_params": report.added_params,
@@ -597,7 +603,7 @@ def execute_run(
             evaluation["base"] = evaluate(model, tokenizer, eval_options, model_path=base_model)
             save_results(evaluation["base"], tmp / "evaluation_results_base.json")
         started = time.perf_counter()
-        plan, table = workflow.make_plan(model, tokenizer, tmp)  # complete here; surgery reads it and never changes it
+        plan, table = workflow.make_plan(model, tokenizer, tmp)  # complete here (surgery changes only what select obs chooses)
         reconstruction = apply_plan_with_reconstruction(
             model, tokenizer, plan, stream_to=tmp / "model" if run.offload else None, device=run.device
         )  # with --offload the pruned checkpoint is written here, layer by layer
@@ -664,6 +670,11 @@ def prune(
     """
     if recipe.allocation.allocation == "layerwise":  # refuse bad allocation options before loading anything
         parse_distribution(recipe.allocation.pruning_distribution)
+    reconstruction = recipe.reconstruction
+    if reconstruction.reconstruct_select == "obs" and reconstruction.reconstruct not in ("lstsq", "lstsq_bias"):
+        raise PrunellmError(
+            f"--reconstruct_select obs chooses units for a least-squares refit: use --reconstruct lstsq or lstsq_bias, not {reconstruction.reconstruct}"
+        )
     check_offload(recipe, run, evaluation_metrics(recipe.run_evaluation, eval_options), finetune)
     workflow = WidthPruning(recipe, run, finetune)
     if finetune is not None and finetune.finetune:  # bad fine-tuning options fail before pruning, not after

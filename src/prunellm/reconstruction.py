@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 Mode = Literal["none", "bias", "lstsq", "lstsq_bias"]
 Target = Literal["pruned", "dense", "residual"]
 TARGETS = ("pruned", "dense", "residual")
+Select = Literal["plan", "obs"]
+SELECTS = ("plan", "obs")
 LSTSQ_MODES = ("lstsq", "lstsq_bias")
 Damp = Union[float, Literal["auto"]]
 DAMP_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)  # λ / mean(diag H_SS) tried by damp="auto"
@@ -102,6 +104,8 @@ class ReconstructionReport:
     # bias parameters compensation added where the family builds o_proj/down_proj without one (not in the plan:
     # the plan counts what is removed; this is what reconstruction puts back)
     added_params: int = 0
+    # the units each layer kept: the plan's, or with select="obs" the ones reconstruction chose
+    kept: dict = field(default_factory=dict)
 
 
 def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int) -> tuple[list[torch.Tensor], list[list[dict]]]:
@@ -437,6 +441,18 @@ class _DenseLayer:
         return t.reshape(-1, t.shape[-1]).float()
 
 
+def _obs_choice(linear: nn.Linear, stats: InputStats, width: int, count: int, keep: int, mode: Mode) -> list[int]:
+    """The ``keep`` units (of ``count``, ``width`` input columns each) greedy OBS keeps, on this layer's inputs."""
+    from .criteria.obs import greedy_obs_removal
+
+    weight, gram, fixed = linear.weight.detach().cpu(), stats.gram, 0
+    if mode == "lstsq_bias":  # the intercept column is refitted with the others and never removed
+        bias = linear.bias.detach().cpu() if linear.bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype)
+        weight, (gram, _), fixed = torch.cat([weight, bias[:, None]], 1), stats.augmented(), 1
+    removed = set(greedy_obs_removal(weight, gram, width, count - keep, fixed=fixed)[0])
+    return [i for i in range(count) if i not in removed]
+
+
 def _run_dense_layer(layer: nn.Module, index: int, down: str, hidden: list[torch.Tensor], kwargs_list: list[list[dict]]) -> _DenseLayer:
     """Run the (still unpruned) layer on the dense stream, keeping its outputs and its MLP's output per batch."""
     outputs, mlp_outputs = [], []
@@ -478,6 +494,7 @@ def prune_with_reconstruction(
     batch_size: int = 8,
     target: Target = "pruned",
     refit_unpruned: bool = False,
+    select: Select = "plan",
     *,
     capture=None,
     on_layer=None,
@@ -492,11 +509,15 @@ def prune_with_reconstruction(
     """
     if mode == "none":
         prune_units(model, kept)
-        return ReconstructionReport(mode="none")
+        return ReconstructionReport(mode="none", kept=dict(kept))
     if mode not in ("bias", *LSTSQ_MODES):
         raise PrunellmError(f"--reconstruct '{mode}' is not valid: use one of none, bias, lstsq, lstsq_bias")
     if target not in TARGETS:
         raise PrunellmError(f"--reconstruct_target '{target}' is not valid: use one of {', '.join(TARGETS)}")
+    if select not in SELECTS:
+        raise PrunellmError(f"--reconstruct_select '{select}' is not valid: use one of {', '.join(SELECTS)}")
+    if select == "obs" and mode not in LSTSQ_MODES:
+        raise PrunellmError(f"--reconstruct_select obs chooses units for a least-squares refit: use --reconstruct lstsq or lstsq_bias, not {mode}")
     if damp != "auto" and (isinstance(damp, str) or damp < 0):
         raise PrunellmError(f"--reconstruct_damp {damp} is not valid: use auto or a number ≥ 0")
     spec = spec_for(model.config)
@@ -508,6 +529,7 @@ def prune_with_reconstruction(
         raise PrunellmError(f"--reconstruct_target {target} needs the dense layers beside the pruned ones: not streamed")
     dense_hidden = list(hidden) if target != "pruned" else None
     report = ReconstructionReport(mode=mode)
+    kept = dict(kept)  # select="obs" replaces a layer's choice; report.kept is what was applied
     compensated = False
     o_path, down_path = f"{spec.attention.module}.{spec.attention.o}", f"{spec.mlp.module}.{spec.mlp.down}"
     for index in tqdm(range(len(layers)), desc=f"reconstruction ({mode})", leave=False):
@@ -535,9 +557,11 @@ def prune_with_reconstruction(
                 layer, index, proj, hidden, kwargs_list, need_gram=mode in LSTSQ_MODES, folds=folds, target=fn,
                 target_needs_output=needs_output,
             )  # fmt: skip
+            width = next(s.width for s in units.slices if s.module == proj)
+            if pruned_here and select == "obs":
+                kept[key] = _obs_choice(get_module(layer, proj), stats, width, units.count, len(kept[key]), mode)
             indices = kept[key] if pruned_here else list(range(units.count))
             keep = torch.as_tensor(sorted(indices), dtype=torch.long)
-            width = next(s.width for s in units.slices if s.module == proj)
             new_weight, new_bias, entry[kind] = compensate_projection(
                 get_module(layer, proj), stats, index_ranges(keep, width), mode, damp, refit_unpruned=refit_unpruned
             )
@@ -556,6 +580,7 @@ def prune_with_reconstruction(
         report.layers.append(entry)
         if on_layer is not None:
             on_layer.exit(index)
+    report.kept = kept
     if compensated:
         # o_proj/down_proj may now carry a bias their family's config does not build: the checkpoint must
         # record it per layer (see hf_modeling.resize_layers)

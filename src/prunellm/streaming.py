@@ -163,10 +163,12 @@ def save_pruned_streamed(
     batch_size: int = 8,
     device: str | torch.device = "cpu",
     shard_bytes: int = SHARD_BYTES,
+    select: str = "plan",
 ) -> dict:
     """Apply ``plan`` to the :func:`~prunellm.offload.load_lazy` skeleton ``model`` one decoder layer at a time and
     write the pruned checkpoint to ``out_dir`` (atomically) as it goes; returns the reconstruction report
-    (``mode``, ``added_params``, ``layers``) as :func:`prunellm.prune` does.
+    (``mode``, ``added_params``, ``layers``) as :func:`prunellm.prune` does; with ``select="obs"`` the units each
+    layer chose are applied and ``plan`` is updated to them, as :func:`prunellm.prune` does.
 
     Afterwards ``model`` is the pruned skeleton (meta tensors of the pruned shapes, config updated), so parameter
     counts and the per-layer analysis read it as they read the in-memory pruned model.
@@ -205,8 +207,10 @@ def save_pruned_streamed(
                     return [h.detach() for h, _ in captured], [kw for _, kw in captured]
 
                 result = prune_with_reconstruction(
-                    model, kept, calibration, reconstruct, damp, batch_size, capture=capture, on_layer=stream
+                    model, kept, calibration, reconstruct, damp, batch_size, select=select, capture=capture, on_layer=stream
                 )  # fmt: skip
+                if select != "plan":
+                    plan.set_kept_units(result.kept)
                 report = {"mode": reconstruct, "added_params": result.added_params, "layers": result.layers}
         finally:
             for (module, name), buf in restore.items():
