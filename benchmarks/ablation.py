@@ -21,7 +21,8 @@ import torch
 from benchmarks.common import MODEL, WIKITEXT_VALID, eval_token_sets
 
 NUM_SAMPLES, SEQ_LEN, SEED, WINDOWS = 32, 128, 42, 64
-# criterion[@units] / normalization / reconstruct[:target][+select] / ratio of all parameters; units: all (default),
+# criterion[^T][@units] / normalization / reconstruct[:target][+select] / ratio of all parameters; T: the H-GSP prior's
+# temperature (layer/block Δloss of the calibration text, tau auto; default 0 = none); units: all (default),
 # mlp (MLP channels only) or attn (KV groups only); target: what the refit preserves (pruned, dense, residual);
 # select: obs = each layer's units chosen by greedy OBS on its pruned-model inputs (the criterion sets the counts)
 UNITS = {"all": ("kv_group", "mlp_channel"), "mlp": ("mlp_channel",), "attn": ("kv_group",)}
@@ -51,10 +52,12 @@ def parse_row(row: str) -> dict:
     """``criterion[@units]/normalization/reconstruct[:target]/ratio`` as the fields of a result row."""
     criterion, normalization, reconstruct, ratio = row.split("/")
     criterion, _, units = criterion.partition("@")
+    criterion, _, temperature = criterion.partition("^")
     reconstruct, _, select = reconstruct.partition("+")
     reconstruct, _, target = reconstruct.partition(":")
     return {"criterion": criterion, "units": units or "all", "normalization": normalization, "reconstruct": reconstruct,
-            "target": target or "pruned", "select": select or "plan", "ratio": float(ratio)}  # fmt: skip
+            "target": target or "pruned", "select": select or "plan", "temperature": float(temperature or 0),
+            "ratio": float(ratio)}  # fmt: skip
 
 
 def calibration_windows(tokenizer) -> torch.Tensor:
@@ -115,8 +118,9 @@ def render(section: dict) -> str:
     ]  # fmt: skip
     for row in section["rows"]:
         ratios = " | ".join(f"{row['ppl'][key] / dense[key]:.2f}" for key, _ in TEXTS)
+        criterion = row["criterion"] + (f" T={row['temperature']:g}" if row.get("temperature") else "")
         lines.append(
-            f"| {row['criterion']} | {row.get('units', 'all')} | {row['normalization']} | {row['reconstruct']}"
+            f"| {criterion} | {row.get('units', 'all')} | {row['normalization']} | {row['reconstruct']}"
             f"{' + obs' if row.get('select', 'plan') != 'plan' else ''} | "
             f"{row.get('target', 'pruned') if row['reconstruct'] != 'none' else '—'} | {row['removed'] * 100:.1f} % | "
             f"{ratios} | {row['seconds']:.0f} |"
@@ -195,13 +199,49 @@ def start(out: str, threads: int = 2):
     return base, tokenizer, token_sets, ids, total, done, emit
 
 
+def prior_deltas(base, tokenizer) -> dict[str, list[float]]:
+    """Δloss of ablating each layer, attention block and MLP block on the calibration text (16 windows each, the
+    seeds ``prunellm prune`` uses: apart from the scoring windows)."""
+    from prunellm.options import CalibrationOptions
+    from prunellm.pruner import ablation_windows
+    from prunellm.priors import ablation_deltas
+
+    calibration = CalibrationOptions(dataset=str(WIKITEXT_VALID), taylor_seq_len=SEQ_LEN)
+    layer_ids, block_ids = (ablation_windows(tokenizer, calibration, SEED, kind) for kind in ("layer", "block"))
+    return {"layer": ablation_deltas(base, layer_ids, "layer"), "attention": ablation_deltas(base, block_ids, "attention"),
+            "mlp": ablation_deltas(base, block_ids, "mlp")}  # fmt: skip
+
+
+def prior_scale(scores, deltas: dict[str, list[float]], normalization: str) -> dict:
+    """How large the prior's spread is against the normalised scores it multiplies: the 10th–90th percentile
+    ratio of ln(1+Δ) over blocks (tau auto) and, within a block, of the normalised importance/cost (median over
+    blocks). At T = 1 a block's multiplier moves its units by the first ratio, the scores spread by the second."""
+    from prunellm.priors import prior_multipliers, resolve_tau
+    from prunellm.selection import normalized_values
+
+    multipliers = prior_multipliers(deltas["layer"], deltas["attention"], deltas["mlp"], 1.0, resolve_tau("auto", deltas["layer"]))
+    values = normalized_values(scores.units, scores.scores, normalization)
+
+    def spread(x: torch.Tensor) -> float:
+        low, high = torch.quantile(x.double(), torch.tensor([0.1, 0.9], dtype=torch.float64))
+        return float(high / low) if low > 0 else float("inf")
+
+    in_block = torch.tensor([spread(v) for v in values.values() if len(v) > 1], dtype=torch.float64)
+    used = torch.tensor([multipliers[key] for key in values], dtype=torch.float64)
+    return {"prior_p90_over_p10": round(spread(used), 3), "prior_min": round(float(used.min()), 4),
+            "prior_max": round(float(used.max()), 4), "score_p90_over_p10_in_block_median": round(float(in_block.median()), 3)}  # fmt: skip
+
+
 def measure(out: str, rows: tuple[str, ...] = ROWS, threads: int = 2) -> None:
     """Measure the dense model and every row not yet in ``out`` (JSON lines), appending each as it finishes."""
     import prunellm as pl
     from prunellm.units import count_parameters
 
-    base, _, token_sets, ids, total, done, emit = start(out, threads)
+    from prunellm.priors import prior_multipliers, resolve_tau
+
+    base, tokenizer, token_sets, ids, total, done, emit = start(out, threads)
     scores: dict[str, object] = {}
+    deltas: dict[str, list[float]] = {}
     for row in rows:
         if row in done:
             continue
@@ -210,7 +250,13 @@ def measure(out: str, rows: tuple[str, ...] = ROWS, threads: int = 2) -> None:
         key = (fields["criterion"], fields["units"])
         if key not in scores:
             scores[key] = pl.score(base, ids, fields["criterion"], units=UNITS[fields["units"]])
-        plan = pl.select(base, scores[key], fields["ratio"], normalization=fields["normalization"])
+        priors, extra = None, {}
+        if fields["temperature"] > 0:
+            deltas = deltas or prior_deltas(base, tokenizer)
+            priors = prior_multipliers(deltas["layer"], deltas["attention"], deltas["mlp"], fields["temperature"],
+                                       resolve_tau("auto", deltas["layer"]))  # fmt: skip
+            extra["prior_scale"] = prior_scale(scores[key], deltas, fields["normalization"])
+        plan = pl.select(base, scores[key], fields["ratio"], normalization=fields["normalization"], priors=priors)
         model = copy.deepcopy(base)
         pl.prune(model, plan, calibration=ids, reconstruct=fields["reconstruct"], target=fields["target"], select=fields["select"])
         widths = {
@@ -220,7 +266,7 @@ def measure(out: str, rows: tuple[str, ...] = ROWS, threads: int = 2) -> None:
         }
         emit({
             "row": row, **fields, "removed": round(1 - count_parameters(model) / total, 4),
-            "ppl": evaluate(model, token_sets), "seconds": round(time.perf_counter() - started, 1), "widths": widths,
+            "ppl": evaluate(model, token_sets), "seconds": round(time.perf_counter() - started, 1), "widths": widths, **extra,
         })  # fmt: skip
         del model
 
