@@ -137,3 +137,22 @@ def test_ablation_rows_name_units_and_target_and_old_rows_render_with_the_defaul
     assert "| taylor | all | block | lstsq_bias + obs | pruned | 20.0 % |" in render(section)
     section["rows"].append(old | {"temperature": 0.5})
     assert "| taylor T=0.5 | all | block | lstsq | pruned |" in render(section)
+
+
+def test_ablation_rows_merge_into_results_and_other_dense_rows_are_refused():
+    import pytest
+
+    from benchmarks.ablation import merge_rows
+
+    protocol = {"num_samples": 32, "seq_len": 128, "seed": 42, "windows": 64}
+    old = {"protocol": protocol, "dense": {"row": "dense", "ppl": {"a": 59.028, "b": 62.43}},
+           "rows": [{"row": "x/block/lstsq/0.2", "ppl": {"a": 90.0}}, {"row": "y/uniform/none/0.2", "ppl": {"a": 80.0}}]}
+    new = {"protocol": protocol, "dense": {"row": "dense", "ppl": {"a": 59.029, "b": 62.431}},  # thread-count noise
+           "rows": [{"row": "y/uniform/none/0.2", "ppl": {"a": 70.0}}, {"row": "z/uniform/lstsq/0.2", "ppl": {"a": 60.0}}]}
+    merged = merge_rows(old, new)
+    assert {r["row"]: r["ppl"]["a"] for r in merged["rows"]} == {"x/block/lstsq/0.2": 90.0, "y/uniform/none/0.2": 70.0, "z/uniform/lstsq/0.2": 60.0}
+    assert merge_rows(None, new) is new
+    with pytest.raises(SystemExit):
+        merge_rows(old, new | {"dense": {"row": "dense", "ppl": {"a": 61.0, "b": 62.43}}})
+    with pytest.raises(SystemExit):
+        merge_rows(old, new | {"protocol": protocol | {"windows": 32}})
