@@ -69,7 +69,9 @@ def test_prune_writes_the_whole_results_layout(workspace):
     assert abs(plan["achieved_ratio"] - 0.015) < 0.005  # the tied 49k-token embedding is most of this model
     assert plan["calibration"]["hash"] and plan["versions"]["transformers"]
     model = load_pruned(out / "model")
-    assert sum(p.numel() for p in model.parameters()) == plan["params_after"]
+    added = json.loads((out / "analysis" / "reconstruction.json").read_text())["added_params"]  # lstsq_bias's intercepts
+    assert added == sum(m.bias.numel() for n, m in model.named_modules() if n.endswith("down_proj") and m.bias is not None)
+    assert sum(p.numel() for p in model.parameters()) == plan["params_after"] + added
     result = json.loads((out / "evaluation_results.json").read_text())
     assert result["metrics"]["ppl"][0]["protocol"] == "32" and result["metrics"]["ppl"][0]["scored_tokens"] == 4 * 31
     assert "--pruning_ratio 0.015" in (out / "logs" / "command.sh").read_text()
@@ -157,7 +159,7 @@ def test_the_plan_is_complete_before_surgery_and_never_patched(workspace, monkey
 
 
 def test_plan_from_an_earlier_lstsq_solver_is_refused(workspace, capsys):
-    assert main(_prune_args(workspace, "oldsolver", "--importance_method", "magnitude")) == 0
+    assert main(_prune_args(workspace, "oldsolver", "--importance_method", "magnitude", "--reconstruct", "lstsq")) == 0
     plan_path = workspace / "results" / "oldsolver" / "plan.json"
     plan = json.loads(plan_path.read_text())
     assert plan["reconstruction"]["mode"] == "lstsq" and plan["reconstruction"]["damp"] == "auto"

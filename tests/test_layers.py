@@ -157,7 +157,7 @@ def test_layer_pruning_script_flags(tiny_dir):
         "--save_model", "--test_original_ppl", "True", "--eval_seq_len", "32", "--min_pruning_rate", "0.0",
         "--max_pruning_rate", "0.8", "--pruning_strategy", "inverse", "--pruning_distribution", "1:3",
         "--dataset", str(tiny_dir / "text.txt"), "--output_dir", str(tiny_dir / "r"), "--ppl_datasets", str(tiny_dir / "text.txt"),
-        "--ppl_max_windows", "2", "--reconstruct", "none",
+        "--ppl_max_windows", "2", "--reconstruct", "none", "--units", "kv_group,mlp_channel",
     ])  # fmt: skip
     assert argv[:3] == ["prune", "--allocation", "layerwise"] and "--output_name" in argv and "--run_evaluation" in argv
     assert main(argv) == 0

@@ -6,9 +6,9 @@
 
     model, tokenizer = pl.load("smollm2-135m")
     ids = pl.calibrate(tokenizer, "shakespeare", num_samples=32, seq_len=128)
-    scores = pl.score(model, ids, criterion="taylor")
-    plan = pl.select(model, scores, ratio=0.2)
-    pl.prune(model, plan, calibration=pl.calibrate(tokenizer, "shakespeare", 64, 128, seed=45), reconstruct="lstsq")
+    scores = pl.score(model, ids, criterion="fluctuation", units=("mlp_channel",))  # the CLI's default recipe
+    plan = pl.select(model, scores, ratio=0.2, normalization="uniform")
+    pl.prune(model, plan, calibration=pl.calibrate(tokenizer, "shakespeare", 64, 128, seed=45), reconstruct="lstsq_bias")
     pl.save_pruned(model, tokenizer, "out/model", plan)
     results = pl.evaluate(model, tokenizer, metrics="ppl", ppl_max_windows=16)
 

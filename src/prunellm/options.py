@@ -297,7 +297,7 @@ class BudgetOptions(_Options):
     """How much is removed, and which unit kinds and layers may lose parameters."""
 
     pruning_ratio: float = Field(0.2, description="fraction of the model's TOTAL parameters to remove, in (0, 1)")
-    units: str = Field("kv_group,mlp_channel", description="comma-separated unit kinds that may be pruned")
+    units: str = Field("mlp_channel", description="comma-separated unit kinds that may be pruned: mlp_channel, kv_group")
     freeze_first_n_layers: int = Field(0, description="never prune the first N layers")
     freeze_last_n_layers: int = Field(0, description="never prune the last N layers")
     layer_start: int = Field(0, description="first layer that may be pruned")
@@ -326,7 +326,7 @@ class BudgetOptions(_Options):
 class ScoringOptions(_Options):
     """The importance criterion that scores every index of every unit."""
 
-    importance_method: str = Field("taylor", description="criterion: taylor, taylor_2nd, taylor_mix, magnitude, wanda, fluctuation, obs, random (or one registered by a user)")
+    importance_method: str = Field("fluctuation", description="criterion: taylor, taylor_2nd, taylor_mix, magnitude, wanda, fluctuation, obs, random (or one registered by a user)")
     magnitude_norm: Literal["l1", "l2"] = Field("l2", description="norm of the magnitude criterion")
 
     @field_validator("importance_method")
@@ -374,7 +374,7 @@ class SelectionOptions(_Options):
     """How importance is compared across blocks, and what every pruned layer must keep."""
 
     normalization: Literal["none", "block", "layer", "standard", "block_standard", "uniform"] = Field(
-        "block", description="divide importance/cost by its block's (or layer's) mean before global ranking; standard: "
+        "uniform", description="divide importance/cost by its block's (or layer's) mean before global ranking; standard: "
         "z-score per unit kind over all layers; block_standard: z-score per block (FLAP AL-AM); uniform: percentile in its block"
     )
     min_kv_groups: int = Field(1, description="KV groups every layer keeps (0 allows removing a whole attention block)")
@@ -391,7 +391,7 @@ class ReconstructionOptions(_Options):
     """Retraining-free compensation of o_proj/down_proj after pruning, and its calibration windows."""
 
     reconstruct: Literal["none", "bias", "lstsq", "lstsq_bias"] = Field(
-        "lstsq", description="retraining-free compensation of o_proj/down_proj after pruning: none, bias (FLAP), lstsq, "
+        "lstsq_bias", description="retraining-free compensation of o_proj/down_proj after pruning: none, bias (FLAP), lstsq, "
         "lstsq_bias (lstsq with the bias refitted as an intercept)"
     )
     reconstruct_dataset: str | None = Field(
