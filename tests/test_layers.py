@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -99,6 +100,23 @@ def test_iterative_and_frozen_choice():
     assert len(removed) == 2 and 0 not in removed and len(scores) == 4
     with pytest.raises(PrunellmError, match="--n_remove_layers 4"):
         choose_layers_to_remove(model, ids, "ppl", 4)
+
+
+@pytest.mark.parametrize("method", ["ppl", "removal"])
+def test_iterative_loss_criteria_rescore_with_the_dropped_layers(method):
+    # each round scores the model with the layers removed so far (the Δloss cache must not hand back round one)
+    model = make_tiny_model("qwen2", num_hidden_layers=5, seed=3)
+    ids = calibration_ids(n=4, length=16)
+    removed, first_round = choose_layers_to_remove(model, ids, method, 3, iterative=True)
+    assert first_round == ablation_deltas(model, ids, "layer")
+    expected, pruned = [], copy.deepcopy(model)
+    for _ in range(3):  # by hand: remove the least important layer of the model as it is now, and score again
+        deltas = ablation_deltas(pruned, ids, "layer")
+        k = min(range(len(deltas)), key=lambda i: deltas[i])
+        kept = [i for i in range(5) if i not in expected]
+        expected.append(kept[k])
+        remove_layers(pruned, [k])
+    assert removed == sorted(expected) and removed != sorted(sorted(range(5), key=lambda i: first_round[i])[:3])
 
 
 def test_allocation_meets_budget_and_respects_limits():

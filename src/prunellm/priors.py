@@ -80,7 +80,7 @@ def ablation_deltas(
     use full forward passes instead.
     """
     indices = list(range(len(decoder_layers(model)))) if layers is None else list(layers)
-    key = (target, batch_size, tuple(indices), tensor_hash(input_ids), _weights_version(model))
+    key = (target, batch_size, tuple(indices), tensor_hash(input_ids), _weights_version(model), _hooks_version(model))
     cached = _DELTAS.setdefault(model, {})
     if key not in cached:  # the layer prior and the layerwise allocation ask for the same layer ablations
         if getattr(model.config, "final_logit_softcapping", None):
@@ -99,6 +99,16 @@ _DELTAS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionar
 def _weights_version(model: nn.Module) -> tuple:
     """Changes whenever a parameter is replaced, resized or modified in place (torch's version counter)."""
     return tuple((p.data_ptr(), tuple(p.shape), p._version) for p in model.parameters())
+
+
+def _hooks_version(model: nn.Module) -> tuple:
+    """Changes whenever a forward hook is added or removed (handle ids only grow): hooks change the forward without
+    touching a weight, e.g. the layers that ``--iterative`` depth pruning has dropped so far pass their input on."""
+    return tuple(
+        (name, tuple(m._forward_hooks), tuple(m._forward_pre_hooks))
+        for name, m in model.named_modules()
+        if m._forward_hooks or m._forward_pre_hooks
+    )
 
 
 def _ablated_losses(model: nn.Module, input_ids: torch.Tensor, target: Target, batch_size: int, indices: list[int]) -> tuple[float, list[float]]:
