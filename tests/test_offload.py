@@ -140,9 +140,14 @@ def test_cli_offload_gives_the_same_plan_and_model(tmp_path):
 def test_cli_offload_refuses_what_needs_the_whole_model(tmp_path, capsys):
     from prunellm.cli import main
 
-    assert main(["prune", "--offload", "--run_evaluation", "ppl", "--temperature", "1", "--output_dir", str(tmp_path)]) == 2
+    args = ["--offload", "--run_evaluation", "ppl", "--output_dir", str(tmp_path)]
+    assert main(["prune", *args, "--reconstruct", "lstsq", "--reconstruct_target", "dense", "--temperature", "1"]) == 2
     err = capsys.readouterr().err
-    assert "--run_evaluation/--metrics, --temperature (ablation priors) still load it whole" in err
+    assert "--run_evaluation/--metrics, --reconstruct_target dense/residual still load it whole" in err
+    assert main(["layers", *args, "--n_remove_layers", "1"]) == 2  # depth pruning streams; its evaluation does not
+    assert "--run_evaluation/--metrics still load it whole" in capsys.readouterr().err
+    assert main(["layers", "--offload", "--device", "auto", "--n_remove_layers", "1", "--output_dir", str(tmp_path)]) == 2
+    assert "use --device cpu, cuda or cuda:N, not auto" in capsys.readouterr().err
 
 
 def test_offload_benchmark_section_renders():

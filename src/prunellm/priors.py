@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import weakref
-from typing import Iterator, Literal
+from typing import TYPE_CHECKING, Iterator, Literal
 
 import torch
 from torch import nn
@@ -22,6 +22,9 @@ from .errors import PrunellmError
 from .models import input_device
 from .specs import spec_for
 from .units import decoder_layers, get_module
+
+if TYPE_CHECKING:
+    from .offload import Offload
 
 Target = Literal["layer", "attention", "mlp"]
 
@@ -69,21 +72,40 @@ def mean_loss(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 4) ->
     return total / count
 
 
+def offload_of(model: nn.Module, offload: "Offload | None") -> "Offload | None":
+    """``offload``, or the default one for a :func:`~prunellm.offload.load_lazy` skeleton (its weights are on disk)."""
+    from .offload import Offload, is_lazy
+
+    return offload if offload is not None or not is_lazy(model) else Offload()
+
+
 def ablation_deltas(
-    model: nn.Module, input_ids: torch.Tensor, target: Target, batch_size: int = 4, layers: list[int] | None = None
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    target: Target,
+    batch_size: int = 4,
+    layers: list[int] | None = None,
+    *,
+    offload: "Offload | None" = None,
 ) -> list[float]:
     """Δloss (clamped at 0) of ablating ``target`` in each layer.
 
     Per batch, the dense hidden states are walked through the layers once; the ablation of layer L reruns only
     layers L.. from the hidden state entering L (about half the work of a full forward per ablation, memory of
     one batch's hidden states). Models whose head is more than ``lm_head(final_norm(h))`` (logit soft-capping)
-    use full forward passes instead.
+    use full forward passes instead. ``offload`` (always for a :func:`~prunellm.offload.load_lazy` skeleton): the
+    same Δ with one decoder layer on the device at a time (:func:`prunellm.sweep.ablated_losses`).
     """
     indices = list(range(len(decoder_layers(model)))) if layers is None else list(layers)
+    offload = offload_of(model, offload)
     key = (target, batch_size, tuple(indices), tensor_hash(input_ids), _weights_version(model), _hooks_version(model))
     cached = _DELTAS.setdefault(model, {})
     if key not in cached:  # the layer prior and the layerwise allocation ask for the same layer ablations
-        if getattr(model.config, "final_logit_softcapping", None):
+        if offload is not None:
+            from .sweep import ablated_losses
+
+            base, losses = ablated_losses(model, input_ids, target, batch_size, indices, offload)
+        elif getattr(model.config, "final_logit_softcapping", None):
             base, losses = _ablated_losses_full(model, input_ids, target, batch_size, indices)
         else:
             base, losses = _ablated_losses(model, input_ids, target, batch_size, indices)

@@ -26,16 +26,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import UnitKey, batches_of, capture_block_inputs
+from .calibration import UnitKey, batches_of
 from .checkpoint import finish_checkpoint
 from .errors import PrunellmError
-from .offload import Onloader, _buffers_on, _input_embeddings, _vocab_rows, is_lazy, to_meta
+from .offload import Onloader, _buffers_on, _vocab_rows, is_lazy, layer_inputs, to_meta
 from .paths import atomic_dir
 from .plan import Plan
 from .reconstruction import prune_with_reconstruction
 from .specs import spec_for
 from .surgery import prune_units, remove_layers
-from .units import decoder_layers, get_module
+from .units import decoder_layers
 
 log = logging.getLogger(__name__)
 
@@ -199,12 +199,7 @@ def save_pruned_streamed(
             else:
 
                 def capture(model, input_ids, batch_size):  # layer-0 inputs without the whole embedding
-                    batches = batches_of(input_ids, batch_size)
-                    embed = get_module(model, spec.embed)
-                    dtype = next(p.dtype for p in model.parameters())
-                    captured = [capture_block_inputs(model, stream.layers, None, inputs_embeds=e)
-                                for e in _input_embeddings(onloader, embed, batches, dtype)]  # fmt: skip
-                    return [h.detach() for h, _ in captured], [kw for _, kw in captured]
+                    return layer_inputs(model, onloader, batches_of(input_ids, batch_size))
 
                 result = prune_with_reconstruction(
                     model, kept, calibration, reconstruct, damp, batch_size, select=select, capture=capture, on_layer=stream

@@ -1,0 +1,159 @@
+"""Forward-only calibration passes one decoder layer at a time: layer criteria and ablation priors for models
+larger than memory (``--offload``).
+
+The calibration windows go up the layers as in offloaded scoring (:mod:`prunellm.offload`): each layer is read
+onto the device (from the shards of a :func:`~prunellm.offload.load_lazy` skeleton, or copied from host memory),
+run on every micro-batch, and dropped. On top of that dense stream:
+
+* :func:`ablated_losses` (H-GSP priors, ``ppl`` / ``removal``): the ablation of layer L (or of its attention or
+  MLP block) starts a *branch* at L (the layer's input passed on, or the layer rerun with the block's output
+  zeroed) that the later layers advance as they go by, so every layer is read once for all ablations; at the top
+  each branch's loss is HF's mean token loss through the final norm and the head read in vocabulary slices.
+  This is the in-memory :func:`prunellm.priors.ablation_deltas`' computation, rerunning layers L+1.. from the
+  modified hidden state, in another order.
+* :func:`hidden_change` (``block_influence``, ``activation``): 1 − cos(h_in, h_out) and the relative update of
+  each layer, from its input and output while it is on the device.
+
+Memory: one layer, the dense hidden states of one boundary and every live branch's (N ablations: N boundaries'
+worth at the top), in memory or, with ``Offload.folder``, on disk (one file per branch, removed after).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibration import batches_of, check_loss, run_block
+from .errors import PrunellmError
+from .offload import HiddenStore, Offload, Onloader, _buffers_on, _head_losses_and_grads, layer_inputs
+from .specs import spec_for
+from .units import decoder_layers, get_module
+
+
+class LayerSweep:
+    """Micro-batches of calibration windows going up ``model``'s decoder layers, one layer on the device at a time.
+
+    ``with sweep.running() as hidden:`` gives the layer-0 inputs (B, T, H) per micro-batch; ``with
+    sweep.onloaded(i):`` holds layer i on the device, where :meth:`run` advances hidden states through it.
+    """
+
+    def __init__(self, model: nn.Module, input_ids: torch.Tensor, batch_size: int, offload: Offload) -> None:
+        self.model, self.spec = model, spec_for(model.config)
+        self.layers = decoder_layers(model, self.spec)
+        self.device = torch.device(offload.device)
+        self.onloader = Onloader(model, self.device)
+        self.batches = batches_of(input_ids, batch_size)
+        self.kwargs: list[list[dict]] = []
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[list[torch.Tensor]]:
+        restore = _buffers_on(self.model, self.device)  # rotary frequencies on the compute device for the pass
+        try:
+            hidden, self.kwargs = layer_inputs(self.model, self.onloader, self.batches)
+            yield hidden
+        finally:
+            for (module, name), buf in restore.items():
+                module._buffers[name] = buf
+
+    def onloaded(self, index: int):
+        return self.onloader.onloaded(self.layers[index])
+
+    @torch.no_grad()
+    def run(self, index: int, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Layer ``index`` (on the device) applied to every micro-batch's hidden states."""
+        return [run_block(self.layers[index], h.to(self.device), kw[index]) for h, kw in zip(hidden, self.kwargs)]
+
+    @torch.no_grad()
+    def loss(self, hidden: list[torch.Tensor]) -> float:
+        """Token-weighted mean next-token loss of the last layer's outputs ``hidden`` (HF's per-micro-batch mean
+        loss, weighted by its B·(T−1) tokens, as :func:`prunellm.priors.mean_loss` weighs them)."""
+        norm, head = get_module(self.model, self.spec.final_norm), get_module(self.model, self.spec.lm_head)
+        with self.onloader.onloaded(norm):
+            normed = [norm(h.to(self.device)) for h in hidden]
+        losses, _ = _head_losses_and_grads(self.onloader, head, normed, self.batches, grads=False)
+        sizes = [b[:, 1:].numel() for b in self.batches]
+        total = sum(check_loss(loss, i) * n for i, (loss, n) in enumerate(zip(losses, sizes)))
+        return total / sum(sizes)
+
+
+def check_linear_head(model: nn.Module, what: str) -> None:
+    """The offloaded loss is ``lm_head(final_norm(h))``: refuse a head that transforms its logits further."""
+    head = get_module(model, spec_for(model.config).lm_head)
+    if not isinstance(head, nn.Linear) or getattr(model.config, "final_logit_softcapping", None):
+        raise PrunellmError(
+            f"offloaded {what} computes the loss as lm_head(final_norm(h)) with a linear head; {type(model).__name__} "
+            "transforms its logits further: run it in memory (leave --offload out)"
+        )
+
+
+def ablated_losses(
+    model: nn.Module, input_ids: torch.Tensor, target: str, batch_size: int, indices: list[int], offload: Offload
+) -> tuple[float, list[float]]:
+    """(dense loss, loss with ``target`` of each layer in ``indices`` ablated), one layer on the device at a time.
+
+    The same numbers as the in-memory :func:`prunellm.priors._ablated_losses` up to float rounding.
+    """
+    from .priors import ablated  # priors imports this module lazily (criteria -> priors -> offload -> criteria)
+
+    check_linear_head(model, "ablation")
+    sweep = LayerSweep(model, input_ids, batch_size, offload)
+    wanted = set(indices)
+    scratch = None if offload.folder is None else Path(tempfile.mkdtemp(prefix="prunellm-ablation-", dir=_made(offload.folder)))
+    branches = HiddenStore(scratch)  # ablated layer -> its branch's hidden states, at the boundary reached
+    try:
+        with sweep.running() as hidden:
+            for index in tqdm(range(len(sweep.layers)), desc=f"offloaded {target} ablation", unit="layer", leave=False):
+                with sweep.onloaded(index):
+                    for started in sorted(i for i in wanted if i < index):  # branches from below go through this layer
+                        branches.put(started, sweep.run(index, branches.get(started)))
+                    if index in wanted:
+                        if target == "layer":  # the layer passes its input on
+                            branches.put(index, hidden)
+                        else:
+                            with ablated(model, index, target):
+                                branches.put(index, sweep.run(index, hidden))
+                    hidden = sweep.run(index, hidden)
+            base = sweep.loss(hidden)
+            del hidden
+            losses = []
+            for index in indices:
+                losses.append(sweep.loss(branches.get(index)))
+                branches.drop(index)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return base, losses
+
+
+def hidden_change(model: nn.Module, input_ids: torch.Tensor, batch_size: int, offload: Offload) -> dict[str, list[float]]:
+    """Per layer, the token-weighted means of 1 − cos(h_in, h_out) and ‖h_out − h_in‖ / ‖h_in‖, one layer on the
+    device at a time (:func:`prunellm.criteria.depth.hidden_change_scores`' numbers)."""
+    from .criteria.depth import change_sums
+
+    sweep = LayerSweep(model, input_ids, batch_size, offload)
+    n = len(sweep.layers)
+    sums = {"block_influence": [0.0] * n, "activation": [0.0] * n}
+    tokens = [0] * n
+    with sweep.running() as hidden:
+        for index in tqdm(range(n), desc="offloaded layer influence", unit="layer", leave=False):
+            with sweep.onloaded(index):
+                out = sweep.run(index, hidden)
+            for h_in, h_out in zip(hidden, out):
+                influence, update, count = change_sums(h_in.to(h_out.device), h_out)
+                sums["block_influence"][index] += influence
+                sums["activation"][index] += update
+                tokens[index] += count
+            hidden = out
+    return {key: [value / max(t, 1) for value, t in zip(values, tokens)] for key, values in sums.items()}
+
+
+def _made(folder: str | Path) -> Path:
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return Path(folder)
