@@ -128,8 +128,6 @@ def check_offload(recipe: PruneRecipe, run: RunOptions, evaluate_what: list[str]
     refuse_whole_model_steps(run, {
         "--run_evaluation/--metrics": bool(evaluate_what),
         "--finetune": finetune is not None and finetune.finetune,
-        "--reconstruct_target dense/residual": recipe.reconstruction.reconstruct != "none"
-        and recipe.reconstruction.reconstruct_target != "pruned",
     })  # fmt: skip
 
 
@@ -346,11 +344,10 @@ def apply_plan_with_reconstruction(
     if stream_to is not None:
         from .streaming import save_pruned_streamed
 
-        if settings.get("target", "pruned") != "pruned":
-            raise PrunellmError(f"--offload streams reconstruction with --reconstruct_target pruned only, not {settings['target']}")
         streamed = save_pruned_streamed(
             model, plan, tokenizer, stream_to, calibration=ids, reconstruct=settings["mode"],
             damp=settings.get("damp", "auto"), device=device, select=settings.get("select", "plan"),
+            target=settings.get("target", "pruned"),
         )  # fmt: skip
         return {
             "settings": settings, "seconds": round(time.perf_counter() - started, 3),

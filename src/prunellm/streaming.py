@@ -11,7 +11,8 @@ config, loaded by :func:`prunellm.load_pruned` or transformers alike.
 
 Memory: one decoder layer (or the embedding, or the head): output tensors go straight to disk, each shard's
 header written last into room reserved at its front. With reconstruction, also one layer boundary's calibration
-hidden states and one projection's float64 Gram matrix.
+hidden states (twice with the ``dense``/``residual`` targets: the dense stream beside the pruned one) and one
+projection's float64 Gram matrix.
 """
 
 from __future__ import annotations
@@ -164,11 +165,13 @@ def save_pruned_streamed(
     device: str | torch.device = "cpu",
     shard_bytes: int = SHARD_BYTES,
     select: str = "plan",
+    target: str = "pruned",
 ) -> dict:
     """Apply ``plan`` to the :func:`~prunellm.offload.load_lazy` skeleton ``model`` one decoder layer at a time and
     write the pruned checkpoint to ``out_dir`` (atomically) as it goes; returns the reconstruction report
     (``mode``, ``added_params``, ``layers``) as :func:`prunellm.prune` does; with ``select="obs"`` the units each
-    layer chose are applied and ``plan`` is updated to them, as :func:`prunellm.prune` does.
+    layer chose are applied and ``plan`` is updated to them, as :func:`prunellm.prune` does. ``target`` is what
+    each refit preserves (``dense``/``residual``: the dense hidden states are carried beside the pruned ones).
 
     Afterwards ``model`` is the pruned skeleton (meta tensors of the pruned shapes, config updated), so parameter
     counts and the per-layer analysis read it as they read the in-memory pruned model.
@@ -202,7 +205,8 @@ def save_pruned_streamed(
                     return layer_inputs(model, onloader, batches_of(input_ids, batch_size))
 
                 result = prune_with_reconstruction(
-                    model, kept, calibration, reconstruct, damp, batch_size, select=select, capture=capture, on_layer=stream
+                    model, kept, calibration, reconstruct, damp, batch_size, target=target, select=select, capture=capture,
+                    on_layer=stream,
                 )  # fmt: skip
                 if select != "plan":
                     plan.set_kept_units(result.kept)
