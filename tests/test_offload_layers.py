@@ -9,8 +9,10 @@ import torch
 from conftest import calibration_ids
 from test_offload import saved  # noqa: F401 (the fixture: family -> (in-memory tiny model, its saved folder))
 
+from prunellm.errors import PrunellmError
 from prunellm.layers import layer_importance
-from prunellm.offload import Offload, load_lazy
+from prunellm.offload import load_lazy
+from prunellm.sweep import Offload
 from prunellm.priors import _ablated_losses, ablation_deltas
 
 
@@ -20,10 +22,14 @@ def test_offloaded_ablation_deltas_equal_in_memory(family, target, saved):  # no
     ids = calibration_ids(model.config.vocab_size, n=5, length=16, seed=4)
     base, losses = _ablated_losses(model, ids, target, 2, [0, 1, 2])
     reference = [max(loss - base, 0.0) for loss in losses]
-    offloaded = ablation_deltas(load_lazy(str(folder)), ids, target, batch_size=2)
+    lazy = load_lazy(str(folder))
+    offloaded = ablation_deltas(lazy, ids, target, batch_size=2, offload=Offload("cpu"))
     torch.testing.assert_close(torch.tensor(offloaded), torch.tensor(reference), rtol=1e-4, atol=1e-6)
     host = ablation_deltas(model, ids, target, batch_size=2, layers=[2, 0], offload=Offload("cpu"))
     torch.testing.assert_close(torch.tensor(host), torch.tensor([reference[2], reference[0]]), rtol=1e-4, atol=1e-6)
+    if family == "llama" and target == "layer":
+        with pytest.raises(PrunellmError, match="pass offload=prunellm.sweep.Offload"):
+            ablation_deltas(lazy, ids, "mlp", batch_size=2)  # weights on disk, no way to reach them in memory
 
 
 def test_offloaded_ablation_keeps_its_branches_in_the_offload_dir(saved, tmp_path, monkeypatch):  # noqa: F811
@@ -116,7 +122,6 @@ def test_prune_offload_with_priors_and_layerwise_allocation_gives_the_in_memory_
 
 def test_a_layer_criterion_not_declared_offloadable_is_refused_with_offload(saved):  # noqa: F811
     from prunellm.criteria import LAYER_REGISTRY, register_layer
-    from prunellm.errors import PrunellmError
 
     register_layer("in_memory_only", "needs the whole model")(lambda model, input_ids, batch_size=4: [0.0, 1.0, 2.0])
     try:

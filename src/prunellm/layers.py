@@ -9,27 +9,24 @@ Layer importance comes from the registered layer criteria (``criteria/depth.py``
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 from torch import nn
 
 from .criteria import LAYER_REGISTRY, get_layer_criterion
 from .errors import PrunellmError
+from .sweep import Offload, offload_for
 from .units import count_parameters, decoder_layers
-
-if TYPE_CHECKING:
-    from .offload import Offload
 
 LayerCriterion = Literal["block_influence", "ppl", "taylor", "activation", "removal"]
 
 
 def layer_importance(model: nn.Module, input_ids: torch.Tensor, method: str, batch_size: int = 4, offload: Offload | None = None) -> list[float]:
     """One importance score per decoder layer (higher = more important), by a registered layer criterion
-    (``offload``: the same scores with one decoder layer on the device at a time)."""
-    from .priors import offload_of
-
-    criterion, offload = get_layer_criterion(method), offload_of(model, offload)
+    (``offload``: the same scores with one decoder layer on the device at a time; a
+    :func:`~prunellm.offload.load_lazy` skeleton is always offloaded)."""
+    criterion, offload = get_layer_criterion(method), offload_for(model, offload)
     if offload is None:
         return criterion.score(model, input_ids, batch_size)
     if not criterion.offloadable:

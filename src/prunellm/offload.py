@@ -30,7 +30,6 @@ import logging
 import shutil
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -62,15 +61,6 @@ VOCAB_SLICE_BYTES = 16 * 2**20  # one vocabulary slice of the embedding or LM he
 # read twice per chunk, so a device with room takes bigger chunks (Llama-3's 128 k words: 2 k tokens per GiB)
 LOGITS_CHUNK_BYTES = 16 * 2**20
 LOGITS_CHUNK_BYTES_ACCELERATOR = 2**30
-
-
-@dataclass(frozen=True)
-class Offload:
-    """How an offloaded pass runs: one decoder layer on ``device`` at a time; the hidden states it keeps in memory
-    (``folder=None``) or in that folder (``--offload_dir``)."""
-
-    device: str | torch.device = "cpu"
-    folder: str | Path | None = None
 
 
 class SafetensorsWeights:

@@ -10,21 +10,18 @@ from __future__ import annotations
 import contextlib
 import math
 import weakref
-from typing import TYPE_CHECKING, Iterator, Literal
+from typing import Iterator, Literal, Protocol
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import UnitKey, batches_of, capture_block_inputs, run_block
+from .calibration import Stats, UnitKey, batches_of, capture_block_inputs, run_block
 from .data import tensor_hash
 from .errors import PrunellmError
 from .models import input_device
 from .specs import spec_for
 from .units import decoder_layers, get_module
-
-if TYPE_CHECKING:
-    from .offload import Offload
 
 Target = Literal["layer", "attention", "mlp"]
 
@@ -72,11 +69,19 @@ def mean_loss(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 4) ->
     return total / count
 
 
-def offload_of(model: nn.Module, offload: "Offload | None") -> "Offload | None":
-    """``offload``, or the default one for a :func:`~prunellm.offload.load_lazy` skeleton (its weights are on disk)."""
-    from .offload import Offload, is_lazy
+class LayerPasses(Protocol):
+    """The forward/gradient passes of the priors and the layer criteria run another way than in memory: the one
+    implementation is :class:`prunellm.sweep.Offload` (one decoder layer on the device at a time). It is handed in,
+    not imported, because the offloaded passes are built on the criteria."""
 
-    return offload if offload is not None or not is_lazy(model) else Offload()
+    def ablated_losses(self, model: nn.Module, input_ids: torch.Tensor, target: Target, batch_size: int, indices: list[int]) -> tuple[float, list[float]]:
+        """(dense loss, loss with ``target`` of each layer in ``indices`` ablated)."""
+
+    def hidden_change(self, model: nn.Module, input_ids: torch.Tensor, batch_size: int) -> dict[str, list[float]]:
+        """Per layer, token-weighted 1 − cos(h_in, h_out) ("block_influence") and ‖h_out − h_in‖ / ‖h_in‖ ("activation")."""
+
+    def gradient_stats(self, model: nn.Module, input_ids: torch.Tensor, units: list, criterion: str, batch_size: int) -> Stats:
+        """The gradient pass's Stats for ``criterion``'s terms over ``units``."""
 
 
 def ablation_deltas(
@@ -86,25 +91,24 @@ def ablation_deltas(
     batch_size: int = 4,
     layers: list[int] | None = None,
     *,
-    offload: "Offload | None" = None,
+    offload: LayerPasses | None = None,
 ) -> list[float]:
     """Δloss (clamped at 0) of ablating ``target`` in each layer.
 
     Per batch, the dense hidden states are walked through the layers once; the ablation of layer L reruns only
     layers L.. from the hidden state entering L (about half the work of a full forward per ablation, memory of
     one batch's hidden states). Models whose head is more than ``lm_head(final_norm(h))`` (logit soft-capping)
-    use full forward passes instead. ``offload`` (always for a :func:`~prunellm.offload.load_lazy` skeleton): the
-    same Δ with one decoder layer on the device at a time (:func:`prunellm.sweep.ablated_losses`).
+    use full forward passes instead. ``offload`` (:class:`prunellm.sweep.Offload`; needed for a
+    :func:`~prunellm.offload.load_lazy` skeleton): the same Δ with one decoder layer on the device at a time.
     """
     indices = list(range(len(decoder_layers(model)))) if layers is None else list(layers)
-    offload = offload_of(model, offload)
+    if offload is None and any(p.device.type == "meta" for p in model.parameters()):
+        raise PrunellmError("the model's weights are on disk (a load_lazy skeleton): pass offload=prunellm.sweep.Offload(device)")
     key = (target, batch_size, tuple(indices), tensor_hash(input_ids), _weights_version(model), _hooks_version(model))
     cached = _DELTAS.setdefault(model, {})
     if key not in cached:  # the layer prior and the layerwise allocation ask for the same layer ablations
         if offload is not None:
-            from .sweep import ablated_losses
-
-            base, losses = ablated_losses(model, input_ids, target, batch_size, indices, offload)
+            base, losses = offload.ablated_losses(model, input_ids, target, batch_size, indices)
         elif getattr(model.config, "final_logit_softcapping", None):
             base, losses = _ablated_losses_full(model, input_ids, target, batch_size, indices)
         else:

@@ -24,7 +24,7 @@ from .data import describe_source, sample_calibration, tensor_hash
 from .errors import PrunellmError
 from .evaluation import evaluate, save_results
 from .models import check_context, load_model, load_tokenizer
-from .offload import Offload, load_lazy, offloaded_stats
+from .offload import load_lazy, offloaded_stats
 from .layers import (
     allocate_rates,
     choose_layers_to_remove,
@@ -56,6 +56,7 @@ from .plan import LayerPlan, Plan, package_versions
 from .priors import ablation_deltas, prior_multipliers, resolve_tau
 from .selection import SelectionConstraints, normalized_values, select_global
 from .specs import spec_for
+from .sweep import Offload
 from .reconstruction import SOLVER, prune_with_reconstruction
 from .runs import log_to_file, write_command
 from .surgery import remove_layers

@@ -24,17 +24,45 @@ import contextlib
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import batches_of, check_loss, run_block
+from .calibration import Stats, batches_of, check_loss, run_block
+from .criteria.depth import change_sums
 from .errors import PrunellmError
-from .offload import HiddenStore, Offload, Onloader, _buffers_on, _head_losses_and_grads, layer_inputs
+from .offload import HiddenStore, Onloader, _buffers_on, _head_losses_and_grads, is_lazy, layer_inputs, offloaded_stats
+from .priors import Target, ablated
 from .specs import spec_for
-from .units import decoder_layers, get_module
+from .units import LayerUnits, decoder_layers, get_module
+
+
+@dataclass(frozen=True)
+class Offload:
+    """How an offloaded pass runs: one decoder layer on ``device`` at a time, the hidden states it keeps in memory
+    (``folder=None``) or in that folder (``--offload_dir``). The passes of the priors and the layer criteria
+    (:class:`~prunellm.priors.LayerPasses`) run through it."""
+
+    device: str | torch.device = "cpu"
+    folder: str | Path | None = None
+
+    def ablated_losses(self, model: nn.Module, input_ids: torch.Tensor, target: Target, batch_size: int, indices: list[int]) -> tuple[float, list[float]]:
+        return ablated_losses(model, input_ids, target, batch_size, indices, self)
+
+    def hidden_change(self, model: nn.Module, input_ids: torch.Tensor, batch_size: int) -> dict[str, list[float]]:
+        return hidden_change(model, input_ids, batch_size, self)
+
+    def gradient_stats(self, model: nn.Module, input_ids: torch.Tensor, units: list[LayerUnits], criterion: str, batch_size: int) -> Stats:
+        _, stats = offloaded_stats(model, input_ids, units, criterion, device=self.device, batch_size=batch_size, offload_dir=self.folder)
+        return stats
+
+
+def offload_for(model: nn.Module, offload: Offload | None) -> Offload | None:
+    """``offload``, or the default one for a :func:`~prunellm.offload.load_lazy` skeleton (its weights are on disk)."""
+    return offload if offload is not None or not is_lazy(model) else Offload()
 
 
 class LayerSweep:
@@ -94,14 +122,12 @@ def check_linear_head(model: nn.Module, what: str) -> None:
 
 
 def ablated_losses(
-    model: nn.Module, input_ids: torch.Tensor, target: str, batch_size: int, indices: list[int], offload: Offload
+    model: nn.Module, input_ids: torch.Tensor, target: Target, batch_size: int, indices: list[int], offload: Offload
 ) -> tuple[float, list[float]]:
     """(dense loss, loss with ``target`` of each layer in ``indices`` ablated), one layer on the device at a time.
 
     The same numbers as the in-memory :func:`prunellm.priors._ablated_losses` up to float rounding.
     """
-    from .priors import ablated  # priors imports this module lazily (criteria -> priors -> offload -> criteria)
-
     check_linear_head(model, "ablation")
     sweep = LayerSweep(model, input_ids, batch_size, offload)
     wanted = set(indices)
@@ -135,8 +161,6 @@ def ablated_losses(
 def hidden_change(model: nn.Module, input_ids: torch.Tensor, batch_size: int, offload: Offload) -> dict[str, list[float]]:
     """Per layer, the token-weighted means of 1 − cos(h_in, h_out) and ‖h_out − h_in‖ / ‖h_in‖, one layer on the
     device at a time (:func:`prunellm.criteria.depth.hidden_change_scores`' numbers)."""
-    from .criteria.depth import change_sums
-
     sweep = LayerSweep(model, input_ids, batch_size, offload)
     n = len(sweep.layers)
     sums = {"block_influence": [0.0] * n, "activation": [0.0] * n}

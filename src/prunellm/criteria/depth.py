@@ -7,14 +7,11 @@
 * ``taylor``: the sum of the layer's first-order Taylor saliency Σ|w·G| over its prunable projections.
 * ``activation``: the relative size of the layer's update ‖h_out − h_in‖ / ‖h_in‖.
 
-Each takes ``offload`` (:class:`~prunellm.offload.Offload`): the same scores with one decoder layer on the device at
-a time (:mod:`prunellm.sweep`; ``taylor`` from the offloaded exact gradients); a
-:func:`~prunellm.offload.load_lazy` skeleton is always offloaded.
+Each takes ``offload`` (:class:`~prunellm.priors.LayerPasses`, i.e. :class:`prunellm.sweep.Offload`): the same
+scores with one decoder layer on the device at a time (``taylor`` from the offloaded exact gradients).
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -22,12 +19,9 @@ from tqdm.auto import tqdm
 
 from ..calibration import batches_of, collect_gradient_stats
 from ..models import input_device
-from ..priors import ablation_deltas, offload_of
+from ..priors import LayerPasses, ablation_deltas
 from ..units import UNIT_KINDS, all_units, decoder_layers
 from .registry import register_layer
-
-if TYPE_CHECKING:
-    from ..offload import Offload
 
 
 def change_sums(h_in: torch.Tensor, h_out: torch.Tensor) -> tuple[float, float, int]:
@@ -39,14 +33,11 @@ def change_sums(h_in: torch.Tensor, h_out: torch.Tensor) -> tuple[float, float, 
 
 
 @torch.no_grad()
-def hidden_change_scores(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 4, offload: Offload | None = None) -> dict[str, list[float]]:
+def hidden_change_scores(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 4, offload: LayerPasses | None = None) -> dict[str, list[float]]:
     """Per layer, token-weighted means of 1 − cos(h_in, h_out) and ‖h_out − h_in‖ / ‖h_in‖ (``offload``: one layer
     on the device at a time, :func:`prunellm.sweep.hidden_change`)."""
-    offload = offload_of(model, offload)
     if offload is not None:
-        from ..sweep import hidden_change
-
-        return hidden_change(model, input_ids, batch_size, offload)
+        return offload.hidden_change(model, input_ids, batch_size)
     layers = decoder_layers(model)
     n = len(layers)
     sums = {"block_influence": [0.0] * n, "activation": [0.0] * n}
@@ -75,18 +66,15 @@ def hidden_change_scores(model: nn.Module, input_ids: torch.Tensor, batch_size: 
     return {key: [value / max(t, 1) for value, t in zip(values, tokens)] for key, values in sums.items()}
 
 
-def taylor_layer_scores(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 4, offload: Offload | None = None) -> list[float]:
+def taylor_layer_scores(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 4, offload: LayerPasses | None = None) -> list[float]:
     """Σ|w·G| over every prunable projection of each layer (``offload``: the exact offloaded gradients)."""
     from .taylor import FIRST  # here, so that the criteria register in the import order of criteria/__init__.py
 
     units = list(all_units(model, UNIT_KINDS))
-    offload = offload_of(model, offload)
     if offload is None:
         stats = collect_gradient_stats(model, input_ids, units, terms=(FIRST,), batch_size=batch_size)
-    else:
-        from ..offload import offloaded_stats
-
-        _, stats = offloaded_stats(model, input_ids, units, "taylor", device=offload.device, batch_size=batch_size, offload_dir=offload.folder)
+    else:  # the taylor criterion's terms: FIRST among them
+        stats = offload.gradient_stats(model, input_ids, units, "taylor", batch_size)
     scores = [0.0] * len(decoder_layers(model))
     for (layer, _), value in stats.gradient_terms[FIRST.name].items():
         scores[layer] += float(value.sum())
@@ -94,17 +82,17 @@ def taylor_layer_scores(model: nn.Module, input_ids: torch.Tensor, batch_size: i
 
 
 @register_layer("block_influence", "ShortGPT block influence: token-weighted 1 − cos(h_in, h_out)", offloadable=True)
-def block_influence(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 4, offload: Offload | None = None) -> list[float]:
+def block_influence(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 4, offload: LayerPasses | None = None) -> list[float]:
     return hidden_change_scores(model, input_ids, batch_size, offload)["block_influence"]
 
 
 @register_layer("activation", "relative update size ‖h_out − h_in‖ / ‖h_in‖ (allocation)", offloadable=True)
-def activation(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 4, offload: Offload | None = None) -> list[float]:
+def activation(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 4, offload: LayerPasses | None = None) -> list[float]:
     return hidden_change_scores(model, input_ids, batch_size, offload)["activation"]
 
 
 @register_layer("ppl", "calibration loss increase when the layer is zero-ablated (Shortened-LLaMA)", offloadable=True)
-def ppl(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 4, offload: Offload | None = None) -> list[float]:
+def ppl(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 4, offload: LayerPasses | None = None) -> list[float]:
     return ablation_deltas(model, input_ids, "layer", batch_size, offload=offload)
 
 
