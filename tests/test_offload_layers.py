@@ -132,3 +132,20 @@ def test_a_layer_criterion_not_declared_offloadable_is_refused_with_offload(save
             layer_importance(load_lazy(str(folder)), ids, "in_memory_only")
     finally:
         LAYER_REGISTRY.pop("in_memory_only")
+
+
+def test_offloaded_ablation_reads_the_head_in_uneven_slices(saved, monkeypatch):  # noqa: F811
+    import prunellm.offload as offload
+
+    model, folder = saved("mistral")  # an untied head
+    ids = calibration_ids(model.config.vocab_size, n=5, length=16, seed=11)
+    expected = ablation_deltas(model, ids, "attention", batch_size=2)
+    monkeypatch.setattr(offload, "VOCAB_SLICE_BYTES", 4 * 64 * 7)  # 128 words in slices of 7 rows
+    monkeypatch.setattr(offload, "LOGITS_CHUNK_BYTES", 4 * 128 * 13)  # 13 tokens a chunk, across micro-batches
+    reads = []
+    read_rows = offload.SafetensorsWeights.read_rows
+    monkeypatch.setattr(offload.SafetensorsWeights, "read_rows", lambda self, name, a, b, d: reads.append(name) or read_rows(self, name, a, b, d))
+    offloaded = ablation_deltas(load_lazy(str(folder)), ids, "attention", batch_size=2, offload=Offload("cpu"))
+    torch.testing.assert_close(torch.tensor(offloaded), torch.tensor(expected), rtol=1e-4, atol=1e-6)
+    chunks = -(-5 * 15 // 13)  # 5 windows × 15 shifted tokens per loss, in chunks of 13
+    assert reads.count("lm_head.weight") == (1 + 3) * chunks * -(-128 // 7)  # dense + 3 branches, the head once a chunk
