@@ -112,7 +112,10 @@ def test_removed_layers_and_several_shards(saved, tmp_path, monkeypatch):
     folder, plan = saved("qwen3")
     plan = dataclasses.replace(plan, removed_layers=[1])
     _in_memory(folder, plan, tmp_path / "memory")
+    read, original = [], offload.SafetensorsWeights.read
+    monkeypatch.setattr(offload.SafetensorsWeights, "read", lambda self, names, device: read.extend(names) or original(self, names, device))
     save_pruned_streamed(load_lazy(str(folder)), plan, None, tmp_path / "streamed", shard_bytes=100_000)
+    assert {name.split(".")[2] for name in read if name.startswith("model.layers.")} == {"0", "2"}  # layer 1 never read
     index = json.loads((tmp_path / "streamed" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2
     assert not any(name.startswith("model.layers.2.") for name in index["weight_map"])  # renumbered 0, 1

@@ -195,6 +195,8 @@ def save_pruned_streamed(
         try:
             if reconstruct == "none":
                 for index in tqdm(range(len(stream.layers)), desc="streamed surgery", unit="layer", leave=False):
+                    if index not in stream.new_index:  # a removed layer is not read at all (depth pruning)
+                        continue
                     stream.enter(index)
                     prune_units(model, {key: value for key, value in kept.items() if key[0] == index})
                     stream.exit(index)
