@@ -149,3 +149,12 @@ def test_offloaded_ablation_reads_the_head_in_uneven_slices(saved, monkeypatch):
     torch.testing.assert_close(torch.tensor(offloaded), torch.tensor(expected), rtol=1e-4, atol=1e-6)
     chunks = -(-5 * 15 // 13)  # 5 windows × 15 shifted tokens per loss, in chunks of 13
     assert reads.count("lm_head.weight") == (1 + 3) * chunks * -(-128 // 7)  # dense + 3 branches, the head once a chunk
+
+
+def test_offloaded_ablation_refuses_a_soft_capped_head():
+    from conftest import make_tiny_model
+
+    model = make_tiny_model("llama")
+    model.config.final_logit_softcapping = 30.0  # the loss would no longer be lm_head(final_norm(h))
+    with pytest.raises(PrunellmError, match="transforms its logits further: run it in memory"):
+        ablation_deltas(model, calibration_ids(model.config.vocab_size, n=2, length=8), "layer", offload=Offload("cpu"))

@@ -442,6 +442,16 @@ def _head_losses_and_grads(onloader: Onloader, head: nn.Linear, normed: list[tor
     return losses, upstream
 
 
+def check_linear_head(model: nn.Module, what: str) -> None:
+    """The offloaded loss is ``lm_head(final_norm(h))``: refuse a head that transforms its logits further."""
+    head = get_module(model, spec_for(model.config).lm_head)
+    if not isinstance(head, nn.Linear) or getattr(model.config, "final_logit_softcapping", None):
+        raise PrunellmError(
+            f"offloaded {what} computes the loss as lm_head(final_norm(h)) with a linear head; {type(model).__name__} "
+            "transforms its logits further: run it in memory (leave --offload out)"
+        )
+
+
 def _buffers_on(model: nn.Module, device: torch.device) -> dict:
     """Move every buffer (rotary frequencies) to ``device``; returns what to put back."""
     before = {}
@@ -476,12 +486,8 @@ def offloaded_stats(
     if needs & {"gradients", "activations"} and calibration is None:
         raise PrunellmError(f"criterion '{criterion}' needs calibration windows: pass calibration=calibrate(tokenizer, ...)")
     spec = spec_for(model.config)
-    head = get_module(model, spec.lm_head)
-    if "gradients" in needs and (not isinstance(head, nn.Linear) or getattr(model.config, "final_logit_softcapping", None)):
-        raise PrunellmError(
-            f"offloaded gradient scoring computes the loss as lm_head(final_norm(h)) with a linear head; "
-            f"{type(model).__name__} transforms its logits further: score it in memory (leave --offload out)"
-        )
+    if "gradients" in needs:
+        check_linear_head(model, "gradient scoring")
     layers = decoder_layers(model, spec)
     onloader = Onloader(model, device)
     by_layer: dict[int, list[LayerUnits]] = {}

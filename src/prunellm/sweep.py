@@ -33,8 +33,16 @@ from tqdm.auto import tqdm
 
 from .calibration import Stats, batches_of, check_loss, run_block
 from .criteria.depth import change_sums
-from .errors import PrunellmError
-from .offload import HiddenStore, Onloader, _buffers_on, _head_losses_and_grads, is_lazy, layer_inputs, offloaded_stats
+from .offload import (
+    HiddenStore,
+    Onloader,
+    _buffers_on,
+    _head_losses_and_grads,
+    check_linear_head,
+    is_lazy,
+    layer_inputs,
+    offloaded_stats,
+)
 from .priors import Target, ablated
 from .specs import spec_for
 from .units import LayerUnits, decoder_layers, get_module
@@ -109,16 +117,6 @@ class LayerSweep:
         sizes = [b[:, 1:].numel() for b in self.batches]
         total = sum(check_loss(loss, i) * n for i, (loss, n) in enumerate(zip(losses, sizes)))
         return total / sum(sizes)
-
-
-def check_linear_head(model: nn.Module, what: str) -> None:
-    """The offloaded loss is ``lm_head(final_norm(h))``: refuse a head that transforms its logits further."""
-    head = get_module(model, spec_for(model.config).lm_head)
-    if not isinstance(head, nn.Linear) or getattr(model.config, "final_logit_softcapping", None):
-        raise PrunellmError(
-            f"offloaded {what} computes the loss as lm_head(final_norm(h)) with a linear head; {type(model).__name__} "
-            "transforms its logits further: run it in memory (leave --offload out)"
-        )
 
 
 def ablated_losses(
