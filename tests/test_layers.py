@@ -15,7 +15,7 @@ from prunellm.cli import main, translate_seed_layer_flags
 from prunellm.errors import PrunellmError
 from prunellm.criteria.depth import hidden_change_scores
 from prunellm.layers import allocate_rates, choose_layers_to_remove, select_layerwise
-from prunellm.priors import _ablated_losses, _ablated_losses_full, ablated, ablation_deltas
+from prunellm.priors import _ablated_losses, _ablated_losses_full, ablated, ablation_deltas, ablation_deltas_of
 from prunellm.selection import normalized_values
 from prunellm.surgery import remove_layers
 from prunellm.units import all_units, count_parameters, decoder_layers
@@ -44,8 +44,12 @@ def test_ablation_deltas_are_computed_once_per_weights_and_calibration():
     first = ablation_deltas(model, ids, "layer")
     n_calls = len(calls)
     assert ablation_deltas(model, ids, "layer") == first and len(calls) == n_calls  # the prior and layerwise share it
-    ablation_deltas(model, calibration_ids(n=4, length=16, seed=1), "layer")  # other windows: computed
+    block_ids = calibration_ids(n=4, length=16, seed=1)
+    ablation_deltas_of(model, block_ids, ("attention", "mlp"))  # other windows and targets: computed
     assert len(calls) > n_calls
+    n_calls = len(calls)
+    assert ablation_deltas(model, ids, "layer") == first and len(calls) == n_calls  # ... beside the layer ablations
+    assert ablation_deltas(model, block_ids, "mlp") == ablation_deltas_of(model, block_ids, ("mlp",))["mlp"] and len(calls) == n_calls
     with torch.no_grad():
         decoder_layers(model)[1].mlp.down_proj.weight.mul_(0.0)  # in place: the cached deltas are stale
     n_calls = len(calls)

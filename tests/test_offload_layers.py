@@ -13,7 +13,7 @@ from prunellm.errors import PrunellmError
 from prunellm.layers import layer_importance
 from prunellm.offload import load_lazy
 from prunellm.sweep import Offload
-from prunellm.priors import _ablated_losses, ablation_deltas
+from prunellm.priors import _ablated_losses, ablation_deltas, ablation_deltas_of
 
 
 @pytest.mark.parametrize("target", ["layer", "attention", "mlp"])
@@ -30,6 +30,20 @@ def test_offloaded_ablation_deltas_equal_in_memory(family, target, saved):  # no
     if family == "llama" and target == "layer":
         with pytest.raises(PrunellmError, match="pass offload=prunellm.sweep.Offload"):
             ablation_deltas(lazy, ids, "mlp", batch_size=2)  # weights on disk, no way to reach them in memory
+
+
+def test_one_offloaded_sweep_serves_the_attention_and_mlp_priors(saved, monkeypatch):  # noqa: F811
+    import prunellm.offload as offload
+
+    model, folder = saved("qwen2")
+    ids = calibration_ids(model.config.vocab_size, n=5, length=16, seed=9)
+    expected = {target: ablation_deltas(model, ids, target, batch_size=2) for target in ("attention", "mlp")}
+    read, original = [], offload.SafetensorsWeights.read
+    monkeypatch.setattr(offload.SafetensorsWeights, "read", lambda self, names, device: read.extend(names) or original(self, names, device))
+    both = ablation_deltas_of(load_lazy(str(folder)), ids, ("attention", "mlp"), batch_size=2, offload=Offload("cpu"))
+    for target, deltas in expected.items():
+        torch.testing.assert_close(torch.tensor(both[target]), torch.tensor(deltas), rtol=1e-4, atol=1e-6)
+    assert read.count("model.layers.1.mlp.down_proj.weight") == 1  # every layer read once for both targets
 
 
 def test_offloaded_ablation_keeps_its_branches_in_the_offload_dir(saved, tmp_path, monkeypatch):  # noqa: F811

@@ -74,8 +74,8 @@ class LayerPasses(Protocol):
     implementation is :class:`prunellm.sweep.Offload` (one decoder layer on the device at a time). It is handed in,
     not imported, because the offloaded passes are built on the criteria."""
 
-    def ablated_losses(self, model: nn.Module, input_ids: torch.Tensor, target: Target, batch_size: int, indices: list[int]) -> tuple[float, list[float]]:
-        """(dense loss, loss with ``target`` of each layer in ``indices`` ablated)."""
+    def ablated_losses(self, model: nn.Module, input_ids: torch.Tensor, targets: tuple[Target, ...], batch_size: int, indices: list[int]) -> tuple[float, dict[Target, list[float]]]:
+        """(dense loss, per target the loss with that block of each layer in ``indices`` ablated)."""
 
     def hidden_change(self, model: nn.Module, input_ids: torch.Tensor, batch_size: int) -> dict[str, list[float]]:
         """Per layer, token-weighted 1 − cos(h_in, h_out) ("block_influence") and ‖h_out − h_in‖ / ‖h_in‖ ("activation")."""
@@ -101,24 +101,44 @@ def ablation_deltas(
     use full forward passes instead. ``offload`` (:class:`prunellm.sweep.Offload`; needed for a
     :func:`~prunellm.offload.load_lazy` skeleton): the same Δ with one decoder layer on the device at a time.
     """
+    return ablation_deltas_of(model, input_ids, (target,), batch_size, layers, offload=offload)[target]
+
+
+def ablation_deltas_of(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    targets: tuple[Target, ...],
+    batch_size: int = 4,
+    layers: list[int] | None = None,
+    *,
+    offload: LayerPasses | None = None,
+) -> dict[Target, list[float]]:
+    """:func:`ablation_deltas` of several targets on the same windows; offloaded, one sweep serves them all (every
+    layer read once). Computed once per weights, forward hooks and windows: the layer prior and the layerwise
+    allocation ask for the same layer ablations."""
     indices = list(range(len(decoder_layers(model)))) if layers is None else list(layers)
     if offload is None and any(p.device.type == "meta" for p in model.parameters()):
         raise PrunellmError("the model's weights are on disk (a load_lazy skeleton): pass offload=prunellm.sweep.Offload(device)")
-    key = (target, batch_size, tuple(indices), tensor_hash(input_ids), _weights_version(model), _hooks_version(model))
+    version = (_weights_version(model), _hooks_version(model))
     cached = _DELTAS.setdefault(model, {})
-    if key not in cached:  # the layer prior and the layerwise allocation ask for the same layer ablations
+    for stale in [key for key in cached if key[-1] != version]:  # older weights' entries can never match again
+        del cached[stale]
+    keys = {target: (target, batch_size, tuple(indices), tensor_hash(input_ids), version) for target in targets}
+    missing = tuple(target for target in targets if keys[target] not in cached)
+    if missing:
         if offload is not None:
-            base, losses = offload.ablated_losses(model, input_ids, target, batch_size, indices)
-        elif getattr(model.config, "final_logit_softcapping", None):
-            base, losses = _ablated_losses_full(model, input_ids, target, batch_size, indices)
+            base, losses = offload.ablated_losses(model, input_ids, missing, batch_size, indices)
         else:
-            base, losses = _ablated_losses(model, input_ids, target, batch_size, indices)
-        cached.clear()  # older weights' entries can never match again
-        cached[key] = [max(loss - base, 0.0) for loss in losses]
-    return list(cached[key])
+            run = _ablated_losses_full if getattr(model.config, "final_logit_softcapping", None) else _ablated_losses
+            losses = {}
+            for target in missing:
+                base, losses[target] = run(model, input_ids, target, batch_size, indices)
+        for target in missing:
+            cached[keys[target]] = [max(loss - base, 0.0) for loss in losses[target]]
+    return {target: list(cached[keys[target]]) for target in targets}
 
 
-# model -> {(target, batch, layers, calibration hash, weights version): deltas}; weak, so no model is kept alive
+# model -> {(target, batch, layers, calibration hash, (weights version, hooks version)): deltas}; weak, so no model is kept alive
 _DELTAS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 

@@ -53,7 +53,7 @@ from .options import (
 )
 from .paths import atomic_dir, write_json_atomic
 from .plan import LayerPlan, Plan, package_versions
-from .priors import ablation_deltas, prior_multipliers, resolve_tau
+from .priors import ablation_deltas, ablation_deltas_of, prior_multipliers, resolve_tau
 from .selection import SelectionConstraints, normalized_values, select_global
 from .specs import spec_for
 from .sweep import Offload
@@ -190,8 +190,8 @@ def compute_priors(
     block_ids = ablation_windows(tokenizer, calibration, seed, "block")
     batch = calibration.gradient_batch_size
     layer_d = ablation_deltas(model, layer_ids, "layer", batch, offload=offload)
-    attn_d = ablation_deltas(model, block_ids, "attention", batch, offload=offload)
-    mlp_d = ablation_deltas(model, block_ids, "mlp", batch, offload=offload)
+    blocks = ablation_deltas_of(model, block_ids, ("attention", "mlp"), batch, offload=offload)  # offloaded: one sweep
+    attn_d, mlp_d = blocks["attention"], blocks["mlp"]
     tau = resolve_tau(priors.tau, layer_d)
     write_json_atomic(out / "layer_importance_loss.json", {"metric": "delta_loss_zero_ablation", "layers": layer_d, "tau": tau})
     write_json_atomic(out / "block_importance_loss.json", {"metric": "delta_loss_zero_ablation", "attention": attn_d, "mlp": mlp_d})

@@ -7,7 +7,8 @@ run on every micro-batch, and dropped. On top of that dense stream:
 
 * :func:`ablated_losses` (H-GSP priors, ``ppl`` / ``removal``): the ablation of layer L (or of its attention or
   MLP block) starts a *branch* at L (the layer's input passed on, or the layer rerun with the block's output
-  zeroed) that the later layers advance as they go by, so every layer is read once for all ablations; at the top
+  zeroed) that the later layers advance as they go by, so every layer is read once for all ablations (the
+  attention and MLP priors share one sweep); at the top
   each branch's loss is HF's mean token loss through the final norm and the head read in vocabulary slices.
   This is the in-memory :func:`prunellm.priors.ablation_deltas`' computation, rerunning layers L+1.. from the
   modified hidden state, in another order.
@@ -15,7 +16,8 @@ run on every micro-batch, and dropped. On top of that dense stream:
   each layer, from its input and output while it is on the device.
 
 Memory: one layer, the dense hidden states of one boundary and every live branch's (N ablations: N boundaries'
-worth at the top), in memory or, with ``Offload.folder``, on disk (one file per branch, removed after).
+worth at the top; two targets: 2N), in memory or, with ``Offload.folder``, on disk (one file per branch, removed
+after).
 """
 
 from __future__ import annotations
@@ -57,8 +59,8 @@ class Offload:
     device: str | torch.device = "cpu"
     folder: str | Path | None = None
 
-    def ablated_losses(self, model: nn.Module, input_ids: torch.Tensor, target: Target, batch_size: int, indices: list[int]) -> tuple[float, list[float]]:
-        return ablated_losses(model, input_ids, target, batch_size, indices, self)
+    def ablated_losses(self, model: nn.Module, input_ids: torch.Tensor, targets: tuple[Target, ...], batch_size: int, indices: list[int]) -> tuple[float, dict[Target, list[float]]]:
+        return ablated_losses(model, input_ids, targets, batch_size, indices, self)
 
     def hidden_change(self, model: nn.Module, input_ids: torch.Tensor, batch_size: int) -> dict[str, list[float]]:
         return hidden_change(model, input_ids, batch_size, self)
@@ -120,36 +122,42 @@ class LayerSweep:
 
 
 def ablated_losses(
-    model: nn.Module, input_ids: torch.Tensor, target: Target, batch_size: int, indices: list[int], offload: Offload
-) -> tuple[float, list[float]]:
-    """(dense loss, loss with ``target`` of each layer in ``indices`` ablated), one layer on the device at a time.
+    model: nn.Module, input_ids: torch.Tensor, targets: tuple[Target, ...], batch_size: int, indices: list[int], offload: Offload
+) -> tuple[float, dict[Target, list[float]]]:
+    """(dense loss, per target the loss with that block of each layer in ``indices`` ablated), one layer on the
+    device at a time and every layer read once for all targets and layers.
 
     The same numbers as the in-memory :func:`prunellm.priors._ablated_losses` up to float rounding.
     """
     check_linear_head(model, "ablation")
     sweep = LayerSweep(model, input_ids, batch_size, offload)
+    n = len(sweep.layers)
     wanted = set(indices)
     scratch = None if offload.folder is None else Path(tempfile.mkdtemp(prefix="prunellm-ablation-", dir=_made(offload.folder)))
-    branches = HiddenStore(scratch)  # ablated layer -> its branch's hidden states, at the boundary reached
+    branches = HiddenStore(scratch)  # branch t·n + L (target t, layer L) -> its hidden states at the boundary reached
     try:
         with sweep.running() as hidden:
-            for index in tqdm(range(len(sweep.layers)), desc=f"offloaded {target} ablation", unit="layer", leave=False):
+            for index in tqdm(range(n), desc=f"offloaded {'/'.join(targets)} ablation", unit="layer", leave=False):
                 with sweep.onloaded(index):
-                    for started in sorted(i for i in wanted if i < index):  # branches from below go through this layer
-                        branches.put(started, sweep.run(index, branches.get(started)))
+                    for t in range(len(targets)):  # branches from below go through this layer
+                        for started in sorted(i for i in wanted if i < index):
+                            branches.put(t * n + started, sweep.run(index, branches.get(t * n + started)))
                     if index in wanted:
-                        if target == "layer":  # the layer passes its input on
-                            branches.put(index, hidden)
-                        else:
-                            with ablated(model, index, target):
-                                branches.put(index, sweep.run(index, hidden))
+                        for t, target in enumerate(targets):
+                            if target == "layer":  # the layer passes its input on
+                                branches.put(t * n + index, hidden)
+                            else:
+                                with ablated(model, index, target):
+                                    branches.put(t * n + index, sweep.run(index, hidden))
                     hidden = sweep.run(index, hidden)
             base = sweep.loss(hidden)
             del hidden
-            losses = []
-            for index in indices:
-                losses.append(sweep.loss(branches.get(index)))
-                branches.drop(index)
+            losses: dict[Target, list[float]] = {}
+            for t, target in enumerate(targets):
+                losses[target] = []
+                for index in indices:
+                    losses[target].append(sweep.loss(branches.get(t * n + index)))
+                    branches.drop(t * n + index)
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
