@@ -66,7 +66,7 @@ def test_offloaded_layer_criteria_equal_in_memory(method, saved):  # noqa: F811
     model, folder = saved("llama")
     ids = calibration_ids(model.config.vocab_size, n=6, length=16, seed=8)
     reference = layer_importance(model, ids, method, batch_size=3)
-    offloaded = layer_importance(load_lazy(str(folder)), ids, method, batch_size=3)
+    offloaded = layer_importance(load_lazy(str(folder)), ids, method, batch_size=3, offload=Offload("cpu"))
     torch.testing.assert_close(torch.tensor(offloaded), torch.tensor(reference), rtol=1e-4, atol=1e-7)
 
 
@@ -143,7 +143,7 @@ def test_a_layer_criterion_not_declared_offloadable_is_refused_with_offload(save
         ids = calibration_ids(model.config.vocab_size, n=2, length=8)
         assert layer_importance(model, ids, "in_memory_only") == [0.0, 1.0, 2.0]
         with pytest.raises(PrunellmError, match="with --offload use one of block_influence, activation, ppl, removal, taylor"):
-            layer_importance(load_lazy(str(folder)), ids, "in_memory_only")
+            layer_importance(load_lazy(str(folder)), ids, "in_memory_only", offload=Offload("cpu"))
     finally:
         LAYER_REGISTRY.pop("in_memory_only")
 

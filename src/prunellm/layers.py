@@ -16,18 +16,19 @@ from torch import nn
 
 from .criteria import LAYER_REGISTRY, get_layer_criterion
 from .errors import PrunellmError
-from .sweep import Offload, offload_for
+from .priors import LayerPasses, check_in_memory
 from .units import count_parameters, decoder_layers
 
 LayerCriterion = Literal["block_influence", "ppl", "taylor", "activation", "removal"]
 
 
-def layer_importance(model: nn.Module, input_ids: torch.Tensor, method: str, batch_size: int = 4, offload: Offload | None = None) -> list[float]:
+def layer_importance(model: nn.Module, input_ids: torch.Tensor, method: str, batch_size: int = 4, offload: LayerPasses | None = None) -> list[float]:
     """One importance score per decoder layer (higher = more important), by a registered layer criterion
-    (``offload``: the same scores with one decoder layer on the device at a time; a
-    :func:`~prunellm.offload.load_lazy` skeleton is always offloaded)."""
-    criterion, offload = get_layer_criterion(method), offload_for(model, offload)
+    (``offload``, :class:`prunellm.sweep.Offload`: the same scores with one decoder layer on the device at a time;
+    needed for a :func:`~prunellm.offload.load_lazy` skeleton)."""
+    criterion = get_layer_criterion(method)
     if offload is None:
+        check_in_memory(model)
         return criterion.score(model, input_ids, batch_size)
     if not criterion.offloadable:
         offloadable = [name for name, c in LAYER_REGISTRY.items() if c.offloadable]
@@ -68,7 +69,7 @@ def choose_layers_to_remove(
     iterative: bool = False,
     batch_size: int = 4,
     candidates: list[int] | None = None,
-    offload: Offload | None = None,
+    offload: LayerPasses | None = None,
 ) -> tuple[list[int], list[float]]:
     """The ``n_remove`` least important layers (and the first-round scores of every layer); ``offload``: scored with
     one decoder layer on the device at a time."""

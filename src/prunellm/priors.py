@@ -84,6 +84,12 @@ class LayerPasses(Protocol):
         """The gradient pass's Stats for ``criterion``'s terms over ``units``."""
 
 
+def check_in_memory(model: nn.Module) -> None:
+    """An in-memory pass needs the weights: refuse a :func:`~prunellm.offload.load_lazy` skeleton (meta tensors)."""
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise PrunellmError("the model's weights are on disk (a load_lazy skeleton): pass offload=prunellm.sweep.Offload(device)")
+
+
 def ablation_deltas(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -117,8 +123,8 @@ def ablation_deltas_of(
     layer read once). Computed once per weights, forward hooks and windows: the layer prior and the layerwise
     allocation ask for the same layer ablations."""
     indices = list(range(len(decoder_layers(model)))) if layers is None else list(layers)
-    if offload is None and any(p.device.type == "meta" for p in model.parameters()):
-        raise PrunellmError("the model's weights are on disk (a load_lazy skeleton): pass offload=prunellm.sweep.Offload(device)")
+    if offload is None:
+        check_in_memory(model)
     version = (_weights_version(model), _hooks_version(model))
     cached = _DELTAS.setdefault(model, {})
     for stale in [key for key in cached if key[-1] != version]:  # older weights' entries can never match again

@@ -41,7 +41,6 @@ from .offload import (
     _buffers_on,
     _head_losses_and_grads,
     check_linear_head,
-    is_lazy,
     layer_inputs,
     offloaded_stats,
 )
@@ -68,11 +67,6 @@ class Offload:
     def gradient_stats(self, model: nn.Module, input_ids: torch.Tensor, units: list[LayerUnits], criterion: str, batch_size: int) -> Stats:
         _, stats = offloaded_stats(model, input_ids, units, criterion, device=self.device, batch_size=batch_size, offload_dir=self.folder)
         return stats
-
-
-def offload_for(model: nn.Module, offload: Offload | None) -> Offload | None:
-    """``offload``, or the default one for a :func:`~prunellm.offload.load_lazy` skeleton (its weights are on disk)."""
-    return offload if offload is not None or not is_lazy(model) else Offload()
 
 
 class LayerSweep:
