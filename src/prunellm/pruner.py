@@ -124,7 +124,7 @@ def collect_stats(
     )  # fmt: skip
 
 
-def check_offload(recipe: PruneRecipe, run: RunOptions, evaluate_what: list[str], finetune: FinetuneOptions | None) -> None:
+def check_offload(run: RunOptions, evaluate_what: list[str], finetune: FinetuneOptions | None) -> None:
     """``--offload`` streams the model layer by layer: refuse, before any work, the steps that still need it whole."""
     refuse_whole_model_steps(run, {
         "--run_evaluation/--metrics": bool(evaluate_what),
@@ -684,7 +684,7 @@ def prune(
         raise PrunellmError(
             f"--reconstruct_select obs chooses units for a least-squares refit: use --reconstruct lstsq or lstsq_bias, not {reconstruction.reconstruct}"
         )
-    check_offload(recipe, run, evaluation_metrics(recipe.run_evaluation, eval_options), finetune)
+    check_offload(run, evaluation_metrics(recipe.run_evaluation, eval_options), finetune)
     workflow = WidthPruning(recipe, run, finetune)
     if finetune is not None and finetune.finetune:  # bad fine-tuning options fail before pruning, not after
         from .finetune import checkpoint_dir_after_pruning
