@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -14,7 +15,7 @@ from prunellm.cli import main, translate_seed_layer_flags
 from prunellm.errors import PrunellmError
 from prunellm.criteria.depth import hidden_change_scores
 from prunellm.layers import allocate_rates, choose_layers_to_remove, select_layerwise
-from prunellm.priors import _ablated_losses, _ablated_losses_full, ablated, ablation_deltas
+from prunellm.priors import _ablated_losses, _ablated_losses_full, ablated, ablation_deltas, ablation_deltas_of
 from prunellm.selection import normalized_values
 from prunellm.surgery import remove_layers
 from prunellm.units import all_units, count_parameters, decoder_layers
@@ -43,8 +44,12 @@ def test_ablation_deltas_are_computed_once_per_weights_and_calibration():
     first = ablation_deltas(model, ids, "layer")
     n_calls = len(calls)
     assert ablation_deltas(model, ids, "layer") == first and len(calls) == n_calls  # the prior and layerwise share it
-    ablation_deltas(model, calibration_ids(n=4, length=16, seed=1), "layer")  # other windows: computed
+    block_ids = calibration_ids(n=4, length=16, seed=1)
+    ablation_deltas_of(model, block_ids, ("attention", "mlp"))  # other windows and targets: computed
     assert len(calls) > n_calls
+    n_calls = len(calls)
+    assert ablation_deltas(model, ids, "layer") == first and len(calls) == n_calls  # ... beside the layer ablations
+    assert ablation_deltas(model, block_ids, "mlp") == ablation_deltas_of(model, block_ids, ("mlp",))["mlp"] and len(calls) == n_calls
     with torch.no_grad():
         decoder_layers(model)[1].mlp.down_proj.weight.mul_(0.0)  # in place: the cached deltas are stale
     n_calls = len(calls)
@@ -99,6 +104,23 @@ def test_iterative_and_frozen_choice():
     assert len(removed) == 2 and 0 not in removed and len(scores) == 4
     with pytest.raises(PrunellmError, match="--n_remove_layers 4"):
         choose_layers_to_remove(model, ids, "ppl", 4)
+
+
+@pytest.mark.parametrize("method", ["ppl", "removal"])
+def test_iterative_loss_criteria_rescore_with_the_dropped_layers(method):
+    # each round scores the model with the layers removed so far (the Δloss cache must not hand back round one)
+    model = make_tiny_model("qwen2", num_hidden_layers=5, seed=3)
+    ids = calibration_ids(n=4, length=16)
+    removed, first_round = choose_layers_to_remove(model, ids, method, 3, iterative=True)
+    assert first_round == ablation_deltas(model, ids, "layer")
+    expected, pruned = [], copy.deepcopy(model)
+    for _ in range(3):  # by hand: remove the least important layer of the model as it is now, and score again
+        deltas = ablation_deltas(pruned, ids, "layer")
+        k = min(range(len(deltas)), key=lambda i: deltas[i])
+        kept = [i for i in range(5) if i not in expected]
+        expected.append(kept[k])
+        remove_layers(pruned, [k])
+    assert removed == sorted(expected) and removed != sorted(sorted(range(5), key=lambda i: first_round[i])[:3])
 
 
 def test_allocation_meets_budget_and_respects_limits():

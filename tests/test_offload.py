@@ -120,7 +120,9 @@ def test_cli_offload_gives_the_same_plan_and_model(tmp_path):
     lstsq = ["--reconstruct", "lstsq", "--reconstruct_num_samples", "8", "--reconstruct_seq_len", "32"]
     runs = (("memory", ["--reconstruct", "none"]), ("offload", ["--offload", "--reconstruct", "none"]),
             ("disk", ["--offload", "--offload_dir", str(tmp_path / "h"), "--reconstruct", "none"]),
-            ("memory_lstsq", lstsq), ("offload_lstsq", ["--offload", *lstsq]))  # fmt: skip
+            ("memory_lstsq", lstsq), ("offload_lstsq", ["--offload", *lstsq]),
+            ("memory_residual", [*lstsq, "--reconstruct_target", "residual"]),
+            ("offload_residual", ["--offload", *lstsq, "--reconstruct_target", "residual"]))  # fmt: skip
     for name, extra in runs:
         args = ["prune", "--base_model", str(tmp_path / "tiny"), "--output_dir", str(tmp_path / "results"), "--output_name", name,
                 "--dataset", str(text), "--taylor_num_samples", "8", "--taylor_seq_len", "32", "--gradient_batch_size", "4",
@@ -129,20 +131,26 @@ def test_cli_offload_gives_the_same_plan_and_model(tmp_path):
         plans[name] = json.loads((tmp_path / "results" / name / "plan.json").read_text())
     assert plans["offload"]["layers"] == plans["memory"]["layers"] == plans["disk"]["layers"]
     assert plans["offload"]["params_after"] == plans["memory"]["params_after"]
-    for streamed, reference in (("offload", "memory"), ("offload_lstsq", "memory_lstsq")):  # the streamed save
+    for streamed, reference in (("offload", "memory"), ("offload_lstsq", "memory_lstsq"), ("offload_residual", "memory_residual")):
         a, b = (_tensors(tmp_path / "results" / name / "model") for name in (streamed, reference))
         assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in b)
     assert any(not torch.equal(a[k], _tensors(tmp_path / "results" / "offload" / "model")[k]) for k in a)  # refitted
     report = json.loads((tmp_path / "results" / "offload_lstsq" / "analysis" / "reconstruction.json").read_text())
     assert report["layers"] and report["settings"]["mode"] == "lstsq"
+    residual = json.loads((tmp_path / "results" / "offload_residual" / "analysis" / "reconstruction.json").read_text())
+    assert residual["settings"]["target"] == "residual" and residual["layers"] != report["layers"]
 
 
 def test_cli_offload_refuses_what_needs_the_whole_model(tmp_path, capsys):
     from prunellm.cli import main
 
-    assert main(["prune", "--offload", "--run_evaluation", "ppl", "--temperature", "1", "--output_dir", str(tmp_path)]) == 2
-    err = capsys.readouterr().err
-    assert "--run_evaluation/--metrics, --temperature (ablation priors) still load it whole" in err
+    args = ["--offload", "--run_evaluation", "ppl", "--output_dir", str(tmp_path)]
+    assert main(["prune", *args, "--finetune", "--reconstruct_target", "dense", "--temperature", "1"]) == 2
+    assert "--run_evaluation/--metrics, --finetune still load it whole" in capsys.readouterr().err
+    assert main(["layers", *args, "--n_remove_layers", "1"]) == 2  # depth pruning streams; its evaluation does not
+    assert "--run_evaluation/--metrics still load it whole" in capsys.readouterr().err
+    assert main(["layers", "--offload", "--device", "auto", "--n_remove_layers", "1", "--output_dir", str(tmp_path)]) == 2
+    assert "use --device cpu, cuda or cuda:N, not auto" in capsys.readouterr().err
 
 
 def test_offload_benchmark_section_renders():

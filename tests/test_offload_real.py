@@ -32,3 +32,24 @@ def test_offloaded_smollm2_matches_in_memory(smollm, criterion):
             torch.testing.assert_close(first[key], value, rtol=1e-4, atol=1e-6 * float(value.abs().max()))
         assert offloaded.stats.mean_loss == pytest.approx(reference.stats.mean_loss, rel=1e-5)
     assert pl.select(lazy, offloaded, 0.2).layers == pl.select(model, reference, 0.2).layers
+
+
+def test_offloaded_priors_and_layer_scores_of_smollm2_match_in_memory(smollm):
+    # 30 ablation branches through the tied 49 k-word head read in vocabulary slices (the loss-only mode)
+    from prunellm.errors import PrunellmError
+    from prunellm.layers import layer_importance
+    from prunellm.priors import ablation_deltas
+    from prunellm.sweep import Offload
+
+    model, ids = smollm
+    ids = ids[:4, :32]
+    lazy = load_lazy("smollm2-135m")
+    for target in ("layer", "mlp"):
+        reference = ablation_deltas(model, ids, target, batch_size=2)
+        offloaded = ablation_deltas(lazy, ids, target, batch_size=2, offload=Offload("cpu"))
+        torch.testing.assert_close(torch.tensor(offloaded), torch.tensor(reference), rtol=1e-3, atol=1e-5)
+    reference = layer_importance(model, ids, "block_influence", batch_size=2)
+    offloaded = layer_importance(lazy, ids, "block_influence", batch_size=2, offload=Offload("cpu"))
+    torch.testing.assert_close(torch.tensor(offloaded), torch.tensor(reference), rtol=1e-4, atol=1e-7)
+    with pytest.raises(PrunellmError, match="pass offload="):
+        layer_importance(lazy, ids, "block_influence")

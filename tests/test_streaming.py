@@ -91,6 +91,20 @@ def test_streamed_reconstruction_equals_in_memory(family, mode, saved, tmp_path)
     _assert_same_checkpoint(tmp_path / "streamed", tmp_path / "memory")
 
 
+@pytest.mark.parametrize("family,target", [("llama", "dense"), ("qwen3", "residual"), ("mistral", "residual")])
+def test_streamed_dense_and_residual_targets_equal_in_memory(family, target, saved, tmp_path):
+    # the dense hidden states run beside the pruned ones, each layer dense before it is sliced
+    folder, plan = saved(family)
+    ids = calibration_ids(plan_vocab(folder), n=8, length=16, seed=4)
+    args = dict(calibration=ids, reconstruct="lstsq_bias", batch_size=4, target=target)
+    _, expected = _in_memory(folder, plan, tmp_path / "memory", **args)
+    _, pruned_target = _in_memory(folder, plan, tmp_path / "pruned", **{**args, "target": "pruned"})
+    assert expected["layers"] != pruned_target["layers"]  # the target changes the refits
+    report = save_pruned_streamed(load_lazy(str(folder)), plan, None, tmp_path / "streamed", **args)
+    assert report["added_params"] == expected["added_params"] and report["layers"] == expected["layers"]
+    _assert_same_checkpoint(tmp_path / "streamed", tmp_path / "memory")
+
+
 def test_removed_layers_and_several_shards(saved, tmp_path, monkeypatch):
     import prunellm.offload as offload
 
@@ -98,7 +112,10 @@ def test_removed_layers_and_several_shards(saved, tmp_path, monkeypatch):
     folder, plan = saved("qwen3")
     plan = dataclasses.replace(plan, removed_layers=[1])
     _in_memory(folder, plan, tmp_path / "memory")
+    read, original = [], offload.SafetensorsWeights.read
+    monkeypatch.setattr(offload.SafetensorsWeights, "read", lambda self, names, device: read.extend(names) or original(self, names, device))
     save_pruned_streamed(load_lazy(str(folder)), plan, None, tmp_path / "streamed", shard_bytes=100_000)
+    assert {name.split(".")[2] for name in read if name.startswith("model.layers.")} == {"0", "2"}  # layer 1 never read
     index = json.loads((tmp_path / "streamed" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2
     assert not any(name.startswith("model.layers.2.") for name in index["weight_map"])  # renumbered 0, 1

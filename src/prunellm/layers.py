@@ -14,16 +14,29 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .criteria import get_layer_criterion
+from .criteria import LAYER_REGISTRY, get_layer_criterion
 from .errors import PrunellmError
+from .priors import LayerPasses, check_in_memory
 from .units import count_parameters, decoder_layers
 
 LayerCriterion = Literal["block_influence", "ppl", "taylor", "activation", "removal"]
 
 
-def layer_importance(model: nn.Module, input_ids: torch.Tensor, method: str, batch_size: int = 4) -> list[float]:
-    """One importance score per decoder layer (higher = more important), by a registered layer criterion."""
-    return get_layer_criterion(method).score(model, input_ids, batch_size)
+def layer_importance(model: nn.Module, input_ids: torch.Tensor, method: str, batch_size: int = 4, offload: LayerPasses | None = None) -> list[float]:
+    """One importance score per decoder layer (higher = more important), by a registered layer criterion
+    (``offload``, :class:`prunellm.sweep.Offload`: the same scores with one decoder layer on the device at a time;
+    needed for a :func:`~prunellm.offload.load_lazy` skeleton)."""
+    criterion = get_layer_criterion(method)
+    if offload is None:
+        check_in_memory(model)
+        return criterion.score(model, input_ids, batch_size)
+    if not criterion.offloadable:
+        offloadable = [name for name, c in LAYER_REGISTRY.items() if c.offloadable]
+        raise PrunellmError(
+            f"--layer_importance_method '{method}' scores in memory only: with --offload use one of {', '.join(offloadable)}, "
+            "or leave --offload out"
+        )
+    return criterion.score(model, input_ids, batch_size, offload=offload)
 
 
 class _LayerDropped:
@@ -56,13 +69,15 @@ def choose_layers_to_remove(
     iterative: bool = False,
     batch_size: int = 4,
     candidates: list[int] | None = None,
+    offload: LayerPasses | None = None,
 ) -> tuple[list[int], list[float]]:
-    """The ``n_remove`` least important layers (and the first-round scores of every layer)."""
+    """The ``n_remove`` least important layers (and the first-round scores of every layer); ``offload``: scored with
+    one decoder layer on the device at a time."""
     n_layers = len(decoder_layers(model))
     if not 1 <= n_remove < n_layers:
         raise PrunellmError(f"--n_remove_layers {n_remove} must be between 1 and {n_layers - 1} (the model has {n_layers} layers)")
     allowed = list(range(n_layers)) if candidates is None else candidates
-    scores = layer_importance(model, input_ids, method, batch_size)
+    scores = layer_importance(model, input_ids, method, batch_size, offload)
     if not iterative or not get_layer_criterion(method).rescorable:
         order = sorted(allowed, key=lambda i: scores[i])
         if len(order) < n_remove:
@@ -71,7 +86,7 @@ def choose_layers_to_remove(
     removed: list[int] = []
     for _ in range(n_remove):
         with _LayerDropped(model, removed):
-            current = layer_importance(model, input_ids, method, batch_size)
+            current = layer_importance(model, input_ids, method, batch_size, offload)
         left = [i for i in allowed if i not in removed]
         if not left:
             raise PrunellmError(f"only {len(removed)} layers may be removed under the freeze flags, not {n_remove}")

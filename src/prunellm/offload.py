@@ -352,7 +352,24 @@ def _input_embeddings(onloader: Onloader, embed: nn.Module, batches: list[torch.
     return out
 
 
-def _head_losses_and_grads(onloader: Onloader, head: nn.Linear, normed: list[torch.Tensor], batches: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def layer_inputs(model: nn.Module, onloader: Onloader, batches: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[list[dict]]]:
+    """The hidden states entering the first decoder layer (B, T, H) and every layer's keyword arguments, per
+    micro-batch, without the whole embedding on the device (a plain lookup is gathered one vocabulary slice at a
+    time; an embedding module with its own forward is on the device whole while it runs)."""
+    spec = spec_for(model.config)
+    layers, embed = decoder_layers(model, spec), get_module(model, spec.embed)
+    with torch.no_grad():
+        if type(embed) is nn.Embedding:
+            embeds = _input_embeddings(onloader, embed, batches, next(layers[0].parameters()).dtype)
+            captured = [capture_block_inputs(model, layers, None, inputs_embeds=e) for e in embeds]
+            del embeds
+        else:
+            with onloader.onloaded(embed):
+                captured = [capture_block_inputs(model, layers, batch.to(onloader.device)) for batch in batches]
+    return [first.detach() for first, _ in captured], [per_layer for _, per_layer in captured]
+
+
+def _head_losses_and_grads(onloader: Onloader, head: nn.Linear, normed: list[torch.Tensor], batches: list[torch.Tensor], grads: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """HF's causal-LM loss of every micro-batch (mean over its B·(T−1) shifted tokens, logits upcast to float32)
     and its gradient with respect to the final-norm output, with the LM head read one vocabulary slice at a time.
 
@@ -363,7 +380,8 @@ def _head_losses_and_grads(onloader: Onloader, head: nn.Linear, normed: list[tor
     closer to float64 than HF's float32 kernel (relative error of dL/dx 1e-6 against HF's 6.5e-6 on SmolLM2, whose
     logsumexp over 49 k words carries ~1e-5), but scores must equal the in-memory pass's, and that difference,
     grown over 30 layers, exceeds rtol 1e-4 on some units; on the full rows the rounding is HF's.
-    normed: (B, T, H) per micro-batch (detached); returns (losses, dL/dnormed per micro-batch).
+    normed: (B, T, H) per micro-batch (detached); returns (losses, dL/dnormed per micro-batch); without ``grads``
+    the losses only (the head read once per chunk; no gradients returned).
     """
     device = onloader.device
     vocab, width = head.weight.shape
@@ -384,7 +402,7 @@ def _head_losses_and_grads(onloader: Onloader, head: nn.Linear, normed: list[tor
             yield start, stop, onloader.rows(head, "weight", start, stop), bias  # (rows, H), the model's dtype
 
     per_token = torch.empty(x.shape[0], dtype=torch.float32, device=device)
-    grad_x = torch.empty_like(x)
+    grad_x = torch.empty_like(x) if grads else None
     for first in range(0, x.shape[0], chunk):
         last = min(first + chunk, x.shape[0])
         xc = x[first:last]
@@ -398,6 +416,9 @@ def _head_losses_and_grads(onloader: Onloader, head: nn.Linear, normed: list[tor
         del logits
         tokens, wc = torch.arange(last - first, device=device), weights[first:last]
         per_token[first:last] = -out[tokens, y[first:last]]
+        if not grads:
+            del out
+            continue
         grad = out.exp_().mul_(wc[:, None])  # in place: the softmax, weighted
         grad[tokens, y[first:last]] -= wc
         grad_z = grad.to(dtype)  # as the backward of HF's .float()
@@ -409,14 +430,26 @@ def _head_losses_and_grads(onloader: Onloader, head: nn.Linear, normed: list[tor
         del grad_z, acc
     if device.type == "cpu":
         rss.trim_heap()  # the chunks' freed rows go back to the OS before the backward sweep
-    losses, grads, offset = [], [], 0
+    losses, upstream, offset = [], [], 0
     for h, n in zip(normed, sizes):
         losses.append(per_token[offset : offset + n].sum() / n)
-        grad = torch.zeros_like(h)
-        grad[:, :-1] = grad_x[offset : offset + n].view(h.shape[0], h.shape[1] - 1, width)
-        grads.append(grad)
         offset += n
-    return losses, grads
+        if not grads:
+            continue
+        grad = torch.zeros_like(h)
+        grad[:, :-1] = grad_x[offset - n : offset].view(h.shape[0], h.shape[1] - 1, width)
+        upstream.append(grad)
+    return losses, upstream
+
+
+def check_linear_head(model: nn.Module, what: str) -> None:
+    """The offloaded loss is ``lm_head(final_norm(h))``: refuse a head that transforms its logits further."""
+    head = get_module(model, spec_for(model.config).lm_head)
+    if not isinstance(head, nn.Linear) or getattr(model.config, "final_logit_softcapping", None):
+        raise PrunellmError(
+            f"offloaded {what} computes the loss as lm_head(final_norm(h)) with a linear head; {type(model).__name__} "
+            "transforms its logits further: run it in memory (leave --offload out)"
+        )
 
 
 def _buffers_on(model: nn.Module, device: torch.device) -> dict:
@@ -453,12 +486,8 @@ def offloaded_stats(
     if needs & {"gradients", "activations"} and calibration is None:
         raise PrunellmError(f"criterion '{criterion}' needs calibration windows: pass calibration=calibrate(tokenizer, ...)")
     spec = spec_for(model.config)
-    head = get_module(model, spec.lm_head)
-    if "gradients" in needs and (not isinstance(head, nn.Linear) or getattr(model.config, "final_logit_softcapping", None)):
-        raise PrunellmError(
-            f"offloaded gradient scoring computes the loss as lm_head(final_norm(h)) with a linear head; "
-            f"{type(model).__name__} transforms its logits further: score it in memory (leave --offload out)"
-        )
+    if "gradients" in needs:
+        check_linear_head(model, "gradient scoring")
     layers = decoder_layers(model, spec)
     onloader = Onloader(model, device)
     by_layer: dict[int, list[LayerUnits]] = {}
@@ -494,19 +523,8 @@ def offloaded_stats(
     finished = False
     try:
         log.info("offloaded %s scoring: %d layers one at a time on %s, %d micro-batches", criterion, len(layers), device, len(batches))
-        embed = get_module(model, spec.embed)
-        with torch.no_grad():
-            if type(embed) is nn.Embedding:  # a plain lookup: gathered one vocabulary slice at a time
-                embeds = _input_embeddings(onloader, embed, batches, next(layers[0].parameters()).dtype)
-                captured = [capture_block_inputs(model, layers, None, inputs_embeds=e) for e in embeds]
-                del embeds
-            else:  # an embedding module with its own forward: on the device whole while it runs
-                with onloader.onloaded(embed):
-                    captured = [capture_block_inputs(model, layers, batch.to(device)) for batch in batches]
+        hidden, kwargs = layer_inputs(model, onloader, batches)
         stats.act_tokens = 0 if gradients else sum(b.numel() for b in batches)
-        hidden = [first for first, _ in captured]
-        kwargs = [per_layer for _, per_layer in captured]
-        del captured
         lowest = min(by_layer, default=0)  # the backward sweep stops at the lowest scored layer
         start = 0
         if scratch is not None and resumed is None:  # an interrupted forward sweep restarts at the last input stored

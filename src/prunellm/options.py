@@ -99,9 +99,9 @@ class RunOptions(_Options):
     seed: int = Field(42, description="seed for calibration sampling and random scores")
     overwrite: bool = Field(False, description="replace an existing output folder")
     offload: bool = Field(
-        False, description="score, slice, reconstruct and save with one decoder layer at a time on --device, read from the model's safetensors shards"
+        False, description="score (units, layers, ablation priors), slice, reconstruct and save with one decoder layer at a time on --device, read from the model's safetensors shards"
     )
-    offload_dir: str | None = Field(None, description="with --offload: keep per-layer hidden states in this folder, not in memory; a crashed gradient scoring run given the same folder resumes where it stopped")
+    offload_dir: str | None = Field(None, description="with --offload: keep per-layer hidden states (and the ablation priors' branches) in this folder, not in memory; a crashed gradient scoring run given the same folder resumes where it stopped")
 
 
 class EvalOptions(_Options):

@@ -10,13 +10,13 @@ from __future__ import annotations
 import contextlib
 import math
 import weakref
-from typing import Iterator, Literal
+from typing import Iterator, Literal, Protocol
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import UnitKey, batches_of, capture_block_inputs, run_block
+from .calibration import Stats, UnitKey, batches_of, capture_block_inputs, run_block
 from .data import tensor_hash
 from .errors import PrunellmError
 from .models import input_device
@@ -69,36 +69,98 @@ def mean_loss(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 4) ->
     return total / count
 
 
+class LayerPasses(Protocol):
+    """The forward/gradient passes of the priors and the layer criteria run another way than in memory: the one
+    implementation is :class:`prunellm.sweep.Offload` (one decoder layer on the device at a time). It is handed in,
+    not imported, because the offloaded passes are built on the criteria."""
+
+    def ablated_losses(self, model: nn.Module, input_ids: torch.Tensor, targets: tuple[Target, ...], batch_size: int, indices: list[int]) -> tuple[float, dict[Target, list[float]]]:
+        """(dense loss, per target the loss with that block of each layer in ``indices`` ablated)."""
+
+    def hidden_change(self, model: nn.Module, input_ids: torch.Tensor, batch_size: int) -> dict[str, list[float]]:
+        """Per layer, token-weighted 1 − cos(h_in, h_out) ("block_influence") and ‖h_out − h_in‖ / ‖h_in‖ ("activation")."""
+
+    def gradient_stats(self, model: nn.Module, input_ids: torch.Tensor, units: list, criterion: str, batch_size: int) -> Stats:
+        """The gradient pass's Stats for ``criterion``'s terms over ``units``."""
+
+
+def check_in_memory(model: nn.Module) -> None:
+    """An in-memory pass needs the weights: refuse a :func:`~prunellm.offload.load_lazy` skeleton (meta tensors)."""
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise PrunellmError("the model's weights are on disk (a load_lazy skeleton): pass offload=prunellm.sweep.Offload(device)")
+
+
 def ablation_deltas(
-    model: nn.Module, input_ids: torch.Tensor, target: Target, batch_size: int = 4, layers: list[int] | None = None
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    target: Target,
+    batch_size: int = 4,
+    layers: list[int] | None = None,
+    *,
+    offload: LayerPasses | None = None,
 ) -> list[float]:
     """Δloss (clamped at 0) of ablating ``target`` in each layer.
 
     Per batch, the dense hidden states are walked through the layers once; the ablation of layer L reruns only
     layers L.. from the hidden state entering L (about half the work of a full forward per ablation, memory of
     one batch's hidden states). Models whose head is more than ``lm_head(final_norm(h))`` (logit soft-capping)
-    use full forward passes instead.
+    use full forward passes instead. ``offload`` (:class:`prunellm.sweep.Offload`; needed for a
+    :func:`~prunellm.offload.load_lazy` skeleton): the same Δ with one decoder layer on the device at a time.
     """
+    return ablation_deltas_of(model, input_ids, (target,), batch_size, layers, offload=offload)[target]
+
+
+def ablation_deltas_of(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    targets: tuple[Target, ...],
+    batch_size: int = 4,
+    layers: list[int] | None = None,
+    *,
+    offload: LayerPasses | None = None,
+) -> dict[Target, list[float]]:
+    """:func:`ablation_deltas` of several targets on the same windows; offloaded, one sweep serves them all (every
+    layer read once). Computed once per weights, forward hooks and windows: the layer prior and the layerwise
+    allocation ask for the same layer ablations."""
     indices = list(range(len(decoder_layers(model)))) if layers is None else list(layers)
-    key = (target, batch_size, tuple(indices), tensor_hash(input_ids), _weights_version(model))
+    if offload is None:
+        check_in_memory(model)
+    version = (_weights_version(model), _hooks_version(model))
     cached = _DELTAS.setdefault(model, {})
-    if key not in cached:  # the layer prior and the layerwise allocation ask for the same layer ablations
-        if getattr(model.config, "final_logit_softcapping", None):
-            base, losses = _ablated_losses_full(model, input_ids, target, batch_size, indices)
+    for stale in [key for key in cached if key[-1] != version]:  # older weights' entries can never match again
+        del cached[stale]
+    keys = {target: (target, batch_size, tuple(indices), tensor_hash(input_ids), version) for target in targets}
+    missing = tuple(target for target in targets if keys[target] not in cached)
+    if missing:
+        if offload is not None:
+            base, losses = offload.ablated_losses(model, input_ids, missing, batch_size, indices)
         else:
-            base, losses = _ablated_losses(model, input_ids, target, batch_size, indices)
-        cached.clear()  # older weights' entries can never match again
-        cached[key] = [max(loss - base, 0.0) for loss in losses]
-    return list(cached[key])
+            run = _ablated_losses_full if getattr(model.config, "final_logit_softcapping", None) else _ablated_losses
+            losses = {}
+            for target in missing:
+                base, losses[target] = run(model, input_ids, target, batch_size, indices)
+        for target in missing:
+            cached[keys[target]] = [max(loss - base, 0.0) for loss in losses[target]]
+    return {target: list(cached[keys[target]]) for target in targets}
 
 
-# model -> {(target, batch, layers, calibration hash, weights version): deltas}; weak, so no model is kept alive
+# model -> {(target, batch, layers, calibration hash, (weights version, hooks version)): deltas}; weak, so no model is kept alive
 _DELTAS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
 def _weights_version(model: nn.Module) -> tuple:
     """Changes whenever a parameter is replaced, resized or modified in place (torch's version counter)."""
     return tuple((p.data_ptr(), tuple(p.shape), p._version) for p in model.parameters())
+
+
+def _hooks_version(model: nn.Module) -> tuple:
+    """Changes whenever a forward hook is added or removed (handle ids only grow): hooks change the forward without
+    touching a weight, e.g. the layers that ``--iterative`` depth pruning has dropped so far pass their input on."""
+    return tuple(
+        (name, tuple(m._forward_hooks), tuple(m._forward_pre_hooks))
+        for name, m in model.named_modules()
+        if m._forward_hooks or m._forward_pre_hooks
+    )
 
 
 def _ablated_losses(model: nn.Module, input_ids: torch.Tensor, target: Target, batch_size: int, indices: list[int]) -> tuple[float, list[float]]:

@@ -53,9 +53,10 @@ from .options import (
 )
 from .paths import atomic_dir, write_json_atomic
 from .plan import LayerPlan, Plan, package_versions
-from .priors import ablation_deltas, prior_multipliers, resolve_tau
+from .priors import ablation_deltas, ablation_deltas_of, prior_multipliers, resolve_tau
 from .selection import SelectionConstraints, normalized_values, select_global
 from .specs import spec_for
+from .sweep import Offload
 from .reconstruction import SOLVER, prune_with_reconstruction
 from .runs import log_to_file, write_command
 from .surgery import remove_layers
@@ -123,20 +124,20 @@ def collect_stats(
     )  # fmt: skip
 
 
-def check_offload(recipe: PruneRecipe, run: RunOptions, evaluate_what: list[str], finetune: FinetuneOptions | None) -> None:
+def check_offload(run: RunOptions, evaluate_what: list[str], finetune: FinetuneOptions | None) -> None:
     """``--offload`` streams the model layer by layer: refuse, before any work, the steps that still need it whole."""
+    refuse_whole_model_steps(run, {
+        "--run_evaluation/--metrics": bool(evaluate_what),
+        "--finetune": finetune is not None and finetune.finetune,
+    })  # fmt: skip
+
+
+def refuse_whole_model_steps(run: RunOptions, whole: dict[str, bool]) -> None:
+    """With ``--offload``, refuse ``--device auto`` and the steps of ``whole`` (flag -> asked) that load the model whole."""
     if not run.offload:
         return
     if run.device == "auto":
         raise PrunellmError("--offload runs one layer at a time on one device: use --device cpu, cuda or cuda:N, not auto")
-    whole = {
-        "--run_evaluation/--metrics": bool(evaluate_what),
-        "--finetune": finetune is not None and finetune.finetune,
-        "--temperature (ablation priors)": recipe.priors.temperature != 0,
-        "--allocation layerwise": recipe.allocation.allocation == "layerwise",
-        "--reconstruct_target dense/residual": recipe.reconstruction.reconstruct != "none"
-        and recipe.reconstruction.reconstruct_target != "pruned",
-    }
     needing = [flag for flag, asked in whole.items() if asked]
     if needing:
         raise PrunellmError(
@@ -144,6 +145,11 @@ def check_offload(recipe: PruneRecipe, run: RunOptions, evaluate_what: list[str]
             "them out (evaluate or fine-tune the saved, smaller pruned model with prunellm eval / finetune) or run "
             "without --offload"
         )
+
+
+def run_offload(run: RunOptions) -> Offload | None:
+    """How ``--offload`` runs the forward passes of priors and layer criteria (``None``: in memory)."""
+    return Offload(run.device, run.offload_dir) if run.offload else None
 
 
 def offloaded_run_stats(
@@ -171,18 +177,21 @@ def ablation_windows(tokenizer, calibration: CalibrationOptions, seed: int, targ
 
 
 def compute_priors(
-    model: nn.Module, tokenizer, priors: PriorOptions, calibration: CalibrationOptions, seed: int, out: Path
+    model: nn.Module, tokenizer, priors: PriorOptions, calibration: CalibrationOptions, seed: int, out: Path,
+    offload: Offload | None = None,
 ) -> dict[UnitKey, float] | None:
-    """Layer/block Δloss priors (skipped when ``--temperature 0``); writes both JSON files."""
+    """Layer/block Δloss priors (skipped when ``--temperature 0``; ``offload``: one layer on the device at a time);
+    writes both JSON files."""
     if priors.temperature == 0:
         return None
     if priors.temperature < 0:
         raise PrunellmError(f"--temperature {priors.temperature} must be 0 (off) or positive")
     layer_ids = ablation_windows(tokenizer, calibration, seed, "layer")
     block_ids = ablation_windows(tokenizer, calibration, seed, "block")
-    layer_d = ablation_deltas(model, layer_ids, "layer", calibration.gradient_batch_size)
-    attn_d = ablation_deltas(model, block_ids, "attention", calibration.gradient_batch_size)
-    mlp_d = ablation_deltas(model, block_ids, "mlp", calibration.gradient_batch_size)
+    batch = calibration.gradient_batch_size
+    layer_d = ablation_deltas(model, layer_ids, "layer", batch, offload=offload)
+    blocks = ablation_deltas_of(model, block_ids, ("attention", "mlp"), batch, offload=offload)  # offloaded: one sweep
+    attn_d, mlp_d = blocks["attention"], blocks["mlp"]
     tau = resolve_tau(priors.tau, layer_d)
     write_json_atomic(out / "layer_importance_loss.json", {"metric": "delta_loss_zero_ablation", "layers": layer_d, "tau": tau})
     write_json_atomic(out / "block_importance_loss.json", {"metric": "delta_loss_zero_ablation", "attention": attn_d, "mlp": mlp_d})
@@ -253,14 +262,15 @@ def score_and_plan(
         stats = collect_stats(model, ids, units, scoring, calib)
         scores = criterion.score(model, units, stats, options)
     calibration_info["scoring_seconds"] = round(time.perf_counter() - started, 3)
-    priors = compute_priors(model, tokenizer, recipe.priors, calib, run.seed, out)
+    priors = compute_priors(model, tokenizer, recipe.priors, calib, run.seed, out, run_offload(run))
     values = normalized_values(units, scores, recipe.selection.normalization, priors)
     target = round(recipe.budget.pruning_ratio * total)
     constraints = selection_constraints(recipe.selection)
     if recipe.allocation.allocation == "layerwise":
         layer_ids = ablation_windows(tokenizer, calib, run.seed, "layer")
         selection = select_by_layer_rates(
-            model, layer_ids, units, values, scores, recipe.allocation, target, constraints, calib.gradient_batch_size, out, total
+            model, layer_ids, units, values, scores, recipe.allocation, target, constraints, calib.gradient_batch_size, out, total,
+            run_offload(run),
         )
     else:
         selection = select_global(units, values, scores, target, constraints, total)
@@ -335,11 +345,10 @@ def apply_plan_with_reconstruction(
     if stream_to is not None:
         from .streaming import save_pruned_streamed
 
-        if settings.get("target", "pruned") != "pruned":
-            raise PrunellmError(f"--offload streams reconstruction with --reconstruct_target pruned only, not {settings['target']}")
         streamed = save_pruned_streamed(
             model, plan, tokenizer, stream_to, calibration=ids, reconstruct=settings["mode"],
             damp=settings.get("damp", "auto"), device=device, select=settings.get("select", "plan"),
+            target=settings.get("target", "pruned"),
         )  # fmt: skip
         return {
             "settings": settings, "seconds": round(time.perf_counter() - started, 3),
@@ -361,10 +370,11 @@ def apply_plan_with_reconstruction(
 def select_by_layer_rates(
     model: nn.Module, layer_ids: torch.Tensor, units: list[LayerUnits], values, scores, allocation: AllocationOptions,
     target_params: int, constraints: SelectionConstraints, batch_size: int, out: Path, total: int,
+    offload: Offload | None = None,
 ):  # fmt: skip
-    """Per-layer allocation: layer importance (on ``layer_ids``, :func:`ablation_windows`) -> per-layer rates meeting
-    the budget -> lowest units per layer."""
-    importance = layer_importance(model, layer_ids, allocation.layer_importance_method, batch_size)
+    """Per-layer allocation: layer importance (on ``layer_ids``, :func:`ablation_windows`; ``offload``: one layer on
+    the device at a time) -> per-layer rates meeting the budget -> lowest units per layer."""
+    importance = layer_importance(model, layer_ids, allocation.layer_importance_method, batch_size, offload)
     n_layers = len(importance)
     eligible = {u.layer for u in units}
     frozen = {i for i in range(n_layers) if i not in eligible or i >= n_layers - allocation.freeze_top_n_layers}
@@ -413,7 +423,7 @@ def depth_plan(model: nn.Module, tokenizer, recipe: LayersRecipe, run: RunOption
     ids = sample_calibration(tokenizer, recipe.dataset, recipe.num_samples, recipe.seq_len, run.seed)
     removed, scores = choose_layers_to_remove(
         model, ids, recipe.layer_importance_method, n_remove, iterative=recipe.iterative,
-        batch_size=recipe.batch_size, candidates=candidates,
+        batch_size=recipe.batch_size, candidates=candidates, offload=run_offload(run),
     )  # fmt: skip
     write_layer_importance(out, recipe.layer_importance_method, scores, removed=removed)
     per_layer = layer_params(model)
@@ -511,8 +521,7 @@ Workflow = WidthPruning | DepthPruning
 
 def prune_layers(recipe: LayersRecipe, run: RunOptions, eval_options: EvalOptions | None = None, argv: list[str] | None = None) -> PruneResult:
     """Depth pruning: remove whole decoder layers, into ``<output_dir>/<output_name>/`` (standard HF checkpoint)."""
-    if run.offload:
-        raise PrunellmError("--offload scores units for prunellm prune; prunellm layers runs in memory: leave --offload out")
+    refuse_whole_model_steps(run, {"--run_evaluation/--metrics": bool(evaluation_metrics(recipe.run_evaluation, eval_options))})
     return execute_run(DepthPruning(recipe, run), eval_options, argv)
 
 
@@ -675,7 +684,7 @@ def prune(
         raise PrunellmError(
             f"--reconstruct_select obs chooses units for a least-squares refit: use --reconstruct lstsq or lstsq_bias, not {reconstruction.reconstruct}"
         )
-    check_offload(recipe, run, evaluation_metrics(recipe.run_evaluation, eval_options), finetune)
+    check_offload(run, evaluation_metrics(recipe.run_evaluation, eval_options), finetune)
     workflow = WidthPruning(recipe, run, finetune)
     if finetune is not None and finetune.finetune:  # bad fine-tuning options fail before pruning, not after
         from .finetune import checkpoint_dir_after_pruning

@@ -29,7 +29,9 @@ What a refit preserves is its *target* (``target``):
   model's, down_proj the layer's output — so each refit corrects every error accumulated so far (pre-norm residual
   blocks: a projection's output is added to the stream as it is, true of every family spec).
 
-For ``dense`` and ``residual`` a dense copy of the calibration hidden states runs beside the pruned one.
+For ``dense`` and ``residual`` a dense copy of the calibration hidden states runs beside the pruned one: each layer
+runs on it before it is pruned, so the streamed save (one layer read at a time) carries both streams layer by
+layer too.
 Memory is bounded by one layer's statistics (in×in and in×out float64) plus the calibration hidden states.
 """
 
@@ -525,8 +527,6 @@ def prune_with_reconstruction(
     if mode in LSTSQ_MODES and damp == "auto":
         batch_size = max(1, min(batch_size, (len(input_ids) + 1) // 2))  # cross-validation needs two batches or more
     hidden, kwargs_list = (capture or capture_layer_inputs)(model, input_ids, batch_size)
-    if target != "pruned" and capture is not None:
-        raise PrunellmError(f"--reconstruct_target {target} needs the dense layers beside the pruned ones: not streamed")
     dense_hidden = list(hidden) if target != "pruned" else None
     report = ReconstructionReport(mode=mode)
     kept = dict(kept)  # select="obs" replaces a layer's choice; report.kept is what was applied

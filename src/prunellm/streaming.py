@@ -11,7 +11,8 @@ config, loaded by :func:`prunellm.load_pruned` or transformers alike.
 
 Memory: one decoder layer (or the embedding, or the head): output tensors go straight to disk, each shard's
 header written last into room reserved at its front. With reconstruction, also one layer boundary's calibration
-hidden states and one projection's float64 Gram matrix.
+hidden states (twice with the ``dense``/``residual`` targets: the dense stream beside the pruned one) and one
+projection's float64 Gram matrix.
 """
 
 from __future__ import annotations
@@ -26,16 +27,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import UnitKey, batches_of, capture_block_inputs
+from .calibration import UnitKey, batches_of
 from .checkpoint import finish_checkpoint
 from .errors import PrunellmError
-from .offload import Onloader, _buffers_on, _input_embeddings, _vocab_rows, is_lazy, to_meta
+from .offload import Onloader, _buffers_on, _vocab_rows, is_lazy, layer_inputs, to_meta
 from .paths import atomic_dir
 from .plan import Plan
 from .reconstruction import prune_with_reconstruction
 from .specs import spec_for
 from .surgery import prune_units, remove_layers
-from .units import decoder_layers, get_module
+from .units import decoder_layers
 
 log = logging.getLogger(__name__)
 
@@ -164,11 +165,13 @@ def save_pruned_streamed(
     device: str | torch.device = "cpu",
     shard_bytes: int = SHARD_BYTES,
     select: str = "plan",
+    target: str = "pruned",
 ) -> dict:
     """Apply ``plan`` to the :func:`~prunellm.offload.load_lazy` skeleton ``model`` one decoder layer at a time and
     write the pruned checkpoint to ``out_dir`` (atomically) as it goes; returns the reconstruction report
     (``mode``, ``added_params``, ``layers``) as :func:`prunellm.prune` does; with ``select="obs"`` the units each
-    layer chose are applied and ``plan`` is updated to them, as :func:`prunellm.prune` does.
+    layer chose are applied and ``plan`` is updated to them, as :func:`prunellm.prune` does. ``target`` is what
+    each refit preserves (``dense``/``residual``: the dense hidden states are carried beside the pruned ones).
 
     Afterwards ``model`` is the pruned skeleton (meta tensors of the pruned shapes, config updated), so parameter
     counts and the per-layer analysis read it as they read the in-memory pruned model.
@@ -192,6 +195,8 @@ def save_pruned_streamed(
         try:
             if reconstruct == "none":
                 for index in tqdm(range(len(stream.layers)), desc="streamed surgery", unit="layer", leave=False):
+                    if index not in stream.new_index:  # a removed layer is not read at all (depth pruning)
+                        continue
                     stream.enter(index)
                     prune_units(model, {key: value for key, value in kept.items() if key[0] == index})
                     stream.exit(index)
@@ -199,15 +204,11 @@ def save_pruned_streamed(
             else:
 
                 def capture(model, input_ids, batch_size):  # layer-0 inputs without the whole embedding
-                    batches = batches_of(input_ids, batch_size)
-                    embed = get_module(model, spec.embed)
-                    dtype = next(p.dtype for p in model.parameters())
-                    captured = [capture_block_inputs(model, stream.layers, None, inputs_embeds=e)
-                                for e in _input_embeddings(onloader, embed, batches, dtype)]  # fmt: skip
-                    return [h.detach() for h, _ in captured], [kw for _, kw in captured]
+                    return layer_inputs(model, onloader, batches_of(input_ids, batch_size))
 
                 result = prune_with_reconstruction(
-                    model, kept, calibration, reconstruct, damp, batch_size, select=select, capture=capture, on_layer=stream
+                    model, kept, calibration, reconstruct, damp, batch_size, target=target, select=select, capture=capture,
+                    on_layer=stream,
                 )  # fmt: skip
                 if select != "plan":
                     plan.set_kept_units(result.kept)

@@ -83,7 +83,7 @@ def get_criterion(name: str, flag: str = "--importance_method") -> Criterion:
     return REGISTRY[name]
 
 
-LayerScoreFn = Callable[[nn.Module, torch.Tensor, int], list[float]]
+LayerScoreFn = Callable[..., list[float]]  # (model, input_ids, batch_size[, offload]) -> one float per layer
 
 
 @dataclass(frozen=True)
@@ -91,19 +91,22 @@ class LayerCriterion:
     """A registered layer (depth) criterion: one importance per decoder layer from calibration windows."""
 
     name: str
-    score: LayerScoreFn  # (model, input_ids, batch_size) -> one float per layer, higher = more important
+    score: LayerScoreFn  # (model, input_ids, batch_size[, offload]) -> one float per layer, higher = more important
     help: str
     rescorable: bool  # meaningful to re-score after each removal (--iterative)
+    offloadable: bool = False  # takes offload= (an Offload): scores with one decoder layer on the device at a time
 
 
 LAYER_REGISTRY: dict[str, LayerCriterion] = {}
 
 
-def register_layer(name: str, help: str, rescorable: bool = True):
-    """Decorator: register a layer criterion under ``name`` (``prunellm layers --layer_importance_method``)."""
+def register_layer(name: str, help: str, rescorable: bool = True, offloadable: bool = False):
+    """Decorator: register a layer criterion under ``name`` (``prunellm layers --layer_importance_method``);
+    ``offloadable``: its function takes ``offload`` (:class:`~prunellm.offload.Offload` or ``None``), so that
+    ``--offload`` runs may use it."""
 
     def wrap(fn: LayerScoreFn) -> LayerScoreFn:
-        LAYER_REGISTRY[name] = LayerCriterion(name, fn, help, rescorable)
+        LAYER_REGISTRY[name] = LayerCriterion(name, fn, help, rescorable, offloadable)
         return fn
 
     return wrap
