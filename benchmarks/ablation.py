@@ -60,7 +60,8 @@ def parse_row(row: str) -> dict:
     reconstruct, _, select = reconstruct.partition("+")
     reconstruct, _, target = reconstruct.partition(":")
     return {"criterion": criterion, "units": units or "all", "normalization": normalization, "reconstruct": reconstruct,
-            "target": target or "pruned", "select": select or "plan", "temperature": float(temperature or 0),
+            "target": target or "pruned", "select": select or "plan",
+            "temperature": "auto" if temperature == "auto" else float(temperature or 0),
             "ratio": float(ratio)}  # fmt: skip
 
 
@@ -122,7 +123,8 @@ def render(section: dict) -> str:
     ]  # fmt: skip
     for row in section["rows"]:
         ratios = " | ".join(f"{row['ppl'][key] / dense[key]:.2f}" for key, _ in TEXTS)
-        criterion = row["criterion"] + (f" T={row['temperature']:g}" if row.get("temperature") else "")
+        t = row.get("temperature")
+        criterion = row["criterion"] + (f" T=auto ({row['temperature_used']:.2f})" if t == "auto" else f" T={t:g}" if t else "")
         lines.append(
             f"| {criterion} | {row.get('units', 'all')} | {row['normalization']} | {row['reconstruct']}"
             f"{' + obs' if row.get('select', 'plan') != 'plan' else ''} | "
@@ -226,16 +228,11 @@ def prior_scale(scores, deltas: dict[str, list[float]], normalization: str) -> d
     """How large the prior's spread is against the normalised scores it multiplies: the 10th–90th percentile
     ratio of ln(1+Δ) over blocks (tau auto) and, within a block, of the normalised importance/cost (median over
     blocks). At T = 1 a block's multiplier moves its units by the first ratio, the scores spread by the second."""
-    from prunellm.priors import prior_multipliers, resolve_tau
+    from prunellm.priors import prior_multipliers, resolve_tau, spread
     from prunellm.selection import normalized_values
 
     multipliers = prior_multipliers(deltas["layer"], deltas["attention"], deltas["mlp"], 1.0, resolve_tau("auto", deltas["layer"]))
     values = normalized_values(scores.units, scores.scores, normalization)
-
-    def spread(x: torch.Tensor) -> float:
-        low, high = torch.quantile(x.double(), torch.tensor([0.1, 0.9], dtype=torch.float64))
-        return float(high / low) if low > 0 else float("inf")
-
     in_block = torch.tensor([spread(v) for v in values.values() if len(v) > 1], dtype=torch.float64)
     used = torch.tensor([multipliers[key] for key in values], dtype=torch.float64)
     return {"prior_p90_over_p10": round(spread(used), 3), "prior_min": round(float(used.min()), 4),
@@ -247,7 +244,8 @@ def measure(out: str, rows: tuple[str, ...] = ROWS, threads: int = 2) -> None:
     import prunellm as pl
     from prunellm.units import count_parameters
 
-    from prunellm.priors import prior_multipliers, resolve_tau
+    from prunellm.priors import matched_temperature, prior_multipliers, resolve_tau
+    from prunellm.selection import normalized_values
 
     base, tokenizer, token_sets, ids, total, done, emit = start(out, threads)
     scores: dict[str, object] = {}
@@ -261,10 +259,15 @@ def measure(out: str, rows: tuple[str, ...] = ROWS, threads: int = 2) -> None:
         if key not in scores:
             scores[key] = pl.score(base, ids, fields["criterion"], units=UNITS[fields["units"]])
         priors, extra = None, {}
-        if fields["temperature"] > 0:
+        if fields["temperature"]:
             deltas = deltas or prior_deltas(base, tokenizer)
-            priors = prior_multipliers(deltas["layer"], deltas["attention"], deltas["mlp"], fields["temperature"],
-                                       resolve_tau("auto", deltas["layer"]))  # fmt: skip
+            tau = resolve_tau("auto", deltas["layer"])
+            temperature = fields["temperature"]
+            if temperature == "auto":
+                base_prior = prior_multipliers(deltas["layer"], deltas["attention"], deltas["mlp"], 1.0, tau)
+                plain = normalized_values(scores[key].units, scores[key].scores, fields["normalization"])
+                temperature = extra["temperature_used"] = round(matched_temperature(base_prior, plain), 4)
+            priors = prior_multipliers(deltas["layer"], deltas["attention"], deltas["mlp"], temperature, tau)
             extra["prior_scale"] = prior_scale(scores[key], deltas, fields["normalization"])
         plan = pl.select(base, scores[key], fields["ratio"], normalization=fields["normalization"], priors=priors)
         model = copy.deepcopy(base)

@@ -200,6 +200,8 @@ def test_existing_output_is_refused_without_overwrite(workspace, capsys):
         (["--importance_method", "tayl0r"], "--importance_method tayl0r: is not a criterion: use one of fluctuation, magnitude, obs, random, taylor"),
         (["--units", "kv_group,heads"], "--units kv_group,heads: is not valid: use a comma-separated subset of kv_group, mlp_channel"),
         (["--tau", "often"], "--tau often: is not valid: use auto, a number, inf or -inf"),
+        (["--temperature", "hot"], "--temperature hot: is not valid: use 0 (off), a number > 0 or auto"),
+        (["--temperature", "-1"], "--temperature -1: is not valid"),
         (["--allocation", "layerwise", "--pruning_distribution", "1-3"], "--pruning_distribution 1-3: is not valid: use A:M"),
         (["--run_evaluation", "ppl,bleu"], "--run_evaluation 'bleu' is not valid: use a comma-separated subset of ppl"),
         (["--reconstruct_dataset", "no_such_corpus"], "--reconstruct_dataset 'no_such_corpus'"),
@@ -359,3 +361,23 @@ def test_the_shipped_retraining_free_recipe_parses_into_its_groups():
     assert command == "prune"
     assert (recipe.scoring.importance_method, recipe.budget.units) == ("fluctuation", "mlp_channel")
     assert (recipe.selection.normalization, recipe.reconstruction.reconstruct) == ("uniform", "lstsq_bias")
+
+
+def test_temperature_auto_records_the_matched_t_and_prunes_by_it(workspace):
+    from prunellm.priors import matched_temperature, prior_multipliers
+
+    args = ("--importance_method", "magnitude", "--units", "kv_group,mlp_channel", "--normalization", "block",
+            "--layer_importance_num_samples", "4", "--block_importance_num_samples", "4", "--reconstruct", "none")  # fmt: skip
+    assert main(_prune_args(workspace, "t_auto", "--temperature", "auto", *args)) == 0
+    out = workspace / "results" / "t_auto"
+    layers = json.loads((out / "layer_importance_loss.json").read_text())
+    blocks = json.loads((out / "block_importance_loss.json").read_text())
+    t = layers["temperature"]
+    assert isinstance(t, float) and 0.0 < t
+    base = prior_multipliers(layers["layers"], blocks["attention"], blocks["mlp"], 1.0, layers["tau"])
+    assert any(v > 0 for v in base.values())
+    # the same plan as the explicit T the run chose
+    assert main(_prune_args(workspace, "t_fixed", "--temperature", repr(t), *args)) == 0
+    fixed = json.loads((workspace / "results" / "t_fixed" / "plan.json").read_text())
+    assert json.loads((out / "plan.json").read_text())["layers"] == fixed["layers"]
+    assert matched_temperature(base, {}) == 0.0  # nothing to match: no prior

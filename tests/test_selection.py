@@ -117,3 +117,17 @@ def test_priors_switch_between_layer_and_block():
     assert resolve_tau("-inf", layer) == float("-inf")
     with pytest.raises(PrunellmError, match="--tau"):
         resolve_tau("sometimes", layer)
+
+
+def test_matched_temperature_makes_the_priors_spread_the_scores_spread():
+    from prunellm.priors import matched_temperature, spread
+
+    # 11 blocks (p10/p90 fall on data points): ln(1+Δ) from 0.1 to 2.1, scores spreading x3 within every block
+    base = {(layer, "mlp_channel"): 0.1 + 0.2 * layer for layer in range(11)}
+    values = {key: torch.linspace(1.0, 3.5, 11) for key in base}  # p10 = 1.25, p90 = 3.25
+    t = matched_temperature(base, values)
+    tempered = torch.tensor([v**t for v in base.values()], dtype=torch.float64)
+    assert spread(tempered) == pytest.approx(3.25 / 1.25, rel=1e-9)
+    assert 0.0 < t < 1.0  # the prior spreads x6.3, the scores x2.6
+    assert matched_temperature({k: 1.0 for k in base}, values) == 0.0  # a flat prior has nothing to say
+    assert matched_temperature(base, {k: torch.ones(11) for k in base}) == 0.0  # nor do tied scores

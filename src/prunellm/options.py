@@ -359,10 +359,21 @@ class CalibrationOptions(_Options):
 class PriorOptions(_Options):
     """Layer/block Δloss priors (H-GSP) that scale every unit's score."""
 
-    temperature: float = Field(0.0, description="layer/block prior exponent T (0 = no prior, skips the ablation passes)")
+    temperature: Union[float, Literal["auto"]] = Field(
+        0.0, description="layer/block prior exponent T: 0 = no prior (skips the ablation passes), a number > 0, or auto "
+        "(the T at which the prior's spread between blocks matches the scores' spread within a block)"
+    )
     tau: Union[float, Literal["auto"]] = Field(
         "auto", description="prior switch: layer Δ below tau uses the layer prior, else the block's; auto, a number, inf, -inf"
     )
+
+    @field_validator("temperature", mode="before")
+    @classmethod
+    def _temperature(cls, value):
+        number = _auto_or_number(value, "is not valid: use 0 (off), a number > 0 or auto")
+        if number != "auto" and number < 0:
+            raise ValueError("is not valid: use 0 (off), a number > 0 or auto")
+        return number
 
     @field_validator("tau", mode="before")
     @classmethod

@@ -216,6 +216,33 @@ def resolve_tau(tau: str | float, layer_deltas: list[float]) -> float:
         raise PrunellmError(f"--tau '{tau}' is not valid: use auto, a number, inf or -inf") from None
 
 
+def spread(values: torch.Tensor) -> float:
+    """The 90th over the 10th percentile of the positive ``values`` (1.0 when fewer than two are positive)."""
+    positive = values.double()[values > 0]
+    if positive.numel() < 2:
+        return 1.0
+    low, high = torch.quantile(positive, torch.tensor([0.1, 0.9], dtype=torch.float64))
+    return float(high / low)
+
+
+def matched_temperature(base: dict[UnitKey, float], values: dict[UnitKey, torch.Tensor]) -> float:
+    """``--temperature auto``: the T at which the prior's spread between blocks equals the scores' within a block.
+
+    ``base``: ``ln(1+Δ)`` per block (T = 1); ``values``: each block's normalised importance/cost without the prior.
+    A block multiplied by m is cut where its units' values fall below θ/m, so blocks whose multipliers differ by
+    the within-block p90/p10 spread of the values go from keeping almost all to keeping almost none of their units:
+    T = ln(median within-block spread) / ln(p90/p10 of ln(1+Δ) over the pruned blocks) lets the prior span that
+    range once, neither ignored (T → 0) nor deciding alone (measured on SmolLM2 with Taylor: ln(1+Δ) spreads ×13.8,
+    the scores ×2.0 within a block, so T = 1 ranks layers by the prior alone). 0 when either has no spread.
+    """
+    within = [spread(v) for v in values.values() if v.numel() > 1]
+    between = spread(torch.tensor([base[key] for key in values], dtype=torch.float64))
+    if not within or between <= 1.0:
+        return 0.0
+    score = float(torch.tensor(within, dtype=torch.float64).median())
+    return max(0.0, math.log(score) / math.log(between)) if score > 1.0 else 0.0
+
+
 def prior_multipliers(
     layer_deltas: list[float],
     attention_deltas: list[float],

@@ -53,7 +53,7 @@ from .options import (
 )
 from .paths import atomic_dir, write_json_atomic
 from .plan import LayerPlan, Plan, package_versions
-from .priors import ablation_deltas, ablation_deltas_of, prior_multipliers, resolve_tau
+from .priors import ablation_deltas, ablation_deltas_of, matched_temperature, prior_multipliers, resolve_tau
 from .selection import SelectionConstraints, normalized_values, select_global
 from .specs import spec_for
 from .sweep import Offload
@@ -178,14 +178,12 @@ def ablation_windows(tokenizer, calibration: CalibrationOptions, seed: int, targ
 
 def compute_priors(
     model: nn.Module, tokenizer, priors: PriorOptions, calibration: CalibrationOptions, seed: int, out: Path,
-    offload: Offload | None = None,
+    offload: Offload | None = None, values: dict[UnitKey, torch.Tensor] | None = None,
 ) -> dict[UnitKey, float] | None:
     """Layer/block Δloss priors (skipped when ``--temperature 0``; ``offload``: one layer on the device at a time);
-    writes both JSON files."""
+    writes both JSON files. ``values``: the normalised scores without priors, which ``--temperature auto`` matches."""
     if priors.temperature == 0:
         return None
-    if priors.temperature < 0:
-        raise PrunellmError(f"--temperature {priors.temperature} must be 0 (off) or positive")
     layer_ids = ablation_windows(tokenizer, calibration, seed, "layer")
     block_ids = ablation_windows(tokenizer, calibration, seed, "block")
     batch = calibration.gradient_batch_size
@@ -193,9 +191,16 @@ def compute_priors(
     blocks = ablation_deltas_of(model, block_ids, ("attention", "mlp"), batch, offload=offload)  # offloaded: one sweep
     attn_d, mlp_d = blocks["attention"], blocks["mlp"]
     tau = resolve_tau(priors.tau, layer_d)
-    write_json_atomic(out / "layer_importance_loss.json", {"metric": "delta_loss_zero_ablation", "layers": layer_d, "tau": tau})
+    temperature = priors.temperature
+    if temperature == "auto":
+        if values is None:
+            raise ValueError("--temperature auto needs the normalised scores (values=)")
+        temperature = matched_temperature(prior_multipliers(layer_d, attn_d, mlp_d, 1.0, tau), values)
+        log.info("--temperature auto: T = %.3f (prior spread matched to the scores' within-block spread)", temperature)
+    write_json_atomic(out / "layer_importance_loss.json",
+                      {"metric": "delta_loss_zero_ablation", "layers": layer_d, "tau": tau, "temperature": temperature})  # fmt: skip
     write_json_atomic(out / "block_importance_loss.json", {"metric": "delta_loss_zero_ablation", "attention": attn_d, "mlp": mlp_d})
-    return prior_multipliers(layer_d, attn_d, mlp_d, priors.temperature, tau)
+    return prior_multipliers(layer_d, attn_d, mlp_d, temperature, tau)
 
 
 def selection_constraints(selection: SelectionOptions) -> SelectionConstraints:
@@ -262,8 +267,11 @@ def score_and_plan(
         stats = collect_stats(model, ids, units, scoring, calib)
         scores = criterion.score(model, units, stats, options)
     calibration_info["scoring_seconds"] = round(time.perf_counter() - started, 3)
-    priors = compute_priors(model, tokenizer, recipe.priors, calib, run.seed, out, run_offload(run))
-    values = normalized_values(units, scores, recipe.selection.normalization, priors)
+    normalization = recipe.selection.normalization
+    values = normalized_values(units, scores, normalization)
+    priors = compute_priors(model, tokenizer, recipe.priors, calib, run.seed, out, run_offload(run), values)
+    if priors is not None:
+        values = normalized_values(units, scores, normalization, priors)
     target = round(recipe.budget.pruning_ratio * total)
     constraints = selection_constraints(recipe.selection)
     if recipe.allocation.allocation == "layerwise":
