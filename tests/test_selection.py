@@ -98,6 +98,19 @@ def test_normalization_uniform_removes_the_same_share_of_every_mlp_block():
     assert max(shares) - min(shares) <= 1
 
 
+def test_uniform_with_a_prior_cuts_each_block_in_inverse_proportion_to_it():
+    model, units, scores, total = _setup()
+    mlp = [u for u in units if u.kind == "mlp_channel"]
+    priors = {(u.layer, u.kind): 1.0 for u in units}
+    priors[(mlp[0].layer, "mlp_channel")] = 2.0  # twice as costly to remove: about half the share of the others
+    values = normalized_values(units, scores, "uniform", priors)
+    selection = select_global(units, values, scores, round(0.1 * total), SelectionConstraints(), total)
+    removed = {u.layer: u.count - len(selection.kept[(u.layer, u.kind)]) for u in mlp}
+    others = [removed[u.layer] for u in mlp[1:]]
+    assert max(others) - min(others) <= 1
+    assert abs(removed[mlp[0].layer] - others[0] / 2) <= 1
+
+
 def test_nonfinite_scores_are_refused_with_the_layer():
     model, units, scores, total = _setup()
     scores[(2, "mlp_channel")][3] = float("nan")

@@ -73,8 +73,9 @@ def normalized_values(
         return _standardized(per_param, priors, lambda key: key)
     elif normalization == "uniform":
         # percentile of each index within its block: one threshold removes about the same share of every block
+        # (a prior m then scales the block's percentiles: one threshold θ cuts about θ/m of the block)
         ranks = {key: torch.argsort(torch.argsort(value, stable=True)).double() for key, value in per_param.items()}
-        return {key: (rank + 0.5) / len(rank) for key, rank in ranks.items()}
+        return {key: (rank + 0.5) / len(rank) * (priors.get(key, 1.0) if priors else 1.0) for key, rank in ranks.items()}
     elif normalization == "none":
         denominators = {key: torch.tensor(1.0) for key in per_param}
     else:
