@@ -241,37 +241,16 @@ def prior_scale(scores, deltas: dict[str, list[float]], normalization: str) -> d
 
 def measure(out: str, rows: tuple[str, ...] = ROWS, threads: int = 2) -> None:
     """Measure the dense model and every row not yet in ``out`` (JSON lines), appending each as it finishes."""
-    import prunellm as pl
     from prunellm.units import count_parameters
 
-    from prunellm.priors import matched_temperature, prior_multipliers, resolve_tau
-    from prunellm.selection import normalized_values
-
     base, tokenizer, token_sets, ids, total, done, emit = start(out, threads)
-    scores: dict[str, object] = {}
-    deltas: dict[str, list[float]] = {}
+    cache: dict = {}
     for row in rows:
         if row in done:
             continue
         fields = parse_row(row)
         started = time.perf_counter()
-        key = (fields["criterion"], fields["units"])
-        if key not in scores:
-            scores[key] = pl.score(base, ids, fields["criterion"], units=UNITS[fields["units"]])
-        priors, extra = None, {}
-        if fields["temperature"]:
-            deltas = deltas or prior_deltas(base, tokenizer)
-            tau = resolve_tau("auto", deltas["layer"])
-            temperature = fields["temperature"]
-            if temperature == "auto":
-                base_prior = prior_multipliers(deltas["layer"], deltas["attention"], deltas["mlp"], 1.0, tau)
-                plain = normalized_values(scores[key].units, scores[key].scores, fields["normalization"])
-                temperature = extra["temperature_used"] = round(matched_temperature(base_prior, plain), 4)
-            priors = prior_multipliers(deltas["layer"], deltas["attention"], deltas["mlp"], temperature, tau)
-            extra["prior_scale"] = prior_scale(scores[key], deltas, fields["normalization"])
-        plan = pl.select(base, scores[key], fields["ratio"], normalization=fields["normalization"], priors=priors)
-        model = copy.deepcopy(base)
-        pl.prune(model, plan, calibration=ids, reconstruct=fields["reconstruct"], target=fields["target"], select=fields["select"])
+        model, plan, extra = prune_row(base, tokenizer, ids, fields, cache)
         widths = {
             # None: a kind the row did not consider (kept whole)
             "kv_groups": [None if layer.kv_groups is None else len(layer.kv_groups) for layer in plan.layers],
@@ -282,6 +261,43 @@ def measure(out: str, rows: tuple[str, ...] = ROWS, threads: int = 2) -> None:
             "ppl": evaluate(model, token_sets), "seconds": round(time.perf_counter() - started, 1), "widths": widths, **extra,
         })  # fmt: skip
         del model
+
+
+def prune_row(base, tokenizer, ids: torch.Tensor, fields: dict, cache: dict) -> tuple[object, object, dict]:
+    """One prunellm configuration on the protocol's calibration windows: ``(pruned copy of base, plan, extra)``.
+
+    ``fields``: :func:`parse_row`'s, optionally with ``kinds`` (unit kinds, instead of ``units``' name), ``tau``,
+    ``min_kv_groups``, ``round_to``, ``damp`` and ``batch_size`` (the CLI's defaults otherwise). ``cache`` keeps
+    the scores (per criterion and units) and the prior's Δloss between rows. ``extra``: the T ``auto`` chose and
+    the prior's spread against the scores' (:func:`prior_scale`)."""
+    import prunellm as pl
+    from prunellm.priors import matched_temperature, prior_multipliers, resolve_tau
+    from prunellm.selection import normalized_values
+
+    kinds = tuple(fields.get("kinds") or UNITS[fields["units"]])
+    key = (fields["criterion"], kinds)
+    if key not in cache:
+        cache[key] = pl.score(base, ids, fields["criterion"], units=kinds, batch_size=fields.get("batch_size", 4))
+    scores = cache[key]
+    priors, extra = None, {}
+    if fields["temperature"]:
+        if "deltas" not in cache:
+            cache["deltas"] = prior_deltas(base, tokenizer)
+        deltas = cache["deltas"]
+        tau = resolve_tau(fields.get("tau", "auto"), deltas["layer"])
+        temperature = fields["temperature"]
+        if temperature == "auto":
+            plain = normalized_values(scores.units, scores.scores, fields["normalization"])
+            base_prior = prior_multipliers(deltas["layer"], deltas["attention"], deltas["mlp"], 1.0, tau)
+            temperature = extra["temperature_used"] = round(matched_temperature(base_prior, plain), 4)
+        priors = prior_multipliers(deltas["layer"], deltas["attention"], deltas["mlp"], temperature, tau)
+        extra["prior_scale"] = prior_scale(scores, deltas, fields["normalization"])
+    plan = pl.select(base, scores, fields["ratio"], normalization=fields["normalization"], priors=priors,
+                     min_kv_groups=fields.get("min_kv_groups", 1), round_to=fields.get("round_to", 1))  # fmt: skip
+    model = copy.deepcopy(base)
+    pl.prune(model, plan, calibration=ids, reconstruct=fields["reconstruct"], target=fields["target"], select=fields["select"],
+             damp=fields.get("damp", "auto"))  # fmt: skip
+    return model, plan, extra
 
 
 def run() -> dict:

@@ -122,3 +122,27 @@ def test_flap_and_llm_pruner_from_their_code_remove_what_their_adapters_predict(
     assert [layer.mlp.gate_proj.out_features for layer in model.model.layers] == [128, 64, 64, 128]
     assert torch.isfinite(model(ids[:2]).logits).all()
     assert base.config._attn_implementation == model.config._attn_implementation  # eager only while it traced
+
+
+def test_prunellm_row_runs_the_cli_defaults_through_the_ablation_row():
+    """The peer table's prunellm row is PruneRecipe's defaults, pruned by the ablation's one row function."""
+    from benchmarks.ablation import prune_row
+    from benchmarks.peers.run import _prune_prunellm, prunellm_default
+    from prunellm.options import PruneRecipe
+
+    recipe, d = PruneRecipe(), prunellm_default()
+    assert (d["criterion"], d["normalization"], d["reconstruct"], d["units"], d["temperature"]) == (
+        recipe.scoring.importance_method, recipe.selection.normalization, recipe.reconstruction.reconstruct,
+        recipe.budget.units, recipe.priors.temperature)  # fmt: skip
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2)).eval()  # fmt: skip
+    ids = torch.randint(0, 128, (8, 32))
+    total, cache = count_parameters(base), {}
+    model, info = _prune_prunellm(base, None, ids, 0.1, cache)  # temperature 0: the tokenizer is not needed
+    assert info["setting"] == d and abs((1 - count_parameters(model) / total) - 0.1) < 0.02
+    fields = {"criterion": "magnitude", "units": "all", "normalization": "block", "reconstruct": "none", "target": "pruned",
+              "select": "plan", "temperature": 0.0, "ratio": 0.1}  # fmt: skip
+    _, plan, extra = prune_row(base, None, ids, fields, cache)
+    assert extra == {} and ("magnitude", ("kv_group", "mlp_channel")) in cache and len(cache) == 2
+    assert count_parameters(base) == total  # rows prune copies

@@ -75,22 +75,25 @@ def prunellm_default() -> dict:
     from prunellm.options import PruneRecipe
 
     recipe = PruneRecipe()
-    return {"criterion": recipe.importance_method, "normalization": recipe.normalization, "reconstruct": recipe.reconstruct,
-            "reconstruct_damp": recipe.reconstruct_damp, "min_kv_groups": recipe.min_kv_groups, "round_to": recipe.round_to,
-            "units": recipe.units, "gradient_batch_size": recipe.gradient_batch_size}  # fmt: skip
+    selection, reconstruction = recipe.selection, recipe.reconstruction
+    return {"criterion": recipe.scoring.importance_method, "normalization": selection.normalization,
+            "reconstruct": reconstruction.reconstruct, "reconstruct_damp": reconstruction.reconstruct_damp,
+            "reconstruct_target": reconstruction.reconstruct_target, "reconstruct_select": reconstruction.reconstruct_select,
+            "temperature": recipe.priors.temperature, "tau": recipe.priors.tau, "min_kv_groups": selection.min_kv_groups,
+            "round_to": selection.round_to, "units": recipe.budget.units,
+            "gradient_batch_size": recipe.calibration.gradient_batch_size}  # fmt: skip
 
 
-def _prune_prunellm(base, ids, ratio: float, cache: dict) -> tuple[object, dict]:
-    import prunellm as pl
+def _prune_prunellm(base, tokenizer, ids, ratio: float, cache: dict) -> tuple[object, dict]:
+    from benchmarks.ablation import prune_row
 
     d = prunellm_default()
-    if "scores" not in cache:
-        cache["scores"] = pl.score(base, ids, d["criterion"], units=tuple(d["units"].split(",")), batch_size=d["gradient_batch_size"])
-    plan = pl.select(base, cache["scores"], ratio, normalization=d["normalization"], min_kv_groups=d["min_kv_groups"],
-                     round_to=d["round_to"])  # fmt: skip
-    model = copy.deepcopy(base)
-    pl.prune(model, plan, calibration=ids, reconstruct=d["reconstruct"], damp=d["reconstruct_damp"])
-    return model, {"setting": d}
+    fields = {"criterion": d["criterion"], "kinds": tuple(d["units"].split(",")), "normalization": d["normalization"],
+              "reconstruct": d["reconstruct"], "target": d["reconstruct_target"], "select": d["reconstruct_select"],
+              "temperature": d["temperature"], "tau": d["tau"], "ratio": ratio, "min_kv_groups": d["min_kv_groups"],
+              "round_to": d["round_to"], "damp": d["reconstruct_damp"], "batch_size": d["gradient_batch_size"]}  # fmt: skip
+    model, _, extra = prune_row(base, tokenizer, ids, fields, cache)
+    return model, {"setting": d, **extra}
 
 
 def _prune_flap(base, ids, target: int, mirror) -> tuple[object, dict]:
@@ -146,7 +149,7 @@ def measure(out: str, rows: tuple[str, ...] = ROWS, mirror: str | None = None, t
                   "threads": torch.get_num_threads()}  # fmt: skip
         try:
             if method == "prunellm":
-                model, info = _prune_prunellm(base, ids, ratio_f, cache)
+                model, info = _prune_prunellm(base, tokenizer, ids, ratio_f, cache)
             elif method == "flap":
                 model, info = _prune_flap(base, ids, target, mirror)
             elif method == "llm_pruner":
@@ -207,8 +210,10 @@ def render(section: dict) -> str:
         f"{p['seed']}); PPL@128 over the first {p['windows']} windows of two texts none saw, ÷ dense (dense: "
         + ", ".join(f"{label} {dense[key]:.2f}" for key, label in TEXTS) + "). Removed = share of ALL parameters "
         "(embeddings included; FLAP's added biases counted), each peer's own ratio setting chosen to land nearest "
-        f"the target. prunellm default = `PruneRecipe` defaults: criterion `{d['criterion']}`, allocation "
-        f"`{d['normalization']}`, reconstruct `{d['reconstruct']}` (same windows). Peers are run from pinned commits "
+        f"the target. prunellm default = `PruneRecipe` defaults: criterion `{d['criterion']}`, units "
+        f"`{d.get('units', 'kv_group,mlp_channel')}`, allocation `{d['normalization']}`, H-GSP temperature "
+        f"`{d.get('temperature', 0)}`, reconstruct `{d['reconstruct']}` (same windows; the priors' Δloss too). "
+        "Peers are run from pinned commits "
         "of their repositories, adapted as `benchmarks/peers/` documents.", "",
         header, "|---|" + "---|---|---|" * len(ratios),
     ]  # fmt: skip
