@@ -335,7 +335,7 @@ def merge_rows(old: dict | None, new: dict) -> dict:
     if not same_dense or old["protocol"] != new["protocol"]:
         raise SystemExit(f"the file's dense row or protocol differs from benchmarks/results.json's: {new['dense']} vs {old['dense']}")
     names = {r["row"] for r in new["rows"]}
-    return old | {"rows": [r for r in old["rows"] if r.get("row") not in names] + new["rows"]}
+    return old | new | {"rows": [r for r in old["rows"] if r.get("row") not in names] + new["rows"]}
 
 
 def into_results(name: str, section: dict, merge: bool = False) -> None:

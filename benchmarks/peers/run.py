@@ -260,13 +260,13 @@ def main() -> None:
     parser.add_argument("--rows", nargs="*", default=list(ROWS), help=f"method/ratio, methods: {', '.join(METHODS)}")
     parser.add_argument("--peer_source", default=None, help="local git mirrors of the peers (default: PRUNELLM_PEER_MIRROR, else GitHub)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--into_results", action="store_true", help="write the file's rows into benchmarks/results.json")
+    parser.add_argument("--into_results", action="store_true", help="add the file's rows to benchmarks/results.json's (same dense row)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if not args.into_results:
         measure(args.out, tuple(args.rows), args.peer_source, args.threads)
         return
-    into_results("peers_table", read_rows(args.out))
+    into_results("peers_table", read_rows(args.out), merge=True)
 
 
 if __name__ == "__main__":
