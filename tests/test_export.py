@@ -376,3 +376,56 @@ def test_serving_benchmark_renders_ratios_and_vllm_errors():
     text = render(section)
     assert "| width | 20.0% | deci | 130.0 (1.3×) | 12.5 (1.25×) | RuntimeError: boom | RuntimeError: boom |" in text
     assert render_readme({"serving": section}).startswith("`prunellm export`") and "Not measured" in render_readme({})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RoPE scaling: Llama 3.1-style (per-dimension factors, a rope_freqs tensor) and linear
+
+# original context 64 puts the 8 frequencies of a 16-wide head in all three llama3 bands (kept, smoothed, divided)
+ROPE_SCALINGS = {
+    "llama3": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("widths", ["dense", "per_layer"])
+@pytest.mark.parametrize("scaling", sorted(ROPE_SCALINGS))
+def test_rope_scaling_runs_in_llamacpp_like_transformers(scaling, widths, tokenizer, tmp_path):
+    model = tiny("llama", tokenizer, rope_parameters=dict(ROPE_SCALINGS[scaling]))
+    plain = tiny("llama", tokenizer)
+    ids = tokenizer(PROMPT)["input_ids"]
+    assert transformers_greedy(model, ids, 32) != transformers_greedy(plain, ids, 32)  # the scaling matters here
+    if widths == "per_layer":
+        prune_units(model, uneven_plan(model))
+    reader = assert_llamacpp_matches(model, tokenizer, tmp_path)
+    arch = field(reader, "general.architecture")
+    assert arch == {"dense": "llama", "per_layer": "deci"}[widths]
+    tensors = {t.name: t for t in reader.tensors}
+    if scaling == "llama3":
+        factors = tensors["rope_freqs.weight"].data
+        assert factors.shape == (8,) and factors[0] == 1.0 and factors[-1] == pytest.approx(8.0)
+        assert 1.0 < factors[2] < 8.0  # a smoothed band
+    else:
+        assert "rope_freqs.weight" not in tensors
+        assert field(reader, f"{arch}.rope.scaling.type") == "linear"
+        assert field(reader, f"{arch}.rope.scaling.factor") == 4.0
+
+
+def test_rope_scaling_without_a_writer_is_refused_in_one_line(tokenizer):
+    rope = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}
+    with pytest.raises(PrunellmError, match="rope scaling 'dynamic'") as info:
+        choose_target(tiny("llama", tokenizer, rope_parameters=rope))
+    assert "\n" not in str(info.value)
+
+
+def test_llama3_rope_on_qwen2_goes_to_deci_whose_graph_reads_rope_freqs(tokenizer, tmp_path):
+    model = tiny("qwen2", tokenizer, rope_parameters=dict(ROPE_SCALINGS["llama3"]))
+    assert choose_target(model).arch == "deci"  # llama.cpp's qwen2 graph has no rope factors
+    assert_llamacpp_matches(model, tokenizer, tmp_path)
+
+
+def test_llama3_rope_on_per_layer_qwen3_names_both_reasons(tokenizer):
+    model = tiny("qwen3", tokenizer, rope_parameters=dict(ROPE_SCALINGS["llama3"]))
+    with pytest.raises(PrunellmError, match="'qwen3' has no llama3 rope scaling; 'deci' has no qk_norm"):
+        choose_target(model)

@@ -37,6 +37,7 @@ from ..hf_modeling import ZeroAttention, ZeroMLP
 from ..specs import spec_for
 from ..surgery import layer_widths
 from ..units import decoder_layers, get_module, head_dim
+from .rope import ROPE_SCALING, check_rope, write_rope
 from .tokenizer import gguf_vocab, write_vocab
 
 log = logging.getLogger(__name__)
@@ -57,13 +58,16 @@ class GgufTarget:
     per_layer: bool  # reads per-layer width arrays and skips 0-head attention
     allowed: frozenset[str]
     required: frozenset[str] = field(default_factory=frozenset)
+    # Hugging Face rope types its graph applies (see .rope): llama3's rope_freqs tensor is read by llama and deci only
+    rope_types: frozenset[str] = frozenset({"default", "linear"})
 
 
+ALL_ROPE = frozenset(ROPE_SCALING)
 TARGETS = {
-    "llama": GgufTarget("llama", True, False, frozenset({"qkv_bias", "o_bias", "mlp_bias"})),
+    "llama": GgufTarget("llama", True, False, frozenset({"qkv_bias", "o_bias", "mlp_bias"}), rope_types=ALL_ROPE),
     "qwen2": GgufTarget("qwen2", False, False, frozenset({"qkv_bias"}), frozenset({"qkv_bias"})),
     "qwen3": GgufTarget("qwen3", False, False, frozenset({"qk_norm"}), frozenset({"qk_norm"})),
-    "deci": GgufTarget("deci", True, True, frozenset({"qkv_bias", "o_bias", "mlp_bias"})),
+    "deci": GgufTarget("deci", True, True, frozenset({"qkv_bias", "o_bias", "mlp_bias"}), rope_types=ALL_ROPE),
 }
 # prunellm family (spec name) -> llama.cpp architectures to try, in order
 FAMILY_TARGETS = {
@@ -128,10 +132,7 @@ def choose_target(model: PreTrainedModel) -> GgufTarget:
             f"GGUF export supports the families {', '.join(FAMILY_TARGETS)}; '{spec.name}' has no llama.cpp target "
             "in prunellm/export/gguf.py (FAMILY_TARGETS)"
         )
-    rope = getattr(model.config, "rope_parameters", None) or {}
-    rope_type = rope.get("rope_type", "default") if isinstance(rope, dict) else "default"
-    if rope_type != "default":
-        raise PrunellmError(f"GGUF export writes plain RoPE; this model uses rope scaling '{rope_type}', which is not exported yet")
+    rope_type = check_rope(model.config)
     widths = layer_widths(model, spec)
     uniform = all(w == widths[0] for w in widths) and all(w["num_key_value_heads"] and w["intermediate_size"] for w in widths)
     features = model_features(model)
@@ -144,6 +145,8 @@ def choose_target(model: PreTrainedModel) -> GgufTarget:
             reasons.append(f"'{name}' has no {', '.join(sorted(features - target.allowed))}")
         elif target.required - features:
             reasons.append(f"'{name}' requires {', '.join(sorted(target.required - features))}")
+        elif rope_type not in target.rope_types:
+            reasons.append(f"'{name}' has no {rope_type} rope scaling")
         else:
             return target
     first_odd = next((i for i, w in enumerate(widths) if w != widths[0]), 0)
@@ -220,13 +223,6 @@ def _encode(name: str, data: np.ndarray, outtype: OutType) -> tuple[np.ndarray, 
     return data.astype(np.float16), None
 
 
-def _rope_theta(config) -> float:
-    rope = getattr(config, "rope_parameters", None)
-    if isinstance(rope, dict) and "rope_theta" in rope:
-        return float(rope["rope_theta"])
-    return float(getattr(config, "rope_theta", 10000.0))
-
-
 def export_gguf(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -279,13 +275,13 @@ def export_gguf(
         writer.add_key_length(d_h)
         writer.add_value_length(d_h)
         writer.add_rope_dimension_count(d_h)
-        writer.add_rope_freq_base(_rope_theta(config))
+        rope_tensors = write_rope(writer, config)
         writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
         writer.add_vocab_size(len(vocab.tokens))
         writer.add_file_type(FILE_TYPES[outtype])
         write_vocab(writer, vocab)
 
-        tensors = {_name(MODEL_TENSOR.TOKEN_EMBD): _array(embed)}
+        tensors = {**rope_tensors, _name(MODEL_TENSOR.TOKEN_EMBD): _array(embed)}
         for layer in layers:
             tensors.update(layer.tensors)
         tensors[_name(MODEL_TENSOR.OUTPUT_NORM)] = _array(get_module(model, spec.final_norm).weight)
