@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import gguf
 import pytest
 import torch
 from conftest import make_tiny_model
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 from prunellm.errors import PrunellmError
@@ -24,6 +25,9 @@ TEXT = [
     "Numbers like 12345 and 2026 appear in text, and so do symbols: #, $, % and émigré words!",
 ] * 20
 PROMPT = "The quick brown fox"
+# characters outside the training text (byte fallback), runs of spaces; not a leading space: there Hugging Face's
+# Metaspace adds no "▁" and SentencePiece (and llama.cpp) do
+UNSEEN = "Two  spaces,   Ünïcode 日本語 and\nnew lines"
 CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
 GGUF_FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
 
@@ -43,6 +47,34 @@ def tokenizer() -> PreTrainedTokenizerFast:
     backend.train_from_iterator(TEXT, trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
     tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+@pytest.fixture(scope="module")
+def sp_tokenizer() -> PreTrainedTokenizerFast:
+    """A SentencePiece BPE model (byte fallback, 400 pieces) trained in code, converted as transformers converts
+    Llama 2 / Mistral tokenizer.model files: every split of a piece into two pieces is a merge, best piece first."""
+    spm = pytest.importorskip("sentencepiece")
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(TEXT), model_writer=buffer, vocab_size=400, model_type="bpe", byte_fallback=True,
+        character_coverage=1.0, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+    )  # fmt: skip
+    sp = spm.SentencePieceProcessor(model_proto=buffer.getvalue())
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    splits = [(piece[:i], piece[i:], sp.get_score(index)) for piece, index in vocab.items() for i in range(1, len(piece))]
+    merges = sorted((m for m in splits if m[0] in vocab and m[1] in vocab), key=lambda m: (-m[2], vocab[m[0]], vocab[m[1]]))
+    backend = Tokenizer(models.BPE(vocab, [m[:2] for m in merges], unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    backend.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    for text in (*TEXT[:3], UNSEEN):  # the conversion tokenizes as SentencePiece does
+        assert tok(text)["input_ids"] == [1, *sp.encode(text)]
     return tok
 
 
@@ -166,12 +198,37 @@ def test_family_without_a_target_is_refused(tokenizer):
         choose_target(tiny("gemma", tokenizer))
 
 
-def test_sentencepiece_tokenizers_are_refused(tokenizer, tmp_path):
+@pytest.mark.parametrize("family", ["mistral", "llama"])
+def test_sentencepiece_tokenizer_runs_in_llamacpp_like_transformers(family, sp_tokenizer, tmp_path):
+    model = tiny(family, sp_tokenizer)
+    if family == "llama":  # and as deci
+        prune_units(model, uneven_plan(model))
+    reader = assert_llamacpp_matches(model, sp_tokenizer, tmp_path)
+    server = LlamaCpp(next(tmp_path.glob("*.gguf")))
+    assert server.tokenize(UNSEEN) == sp_tokenizer(UNSEEN)["input_ids"]
+    assert field(reader, "tokenizer.ggml.model") == "llama" and "tokenizer.ggml.merges" not in reader.fields
+    types = field(reader, "tokenizer.ggml.token_type")
+    assert types[:3] == [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+    assert types[3 + 0x0A] == gguf.TokenType.BYTE and field(reader, "tokenizer.ggml.tokens")[3 + 0x0A] == "<0x0A>"
+
+
+def test_bpe_with_byte_fallback_but_other_merges_is_refused(tokenizer, tmp_path):
+    """A tokenizers-trained BPE over "▁" text: some token splits into two tokens that are no merge."""
     backend = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
-    sp = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(split=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"], show_progress=False)
+    backend.train_from_iterator(TEXT, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    with pytest.raises(PrunellmError, match="merges are not SentencePiece's") as info:
+        export_gguf(tiny("llama", tok), tok, tmp_path)
+    assert "\n" not in str(info.value) and list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_unigram_tokenizers_are_refused(tokenizer, tmp_path):
+    backend = Tokenizer(models.Unigram([("<unk>", 0.0), ("a", -1.0)], unk_id=0))
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
     with pytest.raises(PrunellmError, match="byte-level BPE"):
-        export_gguf(tiny("llama", tokenizer), sp, tmp_path)
-    assert list(tmp_path.iterdir()) == []  # nothing half-written
+        export_gguf(tiny("llama", tokenizer), tok, tmp_path)
 
 
 def test_export_writes_atomically_and_records_special_tokens(tokenizer, tmp_path):
