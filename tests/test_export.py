@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 
 import gguf
 import pytest
@@ -486,3 +487,48 @@ def test_llama3_rope_on_per_layer_qwen3_names_both_reasons(tokenizer):
     model = tiny("qwen3", tokenizer, rope_parameters=dict(ROPE_SCALINGS["llama3"]))
     with pytest.raises(PrunellmError, match="'qwen3' has no llama3 rope scaling; 'deci' has no qk_norm"):
         choose_target(model)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# biases the family's config does not build (bias compensation, reconstruction intercepts) and pruned heads
+
+
+def add_biases(model, layer: int, names=("self_attn.o_proj", "mlp.down_proj")) -> None:
+    """Give projections a bias as prunellm's bias compensation does (nonzero here, so a dropped one shows)."""
+    for name in names:
+        linear = model.get_submodule(f"model.layers.{layer}.{name}")
+        linear.bias = torch.nn.Parameter(torch.randn(linear.out_features) * 0.3)
+
+
+def test_qwen2_with_o_proj_and_down_proj_biases_runs_as_deci(tokenizer, tmp_path):
+    model = tiny("qwen2", tokenizer)
+    add_biases(model, 1)
+    reader = assert_llamacpp_matches(model, tokenizer, tmp_path)
+    assert field(reader, "general.architecture") == "deci"  # llama.cpp's qwen2 graph has no attn_output / ffn biases
+    names = {t.name for t in reader.tensors}
+    assert {"blk.1.attn_output.bias", "blk.1.ffn_down.bias", "blk.0.attn_q.bias"} <= names
+
+
+def test_qwen3_with_an_o_proj_bias_is_refused_naming_the_tensor(tokenizer):
+    model = tiny("qwen3", tokenizer)
+    add_biases(model, 1, names=("self_attn.o_proj",))
+    with pytest.raises(PrunellmError) as info:
+        choose_target(model)
+    message = str(info.value)
+    assert "'qwen3' has no o_bias (layer 1 self_attn.o_proj.bias)" in message and "'deci' has no qk_norm" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_uniformly_pruned_query_heads_run_in_llamacpp(family, tokenizer, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="prunellm.export.gguf")
+    model = tiny(family, tokenizer)
+    prune_units(model, {(i, "kv_group"): [1] for i in range(2)} | {(i, "mlp_channel"): list(range(0, 96, 3)) for i in range(2)})
+    reader = assert_llamacpp_matches(model, tokenizer, tmp_path)
+    arch = field(reader, "general.architecture")
+    assert arch == {"qwen2": "deci", "llama": "llama"}[family]  # llama.cpp's qwen2 makes q hidden x hidden
+    if family == "qwen2":
+        assert "'qwen2' needs query heads x head size = hidden size (layer 0: 32 of 64)" in caplog.text
+    heads = (field(reader, f"{arch}.attention.head_count"), field(reader, f"{arch}.attention.head_count_kv"))
+    assert heads == {"deci": ([2, 2], [1, 1]), "llama": (2, 1)}[arch]
+    assert field(reader, f"{arch}.attention.key_length") == 16  # q is 32 wide, not hidden 64: the head size is explicit

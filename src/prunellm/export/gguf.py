@@ -58,6 +58,8 @@ class GgufTarget:
     per_layer: bool  # reads per-layer width arrays and skips 0-head attention
     allowed: frozenset[str]
     required: frozenset[str] = field(default_factory=frozenset)
+    # its graph makes q (and o) hidden x hidden: query heads x head size must equal the hidden size
+    q_is_hidden: bool = False
     # Hugging Face rope types its graph applies (see .rope): llama3's rope_freqs tensor is read by llama and deci only
     rope_types: frozenset[str] = frozenset({"default", "linear"})
 
@@ -65,7 +67,7 @@ class GgufTarget:
 ALL_ROPE = frozenset(ROPE_SCALING)
 TARGETS = {
     "llama": GgufTarget("llama", True, False, frozenset({"qkv_bias", "o_bias", "mlp_bias"}), rope_types=ALL_ROPE),
-    "qwen2": GgufTarget("qwen2", False, False, frozenset({"qkv_bias"}), frozenset({"qkv_bias"})),
+    "qwen2": GgufTarget("qwen2", False, False, frozenset({"qkv_bias"}), frozenset({"qkv_bias"}), q_is_hidden=True),
     "qwen3": GgufTarget("qwen3", False, False, frozenset({"qk_norm"}), frozenset({"qk_norm"})),
     "deci": GgufTarget("deci", True, True, frozenset({"qkv_bias", "o_bias", "mlp_bias"}), rope_types=ALL_ROPE),
 }
@@ -103,24 +105,24 @@ def _interleave(rows: np.ndarray, n_heads: int) -> np.ndarray:
     return rows.reshape(n_heads, 2, d // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
-def model_features(model: PreTrainedModel) -> set[str]:
-    """The optional layer parts this model has (see :data:`Feature`)."""
+def model_features(model: PreTrainedModel) -> dict[str, str]:
+    """The optional layer parts this model has (see :data:`Feature`), each with the first tensor that has it."""
     spec = spec_for(model.config)
-    found: set[str] = set()
-    for block in decoder_layers(model, spec):
-        attn = get_module(block, spec.attention.module)
+    found: dict[str, str] = {}
+    for index, block in enumerate(decoder_layers(model, spec)):
+        attn_path, mlp_path = spec.attention.module, spec.mlp.module
+        attn = get_module(block, attn_path)
         if not isinstance(attn, ZeroAttention):
-            if getattr(get_module(attn, spec.attention.q), "bias", None) is not None:
-                found.add("qkv_bias")
-            if getattr(get_module(attn, spec.attention.o), "bias", None) is not None:
-                found.add("o_bias")
-            if spec.attention.head_norms:
-                found.add("qk_norm")
-        mlp = get_module(block, spec.mlp.module)
-        if not isinstance(mlp, ZeroMLP) and any(
-            getattr(get_module(mlp, name), "bias", None) is not None for name in (spec.mlp.gate, spec.mlp.up, spec.mlp.down)
-        ):
-            found.add("mlp_bias")
+            for feature, name in (("qkv_bias", spec.attention.q), ("o_bias", spec.attention.o)):
+                if getattr(get_module(attn, name), "bias", None) is not None:
+                    found.setdefault(feature, f"layer {index} {attn_path}.{name}.bias")
+            for name in spec.attention.head_norms:
+                found.setdefault("qk_norm", f"layer {index} {attn_path}.{name}.weight")
+        mlp = get_module(block, mlp_path)
+        if not isinstance(mlp, ZeroMLP):
+            for name in (spec.mlp.gate, spec.mlp.up, spec.mlp.down):
+                if getattr(get_module(mlp, name), "bias", None) is not None:
+                    found.setdefault("mlp_bias", f"layer {index} {mlp_path}.{name}.bias")
     return found
 
 
@@ -136,18 +138,26 @@ def choose_target(model: PreTrainedModel) -> GgufTarget:
     widths = layer_widths(model, spec)
     uniform = all(w == widths[0] for w in widths) and all(w["num_key_value_heads"] and w["intermediate_size"] for w in widths)
     features = model_features(model)
+    d_h, hidden = head_dim(model.config, spec), int(model.config.hidden_size)
+    narrow = next((i for i, w in enumerate(widths) if w["num_attention_heads"] * d_h != hidden), None)
     reasons = []
     for name in FAMILY_TARGETS[spec.name]:
         target = TARGETS[name]
         if not uniform and not target.per_layer:
             reasons.append(f"'{name}' needs the same widths in every layer")
-        elif features - target.allowed:
-            reasons.append(f"'{name}' has no {', '.join(sorted(features - target.allowed))}")
-        elif target.required - features:
-            reasons.append(f"'{name}' requires {', '.join(sorted(target.required - features))}")
+        elif target.q_is_hidden and narrow is not None:
+            q_width = widths[narrow]["num_attention_heads"] * d_h
+            reasons.append(f"'{name}' needs query heads x head size = hidden size (layer {narrow}: {q_width} of {hidden})")
+        elif set(features) - target.allowed:
+            missing = sorted(set(features) - target.allowed)
+            reasons.append(f"'{name}' has no {', '.join(f'{f} ({features[f]})' for f in missing)}")
+        elif target.required - set(features):
+            reasons.append(f"'{name}' requires {', '.join(sorted(target.required - set(features)))}")
         elif rope_type not in target.rope_types:
             reasons.append(f"'{name}' has no {rope_type} rope scaling")
         else:
+            if reasons:
+                log.info("writing this %s model as llama.cpp '%s': %s", spec.name, name, "; ".join(reasons))
             return target
     first_odd = next((i for i, w in enumerate(widths) if w != widths[0]), 0)
     raise PrunellmError(
