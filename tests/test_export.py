@@ -30,7 +30,7 @@ PROMPT = "The quick brown fox"
 # Metaspace adds no "▁" and SentencePiece (and llama.cpp) do
 UNSEEN = "Two  spaces,   Ünïcode 日本語 and\nnew lines"
 CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
-GGUF_FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+GGUF_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma"]
 
 
 @pytest.fixture(scope="module")
@@ -194,9 +194,30 @@ def test_qwen3_with_per_layer_widths_is_refused_in_one_line(tokenizer):
     assert "\n" not in str(info.value) and "'qwen3' needs the same widths" in str(info.value)
 
 
-def test_family_without_a_target_is_refused(tokenizer):
-    with pytest.raises(PrunellmError, match="gemma"):
+def test_family_without_a_target_is_refused(tokenizer, monkeypatch):
+    from prunellm.export import gguf as module
+
+    monkeypatch.delitem(module.FAMILY_TARGETS, "gemma")
+    with pytest.raises(PrunellmError, match="'gemma' has no llama.cpp target"):
         choose_target(tiny("gemma", tokenizer))
+
+
+def test_uniformly_pruned_gemma_runs_in_llamacpp_as_gemma(tokenizer, tmp_path):
+    model = tiny("gemma", tokenizer)
+    prune_units(model, {(i, "kv_group"): [0] for i in range(2)} | {(i, "mlp_channel"): list(range(1, 96, 2)) for i in range(2)})
+    reader = assert_llamacpp_matches(model, tokenizer, tmp_path)
+    assert field(reader, "general.architecture") == "gemma" and field(reader, "gemma.feed_forward_length") == 48
+    norm = {t.name: t.data for t in reader.tensors}["blk.0.attn_norm.weight"]
+    weight = model.model.layers[0].input_layernorm.weight.detach().numpy()
+    assert norm.tolist() == (weight + 1).tolist()  # Hugging Face scales by 1 + weight, llama.cpp by what it reads
+
+
+def test_per_layer_gemma_is_refused_in_one_line(tokenizer):
+    model = tiny("gemma", tokenizer)
+    prune_units(model, uneven_plan(model))
+    with pytest.raises(PrunellmError, match="'deci' computes a silu MLP, not gelu_pytorch_tanh") as info:
+        choose_target(model)
+    assert "\n" not in str(info.value) and "'gemma' needs the same widths" in str(info.value)
 
 
 @pytest.mark.parametrize("family", ["mistral", "llama"])

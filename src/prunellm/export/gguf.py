@@ -46,7 +46,7 @@ OutType = Literal["f32", "f16", "q8_0"]
 FILE_TYPES = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "q8_0": LlamaFileType.MOSTLY_Q8_0}
 
 # optional parts of a layer, as found in the model: q/k/v biases, o_proj bias, MLP biases, q/k head norms
-Feature = Literal["qkv_bias", "o_bias", "mlp_bias", "qk_norm"]
+Feature = Literal["qkv_bias", "o_bias", "mlp_bias", "qk_norm", "untied_head"]
 
 
 @dataclass(frozen=True)
@@ -60,16 +60,21 @@ class GgufTarget:
     required: frozenset[str] = field(default_factory=frozenset)
     # its graph makes q (and o) hidden x hidden: query heads x head size must equal the hidden size
     q_is_hidden: bool = False
+    # the MLP activation its graph computes (Hugging Face hidden_act name)
+    activation: str = "silu"
     # Hugging Face rope types its graph applies (see .rope): llama3's rope_freqs tensor is read by llama and deci only
     rope_types: frozenset[str] = frozenset({"default", "linear"})
 
 
 ALL_ROPE = frozenset(ROPE_SCALING)
+BIASES = frozenset({"qkv_bias", "o_bias", "mlp_bias"})
 TARGETS = {
-    "llama": GgufTarget("llama", True, False, frozenset({"qkv_bias", "o_bias", "mlp_bias"}), rope_types=ALL_ROPE),
-    "qwen2": GgufTarget("qwen2", False, False, frozenset({"qkv_bias"}), frozenset({"qkv_bias"}), q_is_hidden=True),
-    "qwen3": GgufTarget("qwen3", False, False, frozenset({"qk_norm"}), frozenset({"qk_norm"})),
-    "deci": GgufTarget("deci", True, True, frozenset({"qkv_bias", "o_bias", "mlp_bias"}), rope_types=ALL_ROPE),
+    "llama": GgufTarget("llama", True, False, BIASES | {"untied_head"}, rope_types=ALL_ROPE),
+    "qwen2": GgufTarget("qwen2", False, False, frozenset({"qkv_bias", "untied_head"}), frozenset({"qkv_bias"}), q_is_hidden=True),
+    "qwen3": GgufTarget("qwen3", False, False, frozenset({"qk_norm", "untied_head"}), frozenset({"qk_norm"})),
+    "deci": GgufTarget("deci", True, True, BIASES | {"untied_head"}, rope_types=ALL_ROPE),
+    # embeddings scaled by sqrt(hidden) in the graph; its output is always token_embd (tied)
+    "gemma": GgufTarget("gemma", False, False, frozenset(), activation="gelu_pytorch_tanh"),
 }
 # prunellm family (spec name) -> llama.cpp architectures to try, in order
 FAMILY_TARGETS = {
@@ -77,7 +82,10 @@ FAMILY_TARGETS = {
     "mistral": ("llama", "deci"),
     "qwen2": ("qwen2", "deci"),
     "qwen3": ("qwen3", "deci"),
+    "gemma": ("gemma", "deci"),
 }
+# Hugging Face RMSNorm scales by (offset + weight) in these families; llama.cpp's by the weight it reads
+NORM_OFFSET = {"gemma": 1.0}
 
 
 @dataclass
@@ -123,7 +131,17 @@ def model_features(model: PreTrainedModel) -> dict[str, str]:
             for name in (spec.mlp.gate, spec.mlp.up, spec.mlp.down):
                 if getattr(get_module(mlp, name), "bias", None) is not None:
                     found.setdefault("mlp_bias", f"layer {index} {mlp_path}.{name}.bias")
+    if model.get_output_embeddings().weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
+        found["untied_head"] = spec.lm_head
     return found
+
+
+def _activation(config) -> str:
+    return str(getattr(config, "hidden_activation", None) or config.hidden_act)
+
+
+def _norm_array(weight: torch.Tensor, family: str) -> np.ndarray:
+    return _array(weight) + np.float32(NORM_OFFSET.get(family, 0.0))
 
 
 def choose_target(model: PreTrainedModel) -> GgufTarget:
@@ -148,6 +166,8 @@ def choose_target(model: PreTrainedModel) -> GgufTarget:
         elif target.q_is_hidden and narrow is not None:
             q_width = widths[narrow]["num_attention_heads"] * d_h
             reasons.append(f"'{name}' needs query heads x head size = hidden size (layer {narrow}: {q_width} of {hidden})")
+        elif _activation(model.config) != target.activation:
+            reasons.append(f"'{name}' computes a {target.activation} MLP, not {_activation(model.config)}")
         elif set(features) - target.allowed:
             missing = sorted(set(features) - target.allowed)
             reasons.append(f"'{name}' has no {', '.join(f'{f} ({features[f]})' for f in missing)}")
@@ -171,7 +191,7 @@ def layer_tensors(model: PreTrainedModel, index: int, target: GgufTarget) -> Lay
     spec = spec_for(model.config)
     block = decoder_layers(model, spec)[index]
     d_h = head_dim(model.config, spec)
-    attn_norm, ffn_norm = (get_module(block, name).weight for name in spec.layer_norms[:2])
+    attn_norm, ffn_norm = (_norm_array(get_module(block, name).weight, spec.name) for name in spec.layer_norms[:2])
     T = MODEL_TENSOR
     out: dict[str, np.ndarray] = {}
     attn = get_module(block, spec.attention.module)
@@ -181,14 +201,14 @@ def layer_tensors(model: PreTrainedModel, index: int, target: GgufTarget) -> Lay
     if zero_attention and index == 0:
         # llama.cpp derives the head size from layer 0's head count: give it one KV group of zeros (output 0)
         n_kv, n_head = 1, model.config.num_attention_heads // model.config.num_key_value_heads
-        out[_name(T.ATTN_NORM, index)] = _array(attn_norm)
+        out[_name(T.ATTN_NORM, index)] = attn_norm
         for kind, rows in ((T.ATTN_Q, n_head * d_h), (T.ATTN_K, d_h), (T.ATTN_V, d_h)):
             out[_name(kind, index)] = np.zeros((rows, hidden), np.float32)
         out[_name(T.ATTN_OUT, index)] = np.zeros((hidden, n_head * d_h), np.float32)
     elif not zero_attention:
         q, k, v, o = (get_module(attn, getattr(spec.attention, key)) for key in ("q", "k", "v", "o"))
         n_head, n_kv = q.out_features // d_h, k.out_features // d_h
-        out[_name(T.ATTN_NORM, index)] = _array(attn_norm)
+        out[_name(T.ATTN_NORM, index)] = attn_norm
         for kind, linear, heads in ((T.ATTN_Q, q, n_head), (T.ATTN_K, k, n_kv), (T.ATTN_V, v, None), (T.ATTN_OUT, o, None)):
             for suffix, param in (("weight", linear.weight), ("bias", linear.bias)):
                 if param is None:
@@ -198,7 +218,7 @@ def layer_tensors(model: PreTrainedModel, index: int, target: GgufTarget) -> Lay
                     data = _interleave(data, heads)
                 out[_name(kind, index, suffix)] = data
         for kind, norm in zip((T.ATTN_Q_NORM, T.ATTN_K_NORM), spec.attention.head_norms):
-            data = _array(get_module(attn, norm).weight)
+            data = _norm_array(get_module(attn, norm).weight, spec.name)
             out[_name(kind, index)] = _interleave(data, 1) if target.interleaved_rope else data
     mlp = get_module(block, spec.mlp.module)
     if isinstance(mlp, ZeroMLP):
@@ -207,14 +227,14 @@ def layer_tensors(model: PreTrainedModel, index: int, target: GgufTarget) -> Lay
         else:
             # deci drops the attention output of an FFN-free layer: an all-zero 1-channel MLP outputs 0 exactly
             n_ff = 1
-            out[_name(T.FFN_NORM, index)] = _array(ffn_norm)
+            out[_name(T.FFN_NORM, index)] = ffn_norm
             out[_name(T.FFN_GATE, index)] = np.zeros((1, hidden), np.float32)
             out[_name(T.FFN_UP, index)] = np.zeros((1, hidden), np.float32)
             out[_name(T.FFN_DOWN, index)] = np.zeros((hidden, 1), np.float32)
     else:
         gate, up, down = (get_module(mlp, getattr(spec.mlp, key)) for key in ("gate", "up", "down"))
         n_ff = gate.out_features
-        out[_name(T.FFN_NORM, index)] = _array(ffn_norm)
+        out[_name(T.FFN_NORM, index)] = ffn_norm
         for kind, linear in ((T.FFN_GATE, gate), (T.FFN_UP, up), (T.FFN_DOWN, down)):
             out[_name(kind, index)] = _array(linear.weight)
             if linear.bias is not None:
@@ -294,7 +314,7 @@ def export_gguf(
         tensors = {**rope_tensors, _name(MODEL_TENSOR.TOKEN_EMBD): _array(embed)}
         for layer in layers:
             tensors.update(layer.tensors)
-        tensors[_name(MODEL_TENSOR.OUTPUT_NORM)] = _array(get_module(model, spec.final_norm).weight)
+        tensors[_name(MODEL_TENSOR.OUTPUT_NORM)] = _norm_array(get_module(model, spec.final_norm).weight, spec.name)
         if not tied:  # llama.cpp reuses token_embd when output.weight is absent
             tensors[_name(MODEL_TENSOR.OUTPUT)] = _array(head)
         for tensor_name, data in tensors.items():
