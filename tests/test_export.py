@@ -234,6 +234,19 @@ def test_sentencepiece_tokenizer_runs_in_llamacpp_like_transformers(family, sp_t
     assert types[3 + 0x0A] == gguf.TokenType.BYTE and field(reader, "tokenizer.ggml.tokens")[3 + 0x0A] == "<0x0A>"
 
 
+def test_legacy_sentencepiece_normalizer_runs_in_llamacpp(sp_tokenizer, tmp_path):
+    """Llama 2's tokenizer.json form: no pre-tokenizer, a Prepend("▁") + Replace(" ", "▁") normalizer."""
+    state = json.loads(sp_tokenizer.backend_tokenizer.to_str())
+    state["pre_tokenizer"] = None
+    state["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "\u2581"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}  # fmt: skip
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(state)), bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    assert tok(UNSEEN)["input_ids"] == sp_tokenizer(UNSEEN)["input_ids"]
+    reader = assert_llamacpp_matches(tiny("mistral", tok), tok, tmp_path)
+    assert json.dumps(field(reader, "tokenizer.ggml.add_space_prefix")) == "true"
+    assert LlamaCpp(next(tmp_path.glob("*.gguf"))).tokenize(" " + UNSEEN) == tok(" " + UNSEEN)["input_ids"]
+
+
 def test_bpe_with_byte_fallback_but_other_merges_is_refused(tokenizer, tmp_path):
     """A tokenizers-trained BPE over "▁" text: some token splits into two tokens that are no merge."""
     backend = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))

@@ -83,14 +83,15 @@ def _merge_list(model: dict) -> list[tuple[str, str]]:
 def _is_sentencepiece(state: dict) -> bool:
     """BPE with byte fallback over "▁"-for-space text: what Hugging Face makes of a Llama 2 / Mistral tokenizer.model."""
     model, pre, normalizer = state["model"], state.get("pre_tokenizer") or {}, state.get("normalizer") or {}
-    metaspace = pre.get("type") == "Metaspace" or "▁" in json.dumps(normalizer)
+    metaspace = pre.get("type") == "Metaspace" or "▁" in json.dumps(normalizer, ensure_ascii=False)
     return model.get("type") == "BPE" and bool(model.get("byte_fallback")) and metaspace
 
 
 def _space_prefix(state: dict) -> bool:
     """Whether a "▁" goes in front of the text: Metaspace's prepend_scheme, or the legacy Prepend normalizer.
 
-    Refuses a Metaspace that splits the text at spaces first: llama.cpp merges across them (e.g. "▁▁").
+    Refuses a Metaspace that splits the text at spaces first (llama.cpp merges across them, e.g. "▁▁") and any
+    other pre-tokenizer.
     """
     pre, normalizer = state.get("pre_tokenizer") or {}, state.get("normalizer") or {}
     if pre.get("type") == "Metaspace":
@@ -100,6 +101,11 @@ def _space_prefix(state: dict) -> bool:
                 "tokenizer does not: GGUF export takes split: false or the Prepend/Replace normalizer"
             )
         return pre.get("prepend_scheme", "always") != "never"
+    if pre:
+        raise PrunellmError(
+            f"the SentencePiece-style tokenizer has a {pre.get('type')} pre-tokenizer, which llama.cpp's SentencePiece "
+            "tokenizer does not run: GGUF export takes Metaspace (split: false) or none (the Prepend/Replace normalizer)"
+        )
     steps = normalizer.get("normalizers", [normalizer])
     return any(step.get("type") == "Prepend" and step.get("prepend") == "▁" for step in steps)
 
