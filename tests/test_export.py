@@ -186,12 +186,15 @@ def test_smaller_outtypes_load_and_mostly_agree(outtype, tokenizer, tmp_path):
     assert len(got) == 8 and got[0] == transformers_greedy(model, ids, 1)[0]
 
 
-def test_qwen3_with_per_layer_widths_is_refused_in_one_line(tokenizer):
-    model = tiny("qwen3", tokenizer)
+@pytest.mark.parametrize(
+    "family, reason", [("qwen3", "'deci' has no qk_norm"), ("gemma", "'deci' computes a silu MLP, not gelu_pytorch_tanh")]
+)
+def test_per_layer_widths_deci_cannot_express_are_refused_in_one_line(family, reason, tokenizer):
+    model = tiny(family, tokenizer)
     prune_units(model, uneven_plan(model))
-    with pytest.raises(PrunellmError, match="'deci' has no qk_norm") as info:
+    with pytest.raises(PrunellmError, match=reason) as info:
         choose_target(model)
-    assert "\n" not in str(info.value) and "'qwen3' needs the same widths" in str(info.value)
+    assert "\n" not in str(info.value) and f"'{family}' needs the same widths" in str(info.value)
 
 
 def test_family_without_a_target_is_refused(tokenizer, monkeypatch):
@@ -210,14 +213,6 @@ def test_uniformly_pruned_gemma_runs_in_llamacpp_as_gemma(tokenizer, tmp_path):
     norm = {t.name: t.data for t in reader.tensors}["blk.0.attn_norm.weight"]
     weight = model.model.layers[0].input_layernorm.weight.detach().numpy()
     assert norm.tolist() == (weight + 1).tolist()  # Hugging Face scales by 1 + weight, llama.cpp by what it reads
-
-
-def test_per_layer_gemma_is_refused_in_one_line(tokenizer):
-    model = tiny("gemma", tokenizer)
-    prune_units(model, uneven_plan(model))
-    with pytest.raises(PrunellmError, match="'deci' computes a silu MLP, not gelu_pytorch_tanh") as info:
-        choose_target(model)
-    assert "\n" not in str(info.value) and "'gemma' needs the same widths" in str(info.value)
 
 
 @pytest.mark.parametrize("family", ["mistral", "llama"])
