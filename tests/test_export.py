@@ -9,7 +9,7 @@ import logging
 import gguf
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import HAS_VLLM, make_tiny_model, vllm_greedy
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -298,8 +298,6 @@ def test_cli_refuses_q8_0_for_vllm_in_one_line(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------------------------
 # vLLM: nemotron-nas folders (structure here; an actual vLLM run where .venv-vllm exists)
 
-REPO_VLLM_PYTHON = __import__("conftest").REPO / ".venv-vllm" / "bin" / "python"
-HAS_VLLM = any((__import__("conftest").REPO / ".venv-vllm").glob("lib/python*/site-packages/vllm/__init__.py"))
 
 
 def vllm_plan() -> dict:
@@ -377,34 +375,16 @@ def test_vllm_export_of_a_uniform_model_is_the_standard_architecture(tokenizer, 
     assert next(model.parameters()).dtype == torch.float32
 
 
-VLLM_GENERATE = """
-import json, sys
-from vllm import LLM, SamplingParams
-folder, ids, n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
-llm = LLM(model=folder, trust_remote_code=True, dtype="float32", max_model_len=128, enforce_eager=True, seed=0)
-out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
-print("TOKENS" + json.dumps(list(out[0].outputs[0].token_ids)))
-"""
-
-
 @pytest.mark.skipif(not HAS_VLLM, reason="vLLM runs in .venv-vllm: scripts/setup_vllm.sh")
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_vllm_serves_the_nemotron_nas_export_like_transformers(family, tokenizer, tmp_path):
-    import subprocess
-
     from prunellm.export.vllm import export_vllm
 
     model = tiny(family, tokenizer, num_hidden_layers=3, head_dim=32)  # vLLM's CPU attention has no head_dim 16
     prune_units(model, vllm_plan())
     folder = export_vllm(model, tokenizer, tmp_path / "vllm", "f32")
     ids = tokenizer(PROMPT)["input_ids"]
-    # the engine in this process (no spawned engine core), 1 GiB of KV cache
-    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    done = subprocess.run([str(REPO_VLLM_PYTHON), "-c", VLLM_GENERATE, str(folder), json.dumps(ids), "16"],
-                          capture_output=True, text=True, timeout=900, env=env)  # fmt: skip
-    line = next((x for x in done.stdout.splitlines() if x.startswith("TOKENS")), None)
-    assert line is not None, (done.stdout + done.stderr)[-4000:]
-    assert json.loads(line.removeprefix("TOKENS")) == transformers_greedy(model, ids, 16)
+    assert vllm_greedy(folder, ids, 16, tmp_path) == transformers_greedy(model, ids, 16)
 
 
 # ---------------------------------------------------------------------------------------------------------------
