@@ -136,52 +136,77 @@ def model_features(model: PreTrainedModel) -> dict[str, str]:
     return found
 
 
-def _activation(config) -> str:
-    return str(getattr(config, "hidden_activation", None) or config.hidden_act)
-
-
 def _norm_array(weight: torch.Tensor, family: str) -> np.ndarray:
     return _array(weight) + np.float32(NORM_OFFSET.get(family, 0.0))
 
 
+@dataclass(frozen=True)
+class ModelFacts:
+    """What decides a model's llama.cpp architecture, read once from the model."""
+
+    family: str
+    widths: list[dict[str, int]]  # per layer, as surgery.layer_widths reads them
+    narrow_q: tuple[int, int] | None  # (layer, query width) of the first layer whose query heads x head size != hidden
+    hidden: int
+    activation: str
+    rope_type: str
+    features: dict[str, str]  # Feature -> the first tensor that has it
+
+    @property
+    def uniform(self) -> bool:
+        first = self.widths[0]
+        return all(w == first for w in self.widths) and all(w["num_key_value_heads"] and w["intermediate_size"] for w in self.widths)
+
+
+def model_facts(model: PreTrainedModel) -> ModelFacts:
+    spec = spec_for(model.config)
+    widths = layer_widths(model, spec)
+    d_h, hidden = head_dim(model.config, spec), int(model.config.hidden_size)
+    narrow = next(((i, w["num_attention_heads"] * d_h) for i, w in enumerate(widths) if w["num_attention_heads"] * d_h != hidden), None)
+    activation = str(getattr(model.config, "hidden_activation", None) or model.config.hidden_act)
+    return ModelFacts(spec.name, widths, narrow, hidden, activation, check_rope(model.config), model_features(model))
+
+
+def why_not(target: GgufTarget, facts: ModelFacts) -> str | None:
+    """What of the model ``target``'s graph cannot express (one phrase), or None when it expresses all of it."""
+    name, features = f"'{target.arch}'", set(facts.features)
+    if not facts.uniform and not target.per_layer:
+        return f"{name} needs the same widths in every layer"
+    if target.q_is_hidden and facts.narrow_q is not None:
+        layer, width = facts.narrow_q
+        return f"{name} needs query heads x head size = hidden size (layer {layer}: {width} of {facts.hidden})"
+    if facts.activation != target.activation:
+        return f"{name} computes a {target.activation} MLP, not {facts.activation}"
+    if features - target.allowed:
+        return f"{name} has no {', '.join(f'{f} ({facts.features[f]})' for f in sorted(features - target.allowed))}"
+    if target.required - features:
+        return f"{name} requires {', '.join(sorted(target.required - features))}"
+    if facts.rope_type not in target.rope_types:
+        return f"{name} has no {facts.rope_type} rope scaling"
+    return None
+
+
 def choose_target(model: PreTrainedModel) -> GgufTarget:
     """The first llama.cpp architecture of the model's family that expresses it, or a one-line error why none does."""
-    spec = spec_for(model.config)
-    if spec.name not in FAMILY_TARGETS:
+    family = spec_for(model.config).name
+    if family not in FAMILY_TARGETS:
         raise PrunellmError(
-            f"GGUF export supports the families {', '.join(FAMILY_TARGETS)}; '{spec.name}' has no llama.cpp target "
+            f"GGUF export supports the families {', '.join(FAMILY_TARGETS)}; '{family}' has no llama.cpp target "
             "in prunellm/export/gguf.py (FAMILY_TARGETS)"
         )
-    rope_type = check_rope(model.config)
-    widths = layer_widths(model, spec)
-    uniform = all(w == widths[0] for w in widths) and all(w["num_key_value_heads"] and w["intermediate_size"] for w in widths)
-    features = model_features(model)
-    d_h, hidden = head_dim(model.config, spec), int(model.config.hidden_size)
-    narrow = next((i for i, w in enumerate(widths) if w["num_attention_heads"] * d_h != hidden), None)
+    facts = model_facts(model)
     reasons = []
-    for name in FAMILY_TARGETS[spec.name]:
-        target = TARGETS[name]
-        if not uniform and not target.per_layer:
-            reasons.append(f"'{name}' needs the same widths in every layer")
-        elif target.q_is_hidden and narrow is not None:
-            q_width = widths[narrow]["num_attention_heads"] * d_h
-            reasons.append(f"'{name}' needs query heads x head size = hidden size (layer {narrow}: {q_width} of {hidden})")
-        elif _activation(model.config) != target.activation:
-            reasons.append(f"'{name}' computes a {target.activation} MLP, not {_activation(model.config)}")
-        elif set(features) - target.allowed:
-            missing = sorted(set(features) - target.allowed)
-            reasons.append(f"'{name}' has no {', '.join(f'{f} ({features[f]})' for f in missing)}")
-        elif target.required - set(features):
-            reasons.append(f"'{name}' requires {', '.join(sorted(target.required - set(features)))}")
-        elif rope_type not in target.rope_types:
-            reasons.append(f"'{name}' has no {rope_type} rope scaling")
-        else:
+    for target in (TARGETS[name] for name in FAMILY_TARGETS[family]):
+        reason = why_not(target, facts)
+        if reason is None:
             if reasons:
-                log.info("writing this %s model as llama.cpp '%s': %s", spec.name, name, "; ".join(reasons))
+                log.info("writing this %s model as llama.cpp '%s': %s", family, target.arch, "; ".join(reasons))
             return target
+        reasons.append(reason)
+    widths = facts.widths
     first_odd = next((i for i, w in enumerate(widths) if w != widths[0]), 0)
     raise PrunellmError(
-        f"this {spec.name} model cannot be written as GGUF: {'; '.join(reasons)} (layer {first_odd}: {widths[first_odd]}); "
+        f"this {family} model cannot be written as GGUF: {'; '.join(reasons)} (layer {first_odd}: {widths[first_odd]}); "
         "prune with uniform widths per layer (--pruning_distribution uniform) or without q/k-norm families to export it"
     )
 
