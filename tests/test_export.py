@@ -215,6 +215,13 @@ def test_uniformly_pruned_gemma_runs_in_llamacpp_as_gemma(tokenizer, tmp_path):
     assert norm.tolist() == (weight + 1).tolist()  # Hugging Face scales by 1 + weight, llama.cpp by what it reads
 
 
+def test_untied_gemma_is_refused_naming_the_head(tokenizer):
+    """llama.cpp's gemma graph outputs through token_embd and fails on an output.weight ('wrong number of tensors')."""
+    with pytest.raises(PrunellmError, match=r"'gemma' has no untied_head \(lm_head\)") as info:
+        choose_target(tiny("gemma", tokenizer, tie_word_embeddings=False))
+    assert "\n" not in str(info.value)
+
+
 @pytest.mark.parametrize("family", ["mistral", "llama"])
 def test_sentencepiece_tokenizer_runs_in_llamacpp_like_transformers(family, sp_tokenizer, tmp_path):
     model = tiny(family, sp_tokenizer)
