@@ -205,9 +205,9 @@ def choose_target(model: PreTrainedModel) -> GgufTarget:
         reasons.append(reason)
     widths = facts.widths
     first_odd = next((i for i, w in enumerate(widths) if w != widths[0]), 0)
+    hint = "" if facts.uniform else "; prune with uniform widths per layer (--pruning_distribution uniform) to export it"
     raise PrunellmError(
-        f"this {family} model cannot be written as GGUF: {'; '.join(reasons)} (layer {first_odd}: {widths[first_odd]}); "
-        "prune with uniform widths per layer (--pruning_distribution uniform) or without q/k-norm families to export it"
+        f"this {family} model cannot be written as GGUF: {'; '.join(reasons)} (layer {first_odd}: {widths[first_odd]}){hint}"
     )
 
 
