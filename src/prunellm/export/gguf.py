@@ -37,6 +37,7 @@ from ..hf_modeling import ZeroAttention, ZeroMLP
 from ..specs import spec_for
 from ..surgery import layer_widths
 from ..units import decoder_layers, get_module, head_dim
+from .rope import ROPE_SCALING, check_rope, write_rope
 from .tokenizer import gguf_vocab, write_vocab
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ OutType = Literal["f32", "f16", "q8_0"]
 FILE_TYPES = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "q8_0": LlamaFileType.MOSTLY_Q8_0}
 
 # optional parts of a layer, as found in the model: q/k/v biases, o_proj bias, MLP biases, q/k head norms
-Feature = Literal["qkv_bias", "o_bias", "mlp_bias", "qk_norm"]
+Feature = Literal["qkv_bias", "o_bias", "mlp_bias", "qk_norm", "untied_head"]
 
 
 @dataclass(frozen=True)
@@ -57,13 +58,23 @@ class GgufTarget:
     per_layer: bool  # reads per-layer width arrays and skips 0-head attention
     allowed: frozenset[str]
     required: frozenset[str] = field(default_factory=frozenset)
+    # its graph makes q (and o) hidden x hidden: query heads x head size must equal the hidden size
+    q_is_hidden: bool = False
+    # the MLP activation its graph computes (Hugging Face hidden_act name)
+    activation: str = "silu"
+    # Hugging Face rope types its graph applies (see .rope): llama3's rope_freqs tensor is read by llama and deci only
+    rope_types: frozenset[str] = frozenset({"default", "linear"})
 
 
+ALL_ROPE = frozenset(ROPE_SCALING)
+BIASES = frozenset({"qkv_bias", "o_bias", "mlp_bias"})
 TARGETS = {
-    "llama": GgufTarget("llama", True, False, frozenset({"qkv_bias", "o_bias", "mlp_bias"})),
-    "qwen2": GgufTarget("qwen2", False, False, frozenset({"qkv_bias"}), frozenset({"qkv_bias"})),
-    "qwen3": GgufTarget("qwen3", False, False, frozenset({"qk_norm"}), frozenset({"qk_norm"})),
-    "deci": GgufTarget("deci", True, True, frozenset({"qkv_bias", "o_bias", "mlp_bias"})),
+    "llama": GgufTarget("llama", True, False, BIASES | {"untied_head"}, rope_types=ALL_ROPE),
+    "qwen2": GgufTarget("qwen2", False, False, frozenset({"qkv_bias", "untied_head"}), frozenset({"qkv_bias"}), q_is_hidden=True),
+    "qwen3": GgufTarget("qwen3", False, False, frozenset({"qk_norm", "untied_head"}), frozenset({"qk_norm"})),
+    "deci": GgufTarget("deci", True, True, BIASES | {"untied_head"}, rope_types=ALL_ROPE),
+    # embeddings scaled by sqrt(hidden) in the graph; its output is always token_embd (tied)
+    "gemma": GgufTarget("gemma", False, False, frozenset(), activation="gelu_pytorch_tanh"),
 }
 # prunellm family (spec name) -> llama.cpp architectures to try, in order
 FAMILY_TARGETS = {
@@ -71,7 +82,10 @@ FAMILY_TARGETS = {
     "mistral": ("llama", "deci"),
     "qwen2": ("qwen2", "deci"),
     "qwen3": ("qwen3", "deci"),
+    "gemma": ("gemma", "deci"),
 }
+# Hugging Face RMSNorm scales by (offset + weight) in these families; llama.cpp's by the weight it reads
+NORM_OFFSET = {"gemma": 1.0}
 
 
 @dataclass
@@ -99,57 +113,101 @@ def _interleave(rows: np.ndarray, n_heads: int) -> np.ndarray:
     return rows.reshape(n_heads, 2, d // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
-def model_features(model: PreTrainedModel) -> set[str]:
-    """The optional layer parts this model has (see :data:`Feature`)."""
+def model_features(model: PreTrainedModel) -> dict[str, str]:
+    """The optional layer parts this model has (see :data:`Feature`), each with the first tensor that has it."""
     spec = spec_for(model.config)
-    found: set[str] = set()
-    for block in decoder_layers(model, spec):
-        attn = get_module(block, spec.attention.module)
+    found: dict[str, str] = {}
+    for index, block in enumerate(decoder_layers(model, spec)):
+        attn_path, mlp_path = spec.attention.module, spec.mlp.module
+        attn = get_module(block, attn_path)
         if not isinstance(attn, ZeroAttention):
-            if getattr(get_module(attn, spec.attention.q), "bias", None) is not None:
-                found.add("qkv_bias")
-            if getattr(get_module(attn, spec.attention.o), "bias", None) is not None:
-                found.add("o_bias")
-            if spec.attention.head_norms:
-                found.add("qk_norm")
-        mlp = get_module(block, spec.mlp.module)
-        if not isinstance(mlp, ZeroMLP) and any(
-            getattr(get_module(mlp, name), "bias", None) is not None for name in (spec.mlp.gate, spec.mlp.up, spec.mlp.down)
-        ):
-            found.add("mlp_bias")
+            for feature, name in (("qkv_bias", spec.attention.q), ("o_bias", spec.attention.o)):
+                if getattr(get_module(attn, name), "bias", None) is not None:
+                    found.setdefault(feature, f"layer {index} {attn_path}.{name}.bias")
+            for name in spec.attention.head_norms:
+                found.setdefault("qk_norm", f"layer {index} {attn_path}.{name}.weight")
+        mlp = get_module(block, mlp_path)
+        if not isinstance(mlp, ZeroMLP):
+            for name in (spec.mlp.gate, spec.mlp.up, spec.mlp.down):
+                if getattr(get_module(mlp, name), "bias", None) is not None:
+                    found.setdefault("mlp_bias", f"layer {index} {mlp_path}.{name}.bias")
+    if model.get_output_embeddings().weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
+        found["untied_head"] = spec.lm_head
     return found
+
+
+def _norm_array(weight: torch.Tensor, family: str) -> np.ndarray:
+    return _array(weight) + np.float32(NORM_OFFSET.get(family, 0.0))
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What decides a model's llama.cpp architecture, read once from the model."""
+
+    family: str
+    widths: list[dict[str, int]]  # per layer, as surgery.layer_widths reads them
+    narrow_q: tuple[int, int] | None  # (layer, query width) of the first layer whose query heads x head size != hidden
+    hidden: int
+    activation: str
+    rope_type: str
+    features: dict[str, str]  # Feature -> the first tensor that has it
+
+    @property
+    def uniform(self) -> bool:
+        first = self.widths[0]
+        return all(w == first for w in self.widths) and all(w["num_key_value_heads"] and w["intermediate_size"] for w in self.widths)
+
+
+def model_facts(model: PreTrainedModel) -> ModelFacts:
+    spec = spec_for(model.config)
+    widths = layer_widths(model, spec)
+    d_h, hidden = head_dim(model.config, spec), int(model.config.hidden_size)
+    narrow = next(((i, w["num_attention_heads"] * d_h) for i, w in enumerate(widths) if w["num_attention_heads"] * d_h != hidden), None)
+    activation = str(getattr(model.config, "hidden_activation", None) or model.config.hidden_act)
+    return ModelFacts(spec.name, widths, narrow, hidden, activation, check_rope(model.config), model_features(model))
+
+
+def why_not(target: GgufTarget, facts: ModelFacts) -> str | None:
+    """What of the model ``target``'s graph cannot express (one phrase), or None when it expresses all of it."""
+    name, features = f"'{target.arch}'", set(facts.features)
+    if not facts.uniform and not target.per_layer:
+        return f"{name} needs the same widths in every layer"
+    if target.q_is_hidden and facts.narrow_q is not None:
+        layer, width = facts.narrow_q
+        return f"{name} needs query heads x head size = hidden size (layer {layer}: {width} of {facts.hidden})"
+    if facts.activation != target.activation:
+        return f"{name} computes a {target.activation} MLP, not {facts.activation}"
+    if features - target.allowed:
+        return f"{name} has no {', '.join(f'{f} ({facts.features[f]})' for f in sorted(features - target.allowed))}"
+    if target.required - features:
+        return f"{name} requires {', '.join(sorted(target.required - features))}"
+    if facts.rope_type not in target.rope_types:
+        return f"{name} has no {facts.rope_type} rope scaling"
+    return None
 
 
 def choose_target(model: PreTrainedModel) -> GgufTarget:
     """The first llama.cpp architecture of the model's family that expresses it, or a one-line error why none does."""
-    spec = spec_for(model.config)
-    if spec.name not in FAMILY_TARGETS:
+    family = spec_for(model.config).name
+    if family not in FAMILY_TARGETS:
         raise PrunellmError(
-            f"GGUF export supports the families {', '.join(FAMILY_TARGETS)}; '{spec.name}' has no llama.cpp target "
+            f"GGUF export supports the families {', '.join(FAMILY_TARGETS)}; '{family}' has no llama.cpp target "
             "in prunellm/export/gguf.py (FAMILY_TARGETS)"
         )
-    rope = getattr(model.config, "rope_parameters", None) or {}
-    rope_type = rope.get("rope_type", "default") if isinstance(rope, dict) else "default"
-    if rope_type != "default":
-        raise PrunellmError(f"GGUF export writes plain RoPE; this model uses rope scaling '{rope_type}', which is not exported yet")
-    widths = layer_widths(model, spec)
-    uniform = all(w == widths[0] for w in widths) and all(w["num_key_value_heads"] and w["intermediate_size"] for w in widths)
-    features = model_features(model)
+    facts = model_facts(model)
     reasons = []
-    for name in FAMILY_TARGETS[spec.name]:
-        target = TARGETS[name]
-        if not uniform and not target.per_layer:
-            reasons.append(f"'{name}' needs the same widths in every layer")
-        elif features - target.allowed:
-            reasons.append(f"'{name}' has no {', '.join(sorted(features - target.allowed))}")
-        elif target.required - features:
-            reasons.append(f"'{name}' requires {', '.join(sorted(target.required - features))}")
-        else:
+    for target in (TARGETS[name] for name in FAMILY_TARGETS[family]):
+        reason = why_not(target, facts)
+        if reason is None:
+            if reasons:
+                log.info("writing this %s model as llama.cpp '%s': %s", family, target.arch, "; ".join(reasons))
             return target
+        reasons.append(reason)
+    widths = facts.widths
     first_odd = next((i for i, w in enumerate(widths) if w != widths[0]), 0)
+    hint = "" if facts.uniform else "; prune with uniform widths per layer (--pruning_distribution uniform) to export it"
     raise PrunellmError(
-        f"this {spec.name} model cannot be written as GGUF: {'; '.join(reasons)} (layer {first_odd}: {widths[first_odd]}); "
-        "prune with uniform widths per layer (--pruning_distribution uniform) or without q/k-norm families to export it"
+        f"this {family} model cannot be written as GGUF: {'; '.join(reasons)} (layer {first_odd}: {widths[first_odd]}){hint}"
     )
 
 
@@ -158,7 +216,7 @@ def layer_tensors(model: PreTrainedModel, index: int, target: GgufTarget) -> Lay
     spec = spec_for(model.config)
     block = decoder_layers(model, spec)[index]
     d_h = head_dim(model.config, spec)
-    attn_norm, ffn_norm = (get_module(block, name).weight for name in spec.layer_norms[:2])
+    attn_norm, ffn_norm = (_norm_array(get_module(block, name).weight, spec.name) for name in spec.layer_norms[:2])
     T = MODEL_TENSOR
     out: dict[str, np.ndarray] = {}
     attn = get_module(block, spec.attention.module)
@@ -168,14 +226,14 @@ def layer_tensors(model: PreTrainedModel, index: int, target: GgufTarget) -> Lay
     if zero_attention and index == 0:
         # llama.cpp derives the head size from layer 0's head count: give it one KV group of zeros (output 0)
         n_kv, n_head = 1, model.config.num_attention_heads // model.config.num_key_value_heads
-        out[_name(T.ATTN_NORM, index)] = _array(attn_norm)
+        out[_name(T.ATTN_NORM, index)] = attn_norm
         for kind, rows in ((T.ATTN_Q, n_head * d_h), (T.ATTN_K, d_h), (T.ATTN_V, d_h)):
             out[_name(kind, index)] = np.zeros((rows, hidden), np.float32)
         out[_name(T.ATTN_OUT, index)] = np.zeros((hidden, n_head * d_h), np.float32)
     elif not zero_attention:
         q, k, v, o = (get_module(attn, getattr(spec.attention, key)) for key in ("q", "k", "v", "o"))
         n_head, n_kv = q.out_features // d_h, k.out_features // d_h
-        out[_name(T.ATTN_NORM, index)] = _array(attn_norm)
+        out[_name(T.ATTN_NORM, index)] = attn_norm
         for kind, linear, heads in ((T.ATTN_Q, q, n_head), (T.ATTN_K, k, n_kv), (T.ATTN_V, v, None), (T.ATTN_OUT, o, None)):
             for suffix, param in (("weight", linear.weight), ("bias", linear.bias)):
                 if param is None:
@@ -185,7 +243,7 @@ def layer_tensors(model: PreTrainedModel, index: int, target: GgufTarget) -> Lay
                     data = _interleave(data, heads)
                 out[_name(kind, index, suffix)] = data
         for kind, norm in zip((T.ATTN_Q_NORM, T.ATTN_K_NORM), spec.attention.head_norms):
-            data = _array(get_module(attn, norm).weight)
+            data = _norm_array(get_module(attn, norm).weight, spec.name)
             out[_name(kind, index)] = _interleave(data, 1) if target.interleaved_rope else data
     mlp = get_module(block, spec.mlp.module)
     if isinstance(mlp, ZeroMLP):
@@ -194,14 +252,14 @@ def layer_tensors(model: PreTrainedModel, index: int, target: GgufTarget) -> Lay
         else:
             # deci drops the attention output of an FFN-free layer: an all-zero 1-channel MLP outputs 0 exactly
             n_ff = 1
-            out[_name(T.FFN_NORM, index)] = _array(ffn_norm)
+            out[_name(T.FFN_NORM, index)] = ffn_norm
             out[_name(T.FFN_GATE, index)] = np.zeros((1, hidden), np.float32)
             out[_name(T.FFN_UP, index)] = np.zeros((1, hidden), np.float32)
             out[_name(T.FFN_DOWN, index)] = np.zeros((hidden, 1), np.float32)
     else:
         gate, up, down = (get_module(mlp, getattr(spec.mlp, key)) for key in ("gate", "up", "down"))
         n_ff = gate.out_features
-        out[_name(T.FFN_NORM, index)] = _array(ffn_norm)
+        out[_name(T.FFN_NORM, index)] = ffn_norm
         for kind, linear in ((T.FFN_GATE, gate), (T.FFN_UP, up), (T.FFN_DOWN, down)):
             out[_name(kind, index)] = _array(linear.weight)
             if linear.bias is not None:
@@ -218,13 +276,6 @@ def _encode(name: str, data: np.ndarray, outtype: OutType) -> tuple[np.ndarray, 
     if outtype == "q8_0":
         log.info("%s: rows of %d values are not a multiple of 32, written as f16", name, data.shape[-1])
     return data.astype(np.float16), None
-
-
-def _rope_theta(config) -> float:
-    rope = getattr(config, "rope_parameters", None)
-    if isinstance(rope, dict) and "rope_theta" in rope:
-        return float(rope["rope_theta"])
-    return float(getattr(config, "rope_theta", 10000.0))
 
 
 def export_gguf(
@@ -279,16 +330,16 @@ def export_gguf(
         writer.add_key_length(d_h)
         writer.add_value_length(d_h)
         writer.add_rope_dimension_count(d_h)
-        writer.add_rope_freq_base(_rope_theta(config))
+        rope_tensors = write_rope(writer, config)
         writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
         writer.add_vocab_size(len(vocab.tokens))
         writer.add_file_type(FILE_TYPES[outtype])
         write_vocab(writer, vocab)
 
-        tensors = {_name(MODEL_TENSOR.TOKEN_EMBD): _array(embed)}
+        tensors = {**rope_tensors, _name(MODEL_TENSOR.TOKEN_EMBD): _array(embed)}
         for layer in layers:
             tensors.update(layer.tensors)
-        tensors[_name(MODEL_TENSOR.OUTPUT_NORM)] = _array(get_module(model, spec.final_norm).weight)
+        tensors[_name(MODEL_TENSOR.OUTPUT_NORM)] = _norm_array(get_module(model, spec.final_norm).weight, spec.name)
         if not tied:  # llama.cpp reuses token_embd when output.weight is absent
             tensors[_name(MODEL_TENSOR.OUTPUT)] = _array(head)
         for tensor_name, data in tensors.items():
