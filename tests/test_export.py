@@ -383,12 +383,20 @@ def test_vllm_export_of_a_uniform_model_is_the_standard_architecture(tokenizer, 
 
 
 @pytest.mark.skipif(not HAS_VLLM, reason="vLLM runs in .venv-vllm: scripts/setup_vllm.sh")
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_vllm_serves_the_nemotron_nas_export_like_transformers(family, tokenizer, tmp_path):
+@pytest.mark.parametrize("family, down_bias", [("llama", False), ("qwen2", False), ("llama", True)])
+def test_vllm_serves_the_nemotron_nas_export_like_transformers(family, down_bias, tokenizer, tmp_path):
     from prunellm.export.vllm import export_vllm
 
     model = tiny(family, tokenizer, num_hidden_layers=3, head_dim=32)  # vLLM's CPU attention has no head_dim 16
     prune_units(model, vllm_plan())
+    if down_bias:  # what --reconstruct lstsq_bias adds (the default): a down_proj bias only
+        model = tiny(family, tokenizer, num_hidden_layers=3, head_dim=32, mlp_bias=False)
+        prune_units(model, vllm_plan())
+        model.config.prunellm_bias_compensation = True  # as reconstruction marks it (hf_modeling.BIAS_COMPENSATION_KEY)
+        for layer in model.model.layers:
+            down = getattr(layer.mlp, "down_proj", None)  # an emptied MLP has none
+            if isinstance(down, torch.nn.Linear):
+                down.bias = torch.nn.Parameter(torch.randn(down.out_features) * 0.5)
     folder = export_vllm(model, tokenizer, tmp_path / "vllm", "f32")
     ids = tokenizer(PROMPT)["input_ids"]
     assert vllm_greedy(folder, ids, 16, tmp_path) == transformers_greedy(model, ids, 16)

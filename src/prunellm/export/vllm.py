@@ -107,10 +107,10 @@ def nemotron_nas_state(model: PreTrainedModel, dtype: torch.dtype) -> tuple[dict
                "mlp": (spec.mlp.gate, spec.mlp.up, spec.mlp.down)}  # fmt: skip
     parent = {"qkv": spec.attention.module, "o": spec.attention.module, "mlp": spec.mlp.module}
     live = {"qkv": ZeroAttention, "o": ZeroAttention, "mlp": ZeroMLP}
-    has_bias = {
+    has_bias = {  # any projection of the part: bias compensation gives down_proj/o_proj a bias of their own
         part: any(
             not isinstance(get_module(b, parent[part]), live[part])
-            and get_module(b, f"{parent[part]}.{names[0]}").bias is not None
+            and any(get_module(b, f"{parent[part]}.{name}").bias is not None for name in names)
             for b in blocks
         )
         for part, names in linears.items()
