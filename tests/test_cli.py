@@ -361,6 +361,13 @@ def test_the_shipped_retraining_free_recipe_parses_into_its_groups():
     assert command == "prune"
     assert (recipe.scoring.importance_method, recipe.budget.units) == ("fluctuation", "mlp_channel")
     assert (recipe.selection.normalization, recipe.reconstruction.reconstruct) == ("uniform", "lstsq_bias")
+    assert recipe.priors.temperature == "auto"
+    from prunellm.options import PruneRecipe
+
+    default = PruneRecipe()  # the file spells out the CLI defaults: they must not drift apart
+    fields = lambda r: (r.scoring.importance_method, r.budget.units, r.priors.temperature, r.selection.normalization,  # noqa: E731
+                        r.reconstruction.reconstruct)  # fmt: skip
+    assert fields(recipe) == fields(default)
 
 
 def test_temperature_auto_records_the_matched_t_and_prunes_by_it(workspace):

@@ -138,11 +138,14 @@ def test_prunellm_row_runs_the_cli_defaults_through_the_ablation_row():
     base = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2)).eval()  # fmt: skip
     ids = torch.randint(0, 128, (8, 32))
-    total, cache = count_parameters(base), {}
-    model, info = _prune_prunellm(base, None, ids, 0.1, cache)  # temperature 0: the tokenizer is not needed
+    # the prior's Δloss as if measured (no calibration text needed): layer 1 costs more to remove than layer 0
+    total, cache = count_parameters(base), {"deltas": {"layer": [0.5, 2.0], "attention": [0.2, 0.4], "mlp": [0.3, 3.0]}}
+    model, info = _prune_prunellm(base, None, ids, 0.1, cache)
     assert info["setting"] == d and abs((1 - count_parameters(model) / total) - 0.1) < 0.02
+    if d["temperature"] == "auto":
+        assert info["temperature_used"] > 0
     fields = {"criterion": "magnitude", "units": "all", "normalization": "block", "reconstruct": "none", "target": "pruned",
               "select": "plan", "temperature": 0.0, "ratio": 0.1}  # fmt: skip
     _, plan, extra = prune_row(base, None, ids, fields, cache)
-    assert extra == {} and ("magnitude", ("kv_group", "mlp_channel")) in cache and len(cache) == 2
+    assert extra == {} and ("magnitude", ("kv_group", "mlp_channel")) in cache and len(cache) == 3  # two scores, the deltas
     assert count_parameters(base) == total  # rows prune copies

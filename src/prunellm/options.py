@@ -360,7 +360,7 @@ class PriorOptions(_Options):
     """Layer/block Δloss priors (H-GSP) that scale every unit's score."""
 
     temperature: Union[float, Literal["auto"]] = Field(
-        0.0, description="layer/block prior exponent T: 0 = no prior (skips the ablation passes), a number > 0, or auto "
+        "auto", description="layer/block prior exponent T: 0 = no prior (skips the ablation passes), a number > 0, or auto "
         "(the T at which the prior's spread between blocks matches the scores' spread within a block)"
     )
     tau: Union[float, Literal["auto"]] = Field(
