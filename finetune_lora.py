@@ -2,7 +2,7 @@
 """Recovery fine-tuning of a pruned model with the seed's flags; the same as ``prunellm finetune`` (LoRA by default).
 
 Example:
-    python finetune_lora.py --pruned_model results/smollm2_taylor_p20 --data_path bigbench_natural_instructions \
+    python finetune_lora.py --pruned_model results/smollm2_p20 --data_path bigbench_natural_instructions \
         --lora_r 8 --num_epochs 1 --learning_rate 1e-4 --batch_size 64 --micro_batch_size 4
 
 Multi-process (DDP; on a machine without GPUs the engine uses the CPU/gloo backend):

