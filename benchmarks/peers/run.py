@@ -205,7 +205,9 @@ def render(section: dict) -> str:
     ) + " |"  # fmt: skip
     lines = [
         "## Peers from their own code: FLAP, LLM-Pruner, Torch-Pruning vs prunellm (SmolLM2-135M, no fine-tuning)", "",
-        f"One run (`python -m benchmarks.run --only peers_table`, or `python -m benchmarks.peers.run --out FILE`): every "
+        f"`python -m benchmarks.run --only peers_table` measures every row in one run; `python -m benchmarks.peers.run "
+        "--out FILE [--rows ...]` appends rows, and `--into_results` merges them into results.json, so the rows may "
+        "come from several runs of this same protocol (the dense row must agree). Every "
         f"method calibrated on the same {p['num_samples']} × {p['seq_len']} windows of {p['calibration']} (seed "
         f"{p['seed']}); PPL@128 over the first {p['windows']} windows of two texts none saw, ÷ dense (dense: "
         + ", ".join(f"{label} {dense[key]:.2f}" for key, label in TEXTS) + "). Removed = share of ALL parameters "
