@@ -6,7 +6,7 @@
 
     model, tokenizer = pl.load("smollm2-135m")
     ids = pl.calibrate(tokenizer, "shakespeare", num_samples=32, seq_len=128)
-    scores = pl.score(model, ids, criterion="fluctuation", units=("mlp_channel",))  # the CLI's default recipe
+    scores = pl.score(model, ids, criterion="fluctuation", units=("mlp_channel",))  # the CLI default, less its prior
     plan = pl.select(model, scores, ratio=0.2, normalization="uniform")
     pl.prune(model, plan, calibration=pl.calibrate(tokenizer, "shakespeare", 64, 128, seed=45), reconstruct="lstsq_bias")
     pl.save_pruned(model, tokenizer, "out/model", plan)
