@@ -287,6 +287,14 @@ def _auto_or_number(value, message: str) -> Union[float, Literal["auto"]]:
         raise ValueError(message) from None
 
 
+def _auto_or_non_negative(value, message: str) -> Union[float, Literal["auto"]]:
+    """:func:`_auto_or_number`, refusing negative numbers with the same ``message``."""
+    number = _auto_or_number(value, message)
+    if number != "auto" and number < 0:
+        raise ValueError(message)
+    return number
+
+
 def _not_negative(cls, value):
     if value < 0:
         raise ValueError("must be 0 or more")
@@ -370,10 +378,7 @@ class PriorOptions(_Options):
     @field_validator("temperature", mode="before")
     @classmethod
     def _temperature(cls, value):
-        number = _auto_or_number(value, "is not valid: use 0 (off), a number > 0 or auto")
-        if number != "auto" and number < 0:
-            raise ValueError("is not valid: use 0 (off), a number > 0 or auto")
-        return number
+        return _auto_or_non_negative(value, "is not valid: use 0 (off), a number > 0 or auto")
 
     @field_validator("tau", mode="before")
     @classmethod
@@ -429,10 +434,7 @@ class ReconstructionOptions(_Options):
     @field_validator("reconstruct_damp", mode="before")
     @classmethod
     def _damp(cls, value):
-        number = _auto_or_number(value, "must be auto or a number ≥ 0")
-        if number != "auto" and number < 0:
-            raise ValueError("must be auto or a number ≥ 0")
-        return number
+        return _auto_or_non_negative(value, "must be auto or a number ≥ 0")
 
 
 class AllocationOptions(_Options):
