@@ -291,7 +291,7 @@ def prune_row(base, tokenizer, ids: torch.Tensor, fields: dict, cache: dict) -> 
     the scores (per criterion and units) and the prior's Δloss between rows. ``extra``: the T ``auto`` chose and
     the prior's spread against the scores' (:func:`prior_scale`)."""
     import prunellm as pl
-    from prunellm.priors import matched_temperature, prior_multipliers, resolve_tau
+    from prunellm.priors import prior_multipliers, resolve_tau, resolve_temperature
     from prunellm.selection import normalized_values
 
     kinds = tuple(fields.get("kinds") or UNITS[fields["units"]])
@@ -305,12 +305,12 @@ def prune_row(base, tokenizer, ids: torch.Tensor, fields: dict, cache: dict) -> 
             cache["deltas"] = prior_deltas(base, tokenizer)
         deltas = cache["deltas"]
         tau = resolve_tau(fields.get("tau", "auto"), deltas["layer"])
-        temperature = fields["temperature"]
-        if temperature == "auto":
-            plain = normalized_values(scores.units, scores.scores, fields["normalization"])
-            base_prior = prior_multipliers(deltas["layer"], deltas["attention"], deltas["mlp"], 1.0, tau)
-            temperature = extra["temperature_used"] = round(matched_temperature(base_prior, plain), 4)
-        priors = prior_multipliers(deltas["layer"], deltas["attention"], deltas["mlp"], temperature, tau)
+        layered = (deltas["layer"], deltas["attention"], deltas["mlp"])
+        plain = normalized_values(scores.units, scores.scores, fields["normalization"])
+        temperature = resolve_temperature(fields["temperature"], layered, tau, plain)
+        if fields["temperature"] == "auto":
+            extra["temperature_used"] = round(temperature, 4)
+        priors = prior_multipliers(*layered, temperature, tau)
         extra["prior_scale"] = prior_scale(scores, deltas, fields["normalization"])
     plan = pl.select(base, scores, fields["ratio"], normalization=fields["normalization"], priors=priors,
                      min_kv_groups=fields.get("min_kv_groups", 1), round_to=fields.get("round_to", 1))  # fmt: skip

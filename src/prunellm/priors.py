@@ -243,6 +243,21 @@ def matched_temperature(base: dict[UnitKey, float], values: dict[UnitKey, torch.
     return max(0.0, math.log(score) / math.log(between)) if score > 1.0 else 0.0
 
 
+def resolve_temperature(
+    temperature: float | Literal["auto"],
+    deltas: tuple[list[float], list[float], list[float]],
+    tau: float,
+    values: dict[UnitKey, torch.Tensor] | None,
+) -> float:
+    """A number as it is; ``auto``: :func:`matched_temperature` of the layer/attention/MLP ``deltas`` against
+    ``values`` (the normalised scores without the prior)."""
+    if temperature != "auto":
+        return float(temperature)
+    if values is None:
+        raise ValueError("--temperature auto needs the normalised scores (values=)")
+    return matched_temperature(prior_multipliers(*deltas, 1.0, tau), values)
+
+
 def prior_multipliers(
     layer_deltas: list[float],
     attention_deltas: list[float],

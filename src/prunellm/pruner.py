@@ -53,7 +53,7 @@ from .options import (
 )
 from .paths import atomic_dir, write_json_atomic
 from .plan import LayerPlan, Plan, package_versions
-from .priors import ablation_deltas, ablation_deltas_of, matched_temperature, prior_multipliers, resolve_tau
+from .priors import ablation_deltas, ablation_deltas_of, prior_multipliers, resolve_tau, resolve_temperature
 from .selection import SelectionConstraints, normalized_values, select_global
 from .specs import spec_for
 from .sweep import Offload
@@ -191,11 +191,8 @@ def compute_priors(
     blocks = ablation_deltas_of(model, block_ids, ("attention", "mlp"), batch, offload=offload)  # offloaded: one sweep
     attn_d, mlp_d = blocks["attention"], blocks["mlp"]
     tau = resolve_tau(priors.tau, layer_d)
-    temperature = priors.temperature
-    if temperature == "auto":
-        if values is None:
-            raise ValueError("--temperature auto needs the normalised scores (values=)")
-        temperature = matched_temperature(prior_multipliers(layer_d, attn_d, mlp_d, 1.0, tau), values)
+    temperature = resolve_temperature(priors.temperature, (layer_d, attn_d, mlp_d), tau, values)
+    if priors.temperature == "auto":
         log.info("--temperature auto: T = %.3f (prior spread matched to the scores' within-block spread)", temperature)
     write_json_atomic(out / "layer_importance_loss.json",
                       {"metric": "delta_loss_zero_ablation", "layers": layer_d, "tau": tau, "temperature": temperature})  # fmt: skip
