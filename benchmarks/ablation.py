@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from benchmarks.common import MODEL, WIKITEXT_VALID, eval_token_sets
+from benchmarks.common import MODEL, WIKITEXT_VALID, eval_token_sets, kjv_text
 
 NUM_SAMPLES, SEQ_LEN, SEED, WINDOWS = 32, 128, 42, 64
 # criterion[^T][@units] / normalization / reconstruct[:target][+select] / ratio of all parameters; T: the H-GSP prior's
@@ -99,7 +99,17 @@ ISSUE_17_PEERS = (
     ("prunellm taylor / block / bias (before issue 17)", 0.200, 4.28, 2.76),
     ("prunellm taylor / block / lstsq (default before issue 17)", 0.200, 2.51, 1.78),
 )
-TEXTS = (("shakespeare_eval", "held-out Shakespeare"), ("wikitext2_test", "WikiText-2 test"))
+TEXTS = (("shakespeare_eval", "held-out Shakespeare"), ("wikitext2_test", "WikiText-2 test"), ("kjv", "King James Bible"))
+
+
+def texts_of(dense: dict) -> tuple[tuple[str, str], ...]:
+    """The :data:`TEXTS` the dense row was evaluated on (the Bible needs Debian's bible-kjv)."""
+    return tuple((key, label) for key, label in TEXTS if key in dense)
+
+
+def ratio_cell(ppl: dict, key: str, dense: dict) -> str:
+    """PPL ÷ dense of one text, or — where the row was measured without it."""
+    return f"{ppl[key] / dense[key]:.2f}" if key in ppl else "—"
 
 
 def read_rows(path: str) -> dict:
@@ -115,11 +125,13 @@ def render(section: dict) -> str:
     """Markdown of the ablation section."""
     p = section["protocol"]
     dense = section["dense"]["ppl"]
+    texts = texts_of(dense)
     lines = [
         "## Issue 17 ablation: criterion × allocation × reconstruction (SmolLM2-135M, no fine-tuning)", "",
         f"Scores and reconstruction calibrated on the same {p['num_samples']} × {p['seq_len']} windows of WikiText-2 "
-        f"*validation* (seed {p['seed']}); PPL@128 over the first {p['windows']} windows of two texts neither saw; "
-        "each figure is PPL ÷ dense (dense: " + ", ".join(f"{label} {dense[key]:.2f}" for key, label in TEXTS) + "). "
+        f"*validation* (seed {p['seed']}); PPL@128 over the first {p['windows']} windows of texts neither saw "
+        "(the King James Bible from Genesis on, where Debian's bible-kjv is installed; — = a row measured before it "
+        "was added); each figure is PPL ÷ dense (dense: " + ", ".join(f"{label} {dense[key]:.2f}" for key, label in texts) + "). "
         "Allocation: `block` = importance/cost ÷ its block's mean, `standard` = z-score per unit kind over all "
         "layers, `block_standard` = z-score per block (FLAP AL-AM), `uniform` = percentile within its block, "
         "`none` = importance/cost as it is. Produced by `python -m benchmarks.ablation --out FILE` "
@@ -128,11 +140,11 @@ def render(section: dict) -> str:
         "(`pruned` = each projection's own output on the pruned model's inputs, `residual` = the dense model's "
         "residual stream). `+ obs`: the criterion and allocation set each layer's count, greedy OBS on the layer's "
         "pruned-model inputs chooses which units (`--reconstruct_select obs`).", "",
-        "| criterion | units | allocation | reconstruct | target | removed | " + " | ".join(label for _, label in TEXTS) + " | seconds |",
-        "|---|---|---|---|---|---|" + "---|" * len(TEXTS) + "---|",
+        "| criterion | units | allocation | reconstruct | target | removed | " + " | ".join(label for _, label in texts) + " | seconds |",
+        "|---|---|---|---|---|---|" + "---|" * len(texts) + "---|",
     ]  # fmt: skip
     for row in section["rows"]:
-        ratios = " | ".join(f"{row['ppl'][key] / dense[key]:.2f}" for key, _ in TEXTS)
+        ratios = " | ".join(ratio_cell(row["ppl"], key, dense) for key, _ in texts)
         t = row.get("temperature")
         criterion = row["criterion"] + (f" T=auto ({row['temperature_used']:.2f})" if t == "auto" else f" T={t:g}" if t else "")
         lines.append(
@@ -212,6 +224,11 @@ def start(out: str, threads: int = 2):
     base, tokenizer = pl.load(MODEL)
     base.eval()
     token_sets = eval_token_sets(tokenizer)
+    bible = kjv_text()
+    if bible is not None:  # a third held-out text, of another kind than both
+        from prunellm.data import tokenize_text
+
+        token_sets["kjv"] = tokenize_text(tokenizer, bible[:400_000])
     ids = calibration_windows(tokenizer)
     total = count_parameters(base)
     done = set()
@@ -351,11 +368,13 @@ def merge_rows(old: dict | None, new: dict) -> dict:
     if not old:
         return new
     old_ppl, new_ppl = old["dense"]["ppl"], new["dense"]["ppl"]
-    same_dense = old_ppl.keys() == new_ppl.keys() and all(abs(new_ppl[k] - v) <= 1e-4 * v for k, v in old_ppl.items())
+    shared = old_ppl.keys() & new_ppl.keys()  # a text one run lacks (the Bible without bible-kjv) is left out
+    same_dense = bool(shared) and all(abs(new_ppl[k] - old_ppl[k]) <= 1e-4 * old_ppl[k] for k in shared)
     if not same_dense or old["protocol"] != new["protocol"]:
         raise SystemExit(f"the file's dense row or protocol differs from benchmarks/results.json's: {new['dense']} vs {old['dense']}")
     names = {r["row"] for r in new["rows"]}
-    return old | new | {"rows": [r for r in old["rows"] if r.get("row") not in names] + new["rows"]}
+    dense = new["dense"] | {"ppl": old_ppl | new_ppl}
+    return old | new | {"dense": dense, "rows": [r for r in old["rows"] if r.get("row") not in names] + new["rows"]}
 
 
 def into_results(name: str, section: dict, merge: bool = False) -> None:

@@ -3,14 +3,19 @@
 Calibration comes from the Shakespeare *train* plays (``prunellm.data.sample_calibration``), and for the rows that
 say so, reconstruction from a mixture of those plays and WikiText-2 *validation*; evaluation uses WikiText-2 test
 (``../shared/data/wikitext-2/{valid,test}.txt`` where they exist: never copied into the project) and the held-out
-Shakespeare plays. Calibration and evaluation text never overlap.
+Shakespeare plays; the issue-17 protocol (``benchmarks/ablation.py``, ``benchmarks/peers``) adds the King James
+Bible where Debian's ``bible-kjv`` is installed, a third text of another kind. Calibration and evaluation text
+never overlap.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import re
 import resource
+import shutil
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +68,29 @@ def eval_token_sets(tokenizer, max_chars: int = 400_000) -> dict[str, torch.Tens
         texts["wikitext2_test"] = WIKITEXT.read_text()[:max_chars]
     texts["shakespeare_eval"] = load_text("shakespeare", "eval")[:max_chars]
     return {name: tokenize_text(tokenizer, text) for name, text in texts.items()}
+
+
+def kjv_text() -> str | None:
+    """The King James Bible from Genesis on (Debian ``bible-kjv``: ``bible -p /usr/lib``), one paragraph per chapter,
+    without chapter headings and verse numbers; ``None`` where the ``bible`` command is absent."""
+    command = shutil.which("bible")
+    if command is None:
+        log.info("the King James Bible is skipped: install Debian's bible-kjv (apt-get install bible-kjv) to evaluate on it")
+        return None
+    printed = subprocess.run([command, "-p", "/usr/lib", "gen1:1-rev22:21"], capture_output=True, text=True, check=True).stdout
+    chapters, verses = [], []
+    for line in printed.splitlines():
+        verse = re.match(r"^\s+\d+ (.*)$", line)
+        if verse:
+            verses.append(verse.group(1).strip())
+        elif line.strip() and verses and not re.match(r"^\S.* \d+$", line):
+            verses[-1] += " " + line.strip()  # a verse wrapped onto the next line
+        elif re.match(r"^\S.* \d+$", line) and verses:  # the next chapter's heading
+            chapters.append(" ".join(verses))
+            verses = []
+    if verses:
+        chapters.append(" ".join(verses))
+    return "\n\n".join(chapters)
 
 
 def protocol_text() -> str:

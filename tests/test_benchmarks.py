@@ -156,3 +156,8 @@ def test_ablation_rows_merge_into_results_and_other_dense_rows_are_refused():
         merge_rows(old, new | {"dense": {"row": "dense", "ppl": {"a": 61.0, "b": 62.43}}})
     with pytest.raises(SystemExit):
         merge_rows(old, new | {"protocol": protocol | {"windows": 32}})
+    # a run that adds a text (the Bible where bible-kjv is installed) merges on the texts both have
+    third = new | {"dense": {"row": "dense", "ppl": {"a": 59.029, "b": 62.431, "c": 20.0}}}
+    assert merge_rows(old, third)["dense"]["ppl"] == {"a": 59.029, "b": 62.431, "c": 20.0}
+    with pytest.raises(SystemExit):
+        merge_rows(old, new | {"dense": {"row": "dense", "ppl": {"c": 20.0}}})

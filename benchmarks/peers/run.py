@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks.ablation import NUM_SAMPLES, SEED, SEQ_LEN, TEXTS, WINDOWS, evaluate, into_results, start
+from benchmarks.ablation import NUM_SAMPLES, SEED, SEQ_LEN, WINDOWS, evaluate, into_results, ratio_cell, start, texts_of
 
 log = logging.getLogger("benchmarks.peers")
 RATIOS = (0.2, 0.3)
@@ -190,7 +190,7 @@ def _cell(row: dict | None, key: str, dense: dict) -> str:
         return "—"
     if row.get("error"):
         return "error"
-    return f"{row['ppl'][key] / dense[key]:.2f}"
+    return ratio_cell(row["ppl"], key, dense)
 
 
 def render(section: dict) -> str:
@@ -199,9 +199,10 @@ def render(section: dict) -> str:
     rows = {(r["method"], r["ratio"]): r for r in section["rows"]}
     ratios = sorted({r["ratio"] for r in section["rows"]})
     d = section["prunellm_default"]
+    texts = texts_of(dense)
     header = "| method | " + " | ".join(
-        f"removed (~{ratio:.0%}) | {label} ÷ dense | {other} ÷ dense".replace("%", " %")
-        for ratio in ratios for (_, label), (_, other) in [TEXTS]
+        f"removed (~{ratio:.0%})".replace("%", " %") + "".join(f" | {label} ÷ dense" for _, label in texts)
+        for ratio in ratios
     ) + " |"  # fmt: skip
     lines = [
         "## Peers from their own code: FLAP, LLM-Pruner, Torch-Pruning vs prunellm (SmolLM2-135M, no fine-tuning)", "",
@@ -209,22 +210,22 @@ def render(section: dict) -> str:
         "--out FILE [--rows ...]` appends rows, and `--into_results` merges them into results.json, so the rows may "
         "come from several runs of this same protocol (the dense row must agree). Every "
         f"method calibrated on the same {p['num_samples']} × {p['seq_len']} windows of {p['calibration']} (seed "
-        f"{p['seed']}); PPL@128 over the first {p['windows']} windows of two texts none saw, ÷ dense (dense: "
-        + ", ".join(f"{label} {dense[key]:.2f}" for key, label in TEXTS) + "). Removed = share of ALL parameters "
+        f"{p['seed']}); PPL@128 over the first {p['windows']} windows of {len(texts)} texts none saw, ÷ dense (dense: "
+        + ", ".join(f"{label} {dense[key]:.2f}" for key, label in texts) + "). Removed = share of ALL parameters "
         "(embeddings included; FLAP's added biases counted), each peer's own ratio setting chosen to land nearest "
         f"the target. prunellm default = `PruneRecipe` defaults: criterion `{d['criterion']}`, units "
         f"`{d.get('units', 'kv_group,mlp_channel')}`, allocation `{d['normalization']}`, H-GSP temperature "
         f"`{d.get('temperature', 0)}`, reconstruct `{d['reconstruct']}` (same windows; the priors' Δloss too). "
         "Peers are run from pinned commits "
         "of their repositories, adapted as `benchmarks/peers/` documents.", "",
-        header, "|---|" + "---|---|---|" * len(ratios),
+        header, "|---|" + ("---|" * (1 + len(texts))) * len(ratios),
     ]  # fmt: skip
     for method in METHODS:
         cells = []
         for ratio in ratios:
             row = rows.get((method, ratio))
             removed = "—" if row is None or row.get("error") else f"{row['removed'] * 100:.1f} %"
-            cells += [removed, _cell(row, TEXTS[0][0], dense), _cell(row, TEXTS[1][0], dense)]
+            cells += [removed, *(_cell(row, key, dense) for key, _ in texts)]
         lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
     lines += ["", "Measured earlier for issue 17 with minimally adapted peer code at 20 % (same windows and protocol; the "
               "issue does not name its first text): FLAP 19.7 % → 2.43 / 1.69 (WikiText-2 test), LLM-Pruner 20.9 % → "
