@@ -173,6 +173,39 @@ def test_lstsq_bias_error_is_at_most_that_of_bias_and_of_lstsq(family, kind):
     assert errors["lstsq_bias"] <= min(errors["bias"], errors["lstsq"]) * (1 + 1e-4) + 1e-9
 
 
+@pytest.mark.parametrize("damp", [float("inf"), 1e6])
+def test_lstsq_bias_ridge_leaves_the_intercept_free_so_heavy_damping_gives_bias_compensation(damp):
+    """Ridge regression does not shrink its intercept: λ → ∞ keeps W_S and moves the bias by Σ_removed W_j·mean(x_j),
+    FLAP's compensation, instead of shrinking the bias back to the original one."""
+    torch.manual_seed(3)
+    x = torch.randn(500, 10, dtype=torch.float64) + torch.linspace(-2, 3, 10, dtype=torch.float64)  # non-zero means
+    linear = torch.nn.Linear(10, 6).double()
+    stats = InputStats(sum=x.sum(0), gram=x.T @ x, tokens=500)
+    kept = torch.tensor([0, 2, 3, 5, 8])
+    weight, bias, _ = compensate_projection(linear, stats, kept, "lstsq_bias", damp=damp)
+    removed = torch.tensor([1, 4, 6, 7, 9])
+    flap = linear.bias.detach() + linear.weight.detach()[:, removed] @ x.mean(0)[removed]
+    torch.testing.assert_close(weight, linear.weight.detach()[:, kept], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bias, flap, rtol=1e-4, atol=1e-5)
+
+
+def test_auto_damp_may_choose_bias_compensation_alone():
+    """Where no refit of the kept columns generalises (they carry only noise the removed ones shared), cross-validation
+    keeps W_S and the shifted intercept (λ = ∞) rather than the unshifted original."""
+    torch.manual_seed(4)
+    signal = torch.randn(64, 1, dtype=torch.float64)
+    x = torch.cat([torch.randn(64, 8, dtype=torch.float64) * 0.01 + 5.0, signal], 1)  # constant-ish inputs, few tokens
+    linear = torch.nn.Linear(9, 4).double()
+    grams = [x[:32].T @ x[:32], x[32:].T @ x[32:]]
+    stats = InputStats(sum=x.sum(0), gram=grams[0] + grams[1], tokens=64, fold_grams=grams,
+                       fold_sums=[x[:32].sum(0), x[32:].sum(0)], fold_tokens=[32, 32])  # fmt: skip
+    kept = torch.arange(4)
+    weight, bias, report = compensate_projection(linear, stats, kept, "lstsq_bias", damp="auto")
+    cv = report["cv_relative_error"]
+    assert "inf" in cv and cv["inf"] < cv["no_refit"]
+    assert bias is not None and not torch.allclose(bias, linear.bias.detach())
+
+
 @pytest.mark.parametrize("mode", ["bias", "lstsq", "lstsq_bias"])
 def test_reconstructed_checkpoint_loads_both_ways(mode, tmp_path):
     model = make_tiny_model("mistral")  # no biases anywhere: bias compensation must add them

@@ -17,7 +17,8 @@ pruned units (o_proj reads the kept heads, down_proj the kept channels):
   A refit that would not lower the layer's calibration reconstruction error is discarded.
 * ``lstsq_bias``: the same refit with the projection's bias as one more, always kept, input column of constant 1
   (an intercept): the mean of what the removed units contributed (``bias``) and the refit of ``lstsq`` solved
-  jointly, in one ridge system on the Gram matrix of [x, 1].
+  jointly, in one ridge system on the Gram matrix of [x, 1]. As in ridge regression the intercept is not shrunk:
+  λ → ∞ gives ``bias`` exactly (W_S kept, the bias shifted), λ → 0 the plain refit, and ``auto`` also tries λ = ∞.
 
 What a refit preserves is its *target* (``target``):
 
@@ -38,6 +39,7 @@ Memory is bounded by one layer's statistics (in×in and in×out float64) plus th
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Union
 
@@ -63,7 +65,7 @@ SELECTS = ("plan", "obs")
 LSTSQ_MODES = ("lstsq", "lstsq_bias")
 Damp = Union[float, Literal["auto"]]
 DAMP_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)  # λ / mean(diag H_SS) tried by damp="auto"
-SOLVER = "ridge_to_original"  # recorded in plans: replaying a plan made by another solver would differ
+SOLVER = "ridge_to_original_free_intercept"  # recorded in plans: replaying a plan made by another solver would differ
 
 
 @dataclass
@@ -234,25 +236,30 @@ class _System:
     h_ss: torch.Tensor  # H_SS (k, k)
     rhs: torch.Tensor  # H_S,: Wᵀ (k, out)
     target_sq: float  # ‖X Wᵀ‖² = tr(W H Wᵀ)
+    # the last kept column is an intercept (constant 1, the bias): the ridge leaves it free, as ridge regression
+    # leaves its intercept, so λ → ∞ keeps W_S and moves the bias by the mean of what was removed (``bias``)
+    free_last: bool = False
 
     @classmethod
-    def build(cls, gram: torch.Tensor, weight: torch.Tensor, kept: torch.Tensor) -> "_System":
+    def build(cls, gram: torch.Tensor, weight: torch.Tensor, kept: torch.Tensor, free_last: bool = False) -> "_System":
         """The system whose target is the projection's own output X Wᵀ."""
         w = weight.double()
         rows = gram[kept]
-        return cls(rows[:, kept], rows @ w.T, float(((w @ gram) * w).sum()))
+        return cls(rows[:, kept], rows @ w.T, float(((w @ gram) * w).sum()), free_last)
 
     @classmethod
-    def build_for_target(cls, gram: torch.Tensor, cross: torch.Tensor, target_sq: float, kept: torch.Tensor) -> "_System":
+    def build_for_target(
+        cls, gram: torch.Tensor, cross: torch.Tensor, target_sq: float, kept: torch.Tensor, free_last: bool = False
+    ) -> "_System":
         """The system whose target Y was given: Xᵀ Y (``cross``, (in, out)) and ‖Y‖²."""
         rows = gram[kept]
-        return cls(rows[:, kept], cross[kept], float(target_sq))
+        return cls(rows[:, kept], cross[kept], float(target_sq), free_last)
 
     def __add__(self, other: "_System") -> "_System":
-        return _System(self.h_ss + other.h_ss, self.rhs + other.rhs, self.target_sq + other.target_sq)
+        return _System(self.h_ss + other.h_ss, self.rhs + other.rhs, self.target_sq + other.target_sq, self.free_last)
 
     def __sub__(self, other: "_System") -> "_System":
-        return _System(self.h_ss - other.h_ss, self.rhs - other.rhs, self.target_sq - other.target_sq)
+        return _System(self.h_ss - other.h_ss, self.rhs - other.rhs, self.target_sq - other.target_sq, self.free_last)
 
     def error(self, new_weight: torch.Tensor) -> float:
         """‖X Wᵀ − X_S W'ᵀ‖² = tr(W H Wᵀ) − 2 tr(W' H_S,: Wᵀ) + tr(W' H_SS W'ᵀ)."""
@@ -261,21 +268,37 @@ class _System:
 
     def solve(self, original: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
         """Ridge refit toward ``original`` (W_S, (out, k)); returns (W'_S, damping actually used)."""
-        scale = float(self.h_ss.diagonal().mean()) or 1.0
+        penalised = torch.ones(len(self.h_ss), dtype=torch.float64)
+        if self.free_last:
+            penalised[-1] = 0.0
+        scale = float(self.h_ss.diagonal()[penalised > 0].mean()) if bool((penalised > 0).any()) else 1.0
+        scale = scale or 1.0
         anchor = original.double().T  # (k, out)
+        if math.isinf(damp):
+            return self._solve_intercept_only(anchor), damp
         lam = damp
         for _ in range(8):
-            system = self.h_ss + lam * scale * torch.eye(len(self.h_ss), dtype=torch.float64)
+            ridge = lam * scale * penalised
+            system = self.h_ss + torch.diag(ridge)
             factor, info = torch.linalg.cholesky_ex(system)
             pivots = factor.diagonal().abs()
             # a factorisation that "succeeds" on a numerically singular system has a vanishing pivot
             well_conditioned = int(info) == 0 and float((pivots.min() / pivots.max()) ** 2) > 1e-12
             if well_conditioned:
-                solution = torch.cholesky_solve(self.rhs + lam * scale * anchor, factor).T  # (out, k)
+                solution = torch.cholesky_solve(self.rhs + ridge[:, None] * anchor, factor).T  # (out, k)
                 if torch.isfinite(solution).all():
                     return solution, lam
             lam = max(lam * 10, 1e-6)
         raise PrunellmError(f"least-squares reconstruction stayed singular up to damping {lam:g}: raise --reconstruct_damp")
+
+    def _solve_intercept_only(self, anchor: torch.Tensor) -> torch.Tensor:
+        """λ = ∞ with a free intercept: W_S stays, the intercept absorbs the mean error (FLAP's bias compensation)."""
+        if not self.free_last:
+            return anchor.T.clone()
+        solution = anchor.clone()
+        h_free = float(self.h_ss[-1, -1]) or 1.0
+        solution[-1] = (self.rhs[-1] - self.h_ss[-1, :-1] @ anchor[:-1]) / h_free
+        return solution.T
 
 
 def solve_lstsq(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
@@ -289,24 +312,30 @@ def solve_lstsq(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, da
 
 
 def choose_damp(
-    weight: torch.Tensor, fold_grams: list[torch.Tensor], kept: torch.Tensor, fold_systems: list["_System"] | None = None
+    weight: torch.Tensor,
+    fold_grams: list[torch.Tensor],
+    kept: torch.Tensor,
+    fold_systems: list["_System"] | None = None,
+    free_last: bool = False,
 ) -> tuple[float | None, dict]:
     """λ of :data:`DAMP_GRID` with the lowest held-out output error under k-fold cross-validation.
 
     Returns ``(None, errors)`` when no λ beats leaving the kept columns as they are on the held-out folds.
-    ``fold_systems`` (systems for an explicit target) replace the ones built from ``fold_grams`` and ``weight``.
+    ``fold_systems`` (systems for an explicit target) replace the ones built from ``fold_grams`` and ``weight``;
+    ``free_last``: the last kept column is an unpenalised intercept (see :class:`_System`).
     """
     w = weight.cpu()
     # each fold's products once, not once per λ
-    folds = fold_systems if fold_systems is not None else [_System.build(gram, w, kept) for gram in fold_grams]
+    folds = fold_systems if fold_systems is not None else [_System.build(gram, w, kept, free_last) for gram in fold_grams]
     total = sum(folds[1:], folds[0])
     plain = w[:, kept]
-    cv = dict.fromkeys(DAMP_GRID, 0.0)
+    grid = DAMP_GRID + ((math.inf,) if free_last else ())  # ∞: the intercept alone moves (``bias``)
+    cv = dict.fromkeys(grid, 0.0)
     baseline = 0.0
     for held_out in folds:
         train = total - held_out
         baseline += held_out.error(plain)
-        for damp in DAMP_GRID:
+        for damp in grid:
             solution, _ = train.solve(plain, damp)
             cv[damp] += held_out.error(solution)
     best = min(cv, key=cv.get)
@@ -349,10 +378,10 @@ def _target_systems(
         )
     else:
         gram, fold_grams, cross, fold_cross = stats.gram, stats.fold_grams, stats.cross, stats.fold_cross
-    total = _System.build_for_target(gram, cross, stats.target_sq, columns)
+    total = _System.build_for_target(gram, cross, stats.target_sq, columns, intercept)
     folds = None
     if fold_grams and fold_cross:
-        folds = [_System.build_for_target(g, c, sq, columns) for g, c, sq in zip(fold_grams, fold_cross, stats.fold_target_sq)]
+        folds = [_System.build_for_target(g, c, sq, columns, intercept) for g, c, sq in zip(fold_grams, fold_cross, stats.fold_target_sq)]
     return total, folds
 
 
@@ -399,12 +428,12 @@ def compensate_projection(
         if explicit:
             system, fold_systems = _target_systems(stats, columns, mode == "lstsq_bias", linear.bias.detach() if linear.bias is not None else None)
         else:
-            system, fold_systems = _System.build(gram, w, columns), None
+            system, fold_systems = _System.build(gram, w, columns, mode == "lstsq_bias"), None
         baseline, total = system.error(w[:, columns]), system.target_sq or 1.0
         if damp == "auto":
             if not fold_grams:
                 raise PrunellmError("--reconstruct_damp auto needs per-fold statistics (collect them with folds=2)")
-            chosen, cv = choose_damp(w, fold_grams, columns, fold_systems)
+            chosen, cv = choose_damp(w, fold_grams, columns, fold_systems, free_last=mode == "lstsq_bias")
             report["cv_relative_error"] = {k: v / total for k, v in cv["cv_error"].items()} | {"no_refit": cv["cv_error_no_refit"] / total}
             if chosen is None:  # no damping generalises better than the original columns: leave them
                 report.update(damp=None, error_before=baseline / total, error_after=baseline / total, kept_original=True)
@@ -412,7 +441,7 @@ def compensate_projection(
             damp = chosen
         solution, used = system.solve(w[:, columns], float(damp))
         refit = system.error(solution)
-        report.update(damp=used, error_before=baseline / total, error_after=min(refit, baseline) / total)
+        report.update(damp=used if math.isfinite(used) else "inf", error_before=baseline / total, error_after=min(refit, baseline) / total)
         if refit < baseline:
             solution = solution.to(weight.dtype).to(weight.device)
             if mode == "lstsq_bias":
@@ -444,7 +473,10 @@ class _DenseLayer:
 
 
 def _obs_choice(linear: nn.Linear, stats: InputStats, width: int, count: int, keep: int, mode: Mode) -> list[int]:
-    """The ``keep`` units (of ``count``, ``width`` input columns each) greedy OBS keeps, on this layer's inputs."""
+    """The ``keep`` units (of ``count``, ``width`` input columns each) greedy OBS keeps, on this layer's inputs.
+
+    OBS's own light damping (:data:`prunellm.criteria.obs.DAMP`): damping it as much as cross-validation picks for the
+    plan's refit was measured worse on every held-out text (docs/benchmarks.md)."""
     from .criteria.obs import greedy_obs_removal
 
     weight, gram, fixed = linear.weight.detach().cpu(), stats.gram, 0
