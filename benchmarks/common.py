@@ -140,7 +140,7 @@ class Shared:
         """The windows ``prunellm prune`` would reconstruct from with ``recipe`` (``None`` for none), sampled once."""
         from prunellm.pruner import reconstruction_calibration, reconstruction_settings
 
-        settings = reconstruction_settings(recipe.reconstruction, recipe.calibration.dataset, seed)
+        settings = reconstruction_settings(recipe.reconstruction, recipe.calibration.dataset, seed, recipe.scoring.importance_method)
         key = ("reconstruction", settings["mode"] != "none", settings.get("dataset"), settings.get("num_samples"), settings.get("seq_len"), settings.get("seed"))
         if key not in self.cache:
             self.cache[key] = reconstruction_calibration(self.tokenizer, settings)

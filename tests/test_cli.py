@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -103,24 +104,33 @@ def test_reconstruction_on_a_mixture_is_recorded_and_replayed(workspace):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_obs_selection_records_the_units_it_applied_and_replays_identically(workspace):
-    """--reconstruct_select obs keeps the criterion's per-layer counts, and plan.json records the units the refit
-    chose, so a replay gives the same weights and the plan describes the model."""
+@pytest.mark.parametrize("select", ["obs", "fluctuation"])
+def test_reconstruction_selection_records_the_units_it_applied_and_replays_identically(workspace, select):
+    """--reconstruct_select obs / fluctuation keeps the criterion's per-layer counts, and plan.json records the
+    units the refit chose, so a replay gives the same weights and the plan describes the model."""
     recon = ("--reconstruct", "lstsq_bias", "--reconstruct_num_samples", "8", "--reconstruct_seq_len", "32")
-    assert main(_prune_args(workspace, "obs_plan", "--importance_method", "magnitude", *recon)) == 0
-    assert main(_prune_args(workspace, "obs_sel", "--importance_method", "magnitude", "--reconstruct_select", "obs", *recon)) == 0
-    by_plan = json.loads((workspace / "results" / "obs_plan" / "plan.json").read_text())
-    by_obs = json.loads((workspace / "results" / "obs_sel" / "plan.json").read_text())
-    assert by_obs["reconstruction"]["select"] == "obs" and by_obs["params_after"] == by_plan["params_after"]
+    assert main(_prune_args(workspace, f"{select}_plan", "--importance_method", "magnitude", *recon)) == 0
+    assert main(_prune_args(workspace, f"{select}_sel", "--importance_method", "magnitude", "--reconstruct_select", select, *recon)) == 0
+    by_plan = json.loads((workspace / "results" / f"{select}_plan" / "plan.json").read_text())
+    by_obs = json.loads((workspace / "results" / f"{select}_sel" / "plan.json").read_text())
+    assert by_plan["reconstruction"]["select"] == "plan"  # auto with magnitude: the criterion is not re-measured
+    assert by_obs["reconstruction"]["select"] == select and by_obs["params_after"] == by_plan["params_after"]
     counts = lambda plan: [(len(l["kv_groups"] or []), len(l["mlp_channels"] or [])) for l in plan["layers"]]  # noqa: E731
     assert counts(by_obs) == counts(by_plan) and by_obs["layers"] != by_plan["layers"]
-    model = load_pruned(workspace / "results" / "obs_sel" / "model")
+    with open(workspace / "results" / f"{select}_sel" / "analysis" / "global_group_table.csv", newline="") as handle:
+        table = list(csv.DictReader(handle))
+    for index, layer in enumerate(by_obs["layers"]):  # the analysis marks the units the refit removed, not the plan's first choice
+        for kind, field in (("kv_group", "kv_groups"), ("mlp_channel", "mlp_channels")):
+            rows = [r for r in table if int(r["layer"]) == index and r["unit"] == kind]
+            if layer[field] is not None and rows:
+                assert {int(r["index"]) for r in rows if r["removed"] == "False"} == set(layer[field])
+    model = load_pruned(workspace / "results" / f"{select}_sel" / "model")
     for index, layer in enumerate(by_obs["layers"]):
         if layer["mlp_channels"] is not None:
             assert layer_units(model, index, "mlp_channel").count == len(layer["mlp_channels"])
-    assert main(_prune_args(workspace, "obs_replay", "--plan", str(workspace / "results" / "obs_sel" / "plan.json"))) == 0
-    a = load_file(workspace / "results" / "obs_sel" / "model" / "model.safetensors")
-    b = load_file(workspace / "results" / "obs_replay" / "model" / "model.safetensors")
+    assert main(_prune_args(workspace, f"{select}_replay", "--plan", str(workspace / "results" / f"{select}_sel" / "plan.json"))) == 0
+    a = load_file(workspace / "results" / f"{select}_sel" / "model" / "model.safetensors")
+    b = load_file(workspace / "results" / f"{select}_replay" / "model" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -206,6 +216,7 @@ def test_existing_output_is_refused_without_overwrite(workspace, capsys):
         (["--run_evaluation", "ppl,bleu"], "--run_evaluation 'bleu' is not valid: use a comma-separated subset of ppl"),
         (["--reconstruct_dataset", "no_such_corpus"], "--reconstruct_dataset 'no_such_corpus'"),
         (["--reconstruct_select", "obs", "--reconstruct", "bias"], "--reconstruct_select obs chooses units for a least-squares refit"),
+        (["--reconstruct_select", "fluctuation", "--reconstruct", "none"], "--reconstruct_select fluctuation chooses units during reconstruction"),
     ],
 )
 def test_bad_input_gives_one_line(workspace, capsys, extra, expected):

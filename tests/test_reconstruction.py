@@ -9,7 +9,9 @@ from transformers import AutoModelForCausalLM
 
 from prunellm.checkpoint import load_pruned, save_model
 from prunellm.errors import PrunellmError
-from prunellm.reconstruction import DAMP_GRID, InputStats, choose_damp, compensate_projection, prune_with_reconstruction, solve_lstsq
+from prunellm.reconstruction import (
+    DAMP_GRID, InputStats, choose_damp, compensate_projection, prune_with_reconstruction, resolve_select, solve_lstsq,
+)  # fmt: skip
 from prunellm.surgery import prune_units
 from prunellm.units import count_parameters, decoder_layers, layer_units
 
@@ -380,3 +382,55 @@ def test_obs_selection_needs_a_least_squares_refit():
     model = make_tiny_model("llama")
     with pytest.raises(PrunellmError, match="--reconstruct_select obs .* lstsq or lstsq_bias"):
         prune_with_reconstruction(model, {(0, "mlp_channel"): [0]}, calibration_ids(), "bias", select="obs")
+
+
+def _first_layer_fluctuation(model, ids, count: int) -> list[int]:
+    """The ``count`` MLP channels of layer 0 that the fluctuation criterion, on the dense model, ranks highest."""
+    import prunellm as pl
+
+    scores = pl.score(model, ids, "fluctuation", units=("mlp_channel",), batch_size=4)
+    return sorted(torch.topk(scores.scores[(0, "mlp_channel")], count).indices.tolist())
+
+
+def test_fluctuation_selection_keeps_the_counts_and_on_the_first_layer_is_the_criterions_choice(family):
+    """select='fluctuation' keeps each layer's count; layer 0's MLP inputs are the dense model's (its attention is
+    not pruned), so there the re-measured choice is the fluctuation criterion's own."""
+    ids = calibration_ids(n=8, length=32)
+    model = make_tiny_model(family)
+    generator = torch.Generator().manual_seed(0)
+    kept = {}
+    for i in range(2):
+        count = layer_units(model, i, "mlp_channel").count
+        kept[(i, "mlp_channel")] = sorted(torch.randperm(count, generator=generator)[: count // 2].tolist())
+    expected = _first_layer_fluctuation(model, ids, len(kept[(0, "mlp_channel")]))
+    report = prune_with_reconstruction(model, kept, ids, "lstsq_bias", select="fluctuation")
+    assert report.kept[(0, "mlp_channel")] == expected != kept[(0, "mlp_channel")]
+    for key, indices in report.kept.items():
+        assert len(indices) == len(kept[key]) == layer_units(model, key[0], key[1]).count
+
+
+@pytest.mark.parametrize("mode", ["bias", "lstsq_bias"])
+def test_fluctuation_selection_removes_units_that_contribute_nothing(family, mode):
+    """Units whose output-projection columns are zero have no fluctuation: re-measured selection removes exactly
+    those, whatever the plan chose, and the model's outputs do not change."""
+    ids = calibration_ids(n=8, length=32)
+    model = make_tiny_model(family)
+    zero = {(0, "kv_group"): [1], (0, "mlp_channel"): _kept_mlp(model, 0), (1, "mlp_channel"): _kept_mlp(model, 1, 2)}
+    _zero_units(model, zero)
+    with torch.no_grad():
+        before = model(ids).logits
+    plan = {key: list(range(len(indices))) for key, indices in zero.items()}  # same counts, other units
+    report = prune_with_reconstruction(model, plan, ids, mode, damp=1e-3, select="fluctuation")
+    assert report.kept == zero
+    with torch.no_grad():
+        after = model(ids).logits
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+def test_select_auto_re_measures_only_what_the_input_statistics_measure():
+    assert resolve_select("auto", "fluctuation", "lstsq_bias") == "fluctuation"
+    assert resolve_select("auto", "taylor", "lstsq_bias") == "plan"
+    assert resolve_select("auto", "fluctuation", "none") == "plan"
+    assert resolve_select("obs", "taylor", "lstsq") == "obs"
+    with pytest.raises(PrunellmError, match="--reconstruct_select fluctuation chooses units during reconstruction"):
+        prune_with_reconstruction(make_tiny_model("llama"), {(0, "mlp_channel"): [0]}, calibration_ids(), "none", select="fluctuation")

@@ -73,12 +73,13 @@ def widths(model) -> dict[str, list[int]]:
 def prunellm_default() -> dict:
     """The settings of prunellm's row: :class:`~prunellm.options.PruneRecipe`'s defaults."""
     from prunellm.options import PruneRecipe
+    from prunellm.reconstruction import resolve_select
 
     recipe = PruneRecipe()
     selection, reconstruction = recipe.selection, recipe.reconstruction
     return {"criterion": recipe.scoring.importance_method, "normalization": selection.normalization,
             "reconstruct": reconstruction.reconstruct, "reconstruct_damp": reconstruction.reconstruct_damp,
-            "reconstruct_target": reconstruction.reconstruct_target, "reconstruct_select": reconstruction.reconstruct_select,
+            "reconstruct_target": reconstruction.reconstruct_target, "reconstruct_select": resolve_select(reconstruction.reconstruct_select, recipe.scoring.importance_method, reconstruction.reconstruct),
             "temperature": recipe.priors.temperature, "tau": recipe.priors.tau, "min_kv_groups": selection.min_kv_groups,
             "round_to": selection.round_to, "units": recipe.budget.units,
             "gradient_batch_size": recipe.calibration.gradient_batch_size}  # fmt: skip

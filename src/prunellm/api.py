@@ -222,15 +222,16 @@ def prune(
     damp: float | Literal["auto"] = "auto",
     batch_size: int = 8,
     target: Literal["pruned", "dense", "residual"] = "pruned",
-    select: Literal["plan", "obs"] = "plan",
+    select: Literal["plan", "fluctuation", "obs"] = "plan",
 ) -> dict[str, Any]:
     """Apply ``plan`` to ``model`` in place: slice the weights (layer by layer, compensating o_proj/down_proj by
     ``reconstruct`` on ``calibration`` windows), then drop the plan's removed layers. Returns the reconstruction
     report; the model's parameter count then equals the plan's plus the report's ``added_params`` (biases that
     compensation adds where the family builds none). ``target`` is what each refit preserves (pruned, dense or
-    residual: see :mod:`prunellm.reconstruction`). ``select="obs"`` keeps the plan's count of units per layer but
-    lets greedy OBS on each layer's pruned-model inputs choose which (lstsq modes); ``plan`` is then updated in
-    place to the units applied, so replaying it gives the same model."""
+    residual: see :mod:`prunellm.reconstruction`). ``select="fluctuation"`` keeps the plan's count of units per
+    layer but chooses them by fluctuation on each layer's pruned-model inputs (re-scored in sequence: the CLI's
+    default with the fluctuation criterion), ``select="obs"`` by greedy OBS on those inputs (lstsq modes); ``plan``
+    is then updated in place to the units applied, so replaying it gives the same model."""
     from .reconstruction import prune_with_reconstruction
     from .surgery import remove_layers
 

@@ -424,9 +424,11 @@ class ReconstructionOptions(_Options):
         "inputs), dense (the dense model's projection output), residual (the dense model's residual stream: corrects "
         "the error of earlier layers too)"
     )
-    reconstruct_select: Literal["plan", "obs"] = Field(
-        "plan", description="which units each layer loses: plan (the criterion's), obs (the plan's count per layer, "
-        "chosen by greedy OBS on the pruned model's inputs, each removal followed by the optimal refit; lstsq modes)"
+    reconstruct_select: Literal["auto", "plan", "fluctuation", "obs"] = Field(
+        "auto", description="which units each layer loses: plan (the criterion's), fluctuation (the plan's count per "
+        "layer, the units of lowest fluctuation re-measured on the pruned model's inputs, layer by layer), obs (the "
+        "plan's count per layer, chosen by greedy OBS on the pruned model's inputs, each removal followed by the "
+        "optimal refit; lstsq modes); auto = fluctuation when the criterion is fluctuation, else plan"
     )
 
     _positive = field_validator("reconstruct_num_samples", "reconstruct_seq_len")(_at_least_one)

@@ -57,7 +57,7 @@ from .priors import ablation_deltas, ablation_deltas_of, prior_multipliers, reso
 from .selection import SelectionConstraints, normalized_values, select_global
 from .specs import spec_for
 from .sweep import Offload
-from .reconstruction import SOLVER, prune_with_reconstruction
+from .reconstruction import SOLVER, prune_with_reconstruction, resolve_select
 from .runs import log_to_file, write_command
 from .surgery import remove_layers
 from .units import UNIT_KINDS, LayerUnits, all_units, count_parameters, decoder_layers
@@ -286,7 +286,7 @@ def score_and_plan(
     return plan, selection.table
 
 
-def reconstruction_settings(reconstruction: ReconstructionOptions, dataset: str, seed: int) -> dict[str, Any]:
+def reconstruction_settings(reconstruction: ReconstructionOptions, dataset: str, seed: int, criterion: str) -> dict[str, Any]:
     """What the plan records so that a replay reconstructs from the same calibration windows (``dataset``: the
     scoring calibration's text, used when ``--reconstruct_dataset`` is empty)."""
     if reconstruction.reconstruct == "none":
@@ -298,7 +298,7 @@ def reconstruction_settings(reconstruction: ReconstructionOptions, dataset: str,
         "seq_len": reconstruction.reconstruct_seq_len,
         "damp": reconstruction.reconstruct_damp,
         "target": reconstruction.reconstruct_target,
-        "select": reconstruction.reconstruct_select,
+        "select": resolve_select(reconstruction.reconstruct_select, criterion, reconstruction.reconstruct),
         "solver": SOLVER,
         "seed": seed + 3,  # windows apart from the scoring calibration, same train part (never eval text)
     }
@@ -327,13 +327,23 @@ def check_reconstruction_settings(settings: dict[str, Any]) -> None:
         )
 
 
+def removed_as_applied(table: list[dict[str, Any]], plan: Plan) -> list[dict[str, Any]]:
+    """The selection table with its ``removed`` column as ``plan`` was applied: a reconstruction ``select`` other
+    than ``plan`` re-chooses units within each layer's count (the scores stay the dense model's)."""
+    kept = {key: set(indices) for key, indices in plan.kept_units().items()}
+    return [
+        {**row, "removed": row["index"] not in kept[(row["layer"], row["unit"])]} if (row["layer"], row["unit"]) in kept else row
+        for row in table
+    ]
+
+
 def apply_plan_with_reconstruction(
     model: nn.Module, tokenizer, plan: Plan, *, stream_to: Path | None = None, device: str = "cpu"
 ) -> dict[str, Any]:
     """Surgery as the plan says, with the plan's reconstruction; returns the reconstruction report.
 
     The plan's reconstruction settings carry the hash of their calibration windows, which must tokenize to the
-    same windows here. The plan is read, and changed only by ``select: obs``, which chooses each layer's units
+    same windows here. The plan is read, and changed only by ``select: obs`` or ``fluctuation``, which choose each layer's units
     (the plan's counts) during the refit: the plan then records the units applied (a replay chooses them again,
     from the same weights and windows, identically). ``stream_to`` (``--offload``): ``model`` is a lazy skeleton,
     sliced (and refitted) one layer at a time on ``device`` and written into that checkpoint folder as it goes.
@@ -452,7 +462,7 @@ def width_plan(model: nn.Module, tokenizer, recipe: PruneRecipe, run: RunOptions
     """
     if recipe.plan:
         return load_plan_for(model, recipe.plan), []
-    settings = reconstruction_settings(recipe.reconstruction, recipe.calibration.dataset, run.seed)
+    settings = reconstruction_settings(recipe.reconstruction, recipe.calibration.dataset, run.seed, recipe.scoring.importance_method)
     if settings["mode"] != "none":
         flag = "--reconstruct_dataset" if recipe.reconstruction.reconstruct_dataset else "--dataset"
         settings["source"] = describe_source(settings["dataset"], "train", flag=flag)
@@ -617,10 +627,11 @@ def execute_run(
             evaluation["base"] = evaluate(model, tokenizer, eval_options, model_path=base_model)
             save_results(evaluation["base"], tmp / "evaluation_results_base.json")
         started = time.perf_counter()
-        plan, table = workflow.make_plan(model, tokenizer, tmp)  # complete here (surgery changes only what select obs chooses)
+        plan, table = workflow.make_plan(model, tokenizer, tmp)  # complete here (surgery changes only what select chooses)
         reconstruction = apply_plan_with_reconstruction(
             model, tokenizer, plan, stream_to=tmp / "model" if run.offload else None, device=run.device
         )  # with --offload the pruned checkpoint is written here, layer by layer
+        table = removed_as_applied(table, plan)
         if reconstruction["layers"]:
             write_json_atomic(tmp / "analysis" / "reconstruction.json", reconstruction)
         timings["prune_seconds"] = round(time.perf_counter() - started, 3)
@@ -688,6 +699,10 @@ def prune(
     if reconstruction.reconstruct_select == "obs" and reconstruction.reconstruct not in ("lstsq", "lstsq_bias"):
         raise PrunellmError(
             f"--reconstruct_select obs chooses units for a least-squares refit: use --reconstruct lstsq or lstsq_bias, not {reconstruction.reconstruct}"
+        )
+    if reconstruction.reconstruct_select == "fluctuation" and reconstruction.reconstruct == "none":
+        raise PrunellmError(
+            "--reconstruct_select fluctuation chooses units during reconstruction: use --reconstruct bias, lstsq or lstsq_bias, not none"
         )
     check_offload(run, evaluation_metrics(recipe.run_evaluation, eval_options), finetune)
     workflow = WidthPruning(recipe, run, finetune)

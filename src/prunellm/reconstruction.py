@@ -30,6 +30,11 @@ What a refit preserves is its *target* (``target``):
   model's, down_proj the layer's output — so each refit corrects every error accumulated so far (pre-norm residual
   blocks: a projection's output is added to the stream as it is, true of every family spec).
 
+Which units each layer loses (``select``): ``plan`` — the plan's; ``fluctuation`` — the plan's count per layer and
+projection kind, the units of lowest fluctuation Var(x_j)·‖W[:, j]‖² on the layer's *pruned-model* inputs (the
+plan's criterion measured it on the dense model's: re-scored in sequence, each layer's choice sees the error the
+earlier layers' pruning left); ``obs`` — the plan's count, chosen by greedy OBS on those inputs.
+
 For ``dense`` and ``residual`` a dense copy of the calibration hidden states runs beside the pruned one: each layer
 runs on it before it is pruned, so the streamed save (one layer read at a time) carries both streams layer by
 layer too.
@@ -60,8 +65,9 @@ log = logging.getLogger(__name__)
 Mode = Literal["none", "bias", "lstsq", "lstsq_bias"]
 Target = Literal["pruned", "dense", "residual"]
 TARGETS = ("pruned", "dense", "residual")
-Select = Literal["plan", "obs"]
-SELECTS = ("plan", "obs")
+Select = Literal["plan", "obs", "fluctuation"]
+SELECTS = ("plan", "obs", "fluctuation")
+RESCORABLE = ("fluctuation",)  # criteria that a layer's input statistics on the pruned model measure again
 LSTSQ_MODES = ("lstsq", "lstsq_bias")
 Damp = Union[float, Literal["auto"]]
 DAMP_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)  # λ / mean(diag H_SS) tried by damp="auto"
@@ -487,6 +493,25 @@ def _obs_choice(linear: nn.Linear, stats: InputStats, width: int, count: int, ke
     return [i for i in range(count) if i not in removed]
 
 
+def resolve_select(select: str, criterion: str, mode: str) -> str:
+    """``--reconstruct_select auto``: re-measure the plan's criterion on each layer's pruned-model inputs where the
+    input statistics the refit gathers measure it (:data:`RESCORABLE`), else keep the plan's units."""
+    if select != "auto":
+        return select
+    return criterion if criterion in RESCORABLE and mode != "none" else "plan"
+
+
+def _fluctuation_choice(linear: nn.Linear, stats: InputStats, width: int, count: int, keep: int) -> list[int]:
+    """The ``keep`` units (of ``count``, ``width`` input columns each) of highest fluctuation, Var(x_j)·‖W[:, j]‖²,
+    on this layer's pruned-model inputs (the plan's criterion measured them on the dense model's)."""
+    n = max(stats.tokens, 1)
+    mean = stats.sum / n
+    variance = (torch.diagonal(stats.gram) / n - mean.square()).clamp_min(0)
+    column = linear.weight.detach().cpu().double().square().sum(0) * variance
+    score = column[: count * width].reshape(count, width).sum(1)
+    return sorted(torch.topk(score, keep).indices.tolist())
+
+
 def _run_dense_layer(layer: nn.Module, index: int, down: str, hidden: list[torch.Tensor], kwargs_list: list[list[dict]]) -> _DenseLayer:
     """Run the (still unpruned) layer on the dense stream, keeping its outputs and its MLP's output per batch."""
     outputs, mlp_outputs = [], []
@@ -541,6 +566,8 @@ def prune_with_reconstruction(
     the layer-0 inputs gathered without the whole embedding, and ``on_layer.enter(i)`` / ``on_layer.exit(i)``
     around layer i's work (read it from the shards; write it to the output shard and drop it).
     """
+    if mode == "none" and select != "plan":
+        raise PrunellmError(f"--reconstruct_select {select} chooses units during reconstruction: use --reconstruct bias, lstsq or lstsq_bias, not none")
     if mode == "none":
         prune_units(model, kept)
         return ReconstructionReport(mode="none", kept=dict(kept))
@@ -586,12 +613,14 @@ def prune_with_reconstruction(
             folds = 2 if mode in LSTSQ_MODES and damp == "auto" else 1
             fn, needs_output = targets.get(kind, (None, False))
             stats = _collect_input_stats(
-                layer, index, proj, hidden, kwargs_list, need_gram=mode in LSTSQ_MODES, folds=folds, target=fn,
+                layer, index, proj, hidden, kwargs_list, need_gram=mode in LSTSQ_MODES or select == "fluctuation", folds=folds, target=fn,
                 target_needs_output=needs_output,
             )  # fmt: skip
             width = next(s.width for s in units.slices if s.module == proj)
             if pruned_here and select == "obs":
                 kept[key] = _obs_choice(get_module(layer, proj), stats, width, units.count, len(kept[key]), mode)
+            elif pruned_here and select == "fluctuation":
+                kept[key] = _fluctuation_choice(get_module(layer, proj), stats, width, units.count, len(kept[key]))
             indices = kept[key] if pruned_here else list(range(units.count))
             keep = torch.as_tensor(sorted(indices), dtype=torch.long)
             new_weight, new_bias, entry[kind] = compensate_projection(

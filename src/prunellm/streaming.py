@@ -169,7 +169,7 @@ def save_pruned_streamed(
 ) -> dict:
     """Apply ``plan`` to the :func:`~prunellm.offload.load_lazy` skeleton ``model`` one decoder layer at a time and
     write the pruned checkpoint to ``out_dir`` (atomically) as it goes; returns the reconstruction report
-    (``mode``, ``added_params``, ``layers``) as :func:`prunellm.prune` does; with ``select="obs"`` the units each
+    (``mode``, ``added_params``, ``layers``) as :func:`prunellm.prune` does; with ``select`` other than ``plan`` the units each
     layer chose are applied and ``plan`` is updated to them, as :func:`prunellm.prune` does. ``target`` is what
     each refit preserves (``dense``/``residual``: the dense hidden states are carried beside the pruned ones).
 
