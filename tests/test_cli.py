@@ -379,6 +379,10 @@ def test_the_shipped_retraining_free_recipe_parses_into_its_groups():
     fields = lambda r: (r.scoring.importance_method, r.budget.units, r.priors.temperature, r.selection.normalization,  # noqa: E731
                         r.reconstruction.reconstruct)  # fmt: skip
     assert fields(recipe) == fields(default)
+    from prunellm.reconstruction import resolve_select
+
+    applied = lambda r: resolve_select(r.reconstruction.reconstruct_select, r.scoring.importance_method, r.reconstruction.reconstruct)  # noqa: E731
+    assert applied(recipe) == applied(default) == "fluctuation"
 
 
 def test_temperature_auto_records_the_matched_t_and_prunes_by_it(workspace):

@@ -216,7 +216,8 @@ def render(section: dict) -> str:
         "(embeddings included; FLAP's added biases counted), each peer's own ratio setting chosen to land nearest "
         f"the target. prunellm default = `PruneRecipe` defaults: criterion `{d['criterion']}`, units "
         f"`{d.get('units', 'kv_group,mlp_channel')}`, allocation `{d['normalization']}`, H-GSP temperature "
-        f"`{d.get('temperature', 0)}`, reconstruct `{d['reconstruct']}` (same windows; the priors' Δloss too). "
+        f"`{d.get('temperature', 0)}`, reconstruct `{d['reconstruct']}`, units chosen by "
+        f"`{d.get('reconstruct_select', 'plan')}` (same windows; the priors' Δloss too). "
         "Peers are run from pinned commits "
         "of their repositories, adapted as `benchmarks/peers/` documents.", "",
         header, "|---|" + ("---|" * (1 + len(texts))) * len(ratios),
