@@ -193,7 +193,9 @@ first run's in the third decimal, 2 vs 1 torch threads; `taylor/block/lstsq_bias
   (Shakespeare / WikiText-2 / KJV), 30 % 2.870× / 1.814× / 6.777× → 2.842× / 1.809× / 6.811×. A finer damping
   grid (13 values from 0.01 to 100 instead of 5) gave 1.827× / 1.367× / 3.690× at 20 %, 4-fold instead of 2-fold
   cross-validation 1.830× / 1.367× / 3.712×: each better on some texts and worse on others, within noise of the
-  default; neither adopted.
+  default; neither adopted. A ridge scaled per column (λ·diag H_SS, ridge on standardised inputs, instead of
+  λ·mean(diag H_SS)·I) was worse on all three with re-scoring: 1.822× / 1.367× / 3.735× against 1.792× / 1.364× /
+  3.578×.
 * **The H-GSP prior helps at the matched temperature** (`^T`; `^auto` = `--temperature auto`). ln(1+Δ) of the
   calibration text's layer/block ablations spreads ×13.8 between blocks (p90/p10; `prior_scale` in the rows),
   Taylor's block-normalised scores ×2.0 within a block: at T = 1 the prior alone sets each layer's share.
