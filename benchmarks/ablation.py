@@ -212,7 +212,7 @@ first run's in the third decimal, 2 vs 1 torch threads; `taylor/block/lstsq_bias
   statistics the refit gathers anyway. At 20 %: 1.79× / 1.36× / 3.58× (Shakespeare / WikiText-2 / KJV) against
   1.82× / 1.37× / 3.71× with the plan's channels (fluctuation on the dense model); at 30 % 2.56× / 1.81× / 6.18×
   against 2.84× / 1.81× / 6.81×. It gains most on the texts least like the calibration text, so it is not fitting
-  that text. Against FLAP's own code (2.63× / 1.69× / 4.18× at 20 %, 4.00× / 2.95× / 8.92× at 30 %) that is
+  that text. Against FLAP's own code (2.63× / 1.69× / 4.18× at 20 %, 3.99× / 2.95× / 8.92× at 30 %) that is
   0.68× / 0.81× / 0.86× and 0.64× / 0.61× / 0.69×: the issue's 0.8× margin at 20 % is met on Shakespeare, and
   missed on WikiText-2 and the KJV.
 * **bias ≤ none holds** where measured: `fluctuation/uniform` 18.7× / 36.6× without compensation, 3.35× / 2.92×
