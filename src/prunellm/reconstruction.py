@@ -501,14 +501,14 @@ def resolve_select(select: str, criterion: str, mode: str) -> str:
     return criterion if criterion in RESCORABLE and mode != "none" else "plan"
 
 
-def _fluctuation_choice(linear: nn.Linear, stats: InputStats, width: int, count: int, keep: int) -> list[int]:
-    """The ``keep`` units (of ``count``, ``width`` input columns each) of highest fluctuation, Var(x_j)·‖W[:, j]‖²,
-    on this layer's pruned-model inputs (the plan's criterion measured them on the dense model's)."""
-    n = max(stats.tokens, 1)
-    mean = stats.sum / n
-    variance = (torch.diagonal(stats.gram) / n - mean.square()).clamp_min(0)
-    column = linear.weight.detach().cpu().double().square().sum(0) * variance
-    score = column[: count * width].reshape(count, width).sum(1)
+def _fluctuation_choice(linear: nn.Linear, stats: InputStats, columns, count: int, keep: int) -> list[int]:
+    """The ``keep`` units (of ``count``; ``columns``: their input-column slice of ``linear``) of highest fluctuation
+    on this layer's pruned-model inputs — the fluctuation criterion's formula, which the plan applied to the dense
+    model's inputs."""
+    from .criteria.fluctuation import population_variance, slice_fluctuation
+
+    variance = population_variance(stats.sum, torch.diagonal(stats.gram), stats.tokens)
+    score = slice_fluctuation(linear, variance, columns, count).cpu()
     return sorted(torch.topk(score, keep).indices.tolist())
 
 
@@ -616,11 +616,12 @@ def prune_with_reconstruction(
                 layer, index, proj, hidden, kwargs_list, need_gram=mode in LSTSQ_MODES or select == "fluctuation", folds=folds, target=fn,
                 target_needs_output=needs_output,
             )  # fmt: skip
-            width = next(s.width for s in units.slices if s.module == proj)
+            columns = next(s for s in units.slices if s.module == proj)
+            width = columns.width
             if pruned_here and select == "obs":
                 kept[key] = _obs_choice(get_module(layer, proj), stats, width, units.count, len(kept[key]), mode)
             elif pruned_here and select == "fluctuation":
-                kept[key] = _fluctuation_choice(get_module(layer, proj), stats, width, units.count, len(kept[key]))
+                kept[key] = _fluctuation_choice(get_module(layer, proj), stats, columns, units.count, len(kept[key]))
             indices = kept[key] if pruned_here else list(range(units.count))
             keep = torch.as_tensor(sorted(indices), dtype=torch.long)
             new_weight, new_bias, entry[kind] = compensate_projection(

@@ -16,11 +16,22 @@ from ..units import reduce_to_units
 from .registry import register, sum_over_slices
 
 
+def population_variance(total: torch.Tensor, squares: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Per feature variance from Σx and Σx² over ``tokens`` tokens, ``(in,)`` float32, never negative."""
+    n = max(tokens, 1)
+    mean = total.double() / n
+    return (squares.double() / n - mean.pow(2)).clamp_min(0).float()
+
+
 def input_variance(stats, key: str) -> torch.Tensor:
     """Per input feature variance over calibration tokens, ``(in,)`` float32, never negative."""
-    n = max(stats.act_tokens, 1)
-    mean = stats.act_sum[key].double() / n
-    return (stats.act_sq[key].double() / n - mean.pow(2)).clamp_min(0).float()
+    return population_variance(stats.act_sum[key], stats.act_sq[key], stats.act_tokens)
+
+
+def slice_fluctuation(linear, variance: torch.Tensor, s, count: int) -> torch.Tensor:
+    """Σ Var(x_j)·‖W[:, j]‖² over each unit's input columns of one output projection, ``(count,)``."""
+    weight = linear.weight.detach().float()
+    return reduce_to_units(weight.pow(2) * variance.to(weight.device)[None, :], s, count)  # (out, in) -> (count,)
 
 
 @register("fluctuation", {"activations"}, "FLAP fluctuation: Var(x_j)·‖W[:, j]‖² over the unit's o_proj/down_proj inputs")
@@ -28,7 +39,6 @@ def fluctuation(model, units, stats, options):
     def slice_score(unit, s, linear):
         if s.dim != 1:  # only the output projection's input columns fluctuate into the residual stream
             return None
-        variance = input_variance(stats, module_key(unit.layer, s.module)).to(linear.weight.device)  # (in,)
-        return reduce_to_units(linear.weight.float().pow(2) * variance[None, :], s, unit.count)  # (out, in) -> (count,)
+        return slice_fluctuation(linear, input_variance(stats, module_key(unit.layer, s.module)), s, unit.count)
 
     return sum_over_slices(model, units, slice_score)
