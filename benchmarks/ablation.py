@@ -205,7 +205,19 @@ first run's in the third decimal, 2 vs 1 torch threads; `taylor/block/lstsq_bias
   predicted before measuring: fluctuation/MLP/`uniform`/`lstsq_bias` goes from 2.33× / 1.44× (T = 0),
   2.26× / 1.41× (T = 0.25), 2.11× / 1.40× (T = 0.5) and 1.94× / 1.39× (T = 1) to **1.83× / 1.38×** at auto
   (1.15) — 0.70× / 0.82× of FLAP's own code; at 30 % 2.87× / 1.81× (FLAP 3.99× / 2.95×). (`uniform` ignored
-  the prior before this was measured; the rows here are after the fix.)
+  the prior before this was measured; the rows here are after the fix.) With re-scoring (the default), T above auto
+  wins on the text like the calibration and loses on the others: T = 1.5 1.81× / 1.345× / 3.68×, T = 2 1.81× /
+  1.38× / 3.67× against auto's 1.79× / 1.36× / 3.58× (Shakespeare / WikiText-2 / KJV).
+* **Ablation targets of the prior, measured:** a *partial* ablation (replace only the lowest-fluctuation third of
+  each MLP's channels, the share the budget removes, by their calibration mean, instead of zeroing the block) gives
+  Δloss of 0–0.03 nats, below the noise of 16 windows: three blocks measure Δ = 0 and one 0.001 (layer 11, whose
+  whole-block Δ is 1.78, among them), the prior all but zeroes them and the plan removes those four MLPs entirely: 15.7× / 15.3× / 39.4×
+  dense at 20 %. Replacing a whole MLP's output by its calibration mean instead of zero (what the refit's
+  intercept keeps) moves the Δ little (layer 0: 7.32 against 8.43 nats, layer 11: 2.54 against 1.78) and was worse
+  on every text: 1.86× / 1.38× / 3.76× against 1.79× / 1.36× / 3.58×. The zeroed whole block stays. Removing whole attention blocks of the smallest Δ (layer 7:
+  Δ 0.0001 nats; then 18 and 19 at 0.025–0.027) and spending the rest of the budget on the default recipe was worse
+  on every text: 3 blocks 1.91× / 1.45× / 3.70×, 6 blocks 2.12× / 1.61× / 3.72× (default 1.79× / 1.36× / 3.58×):
+  a block that barely moves the calibration loss still carries what other text needs.
 * **Sequential re-scoring is the CLI default** (`+ fluctuation`: `--reconstruct_select auto` with the
   fluctuation criterion, and `recipes/retraining_free.yaml`): the plan keeps its per-layer counts and each layer's
   channels are chosen by fluctuation re-measured on the inputs the already pruned layers give it, from the
