@@ -227,6 +227,11 @@ first run's in the third decimal, 2 vs 1 torch threads; `taylor/block/lstsq_bias
   that text. Against FLAP's own code (2.63× / 1.69× / 4.18× at 20 %, 3.99× / 2.95× / 8.92× at 30 %) that is
   0.68× / 0.81× / 0.86× and 0.64× / 0.61× / 0.69×: the issue's 0.8× margin at 20 % is met on Shakespeare, and
   missed on WikiText-2 and the KJV.
+* **Pruning in two rounds** (10 % then the rest to 20 %, each round re-scoring and re-measuring the prior and its
+  T on the model the previous round left, then refitting; a scratch script over this module's `prune_row`, not a
+  CLI option) gives 1.81× / 1.352× / 3.56× (Shakespeare / WikiText-2 / KJV) against the default's 1.79× / 1.364× /
+  3.58×, at twice the scoring cost: better on two texts, worse on one, and still above 0.8× FLAP on WikiText-2
+  (1.350×). Not adopted; a `--rounds` option would also need plans that replay several rounds.
 * **bias ≤ none holds** where measured: `fluctuation/uniform` 18.7× / 36.6× without compensation, 3.35× / 2.92×
   with `bias`.
 * **A residual target does not generalise:** refitting each projection so the pruned residual stream matches the
