@@ -231,7 +231,8 @@ first run's in the third decimal, 2 vs 1 torch threads; `taylor/block/lstsq_bias
   T on the model the previous round left, then refitting; a scratch script over this module's `prune_row`, not a
   CLI option) gives 1.81× / 1.352× / 3.56× (Shakespeare / WikiText-2 / KJV) against the default's 1.79× / 1.364× /
   3.58×, at twice the scoring cost: better on two texts, worse on one, and still above 0.8× FLAP on WikiText-2
-  (1.350×). Not adopted; a `--rounds` option would also need plans that replay several rounds.
+  (1.350×). At 30 % (15 % then the rest) it is better on all three: 2.53× / 1.71× / 5.93× against 2.56× / 1.81× /
+  6.18×. Not adopted yet: a `--rounds` option needs plans that replay several rounds (the next step).
 * **bias ≤ none holds** where measured: `fluctuation/uniform` 18.7× / 36.6× without compensation, 3.35× / 2.92×
   with `bias`.
 * **A residual target does not generalise:** refitting each projection so the pruned residual stream matches the
