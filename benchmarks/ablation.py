@@ -208,16 +208,18 @@ first run's in the third decimal, 2 vs 1 torch threads; `taylor/block/lstsq_bias
   the prior before this was measured; the rows here are after the fix.) With re-scoring (the default), T above auto
   wins on the text like the calibration and loses on the others: T = 1.5 1.81× / 1.345× / 3.68×, T = 2 1.81× /
   1.38× / 3.67× against auto's 1.79× / 1.36× / 3.58× (Shakespeare / WikiText-2 / KJV).
-* **Ablation targets of the prior, measured:** a *partial* ablation (replace only the lowest-fluctuation third of
-  each MLP's channels, the share the budget removes, by their calibration mean, instead of zeroing the block) gives
-  Δloss of 0–0.03 nats, below the noise of 16 windows: three blocks measure Δ = 0 and one 0.001 (layer 11, whose
-  whole-block Δ is 1.78, among them), the prior all but zeroes them and the plan removes those four MLPs entirely: 15.7× / 15.3× / 39.4×
-  dense at 20 %. Replacing a whole MLP's output by its calibration mean instead of zero (what the refit's
-  intercept keeps) moves the Δ little (layer 0: 7.32 against 8.43 nats, layer 11: 2.54 against 1.78) and was worse
-  on every text: 1.86× / 1.38× / 3.76× against 1.79× / 1.36× / 3.58×. The zeroed whole block stays. Removing whole attention blocks of the smallest Δ (layer 7:
-  Δ 0.0001 nats; then 18 and 19 at 0.025–0.027) and spending the rest of the budget on the default recipe was worse
-  on every text: 3 blocks 1.91× / 1.45× / 3.70×, 6 blocks 2.12× / 1.61× / 3.72× (default 1.79× / 1.36× / 3.58×):
-  a block that barely moves the calibration loss still carries what other text needs.
+* **Ablation targets of the prior, measured** (scratch scripts over this module's `prune_row`, not kept in the
+  repository): a *partial* ablation (replace only the lowest-fluctuation third of each MLP's channels, the share
+  the budget removes, by their calibration mean, instead of zeroing the block) gives Δloss of 0–0.03 nats, below
+  the noise of 16 windows: three blocks measure Δ = 0 and one 0.001 (layer 11, whose whole-block Δ is 1.78, among
+  them), the prior all but zeroes them and the plan removes those four MLPs entirely: 15.7× / 15.3× / 39.4× dense
+  at 20 %. Replacing a whole MLP's output by its calibration mean instead of zero (what the refit's intercept
+  keeps) moves the Δ little (layer 0: 7.32 against 8.43 nats, layer 11: 2.54 against 1.78) and was worse on every
+  text: 1.86× / 1.38× / 3.76× against 1.79× / 1.36× / 3.58×. The zeroed whole block stays. Removing whole
+  attention blocks of the smallest Δ (layer 7: Δ 0.0001 nats; then 18 and 19 at 0.025–0.027) and spending the
+  rest of the budget on the default recipe was worse on every text: 3 blocks 1.91× / 1.45× / 3.70×, 6 blocks
+  2.12× / 1.61× / 3.72× (default 1.79× / 1.36× / 3.58×): a block that barely moves the calibration loss still
+  carries what other text needs.
 * **Sequential re-scoring is the CLI default** (`+ fluctuation`: `--reconstruct_select auto` with the
   fluctuation criterion, and `recipes/retraining_free.yaml`): the plan keeps its per-layer counts and each layer's
   channels are chosen by fluctuation re-measured on the inputs the already pruned layers give it, from the
@@ -228,11 +230,12 @@ first run's in the third decimal, 2 vs 1 torch threads; `taylor/block/lstsq_bias
   0.68× / 0.81× / 0.86× and 0.64× / 0.61× / 0.69×: the issue's 0.8× margin at 20 % is met on Shakespeare, and
   missed on WikiText-2 and the KJV.
 * **Pruning in two rounds** (10 % then the rest to 20 %, each round re-scoring and re-measuring the prior and its
-  T on the model the previous round left, then refitting; a scratch script over this module's `prune_row`, not a
-  CLI option) gives 1.81× / 1.352× / 3.56× (Shakespeare / WikiText-2 / KJV) against the default's 1.79× / 1.364× /
-  3.58×, at twice the scoring cost: better on two texts, worse on one, and still above 0.8× FLAP on WikiText-2
-  (1.350×). At 30 % (15 % then the rest) it is better on all three: 2.53× / 1.71× / 5.93× against 2.56× / 1.81× /
-  6.18×. Not adopted yet: a `--rounds` option needs plans that replay several rounds (the next step).
+  T on the model the previous round left, then refitting; a scratch script over this module's `prune_row`, not
+  kept, not a CLI option) gives 1.81× / 1.352× / 3.56× (Shakespeare / WikiText-2 / KJV) against the default's
+  1.79× / 1.364× / 3.58×, at twice the scoring cost: better on two texts, worse on one, and still above 0.8× FLAP
+  on WikiText-2 (1.350×). At 30 % (15 % then the rest) it is better on all three: 2.53× / 1.71× / 5.93× against
+  2.56× / 1.81× / 6.18×. Not adopted yet: a `--rounds` option needs plans that replay several rounds (the next
+  step).
 * **bias ≤ none holds** where measured: `fluctuation/uniform` 18.7× / 36.6× without compensation, 3.35× / 2.92×
   with `bias`.
 * **A residual target does not generalise:** refitting each projection so the pruned residual stream matches the
