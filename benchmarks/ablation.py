@@ -25,7 +25,8 @@ NUM_SAMPLES, SEQ_LEN, SEED, WINDOWS = 32, 128, 42, 64
 # temperature (layer/block Δloss of the calibration text, tau auto; default 0 = none); units: all (default),
 # mlp (MLP channels only) or attn (KV groups only); target: what the refit preserves (pruned, dense, residual);
 # select: the criterion sets each layer's counts, the units are chosen on the layer's pruned-model inputs by
-# fluctuation (re-measured in sequence) or greedy OBS (obs)
+# fluctuation (re-measured in sequence) or greedy OBS (obs); rounds (``*N``, default 1): ``--iterative_steps N``, the
+# share removed in N equal steps, each re-scoring, re-measuring the prior and refitting the model the last one left
 UNITS = {"all": ("kv_group", "mlp_channel"), "mlp": ("mlp_channel",), "attn": ("kv_group",)}
 ROWS = (
     "fluctuation/standard/bias/0.2",  # WIFV with z-scores pooled over all layers: early layers' small variance looks unimportant
@@ -67,8 +68,9 @@ ROWS = (
 
 
 def parse_row(row: str) -> dict:
-    """``criterion[@units]/normalization/reconstruct[:target]/ratio`` as the fields of a result row."""
+    """``criterion[@units]/normalization/reconstruct[:target]/ratio[*rounds]`` as the fields of a result row."""
     criterion, normalization, reconstruct, ratio = row.split("/")
+    ratio, _, rounds = ratio.partition("*")
     criterion, _, units = criterion.partition("@")
     criterion, _, temperature = criterion.partition("^")
     reconstruct, _, select = reconstruct.partition("+")
@@ -76,7 +78,7 @@ def parse_row(row: str) -> dict:
     return {"criterion": criterion, "units": units or "all", "normalization": normalization, "reconstruct": reconstruct,
             "target": target or "pruned", "select": select or "plan",
             "temperature": "auto" if temperature == "auto" else float(temperature or 0),
-            "ratio": float(ratio)}  # fmt: skip
+            "ratio": float(ratio), "rounds": int(rounds or 1)}  # fmt: skip
 
 
 def calibration_windows(tokenizer) -> torch.Tensor:
@@ -144,14 +146,19 @@ def render(section: dict) -> str:
         "(`pruned` = each projection's own output on the pruned model's inputs, `residual` = the dense model's "
         "residual stream). `+ fluctuation` / `+ obs`: the criterion and allocation set each layer's count, the units "
         "are chosen on the layer's pruned-model inputs, by fluctuation re-measured there (`--reconstruct_select "
-        "fluctuation`) or by greedy OBS (`--reconstruct_select obs`).", "",
+        "fluctuation`) or by greedy OBS (`--reconstruct_select obs`). `N rounds`: `--iterative_steps N`, the share "
+        "removed in N equal steps, each re-scoring, re-measuring the prior (T per round) and refitting the model the "
+        "round before left.", "",
         "| criterion | units | allocation | reconstruct | target | removed | " + " | ".join(label for _, label in texts) + " | seconds |",
         "|---|---|---|---|---|---|" + "---|" * len(texts) + "---|",
     ]  # fmt: skip
     for row in section["rows"]:
         ratios = " | ".join(ratio_cell(row["ppl"], key, dense) for key, _ in texts)
         t = row.get("temperature")
-        criterion = row["criterion"] + (f" T=auto ({row['temperature_used']:.2f})" if t == "auto" else f" T={t:g}" if t else "")
+        used = row.get("temperature_used")
+        used = "/".join(f"{x:.2f}" for x in used) if isinstance(used, list) else f"{used:.2f}" if used is not None else "?"
+        criterion = row["criterion"] + (f" T=auto ({used})" if t == "auto" else f" T={t:g}" if t else "")
+        criterion += f", {row['rounds']} rounds" if row.get("rounds", 1) > 1 else ""
         lines.append(
             f"| {criterion} | {row.get('units', 'all')} | {row['normalization']} | {row['reconstruct']}"
             f"{' + ' + row['select'] if row.get('select', 'plan') != 'plan' else ''} | "
@@ -364,6 +371,8 @@ def prune_row(base, tokenizer, ids: torch.Tensor, fields: dict, cache: dict) -> 
     from prunellm.priors import prior_multipliers, resolve_tau, resolve_temperature
     from prunellm.selection import normalized_values
 
+    if fields.get("rounds", 1) > 1:
+        return prune_in_rounds(base, tokenizer, ids, fields)
     kinds = tuple(fields.get("kinds") or UNITS[fields["units"]])
     key = (fields["criterion"], kinds)
     if key not in cache:
@@ -387,6 +396,22 @@ def prune_row(base, tokenizer, ids: torch.Tensor, fields: dict, cache: dict) -> 
     model = copy.deepcopy(base)
     pl.prune(model, plan, calibration=ids, reconstruct=fields["reconstruct"], target=fields["target"], select=fields["select"],
              damp=fields.get("damp", "auto"))  # fmt: skip
+    return model, plan, extra
+
+
+def prune_in_rounds(base, tokenizer, ids: torch.Tensor, fields: dict) -> tuple[object, object, dict]:
+    """:func:`prune_row` in ``fields["rounds"]`` equal steps of the share of ``base``'s parameters removed, each
+    round on the model the last one left (scores, prior and T measured again, no cache): ``--iterative_steps``.
+    The plan returned is the last round's (its widths are the final model's)."""
+    from prunellm.units import count_parameters
+
+    total, rounds = count_parameters(base), fields["rounds"]
+    model, plan, extra = base, None, {"temperature_used": []}
+    for step in range(1, rounds + 1):
+        goal = fields["ratio"] * step / rounds  # share of base's parameters gone after this round
+        ratio = 1 - (1 - goal) * total / count_parameters(model)
+        model, plan, step_extra = prune_row(model, tokenizer, ids, fields | {"ratio": ratio, "rounds": 1}, {})
+        extra["temperature_used"].append(step_extra.get("temperature_used"))
     return model, plan, extra
 
 

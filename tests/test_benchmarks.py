@@ -123,8 +123,9 @@ def test_ablation_rows_name_units_and_target_and_old_rows_render_with_the_defaul
 
     assert parse_row("fluctuation@mlp/uniform/lstsq_bias:residual/0.3") == {
         "criterion": "fluctuation", "units": "mlp", "normalization": "uniform", "reconstruct": "lstsq_bias",
-        "target": "residual", "select": "plan", "temperature": 0.0, "ratio": 0.3,
+        "target": "residual", "select": "plan", "temperature": 0.0, "ratio": 0.3, "rounds": 1,
     }  # fmt: skip
+    assert parse_row("fluctuation^auto@mlp/uniform/lstsq_bias+fluctuation/0.2*3")["rounds"] == 3
     assert parse_row("taylor^0.5@mlp/block/lstsq/0.2")["temperature"] == 0.5
     assert parse_row("fluctuation@mlp/uniform/lstsq_bias+obs/0.2")["select"] == "obs"
     assert parse_row("taylor/block/none/0.2")["units"] == "all" and parse_row("taylor/block/none/0.2")["target"] == "pruned"
@@ -137,6 +138,8 @@ def test_ablation_rows_name_units_and_target_and_old_rows_render_with_the_defaul
     assert "| taylor | all | block | lstsq_bias + obs | pruned | 20.0 % |" in render(section)
     section["rows"].append(old | {"temperature": 0.5})
     assert "| taylor T=0.5 | all | block | lstsq | pruned |" in render(section)
+    section["rows"].append(old | {"temperature": "auto", "temperature_used": [1.15, 1.2], "rounds": 2})
+    assert "| taylor T=auto (1.15/1.20), 2 rounds | all | block | lstsq | pruned |" in render(section)
 
 
 def test_ablation_rows_merge_into_results_and_other_dense_rows_are_refused():

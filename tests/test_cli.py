@@ -403,3 +403,45 @@ def test_temperature_auto_records_the_matched_t_and_prunes_by_it(workspace):
     fixed = json.loads((workspace / "results" / "t_fixed" / "plan.json").read_text())
     assert json.loads((out / "plan.json").read_text())["layers"] == fixed["layers"]
     assert matched_temperature(base, {}) == 0.0  # nothing to match: no prior
+
+
+def test_iterative_steps_prune_in_rounds_that_compose_count_and_replay(workspace):
+    """--iterative_steps 3: three rounds, each scored (priors included) and refitted on the model the one before
+    left; the plan's layers are the original indices all rounds keep, its count is the checkpoint's, the table
+    lists each unit once, and the plan replays to the same weights."""
+    recon = ("--reconstruct", "lstsq_bias", "--reconstruct_num_samples", "8", "--reconstruct_seq_len", "32")
+    priors = ("--temperature", "auto", "--layer_importance_num_samples", "4", "--block_importance_num_samples", "4")
+    args = _prune_args(workspace, "rounds", "--importance_method", "fluctuation", "--iterative_steps", "3", *recon, *priors)
+    assert main(args) == 0
+    out = workspace / "results" / "rounds"
+    plan = json.loads((out / "plan.json").read_text())
+    assert len(plan["rounds"]) == 3 and abs(plan["achieved_ratio"] - 0.015) < 0.002
+    added = json.loads((out / "analysis" / "reconstruction.json").read_text())["added_params"]
+    for before, after in zip(plan["rounds"], plan["rounds"][1:]):  # each round starts from the model the last left
+        assert after["params_before"] >= before["params_after"]
+    assert sum(r["params_before"] - r["params_after"] for r in plan["rounds"]) == plan["params_before"] - plan["params_after"]
+    model = load_pruned(out / "model")
+    assert sum(p.numel() for p in model.parameters()) == plan["params_after"] + added
+    for index, layer in enumerate(plan["layers"]):
+        assert layer_units(model, index, "mlp_channel").count == len(layer["mlp_channels"])
+        widths = [len(r["layers"][index]["mlp_channels"]) for r in plan["rounds"]]
+        assert widths == sorted(widths, reverse=True) and widths[-1] == len(layer["mlp_channels"])
+    for step in (1, 2, 3):  # each round measured its own prior
+        assert (out / "rounds" / str(step) / "layer_importance_loss.json").is_file()
+    with open(out / "analysis" / "global_group_table.csv", newline="") as handle:
+        table = list(csv.DictReader(handle))
+    keys = [(r["layer"], r["unit"], r["index"]) for r in table]
+    assert len(keys) == len(set(keys)) == sum(layer_units(make_tiny_model("qwen2", num_hidden_layers=3), i, "mlp_channel").count for i in range(3))
+    for index, layer in enumerate(plan["layers"]):
+        assert {int(r["index"]) for r in table if int(r["layer"]) == index and r["removed"] == "False"} == set(layer["mlp_channels"])
+    assert main(_prune_args(workspace, "rounds_replay", "--plan", str(out / "plan.json"))) == 0
+    a = load_file(out / "model" / "model.safetensors")
+    b = load_file(workspace / "results" / "rounds_replay" / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_iterative_steps_with_offload_is_refused_before_any_work(workspace, capsys):
+    assert main(_prune_args(workspace, "rounds_offload", "--iterative_steps", "2", "--offload", "--device", "cpu")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--iterative_steps" in err[0] and "--offload" in err[0]
+    assert not (workspace / "results" / "rounds_offload").exists()

@@ -207,3 +207,52 @@ def test_every_parameter_has_a_role(family):
         covered.add(f"{spec.layers}.{layer}.{spec.mlp.module}.{spec.mlp.down}.bias")
     names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     assert names - covered == set()
+
+
+@pytest.mark.parametrize("reconstruct", ["none", "lstsq_bias"])
+def test_a_plan_in_rounds_applies_round_by_round_and_composes_to_original_indices(family, reconstruct, tmp_path):
+    """Two rounds of random kept indices (KV groups and MLP channels): the plan's composition names the original
+    units the model keeps; without reconstruction the result equals the composed plan applied at once, with it
+    each round is refitted, and either way the count matches and the checkpoint round-trips."""
+    from prunellm import api as pl
+    from prunellm.plan import LayerPlan, RoundPlan, compose_rounds, kept_units_of
+
+    generator = torch.Generator().manual_seed(0)
+    model = make_tiny_model(family)
+    ids = calibration_ids(model.config.vocab_size)
+
+    def random_round(current) -> list[LayerPlan]:
+        layers = []
+        for index in range(len(decoder_layers(current))):
+            kv, mlp = (layer_units(current, index, kind).count for kind in ("kv_group", "mlp_channel"))
+            keep = lambda n, k: sorted(torch.randperm(n, generator=generator)[:k].tolist())  # noqa: E731
+            layers.append(LayerPlan(kv_groups=keep(kv, max(1, kv - 1)), mlp_channels=keep(mlp, mlp - 16)))
+        return layers
+
+    first = random_round(model)
+    shrunk = make_tiny_model(family)  # the model after round 1, to draw round 2 from
+    total = count_parameters(model)
+    prune_units(shrunk, kept_units_of(first))
+    rounds = [RoundPlan(first, total, count_parameters(shrunk))]
+    second = random_round(shrunk)
+    prune_units(shrunk, kept_units_of(second))
+    rounds.append(RoundPlan(second, rounds[0].params_after, count_parameters(shrunk)))
+    composed = compose_rounds([first, second])
+    plan = pl.plan_from_kept(model, {}, criterion="random", target_ratio=0.1, removed_params=total - count_parameters(shrunk))
+    plan.layers, plan.rounds = composed, rounds
+    report = pl.prune(model, plan, calibration=ids, reconstruct=reconstruct)
+    assert plan.layers == composed
+    assert count_parameters(model) == plan.params_after + report["added_params"]
+    for index, layer in enumerate(composed):
+        assert layer_units(model, index, "mlp_channel").count == len(layer.mlp_channels)
+        assert all(0 <= i < layer_units(make_tiny_model(family), index, "mlp_channel").count for i in layer.mlp_channels)
+    if reconstruct == "none":
+        at_once = make_tiny_model(family)
+        prune_units(at_once, plan.kept_units())
+        with torch.no_grad():
+            assert torch.equal(model(ids[:2]).logits, at_once(ids[:2]).logits)
+    else:
+        assert {entry["round"] for entry in report["layers"]} == {1, 2}
+    save_model(model, None, tmp_path / "m")
+    with torch.no_grad():
+        assert torch.allclose(model(ids[:2]).logits, load_pruned(tmp_path / "m")(ids[:2]).logits, atol=1e-5)

@@ -231,17 +231,14 @@ def prune(
     residual: see :mod:`prunellm.reconstruction`). ``select="fluctuation"`` keeps the plan's count of units per
     layer but chooses them by fluctuation on each layer's pruned-model inputs (re-scored in sequence: the CLI's
     default with the fluctuation criterion), ``select="obs"`` by greedy OBS on those inputs (lstsq modes); ``plan``
-    is then updated in place to the units applied, so replaying it gives the same model."""
-    from .reconstruction import prune_with_reconstruction
+    is then updated in place to the units applied, so replaying it gives the same model. A plan made in rounds
+    (``--iterative_steps``) is applied round by round, each with its own reconstruction."""
+    from .reconstruction import prune_plan_rounds
     from .surgery import remove_layers
 
     if reconstruct != "none" and calibration is None:
         raise PrunellmError(f"reconstruct='{reconstruct}' needs calibration windows: pass calibration=calibrate(...)")
-    report = prune_with_reconstruction(
-        model, plan.kept_units(), calibration, reconstruct, damp, batch_size, target=target, select=select
-    )
-    if select != "plan":
-        plan.set_kept_units(report.kept)
+    report = prune_plan_rounds(model, plan, calibration, reconstruct, damp, batch_size, target=target, select=select)
     remove_layers(model, plan.removed_layers)
     return {"mode": reconstruct, "added_params": report.added_params, "layers": report.layers}
 

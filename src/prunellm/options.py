@@ -310,8 +310,18 @@ class BudgetOptions(_Options):
     freeze_last_n_layers: int = Field(0, description="never prune the last N layers")
     layer_start: int = Field(0, description="first layer that may be pruned")
     layer_end: int | None = Field(None, description="one past the last layer that may be pruned (default: all)")
+    iterative_steps: int = Field(
+        1, description="prune in N rounds of equal steps of the ratio, each scoring (priors, T, refit included) the model the previous round left"
+    )
 
     _layers_not_negative = field_validator("freeze_first_n_layers", "freeze_last_n_layers", "layer_start")(_not_negative)
+
+    @field_validator("iterative_steps")
+    @classmethod
+    def _steps(cls, value):
+        if value < 1:
+            raise ValueError("must be a whole number of rounds, at least 1")
+        return value
 
     @field_validator("pruning_ratio")
     @classmethod

@@ -22,6 +22,50 @@ class LayerPlan:
     mlp_channels: list[int] | None = None
 
 
+UNIT_FIELDS = {"kv_group": "kv_groups", "mlp_channel": "mlp_channels"}
+"""Unit kind -> the :class:`LayerPlan` field holding its kept indices."""
+
+
+def kept_units_of(layers: list[LayerPlan]) -> dict[tuple[int, str], list[int]]:
+    """Kept indices keyed by (layer, unit kind), for the kinds ``layers`` constrain."""
+    return {
+        (index, kind): getattr(entry, name)
+        for index, entry in enumerate(layers)
+        for kind, name in UNIT_FIELDS.items()
+        if getattr(entry, name) is not None
+    }
+
+
+def set_kept_units_of(layers: list[LayerPlan], kept: dict[tuple[int, str], list[int]]) -> None:
+    """Replace the kept indices of the (layer, kind) entries in ``kept`` (same counts: the budget is unchanged)."""
+    for (index, kind), indices in kept.items():
+        entry, name = layers[index], UNIT_FIELDS[kind]
+        if getattr(entry, name) is not None and len(getattr(entry, name)) != len(indices):
+            raise ValueError(f"layer {index} {kind}: {len(indices)} kept units replace {len(getattr(entry, name))}")
+        setattr(entry, name, sorted(int(i) for i in indices))
+
+
+def compose_rounds(rounds: list[list[LayerPlan]]) -> list[LayerPlan]:
+    """The original indices kept after all ``rounds``, each round's indices counting the units the one before kept."""
+    composed = [LayerPlan() for _ in rounds[0]]
+    for layers in rounds:
+        for total, step in zip(composed, layers):
+            for name in UNIT_FIELDS.values():
+                kept, before = getattr(step, name), getattr(total, name)
+                if kept is not None:
+                    setattr(total, name, list(kept) if before is None else [before[i] for i in kept])
+    return composed
+
+
+@dataclass
+class RoundPlan:
+    """One round of ``--iterative_steps``: kept indices into the model the previous round left, and its size."""
+
+    layers: list[LayerPlan]
+    params_before: int
+    params_after: int
+
+
 @dataclass
 class Plan:
     """Kept units per layer, removed layers, the budget and everything needed to replay the pruning."""
@@ -39,26 +83,22 @@ class Plan:
     seed: int = 0
     versions: dict[str, str] = field(default_factory=dict)
     reconstruction: dict[str, Any] = field(default_factory=dict)
+    # --iterative_steps N > 1: the N rounds, applied (each with the plan's reconstruction) one after the other;
+    # ``layers`` then holds the original indices all rounds together keep
+    rounds: list[RoundPlan] = field(default_factory=list)
     version: int = PLAN_VERSION
 
     def kept_units(self) -> dict[tuple[int, str], list[int]]:
         """Kept indices keyed by (original layer, unit kind), for the kinds the plan constrains."""
-        kept: dict[tuple[int, str], list[int]] = {}
-        for index, entry in enumerate(self.layers):
-            if entry.kv_groups is not None:
-                kept[(index, "kv_group")] = entry.kv_groups
-            if entry.mlp_channels is not None:
-                kept[(index, "mlp_channel")] = entry.mlp_channels
-        return kept
+        return kept_units_of(self.layers)
 
     def set_kept_units(self, kept: dict[tuple[int, str], list[int]]) -> None:
         """Replace the kept indices of the (layer, kind) entries in ``kept`` (same counts: the budget is unchanged)."""
-        for (index, kind), indices in kept.items():
-            entry = self.layers[index]
-            name = "kv_groups" if kind == "kv_group" else "mlp_channels"
-            if getattr(entry, name) is not None and len(getattr(entry, name)) != len(indices):
-                raise ValueError(f"layer {index} {kind}: {len(indices)} kept units replace {len(getattr(entry, name))}")
-            setattr(entry, name, sorted(int(i) for i in indices))
+        set_kept_units_of(self.layers, kept)
+
+    def round_layers(self) -> list[list[LayerPlan]]:
+        """What each round keeps, in the order they are applied (one round: the plan's ``layers``)."""
+        return [step.layers for step in self.rounds] or [self.layers]
 
     @property
     def achieved_ratio(self) -> float:
@@ -85,10 +125,13 @@ class Plan:
         if data.get("version") != PLAN_VERSION:
             raise PrunellmError(f"{flag} '{path}' has plan version {data.get('version')}; this prunellm reads {PLAN_VERSION}")
         data.pop("achieved_ratio", None)
-        data["layers"] = [LayerPlan(**entry) for entry in data["layers"]]
         try:
+            data["layers"] = [LayerPlan(**entry) for entry in data["layers"]]
+            data["rounds"] = [
+                RoundPlan(**{**step, "layers": [LayerPlan(**entry) for entry in step["layers"]]}) for step in data.get("rounds", [])
+            ]
             return cls(**data)
-        except TypeError as exc:
+        except (TypeError, KeyError) as exc:
             raise PrunellmError(f"{flag} '{path}' does not match the plan schema: {exc}") from exc
 
 

@@ -52,12 +52,12 @@ from .options import (
     split_list,
 )
 from .paths import atomic_dir, write_json_atomic
-from .plan import LayerPlan, Plan, package_versions
+from .plan import LayerPlan, Plan, RoundPlan, compose_rounds, package_versions
 from .priors import ablation_deltas, ablation_deltas_of, prior_multipliers, resolve_tau, resolve_temperature
 from .selection import SelectionConstraints, normalized_values, select_global
 from .specs import spec_for
 from .sweep import Offload
-from .reconstruction import SOLVER, prune_with_reconstruction, resolve_select
+from .reconstruction import SOLVER, prune_plan_rounds, resolve_select
 from .runs import log_to_file, write_command
 from .surgery import remove_layers
 from .units import UNIT_KINDS, LayerUnits, all_units, count_parameters, decoder_layers
@@ -124,11 +124,12 @@ def collect_stats(
     )  # fmt: skip
 
 
-def check_offload(run: RunOptions, evaluate_what: list[str], finetune: FinetuneOptions | None) -> None:
+def check_offload(run: RunOptions, evaluate_what: list[str], finetune: FinetuneOptions | None, iterative_steps: int = 1) -> None:
     """``--offload`` streams the model layer by layer: refuse, before any work, the steps that still need it whole."""
     refuse_whole_model_steps(run, {
         "--run_evaluation/--metrics": bool(evaluate_what),
         "--finetune": finetune is not None and finetune.finetune,
+        "--iterative_steps > 1": iterative_steps > 1,
     })  # fmt: skip
 
 
@@ -232,10 +233,12 @@ def plan_from_selection(
 
 
 def score_and_plan(
-    model: nn.Module, tokenizer, recipe: PruneRecipe, run: RunOptions, out: Path, reconstruction: dict[str, Any] | None = None
+    model: nn.Module, tokenizer, recipe: PruneRecipe, run: RunOptions, out: Path, reconstruction: dict[str, Any] | None = None,
+    target_params: int | None = None,
 ) -> tuple[Plan, list[dict]]:
     """Score every eligible unit, rank globally and return the complete Plan (with ``reconstruction``, the settings of
-    :func:`reconstruction_settings`) plus the per-unit table (no surgery)."""
+    :func:`reconstruction_settings`) plus the per-unit table (no surgery). ``target_params``: parameters to remove
+    (default: the recipe's ratio of the model's)."""
     spec_for(model.config)  # refuse unknown families before any work
     kinds = unit_kinds(recipe.budget)
     if recipe.selection.deploy_target == "vllm" and recipe.allocation.allocation == "layerwise":
@@ -269,7 +272,7 @@ def score_and_plan(
     priors = compute_priors(model, tokenizer, recipe.priors, calib, run.seed, out, run_offload(run), values)
     if priors is not None:
         values = normalized_values(units, scores, normalization, priors)
-    target = round(recipe.budget.pruning_ratio * total)
+    target = round(recipe.budget.pruning_ratio * total) if target_params is None else target_params
     constraints = selection_constraints(recipe.selection)
     if recipe.allocation.allocation == "layerwise":
         layer_ids = ablation_windows(tokenizer, calib, run.seed, "layer")
@@ -360,6 +363,12 @@ def apply_plan_with_reconstruction(
     if stream_to is not None:
         from .streaming import save_pruned_streamed
 
+        if plan.rounds:
+            raise PrunellmError(
+                f"--offload streams the checkpoint through one pass, but the plan was made in {len(plan.rounds)} rounds "
+                "(--iterative_steps): apply it without --offload"
+            )
+
         streamed = save_pruned_streamed(
             model, plan, tokenizer, stream_to, calibration=ids, reconstruct=settings["mode"],
             damp=settings.get("damp", "auto"), device=device, select=settings.get("select", "plan"),
@@ -369,12 +378,10 @@ def apply_plan_with_reconstruction(
             "settings": settings, "seconds": round(time.perf_counter() - started, 3),
             "added_params": streamed["added_params"], "layers": streamed["layers"],
         }  # fmt: skip
-    report = prune_with_reconstruction(
-        model, plan.kept_units(), ids, settings["mode"], settings.get("damp", "auto"), target=settings.get("target", "pruned"),
+    report = prune_plan_rounds(
+        model, plan, ids, settings["mode"], settings.get("damp", "auto"), target=settings.get("target", "pruned"),
         select=settings.get("select", "plan"),
     )  # fmt: skip
-    if settings.get("select", "plan") != "plan":
-        plan.set_kept_units(report.kept)
     remove_layers(model, plan.removed_layers)
     return {
         "settings": settings, "seconds": round(time.perf_counter() - started, 3), "added_params": report.added_params,
@@ -462,12 +469,74 @@ def width_plan(model: nn.Module, tokenizer, recipe: PruneRecipe, run: RunOptions
     """
     if recipe.plan:
         return load_plan_for(model, recipe.plan), []
+    return score_and_plan(model, tokenizer, recipe, run, out, checked_reconstruction_settings(tokenizer, recipe, run))
+
+
+def checked_reconstruction_settings(tokenizer, recipe: PruneRecipe, run: RunOptions) -> dict[str, Any]:
+    """:func:`reconstruction_settings` with the source and hash of their windows (a bad text fails here)."""
     settings = reconstruction_settings(recipe.reconstruction, recipe.calibration.dataset, run.seed, recipe.scoring.importance_method)
     if settings["mode"] != "none":
         flag = "--reconstruct_dataset" if recipe.reconstruction.reconstruct_dataset else "--dataset"
         settings["source"] = describe_source(settings["dataset"], "train", flag=flag)
         settings["hash"] = tensor_hash(reconstruction_calibration(tokenizer, settings, flag))
-    return score_and_plan(model, tokenizer, recipe, run, out, settings)
+    return settings
+
+
+def round_goals(ratio: float, steps: int, total: int) -> list[int]:
+    """Parameters removed in all after each of ``steps`` rounds: equal steps of ``ratio`` of ``total``."""
+    return [round(ratio * total * step / steps) for step in range(1, steps + 1)]
+
+
+def prune_in_rounds(model: nn.Module, tokenizer, recipe: PruneRecipe, run: RunOptions, out: Path) -> tuple[Plan, list[dict], dict]:
+    """``--iterative_steps N``: N rounds, each scoring the model the previous round left (priors and T measured
+    again, ``out/rounds/<k>/`` holds their files), selecting its step of the budget and applying it with the
+    reconstruction. Returns the plan of all rounds (original indices in ``layers``), the per-unit table (each unit
+    once: the row of the round that removed it, the last round's for the kept) and the reconstruction report."""
+    settings = checked_reconstruction_settings(tokenizer, recipe, run)
+    total = count_parameters(model)
+    rounds: list[RoundPlan] = []
+    tables: list[dict] = []
+    reports: list[dict] = []
+    removed = 0
+    original: dict[UnitKey, list[int]] = {}  # (layer, kind) -> original index of each unit the model has now
+    goals = round_goals(recipe.budget.pruning_ratio, recipe.budget.iterative_steps, total)
+    for step, goal in enumerate(goals, 1):
+        log.info("--iterative_steps: round %d of %d, %d parameters to remove in all", step, len(goals), goal)
+        plan, table = score_and_plan(model, tokenizer, recipe, run, out / "rounds" / str(step), settings, goal - removed)
+        reports.append(apply_plan_with_reconstruction(model, tokenizer, plan, device=run.device))
+        for row in removed_as_applied(table, plan):
+            if row.get("removed") or step == len(goals):
+                key = (row["layer"], row["unit"])
+                tables.append({**row, "index": original[key][row["index"]] if key in original else row["index"], "round": step})
+        for key, kept in plan.kept_units().items():
+            original[key] = [original[key][i] for i in kept] if key in original else list(kept)
+        removed += plan.params_before - plan.params_after
+        rounds.append(RoundPlan(layers=plan.layers, params_before=plan.params_before, params_after=plan.params_after))
+        if step == 1:
+            calibration = dict(plan.calibration)
+        calibration[f"round_{step}_scoring_seconds"] = plan.calibration.get("scoring_seconds")
+    whole = Plan(**{
+        **{name: getattr(plan, name) for name in plan.__dataclass_fields__},
+        "target_ratio": recipe.budget.pruning_ratio, "params_before": total, "params_after": total - removed,
+        "layers": compose_rounds([r.layers for r in rounds]), "calibration": calibration, "rounds": rounds,
+    })  # fmt: skip
+    report = {
+        "settings": settings, "seconds": round(sum(r["seconds"] for r in reports), 3),
+        "added_params": sum(r["added_params"] for r in reports),
+        "layers": [{**entry, "round": step} for step, r in enumerate(reports, 1) for entry in r["layers"]],
+    }  # fmt: skip
+    return whole, tables, report
+
+
+def plan_then_apply(
+    made: tuple[Plan, list[dict]], model: nn.Module, tokenizer, run: RunOptions, out: Path
+) -> tuple[Plan, list[dict], dict]:
+    """Apply a made plan with its reconstruction (``--offload``: streamed into ``out/model``); the table as applied."""
+    plan, table = made
+    reconstruction = apply_plan_with_reconstruction(
+        model, tokenizer, plan, stream_to=out / "model" if run.offload else None, device=run.device
+    )  # with --offload the pruned checkpoint is written here, layer by layer
+    return plan, removed_as_applied(table, plan), reconstruction
 
 
 @dataclass(frozen=True)
@@ -499,8 +568,11 @@ class WidthPruning:
             lengths["finetune_seq_len"] = self.finetune.data.seq_len
         return lengths
 
-    def make_plan(self, model: nn.Module, tokenizer, out: Path) -> tuple[Plan, list[dict]]:
-        return width_plan(model, tokenizer, self.recipe, self.run, out)
+    def prune_model(self, model: nn.Module, tokenizer, out: Path) -> tuple[Plan, list[dict], dict]:
+        """Make the plan and apply it (round by round with ``--iterative_steps``): plan, table, reconstruction."""
+        if self.recipe.budget.iterative_steps > 1 and not self.recipe.plan:
+            return prune_in_rounds(model, tokenizer, self.recipe, self.run, out)
+        return plan_then_apply(width_plan(model, tokenizer, self.recipe, self.run, out), model, tokenizer, self.run, out)
 
 
 @dataclass(frozen=True)
@@ -526,12 +598,12 @@ class DepthPruning:
     def context_lengths(self) -> dict[str, int]:
         return {"seq_len": self.recipe.seq_len}
 
-    def make_plan(self, model: nn.Module, tokenizer, out: Path) -> tuple[Plan, list[dict]]:
-        return depth_plan(model, tokenizer, self.recipe, self.run, out)
+    def prune_model(self, model: nn.Module, tokenizer, out: Path) -> tuple[Plan, list[dict], dict]:
+        return plan_then_apply(depth_plan(model, tokenizer, self.recipe, self.run, out), model, tokenizer, self.run, out)
 
 
 Workflow = WidthPruning | DepthPruning
-"""What differs between the two runs: the recipe, how the Plan is made and what the model's context must hold."""
+"""What differs between the two runs: the recipe, how the Plan is made and applied, what the model's context must hold."""
 
 
 def prune_layers(recipe: LayersRecipe, run: RunOptions, eval_options: EvalOptions | None = None, argv: list[str] | None = None) -> PruneResult:
@@ -627,11 +699,7 @@ def execute_run(
             evaluation["base"] = evaluate(model, tokenizer, eval_options, model_path=base_model)
             save_results(evaluation["base"], tmp / "evaluation_results_base.json")
         started = time.perf_counter()
-        plan, table = workflow.make_plan(model, tokenizer, tmp)  # complete here (surgery changes only what select chooses)
-        reconstruction = apply_plan_with_reconstruction(
-            model, tokenizer, plan, stream_to=tmp / "model" if run.offload else None, device=run.device
-        )  # with --offload the pruned checkpoint is written here, layer by layer
-        table = removed_as_applied(table, plan)
+        plan, table, reconstruction = workflow.prune_model(model, tokenizer, tmp)  # surgery changes only what select chooses
         if reconstruction["layers"]:
             write_json_atomic(tmp / "analysis" / "reconstruction.json", reconstruction)
         timings["prune_seconds"] = round(time.perf_counter() - started, 3)
@@ -704,7 +772,7 @@ def prune(
         raise PrunellmError(
             "--reconstruct_select fluctuation chooses units during reconstruction: use --reconstruct bias, lstsq or lstsq_bias, not none"
         )
-    check_offload(run, evaluation_metrics(recipe.run_evaluation, eval_options), finetune)
+    check_offload(run, evaluation_metrics(recipe.run_evaluation, eval_options), finetune, recipe.budget.iterative_steps)
     workflow = WidthPruning(recipe, run, finetune)
     if finetune is not None and finetune.finetune:  # bad fine-tuning options fail before pruning, not after
         from .finetune import checkpoint_dir_after_pruning

@@ -56,6 +56,7 @@ from .calibration import StopForward, UnitKey, batches_of, capture_block_inputs,
 from .errors import PrunellmError
 from .hf_modeling import BIAS_COMPENSATION_KEY
 from .models import input_device
+from .plan import Plan, compose_rounds, kept_units_of, set_kept_units_of
 from .specs import spec_for
 from .surgery import prune_units, sync_config
 from .units import decoder_layers, get_module, index_ranges, layer_units
@@ -649,3 +650,31 @@ def prune_with_reconstruction(
         setattr(model.config, BIAS_COMPENSATION_KEY, True)
         sync_config(model, spec)
     return report
+
+
+def prune_plan_rounds(
+    model: nn.Module,
+    plan: Plan,
+    input_ids: torch.Tensor | None,
+    mode: Mode,
+    damp: Damp = "auto",
+    batch_size: int = 8,
+    target: Target = "pruned",
+    select: Select = "plan",
+) -> ReconstructionReport:
+    """Apply every round of ``plan`` (one, unless it was made with ``--iterative_steps``) by
+    :func:`prune_with_reconstruction`, each round on the model the one before left. With ``select`` other than
+    ``plan`` the rounds' units become the ones applied, and the plan's ``layers`` their composition."""
+    rounds = plan.round_layers()
+    total = ReconstructionReport(mode=mode)
+    for step, layers in enumerate(rounds, 1):
+        report = prune_with_reconstruction(model, kept_units_of(layers), input_ids, mode, damp, batch_size, target=target, select=select)
+        if select != "plan":
+            set_kept_units_of(layers, report.kept)
+        total.added_params += report.added_params
+        total.layers += [{**entry, "round": step} for entry in report.layers] if len(rounds) > 1 else report.layers
+    if plan.rounds:
+        plan.layers = compose_rounds(rounds)
+    total.kept = plan.kept_units()
+    return total
+
