@@ -59,8 +59,8 @@ def test_prune_writes_the_whole_results_layout(workspace):
     out = workspace / "results" / "run1"
     for rel in (
         "model/config.json", "model/model.safetensors", "model/tokenizer.json", "plan.json", "logs/command.sh",
-        "logs/prune.log", "evaluation_results.json", "evaluation_results_base.json", "layer_importance_loss.json",
-        "block_importance_loss.json", "analysis/original_model_analysis.json", "analysis/pruned_model_analysis.json",
+        "logs/prune.log", "evaluation_results.json", "evaluation_results_base.json", "rounds/1/layer_importance_loss.json",
+        "rounds/1/block_importance_loss.json", "rounds/2/layer_importance_loss.json", "analysis/original_model_analysis.json", "analysis/pruned_model_analysis.json",
         "analysis/model_comparison.json", "analysis/global_group_table.csv", "analysis/groups_to_prune.csv",
         "analysis/pruning_summary_by_layer.txt", "visualization/pruning_ratio_per_layer.png",
         "visualization/param_breakdown.png",
@@ -68,6 +68,7 @@ def test_prune_writes_the_whole_results_layout(workspace):
         assert (out / rel).is_file(), rel
     plan = json.loads((out / "plan.json").read_text())
     assert abs(plan["achieved_ratio"] - 0.015) < 0.005  # the tied 49k-token embedding is most of this model
+    assert len(plan["rounds"]) == 2  # --iterative_steps auto: two rounds in memory
     assert plan["calibration"]["hash"] and plan["versions"]["transformers"]
     model = load_pruned(out / "model")
     added = json.loads((out / "analysis" / "reconstruction.json").read_text())["added_params"]  # lstsq_bias's intercepts
@@ -151,7 +152,7 @@ def test_the_plan_is_complete_before_surgery_and_never_patched(workspace, monkey
 
     monkeypatch.setattr(pruner, "score_and_plan", recording)
     assert main(_prune_args(workspace, "biased", "--importance_method", "magnitude", "--reconstruct", "bias",
-                            "--reconstruct_num_samples", "8", "--reconstruct_seq_len", "32")) == 0  # fmt: skip
+                            "--reconstruct_num_samples", "8", "--reconstruct_seq_len", "32", "--iterative_steps", "1")) == 0  # fmt: skip
     out = workspace / "results" / "biased"
     written = json.loads((out / "plan.json").read_text())
     assert [written] == made  # reconstruction settings and their calibration hash included, no timings
@@ -204,7 +205,7 @@ def test_existing_output_is_refused_without_overwrite(workspace, capsys):
         (["--freeze_first_n_layers", "3"], "no layer that may be pruned"),
         (["--taylor_seq_len", "100000"], "--taylor_seq_len 100000 is longer than the model's context (256 tokens): use at most 256"),
         (["--reconstruct_seq_len", "257"], "--reconstruct_seq_len 257 is longer than the model's context"),
-        (["--allocation", "layerwise", "--max_pruning_rate", "0.01", "--pruning_ratio", "0.5"],
+        (["--allocation", "layerwise", "--max_pruning_rate", "0.01", "--pruning_ratio", "0.5", "--iterative_steps", "1"],
          "--pruning_ratio 0.500 cannot be met"),
         (["--reconstruct_damp", "often"], "--reconstruct_damp"),
         (["--importance_method", "tayl0r"], "--importance_method tayl0r: is not a criterion: use one of fluctuation, magnitude, obs, random, taylor"),
@@ -383,13 +384,14 @@ def test_the_shipped_retraining_free_recipe_parses_into_its_groups():
 
     applied = lambda r: resolve_select(r.reconstruction.reconstruct_select, r.scoring.importance_method, r.reconstruction.reconstruct)  # noqa: E731
     assert applied(recipe) == applied(default) == "fluctuation"
+    assert recipe.budget.rounds() == default.budget.rounds() == 2
 
 
 def test_temperature_auto_records_the_matched_t_and_prunes_by_it(workspace):
     from prunellm.priors import matched_temperature, prior_multipliers
 
     args = ("--importance_method", "magnitude", "--units", "kv_group,mlp_channel", "--normalization", "block",
-            "--layer_importance_num_samples", "4", "--block_importance_num_samples", "4", "--reconstruct", "none")  # fmt: skip
+            "--layer_importance_num_samples", "4", "--block_importance_num_samples", "4", "--reconstruct", "none", "--iterative_steps", "1")  # fmt: skip
     assert main(_prune_args(workspace, "t_auto", "--temperature", "auto", *args)) == 0
     out = workspace / "results" / "t_auto"
     layers = json.loads((out / "layer_importance_loss.json").read_text())

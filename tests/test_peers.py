@@ -124,8 +124,9 @@ def test_flap_and_llm_pruner_from_their_code_remove_what_their_adapters_predict(
     assert base.config._attn_implementation == model.config._attn_implementation  # eager only while it traced
 
 
-def test_prunellm_row_runs_the_cli_defaults_through_the_ablation_row():
+def test_prunellm_row_runs_the_cli_defaults_through_the_ablation_row(monkeypatch):
     """The peer table's prunellm row is PruneRecipe's defaults, pruned by the ablation's one row function."""
+    import benchmarks.ablation
     from benchmarks.ablation import prune_row
     from benchmarks.peers.run import _prune_prunellm, prunellm_default
     from prunellm.options import PruneRecipe
@@ -134,16 +135,21 @@ def test_prunellm_row_runs_the_cli_defaults_through_the_ablation_row():
     assert (d["criterion"], d["normalization"], d["reconstruct"], d["units"], d["temperature"]) == (
         recipe.scoring.importance_method, recipe.selection.normalization, recipe.reconstruction.reconstruct,
         recipe.budget.units, recipe.priors.temperature)  # fmt: skip
+    assert d["iterative_steps"] == recipe.budget.rounds()
     torch.manual_seed(0)
     base = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2)).eval()  # fmt: skip
     ids = torch.randint(0, 128, (8, 32))
     # the prior's Δloss as if measured (no calibration text needed): layer 1 costs more to remove than layer 0
-    total, cache = count_parameters(base), {"deltas": {"layer": [0.5, 2.0], "attention": [0.2, 0.4], "mlp": [0.3, 3.0]}}
+    deltas = {"layer": [0.5, 2.0], "attention": [0.2, 0.4], "mlp": [0.3, 3.0]}
+    total, cache = count_parameters(base), {"deltas": deltas}
+    monkeypatch.setattr(benchmarks.ablation, "prior_deltas", lambda model, tokenizer: deltas)  # later rounds' priors
     model, info = _prune_prunellm(base, None, ids, 0.1, cache)
     assert info["setting"] == d and abs((1 - count_parameters(model) / total) - 0.1) < 0.02
     if d["temperature"] == "auto":
-        assert info["temperature_used"] > 0
+        used = info["temperature_used"]
+        assert all(t > 0 for t in (used if isinstance(used, list) else [used]))
+        assert not isinstance(used, list) or len(used) == d["iterative_steps"]
     fields = {"criterion": "magnitude", "units": "all", "normalization": "block", "reconstruct": "none", "target": "pruned",
               "select": "plan", "temperature": 0.0, "ratio": 0.1}  # fmt: skip
     _, plan, extra = prune_row(base, None, ids, fields, cache)

@@ -81,7 +81,7 @@ def prunellm_default() -> dict:
             "reconstruct": reconstruction.reconstruct, "reconstruct_damp": reconstruction.reconstruct_damp,
             "reconstruct_target": reconstruction.reconstruct_target, "reconstruct_select": resolve_select(reconstruction.reconstruct_select, recipe.scoring.importance_method, reconstruction.reconstruct),
             "temperature": recipe.priors.temperature, "tau": recipe.priors.tau, "min_kv_groups": selection.min_kv_groups,
-            "round_to": selection.round_to, "units": recipe.budget.units,
+            "round_to": selection.round_to, "units": recipe.budget.units, "iterative_steps": recipe.budget.rounds(),
             "gradient_batch_size": recipe.calibration.gradient_batch_size}  # fmt: skip
 
 
@@ -92,7 +92,8 @@ def _prune_prunellm(base, tokenizer, ids, ratio: float, cache: dict) -> tuple[ob
     fields = {"criterion": d["criterion"], "kinds": tuple(d["units"].split(",")), "normalization": d["normalization"],
               "reconstruct": d["reconstruct"], "target": d["reconstruct_target"], "select": d["reconstruct_select"],
               "temperature": d["temperature"], "tau": d["tau"], "ratio": ratio, "min_kv_groups": d["min_kv_groups"],
-              "round_to": d["round_to"], "damp": d["reconstruct_damp"], "batch_size": d["gradient_batch_size"]}  # fmt: skip
+              "round_to": d["round_to"], "damp": d["reconstruct_damp"], "batch_size": d["gradient_batch_size"],
+              "rounds": d["iterative_steps"]}  # fmt: skip
     model, _, extra = prune_row(base, tokenizer, ids, fields, cache)
     return model, {"setting": d, **extra}
 
@@ -217,7 +218,7 @@ def render(section: dict) -> str:
         f"the target. prunellm default = `PruneRecipe` defaults: criterion `{d['criterion']}`, units "
         f"`{d.get('units', 'kv_group,mlp_channel')}`, allocation `{d['normalization']}`, H-GSP temperature "
         f"`{d.get('temperature', 0)}`, reconstruct `{d['reconstruct']}`, units chosen by "
-        f"`{d.get('reconstruct_select', 'plan')}` (same windows; the priors' Δloss too). "
+        f"`{d.get('reconstruct_select', 'plan')}`, {d.get('iterative_steps', 1)} round(s) (same windows; the priors' Δloss too). "
         "Peers are run from pinned commits "
         "of their repositories, adapted as `benchmarks/peers/` documents.", "",
         header, "|---|" + ("---|" * (1 + len(texts))) * len(ratios),

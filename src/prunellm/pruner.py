@@ -124,12 +124,12 @@ def collect_stats(
     )  # fmt: skip
 
 
-def check_offload(run: RunOptions, evaluate_what: list[str], finetune: FinetuneOptions | None, iterative_steps: int = 1) -> None:
+def check_offload(run: RunOptions, evaluate_what: list[str], finetune: FinetuneOptions | None, iterative_steps: int | str = 1) -> None:
     """``--offload`` streams the model layer by layer: refuse, before any work, the steps that still need it whole."""
     refuse_whole_model_steps(run, {
         "--run_evaluation/--metrics": bool(evaluate_what),
         "--finetune": finetune is not None and finetune.finetune,
-        "--iterative_steps > 1": iterative_steps > 1,
+        "--iterative_steps > 1": iterative_steps != "auto" and iterative_steps > 1,
     })  # fmt: skip
 
 
@@ -499,10 +499,13 @@ def prune_in_rounds(model: nn.Module, tokenizer, recipe: PruneRecipe, run: RunOp
     reports: list[dict] = []
     removed = 0
     original: dict[UnitKey, list[int]] = {}  # (layer, kind) -> original index of each unit the model has now
-    goals = round_goals(recipe.budget.pruning_ratio, recipe.budget.iterative_steps, total)
+    goals = round_goals(recipe.budget.pruning_ratio, recipe.budget.rounds(run.offload), total)
     for step, goal in enumerate(goals, 1):
         log.info("--iterative_steps: round %d of %d, %d parameters to remove in all", step, len(goals), goal)
-        plan, table = score_and_plan(model, tokenizer, recipe, run, out / "rounds" / str(step), settings, goal - removed)
+        try:
+            plan, table = score_and_plan(model, tokenizer, recipe, run, out / "rounds" / str(step), settings, goal - removed)
+        except PrunellmError as exc:  # the budget of this round, not the whole ratio: say which round refused
+            raise PrunellmError(f"{exc} (round {step} of --iterative_steps {len(goals)}; try --iterative_steps 1)") from exc
         reports.append(apply_plan_with_reconstruction(model, tokenizer, plan, device=run.device))
         for row in removed_as_applied(table, plan):
             if row.get("removed") or step == len(goals):
@@ -570,7 +573,7 @@ class WidthPruning:
 
     def prune_model(self, model: nn.Module, tokenizer, out: Path) -> tuple[Plan, list[dict], dict]:
         """Make the plan and apply it (round by round with ``--iterative_steps``): plan, table, reconstruction."""
-        if self.recipe.budget.iterative_steps > 1 and not self.recipe.plan:
+        if self.recipe.budget.rounds(self.run.offload) > 1 and not self.recipe.plan:
             return prune_in_rounds(model, tokenizer, self.recipe, self.run, out)
         return plan_then_apply(width_plan(model, tokenizer, self.recipe, self.run, out), model, tokenizer, self.run, out)
 
