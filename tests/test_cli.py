@@ -202,6 +202,8 @@ def test_existing_output_is_refused_without_overwrite(workspace, capsys):
         (["--units", "heads"], "--units heads: is not valid"),
         (["--dataset", "no_such_corpus"], "--dataset 'no_such_corpus'"),
         (["--pruning_ratio", "0.9"], "unreachable"),
+        # the user's ratio is named, not the share of the round that refused it (default: 2 rounds)
+        (["--pruning_ratio", "0.9"], "--pruning_ratio 0.9 in 2 rounds (--iterative_steps): round 1 could not remove its step"),
         (["--freeze_first_n_layers", "3"], "no layer that may be pruned"),
         (["--taylor_seq_len", "100000"], "--taylor_seq_len 100000 is longer than the model's context (256 tokens): use at most 256"),
         (["--reconstruct_seq_len", "257"], "--reconstruct_seq_len 257 is longer than the model's context"),

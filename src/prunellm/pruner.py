@@ -52,7 +52,7 @@ from .options import (
     split_list,
 )
 from .paths import atomic_dir, write_json_atomic
-from .plan import LayerPlan, Plan, RoundPlan, compose_rounds, package_versions
+from .plan import LayerPlan, Plan, RoundPlan, compose_rounds, kept_units_of, package_versions
 from .priors import ablation_deltas, ablation_deltas_of, prior_multipliers, resolve_tau, resolve_temperature
 from .selection import SelectionConstraints, normalized_values, select_global
 from .specs import spec_for
@@ -498,21 +498,25 @@ def prune_in_rounds(model: nn.Module, tokenizer, recipe: PruneRecipe, run: RunOp
     tables: list[dict] = []
     reports: list[dict] = []
     removed = 0
-    original: dict[UnitKey, list[int]] = {}  # (layer, kind) -> original index of each unit the model has now
     goals = round_goals(recipe.budget.pruning_ratio, recipe.budget.rounds(run.offload), total)
     for step, goal in enumerate(goals, 1):
         log.info("--iterative_steps: round %d of %d, %d parameters to remove in all", step, len(goals), goal)
         try:
             plan, table = score_and_plan(model, tokenizer, recipe, run, out / "rounds" / str(step), settings, goal - removed)
-        except PrunellmError as exc:  # the budget of this round, not the whole ratio: say which round refused
-            raise PrunellmError(f"{exc} (round {step} of --iterative_steps {len(goals)}; try --iterative_steps 1)") from exc
+        except PrunellmError as exc:  # exc names this round's share; say the user's ratio and which round refused
+            # round 1 removes the least, so its refusal means the whole ratio is out of reach in any number of rounds
+            hint = "" if step == 1 else "; try --iterative_steps 1"
+            raise PrunellmError(
+                f"--pruning_ratio {recipe.budget.pruning_ratio:g} in {len(goals)} rounds (--iterative_steps): "
+                f"round {step} could not remove its step: {exc}{hint}"
+            ) from exc
         reports.append(apply_plan_with_reconstruction(model, tokenizer, plan, device=run.device))
+        # (layer, kind) -> original index of each unit the model had when this round started
+        original = kept_units_of(compose_rounds([r.layers for r in rounds])) if rounds else {}
         for row in removed_as_applied(table, plan):
             if row.get("removed") or step == len(goals):
                 key = (row["layer"], row["unit"])
                 tables.append({**row, "index": original[key][row["index"]] if key in original else row["index"], "round": step})
-        for key, kept in plan.kept_units().items():
-            original[key] = [original[key][i] for i in kept] if key in original else list(kept)
         removed += plan.params_before - plan.params_after
         rounds.append(RoundPlan(layers=plan.layers, params_before=plan.params_before, params_after=plan.params_after))
         if step == 1:
