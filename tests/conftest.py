@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -129,6 +130,40 @@ def pytest_configure(config):
     """Point every test, and every subprocess a test starts, at the tests' cache (before any test module runs)."""
     seed_test_cache(USER_CACHE, TEST_CACHE)
     os.environ["PRUNELLM_CACHE"] = str(TEST_CACHE)
+
+
+STORY_TASK = "prunellm_story"
+
+
+def story_task(folder: Path) -> Path:
+    """A small multiple-choice lm-eval task with local JSON data (a user's own task through --zeroshot_include_path)."""
+    folder.mkdir(parents=True)
+    people = ("king", "queen", "people", "knight")
+    rows = [{"query": f"The {who} walked to the", "choices": ["castle", "sea", "moon"], "label": 0} for who in people]
+    for split in ("train", "test"):
+        (folder / f"{STORY_TASK}.{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = {
+        "task": STORY_TASK, "dataset_path": "json", "output_type": "multiple_choice", "test_split": "test",
+        "dataset_kwargs": {"data_files": {split: str(folder / f"{STORY_TASK}.{split}.jsonl") for split in ("train", "test")}},
+        "doc_to_text": "query", "doc_to_choice": "choices", "doc_to_target": "label",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+    }  # fmt: skip
+    (folder / f"{STORY_TASK}.yaml").write_text(json.dumps(config))  # YAML is a superset of JSON
+    return folder
+
+
+@pytest.fixture(scope="session")
+def requires_bigbench() -> Path:
+    """The BIG-bench task files (installed from PyPI's bigbench==1.0.0 sdist on first use), or a skip that says why:
+    a registry that no longer serves that sdist (PyPI here lists only 0.0.1 since 2026-12) leaves the offline
+    zero-shot tasks and the natural-instructions set without data, and nothing else."""
+    from prunellm.assets import bigbench_dir
+    from prunellm.errors import PrunellmError
+
+    try:
+        return bigbench_dir()
+    except PrunellmError as exc:
+        pytest.skip(f"BIG-bench task files unavailable here: {exc}")
 
 
 def calibration_ids(vocab: int = 128, n: int = 8, length: int = 32, seed: int = 0) -> torch.Tensor:

@@ -183,9 +183,9 @@ def pruned_dir(tokenizer, tmp_path_factory) -> Path:
 
 
 def test_cli_finetunes_alpaca_data_into_the_results_layout(pruned_dir, tmp_path, monkeypatch, capsys):
-    from prunellm.finetune import build_natural_instructions
-
-    rows = sorted(json.loads(build_natural_instructions(per_task=2).read_text()), key=lambda r: len(json.dumps(r)))[:40]
+    # Alpaca rows with and without an input (the recovery set's form; no download needed)
+    rows = [{"instruction": f"Add {a} and {a + 3}.", "input": "", "output": str(2 * a + 3)} for a in range(20)]
+    rows += [{"instruction": "Repeat the word.", "input": word, "output": f"{word} {word}"} for word in ("king", "queen", "castle") * 7][:20]
     data_file = tmp_path / "recovery set.jsonl"  # any name
     data_file.write_text("\n".join(json.dumps(r) for r in rows))
     monkeypatch.chdir(tmp_path)

@@ -108,7 +108,7 @@ def test_a_mixture_validates_each_part_on_its_own_held_out_tail(tokenizer, tmp_p
         text_data(tokenizer, options.model_copy(update={"num_samples": 1}), seed=0)
 
 
-def test_natural_instructions_become_an_alpaca_file(tokenizer):
+def test_natural_instructions_become_an_alpaca_file(requires_bigbench, tokenizer):
     path = build_natural_instructions(per_task=2)
     records = json.loads(path.read_text())
     assert len(records) > 100 and set(records[0]) == {"instruction", "input", "output"}

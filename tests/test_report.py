@@ -7,7 +7,7 @@ import json
 import logging
 
 import pytest
-from conftest import make_tiny_model
+from conftest import STORY_TASK, make_tiny_model, story_task
 
 from prunellm.analysis import analyze_model, compare_models
 from prunellm.cli import main
@@ -29,8 +29,8 @@ def runs(tmp_path_factory):
     tokenizer = load_tokenizer("smollm2-135m")
     options = EvalOptions(
         metrics="ppl,zeroshot,speed,memory", ppl_datasets=str(root / "text.txt"), ppl_seq_len=32, ppl_max_windows=4,
-        zeroshot_tasks="bigbench_strategyqa", limit=4, speed_batch_sizes="1", speed_prompt_tokens=8,
-        speed_new_tokens=3, speed_repeats=1,
+        zeroshot_tasks=STORY_TASK, zeroshot_include_path=str(story_task(root / "tasks")), limit=4, speed_batch_sizes="1",
+        speed_prompt_tokens=8, speed_new_tokens=3, speed_repeats=1,
     )  # fmt: skip
     model = make_tiny_model("llama", vocab_size=len(tokenizer))
     save_results(evaluate(model, tokenizer, options, model_path="dense", progress=False), root / "dense" / "evaluation_results.json")
@@ -55,7 +55,7 @@ def test_report_renders_one_table_from_two_runs(runs, tmp_path, capsys):
     table = [line for line in markdown.splitlines() if line.startswith("|")]
     assert len(table) == 4  # header, rule, two runs
     header = [cell.strip() for cell in table[0].strip("|").split("|")]
-    for column in ("run", "params", "achieved ratio", "PPL text.txt (32)", "bigbench_strategyqa acc", "avg LLM-Pruner",
+    for column in ("run", "params", "achieved ratio", "PPL text.txt (32)", f"{STORY_TASK} acc", "avg LLM-Pruner",
                    "avg acc_norm where available", "prefill tok/s bs=1", "decode tok/s bs=1", "weights MB"):  # fmt: skip
         assert column in header, column
     dense, pruned = ([cell.strip() for cell in row.strip("|").split("|")] for row in table[2:])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import make_tiny_model
+from conftest import STORY_TASK, make_tiny_model, story_task
 
 from prunellm.checkpoint import load_pruned, save_model
 from prunellm.cli import main
@@ -37,7 +37,7 @@ def _rows(result: dict) -> dict[str, dict]:
     return {row["task"]: row for row in result["tasks"]}
 
 
-def test_local_tasks_are_written_from_bigbench_with_sensible_prompts():
+def test_local_tasks_are_written_from_bigbench_with_sensible_prompts(requires_bigbench):
     folder = local_tasks_dir()
     for name in LOCAL_TASKS:
         config = json.loads((folder / f"{name}.yaml").read_text().split("\n", 1)[1])  # the YAML is JSON after a comment
@@ -57,7 +57,7 @@ def test_local_tasks_are_written_from_bigbench_with_sensible_prompts():
     assert local_tasks_dir() == folder  # a second call reuses the files
 
 
-def test_tiny_model_scores_local_tasks_offline_with_acc_and_acc_norm(tiny, tokenizer):
+def test_tiny_model_scores_local_tasks_offline_with_acc_and_acc_norm(requires_bigbench, tiny, tokenizer):
     model, _ = tiny
     result = zeroshot(model, tokenizer, OFFLINE, limit=8, batch_size=4)
     rows = _rows(result)
@@ -85,7 +85,7 @@ def test_averages_follow_both_conventions():
     assert result["llm_pruner"]["metric_per_task"] == {"boolq": "acc", "hellaswag": "acc_norm", "piqa": "acc"}
 
 
-def test_pruned_model_in_memory_scores_like_its_reloaded_checkpoint(tokenizer, tmp_path):
+def test_pruned_model_in_memory_scores_like_its_reloaded_checkpoint(requires_bigbench, tokenizer, tmp_path):
     model = make_tiny_model("llama", seed=3, vocab_size=len(tokenizer))
     # per-layer widths: the layers differ, so the checkpoint needs prunellm's modeling code
     prune_units(model, {(0, "kv_group"): [1], (1, "mlp_channel"): list(range(0, 96, 3)), (0, "mlp_channel"): list(range(80))})
@@ -99,14 +99,15 @@ def test_pruned_model_in_memory_scores_like_its_reloaded_checkpoint(tokenizer, t
 
 def test_unreachable_task_data_is_skipped_and_the_rest_scored(tiny, tokenizer, tmp_path, caplog):
     model, _ = tiny
+    story_task(tmp_path / "story")  # the rest: a task with local data
     # an lm-eval task whose data lives on the hub under a name that does not exist: never loadable
     (tmp_path / "gone.yaml").write_text(
         "task: prunellm_unreachable\ndataset_path: prunellm-tests/no-such-dataset\noutput_type: multiple_choice\n"
         "test_split: test\ndoc_to_text: q\ndoc_to_choice: c\ndoc_to_target: 0\nmetric_list:\n  - metric: acc\n"
     )
-    result = zeroshot(model, tokenizer, ["prunellm_unreachable", "bigbench_strategyqa"], limit=4, include_path=[str(tmp_path)])
+    result = zeroshot(model, tokenizer, ["prunellm_unreachable", STORY_TASK], limit=4, include_path=[str(tmp_path), str(tmp_path / "story")])
     assert [s["task"] for s in result["skipped"]] == ["prunellm_unreachable"]
-    assert [r["task"] for r in result["tasks"]] == ["bigbench_strategyqa"]
+    assert [r["task"] for r in result["tasks"]] == [STORY_TASK]
     assert any("prunellm_unreachable skipped" in r.getMessage() for r in caplog.records)
 
 
@@ -124,7 +125,7 @@ def test_bad_numbers_are_refused(tiny, tokenizer, kwargs, flag):
         zeroshot(tiny[0], tokenizer, OFFLINE, **kwargs)
 
 
-def test_cli_eval_zeroshot_offline_writes_valid_results(tiny, tmp_path):
+def test_cli_eval_zeroshot_offline_writes_valid_results(requires_bigbench, tiny, tmp_path):
     _, folder = tiny
     out = tmp_path / "results.json"
     args = ["eval", "--model_path", str(folder), "--metrics", "zeroshot", "--zeroshot_tasks", "bigbench_strategyqa",
@@ -159,7 +160,7 @@ def test_cli_model_path_that_is_not_a_model(tmp_path, capsys):
 
 
 @pytest.mark.real_model
-def test_smollm2_scores_the_local_tasks_above_chance_where_it_can():
+def test_smollm2_scores_the_local_tasks_above_chance_where_it_can(requires_bigbench):
     from prunellm.models import load_model
 
     tokenizer = load_tokenizer("smollm2-135m")

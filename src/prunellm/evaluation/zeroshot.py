@@ -156,14 +156,17 @@ def task_manager(tasks: list[str], include_path: list[str] | None = None):
     Raises:
         PrunellmError: A task name is unknown (the message names the closest known names).
     """
-    paths = (str(local_tasks_dir()), *(str(p) for p in include_path or []))
+    # the offline tasks' files (BIG-bench, installed from PyPI on first use) only when one of them is asked for, so
+    # that hub tasks and a misspelt name never wait on, or fail with, that install
+    local = (str(local_tasks_dir()),) if any(name in LOCAL_TASKS for name in tasks) else ()
+    paths = (*local, *(str(p) for p in include_path or []))
     manager = _task_manager(False, paths)
     if all(name in manager.all_tasks for name in tasks):
         return manager
     manager = _task_manager(True, paths)
     unknown = [name for name in tasks if name not in manager.all_tasks]
     if unknown:
-        close = difflib.get_close_matches(unknown[0], manager.all_tasks, n=5, cutoff=0.5)
+        close = difflib.get_close_matches(unknown[0], sorted({*manager.all_tasks, *LOCAL_TASKS}), n=5, cutoff=0.5)
         hint = f"closest are {', '.join(close)}" if close else f"offline tasks are {', '.join(LOCAL_TASKS)}"
         raise PrunellmError(f"--zeroshot_tasks '{unknown[0]}' is not an lm-eval task: {hint}")
     return manager
