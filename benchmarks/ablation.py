@@ -68,6 +68,7 @@ ROWS = (
     "fluctuation^auto@mlp/uniform/lstsq_bias+fluctuation/0.3*2",
     "fluctuation^auto@mlp/uniform/lstsq_bias+fluctuation/0.2*3",
     "fluctuation^auto@mlp/uniform/lstsq_bias+fluctuation/0.3*3",
+    "fluctuation^auto@mlp/block/lstsq_bias+fluctuation/0.2*2",  # the default with relative energy instead of percentiles
 )
 
 
@@ -145,7 +146,9 @@ def render(section: dict) -> str:
         "Allocation: `block` = importance/cost ÷ its block's mean, `standard` = z-score per unit kind over all "
         "layers, `block_standard` = z-score per block (FLAP AL-AM), `uniform` = percentile within its block, "
         "`none` = importance/cost as it is. Produced by `python -m benchmarks.ablation --out FILE` "
-        "(rows appended as they finish).", "",
+        "(rows appended as they finish); the rows whose criterion names a variant (Fisher-weighted, ridge OBS, prior "
+        "on 32 windows) by `python -m benchmarks.ablation_variants --out FILE`, which changes one step of a row "
+        "(the module says how).", "",
         "Units: `all` = KV groups and MLP channels, `mlp` = MLP channels only. Target: what the refit preserves "
         "(`pruned` = each projection's own output on the pruned model's inputs, `residual` = the dense model's "
         "residual stream). `+ fluctuation` / `+ obs`: the criterion and allocation set each layer's count, the units "
@@ -160,7 +163,8 @@ def render(section: dict) -> str:
         ratios = " | ".join(ratio_cell(row["ppl"], key, dense) for key, _ in texts)
         t = row.get("temperature")
         used = row.get("temperature_used")
-        used = "/".join(f"{x:.2f}" for x in used) if isinstance(used, list) else f"{used:.2f}" if used is not None else "?"
+        # rounds give one T each; a row without the prior (T = 0) has none to show
+        used = "/".join("?" if x is None else f"{x:.2f}" for x in used) if isinstance(used, list) else f"{used:.2f}" if used is not None else "?"
         criterion = row["criterion"] + (f" T=auto ({used})" if t == "auto" else f" T={t:g}" if t else "")
         criterion += f", {row['rounds']} rounds" if row.get("rounds", 1) > 1 else ""
         lines.append(
@@ -250,6 +254,27 @@ first run's in the third decimal, 2 vs 1 torch threads; `taylor/block/lstsq_bias
   prior cost; more rounds buy nothing measurable here. On WikiText-2 at 20 % two rounds stay a hair above 0.8×
   FLAP (1.352× against 1.350×); three rounds pass it (1.339×) but lose on both other texts, and choosing them
   for that would tune to text like the calibration text.
+* **Loss-aware, correlation-aware and less noisy variants of the default, measured and not adopted**
+  (`python -m benchmarks.ablation_variants`, the `variant:` rows; each changes one step of the default at 20 %,
+  two rounds, against its 1.81× / 1.352× / 3.56× on Shakespeare / WikiText-2 / KJV):
+  fluctuation with every output dimension of down_proj weighted by the diagonal empirical Fisher of the residual
+  stream it writes, E[(∂L/∂h_d)²] (a second-order estimate of the loss a mean-compensated removal costs; in scoring
+  and in re-scoring): 1.78× / 1.358× / 3.68×, better on Shakespeare only. The same scores ranked across layers as
+  they are (loss units compare across layers, so no prior and no per-block normalisation): 1.97× / 1.40× / 3.47×,
+  the best KJV figure measured and worse on the other two; its plan keeps layers 0–9 almost whole and cuts layers
+  13–17 to a third, and it skips the prior passes (about a third of the default's time on an idle machine; the
+  table's seconds for it were taken beside another job). The per-token Fisher with mean
+  compensation, Σ_t (∂L/∂x_tj)²·(x_tj − μ_j)² of down_proj's inputs (Fisher pruning, Theis et al. 2018, with
+  FLAP's mean), ranked across layers: 1.86× / 1.42× / 4.00×. Re-scoring by the error the ridge refit leaves when a
+  channel alone is removed (λ = mean diag of the centred covariance, between fluctuation at λ → ∞ and OBS at
+  λ → 0): 2.05× / 1.364× / 3.57× — the correlations it credits are, as for greedy OBS, the calibration text's. The
+  prior's ablations on 32 windows instead of 16: 1.79× / 1.355× / 3.52×, at twice the prior's cost.
+  Dividing fluctuation by its block's mean (`block`, relative output energy) instead of taking percentiles
+  (`uniform`), with the prior: 2.67× / 1.74× / 4.78× — it empties the MLPs of layers 2, 9, 11 and 28, whose
+  fluctuation sits in a few channels, so the same share of every block stays.
+  The default sits on a plateau: each of the Fisher, ridge-OBS and 32-window variants moves the three texts by
+  about ±1–4 % in different directions, and none is better on all three; the WikiText-2 margin at 20 % (1.352× against the
+  1.350× that 0.8× FLAP's 1.688× needs) stays missed by 0.15 %.
 * **bias ≤ none holds** where measured: `fluctuation/uniform` 18.7× / 36.6× without compensation, 3.35× / 2.92×
   with `bias`.
 * **A residual target does not generalise:** refitting each projection so the pruned residual stream matches the
@@ -315,14 +340,15 @@ def start(out: str, threads: int = 2):
     return base, tokenizer, token_sets, ids, total, done, emit
 
 
-def prior_deltas(base, tokenizer) -> dict[str, list[float]]:
-    """Δloss of ablating each layer, attention block and MLP block on the calibration text (16 windows each, the
-    seeds ``prunellm prune`` uses: apart from the scoring windows)."""
+def prior_deltas(base, tokenizer, num_samples: int = 16) -> dict[str, list[float]]:
+    """Δloss of ablating each layer, attention block and MLP block on the calibration text (``num_samples`` windows
+    each, the CLI's default 16; the seeds ``prunellm prune`` uses: apart from the scoring windows)."""
     from prunellm.options import CalibrationOptions
     from prunellm.pruner import ablation_windows
     from prunellm.priors import ablation_deltas
 
-    calibration = CalibrationOptions(dataset=str(WIKITEXT_VALID), taylor_seq_len=SEQ_LEN)
+    calibration = CalibrationOptions(dataset=str(WIKITEXT_VALID), taylor_seq_len=SEQ_LEN,
+                                     layer_importance_num_samples=num_samples, block_importance_num_samples=num_samples)  # fmt: skip
     layer_ids, block_ids = (ablation_windows(tokenizer, calibration, SEED, kind) for kind in ("layer", "block"))
     return {"layer": ablation_deltas(base, layer_ids, "layer"), "attention": ablation_deltas(base, block_ids, "attention"),
             "mlp": ablation_deltas(base, block_ids, "mlp")}  # fmt: skip
@@ -424,13 +450,17 @@ def prune_in_rounds(base, tokenizer, ids: torch.Tensor, fields: dict, cache: dic
 
 
 def run() -> dict:
-    """The section for ``python -m benchmarks.run --only ablation``: every row, in a fresh file."""
+    """The section for ``python -m benchmarks.run --only ablation``: every row and every variant
+    (:mod:`benchmarks.ablation_variants`), in a fresh file."""
     import tempfile
     from pathlib import Path
+
+    from benchmarks import ablation_variants
 
     with tempfile.TemporaryDirectory() as folder:
         out = str(Path(folder) / "ablation.jsonl")
         measure(out)
+        ablation_variants.measure(out, tuple(ablation_variants.VARIANTS))
         return read_rows(out)
 
 

@@ -190,7 +190,7 @@ SECTIONS = (
     "peers_table", "serving",
 )  # fmt: skip
 # measured only when named in --only and outside the whole-run time goal, rendered whenever present: the issue-17
-# ablation alone takes ~30 min here; serving needs the serve extra / .venv-vllm and spends most of its ~8 min loading vLLM
+# ablation takes ~30 min here, ~1 h with its variants (benchmarks/ablation_variants.py); serving needs the serve extra / .venv-vllm and spends most of its ~8 min loading vLLM
 # peers_table runs three peers and prunellm at two ratios with seven evaluations (~25 min on an idle machine);
 # offload writes a random 1.1 B model to disk and measures five fresh processes (~20 min under load)
 OPT_IN = ("ablation", "peers_table", "serving", "offload")

@@ -164,3 +164,40 @@ def test_ablation_rows_merge_into_results_and_other_dense_rows_are_refused():
     assert merge_rows(old, third)["dense"]["ppl"] == {"a": 59.029, "b": 62.431, "c": 20.0}
     with pytest.raises(SystemExit):
         merge_rows(old, new | {"dense": {"row": "dense", "ppl": {"c": 20.0}}})
+
+
+def test_ablation_variants_fisher_matches_autograd_and_patches_only_for_the_row():
+    """The not-adopted variants (benchmarks/ablation_variants.py) measure what their names say: the per-token Fisher
+    of down_proj's inputs equals Σ_t (∂L/∂x)²·(x − mean x)² taken from autograd directly, the residual Fisher equals
+    Σ (∂L/∂h)² of each layer's output, and the library is itself again once a variant's row is done."""
+    import torch
+    from conftest import make_tiny_model
+
+    import prunellm.criteria.fluctuation as fluctuation
+    import prunellm.reconstruction as reconstruction
+    from benchmarks import ablation_variants as variants
+
+    model = make_tiny_model("llama")
+    ids = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    inputs, outputs = {}, {}
+    layers = model.model.layers
+    hooks = [layer.mlp.down_proj.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[0])) for i, layer in enumerate(layers)]
+    hooks += [layer.register_forward_hook(lambda m, args, out, i=i: outputs.__setitem__(i, out[0] if isinstance(out, tuple) else out))
+              for i, layer in enumerate(layers)]  # fmt: skip
+    loss = model(input_ids=ids, labels=ids).loss
+    for h in hooks:
+        h.remove()
+    grads = torch.autograd.grad(loss, [inputs[i] for i in range(len(layers))] + [outputs[i] for i in range(len(layers))])
+    for i in range(len(layers)):
+        x, g = inputs[i].detach().double().flatten(0, 1), grads[i].double().flatten(0, 1)
+        expected = (g.pow(2) * (x - x.mean(0)).pow(2)).sum(0)
+        assert torch.allclose(variants.token_fisher(model, ids)[i].double(), expected, rtol=1e-4, atol=1e-12)
+        h = grads[len(layers) + i].double().flatten(0, 1)
+        assert torch.allclose(variants.residual_fisher(model, ids)[i].double(), h.pow(2).sum(0), rtol=1e-4, atol=1e-12)
+    assert all(p.requires_grad for p in model.parameters())  # the gradient pass gives the weights back as they were
+
+    originals = (fluctuation.slice_fluctuation, reconstruction._fluctuation_choice)
+    for name in variants.VARIANTS:
+        with variants.VARIANTS[name][2]():
+            pass
+    assert (fluctuation.slice_fluctuation, reconstruction._fluctuation_choice) == originals
