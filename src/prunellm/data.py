@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -164,6 +165,19 @@ def tokenize_text(tokenizer: Any, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def leading_special_tokens(tokenizer: Any) -> list[int]:
+    """The special tokens the tokenizer puts before every input when it adds special tokens: ``[bos]`` for Gemma
+    and Llama-3, ``[]`` for SmolLM2 (transformers 5) and GPT-2-like tokenizers.
+
+    Windows cut from a long text (calibration, plain-text fine-tuning, perplexity) start with these, so a model
+    trained to see a BOS first (Gemma's perplexity without it is ~6× higher) sees text as it was trained to.
+    """
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    cut = len(full) - len(plain)
+    return list(full[:cut]) if cut > 0 and full[cut:] == plain else []
+
+
 def sample_calibration(
     tokenizer: Any,
     source: str,
@@ -188,7 +202,8 @@ def sample_calibration(
         seq_len_flag: The CLI flag that gave ``seq_len``; ``num_samples_flag``: the one that gave ``num_samples``.
 
     Returns:
-        A ``(num_samples, seq_len)`` LongTensor.
+        A ``(num_samples, seq_len)`` LongTensor; each window starts with the tokenizer's
+        :func:`leading_special_tokens` (its BOS, if it adds one), then ``seq_len`` minus those of text.
 
     Raises:
         PrunellmError: Bad sizes, a bad source, or a text shorter than ``seq_len + 1`` tokens.
@@ -205,6 +220,9 @@ def sample_calibration(
         shares = equal_shares(num_samples, len(parts))
         flags = {"flag": flag, "seq_len_flag": seq_len_flag, "num_samples_flag": num_samples_flag}
         return torch.cat([sample_calibration(tokenizer, one, n, seq_len, seed, **flags) for one, n in zip(parts, shares)])
+    prefix = leading_special_tokens(tokenizer)
+    if seq_len <= len(prefix):
+        raise PrunellmError(f"{seq_len_flag} {seq_len} leaves no text after the tokenizer's {len(prefix)} leading special token(s): use at least {len(prefix) + 1}")
     tokens = _train_tokens(tokenizer, source, flag)
     n_tokens = tokens.numel()
     if n_tokens < seq_len + 1:
@@ -212,7 +230,7 @@ def sample_calibration(
             f"{flag} '{source}' has {n_tokens} tokens with this tokenizer, but {seq_len_flag} {seq_len} needs at "
             f"least {seq_len + 1}: lower {seq_len_flag} or use a longer text"
         )
-    return random_windows(tokens, num_samples, seq_len, seed)
+    return random_windows(tokens, num_samples, seq_len, seed, prefix)
 
 
 def equal_shares(total: int, parts: int) -> list[int]:
@@ -231,21 +249,26 @@ def mixture_parts(source: str, flag: str = "--dataset") -> list[str]:
     return parts
 
 
-def random_windows(tokens: torch.Tensor, num_samples: int, seq_len: int, seed: int) -> torch.Tensor:
+def random_windows(tokens: torch.Tensor, num_samples: int, seq_len: int, seed: int, prefix: Sequence[int] = ()) -> torch.Tensor:
     """Cut ``num_samples`` windows of ``seq_len`` tokens at seeded random starts of a 1-D token tensor.
 
     Args:
         tokens: A 1-D LongTensor of at least ``seq_len`` tokens.
         num_samples: Number of windows.
-        seq_len: Tokens per window.
+        seq_len: Tokens per window, ``prefix`` included.
         seed: Seed of the start positions.
+        prefix: Token ids every window starts with (:func:`leading_special_tokens`); the text fills the rest.
 
     Returns:
         A ``(num_samples, seq_len)`` LongTensor.
     """
+    text_len = seq_len - len(prefix)
     generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, tokens.numel() - seq_len + 1, (num_samples,), generator=generator)
-    return tokens[starts[:, None] + torch.arange(seq_len)]  # (num_samples, seq_len)
+    starts = torch.randint(0, tokens.numel() - text_len + 1, (num_samples,), generator=generator)
+    windows = tokens[starts[:, None] + torch.arange(text_len)]  # (num_samples, text_len)
+    if not prefix:
+        return windows
+    return torch.cat([torch.tensor(list(prefix), dtype=windows.dtype).expand(num_samples, -1), windows], 1)
 
 
 def tensor_hash(t: torch.Tensor) -> str:

@@ -115,6 +115,9 @@ class EvalOptions(_Options):
     ppl_seq_len: int | None = Field(None, description="shorthand for one non-overlapping protocol of this window length")
     ppl_max_windows: int | None = Field(None, description="score only the first N windows of each protocol (quick checks)")
     ppl_batch_size: int = Field(4, description="windows per forward pass")
+    ppl_bos: Literal["auto", "never"] = Field(
+        "auto", description="auto: the tokenizer's leading special tokens (its BOS, if it adds one) before every window, as context; never: none (LLM-Pruner's protocol)"
+    )
     zeroshot_tasks: str = Field(
         "boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa",
         description="comma-separated lm-eval tasks; offline: bigbench_strategyqa, bigbench_wikihow_step, bigbench_social_iqa",

@@ -6,15 +6,19 @@
   window scores all but its first token), so every token is scored once with up to 2048 tokens of context
   (the Hugging Face perplexity guide's protocol).
 
-PPL = exp(Σ NLL / number of scored tokens). The text is tokenized once without special tokens: no BOS is
-inserted between windows. Only the positions that predict scored tokens go through the LM head
-(``logits_to_keep`` as an index tensor).
+PPL = exp(Σ NLL / number of scored tokens). The text is tokenized once without special tokens. ``prefix`` (the
+tokenizer's leading special tokens, :func:`prunellm.data.leading_special_tokens`: a BOS for Gemma or Llama-3,
+nothing for SmolLM2) goes before every window as context only: the scored tokens are the same with or without
+it (Gemma 3's PPL@128 on WikiText-2 is ~690 without its BOS and ~106 with it; LLM-Pruner's protocol has none,
+``--ppl_bos never``). Only the positions that predict scored tokens go through the LM head (``logits_to_keep``
+as an index tensor).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +65,8 @@ class PerplexityResult:
     scored_tokens: int
     windows: int
     total_tokens: int
-    add_special_tokens: bool = False
+    add_special_tokens: bool = False  # whether the tokenizer's leading special tokens went before every window
+    prefix_tokens: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -95,6 +100,7 @@ def perplexity(
     batch_size: int = 4,
     max_windows: int | None = None,
     progress: bool = True,
+    prefix: Sequence[int] = (),
 ) -> PerplexityResult:
     """Token-weighted perplexity of ``model`` on a 1-D tensor of token ids.
 
@@ -103,11 +109,14 @@ def perplexity(
         protocol: window length and stride.
         batch_size: windows per forward pass.
         max_windows: score only the first N windows (quick checks).
+        prefix: token ids put before every window as context (a BOS); the scored tokens do not change.
     """
+    prefix = [int(t) for t in prefix]
     max_len = getattr(model.config, "max_position_embeddings", None)
-    if max_len and protocol.seq_len > max_len:
+    if max_len and protocol.seq_len + len(prefix) > max_len:
         raise PrunellmError(
-            f"--ppl_protocols window {protocol.seq_len} exceeds the model's context of {max_len} tokens"
+            f"--ppl_protocols window {protocol.seq_len} (+{len(prefix)} leading special tokens) exceeds the model's "
+            f"context of {max_len} tokens"
         )
     if batch_size < 1:
         raise PrunellmError(f"--ppl_batch_size {batch_size} must be at least 1")
@@ -126,7 +135,8 @@ def perplexity(
     for begin, end, n_scored in spans:
         groups.setdefault((end - begin, n_scored), []).append(begin)
     # index tensors stay on the CPU: indexing works on any device, also across an accelerate-dispatched model
-    keep = {(length, n): torch.arange(length - 1 - n, length - 1) for length, n in groups}
+    keep = {(length, n): torch.arange(len(prefix) + length - 1 - n, len(prefix) + length - 1) for length, n in groups}
+    head = torch.tensor(prefix, dtype=token_ids.dtype)
     nll_sum, scored = 0.0, 0
     bar = tqdm(total=len(spans), desc=f"perplexity {dataset} ({protocol.name})", disable=not progress, leave=False)
     was_training = model.training
@@ -135,11 +145,11 @@ def perplexity(
         for (length, n_scored), begins in groups.items():
             for start in range(0, len(begins), batch_size):
                 chunk = begins[start : start + batch_size]
-                batch = torch.stack([token_ids[b : b + length] for b in chunk]).to(device)  # (B, length)
+                batch = torch.stack([torch.cat([head, token_ids[b : b + length]]) for b in chunk]).to(device)  # (B, prefix + length)
                 # only positions length-1-n_scored .. length-2 predict the scored targets: the LM head runs on
                 # those alone and the logits come out contiguous, (B, n_scored, V), so reshape copies nothing
                 logits = model(input_ids=batch, use_cache=False, logits_to_keep=keep[length, n_scored]).logits
-                targets = batch[:, length - n_scored :]
+                targets = batch[:, batch.shape[1] - n_scored :]
                 nll = F.cross_entropy(
                     logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1).to(logits.device), reduction="sum"
                 )
@@ -160,4 +170,6 @@ def perplexity(
         scored_tokens=scored,
         windows=len(spans),
         total_tokens=int(token_ids.numel()),
+        add_special_tokens=bool(prefix),
+        prefix_tokens=prefix,
     )

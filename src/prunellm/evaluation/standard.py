@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from ..data import describe_source, text_tokens
+from ..data import describe_source, leading_special_tokens, text_tokens
 from ..errors import PrunellmError
 from ..options import split_list
 from .metrics import Column, Context, Metric, first_seen, metric_part, register
@@ -33,6 +33,7 @@ def eval_tokens(tokenizer, dataset: str):
 def _measure_ppl(ctx: Context) -> list[dict[str, Any]]:
     options = ctx.options
     protocols = [Protocol.parse(p) for p in options.protocol_names()]
+    prefix = leading_special_tokens(ctx.tokenizer) if options.ppl_bos == "auto" else []
     rows: list[dict] = []
     for dataset in split_list(options.ppl_datasets):
         tokens = eval_tokens(ctx.tokenizer, dataset)
@@ -40,7 +41,7 @@ def _measure_ppl(ctx: Context) -> list[dict[str, Any]]:
         for protocol in protocols:
             result = perplexity(
                 ctx.model, tokens, protocol, dataset=dataset, batch_size=options.ppl_batch_size,
-                max_windows=options.ppl_max_windows, progress=ctx.progress,
+                max_windows=options.ppl_max_windows, progress=ctx.progress, prefix=prefix,
             )  # fmt: skip
             log.info("PPL %s (%s): %.3f over %d tokens", dataset, protocol.name, result.ppl, result.scored_tokens)
             rows.append({**result.to_dict(), "source": source})
@@ -61,7 +62,7 @@ def _ppl_columns(docs: list[dict[str, Any]]) -> list[Column]:
 register(Metric(
     name="ppl",
     help="perplexity of held-out text under each window[/stride] protocol",
-    options=("ppl_datasets", "ppl_protocols", "ppl_seq_len", "ppl_max_windows", "ppl_batch_size"),
+    options=("ppl_datasets", "ppl_protocols", "ppl_seq_len", "ppl_max_windows", "ppl_batch_size", "ppl_bos"),
     schema={"type": "array", "items": {"$ref": "#/$defs/ppl_row"}},
     measure=_measure_ppl,
     columns=_ppl_columns,

@@ -26,6 +26,7 @@ from ..data import (
     _read_records,
     describe_source,
     equal_shares,
+    leading_special_tokens,
     load_text,
     mixture_parts,
     random_windows,
@@ -225,6 +226,7 @@ def _text_part(tokenizer: Any, name: str, n: int, length: int, seed: int, val_wi
     A built-in source validates on the first windows of its eval part; any other text holds out its tail, so no
     validation token is ever trained on.
     """
+    prefix = leading_special_tokens(tokenizer)
     if name in BUILTIN_SOURCES:
         train = sample_calibration(tokenizer, name, n, length, seed, flag="--dataset_name")
         held_out = eval_tokens(tokenizer, name) if val_windows else torch.empty(0, dtype=torch.long)
@@ -235,10 +237,15 @@ def _text_part(tokenizer: Any, name: str, n: int, length: int, seed: int, val_wi
         train_part, held_out = tokens[: tokens.numel() - held], tokens[tokens.numel() - held :]
         if train_part.numel() < length + 1:
             raise PrunellmError(f"--dataset_name '{name}' has {tokens.numel()} tokens: too short for --seq_len {length}")
-        train = random_windows(train_part, n, length, seed)
+        train = random_windows(train_part, n, length, seed, prefix)
         source = {"train": describe_source(name, "train", flag="--dataset_name"), "validation": f"last {held} tokens (never trained on)"}
-    n_val = min(val_windows, held_out.numel() // length)
-    return train, held_out[: n_val * length].reshape(n_val, length), source  # validation: (n_val, seq_len), non-overlapping
+    # validation: (n_val, seq_len), non-overlapping, each opening with the same leading special tokens as training's
+    text_len = length - len(prefix)
+    n_val = min(val_windows, held_out.numel() // text_len)
+    validation = held_out[: n_val * text_len].reshape(n_val, text_len)
+    if prefix:
+        validation = torch.cat([torch.tensor(prefix, dtype=validation.dtype).expand(n_val, -1), validation], 1)
+    return train, validation, source
 
 
 def text_data(tokenizer: Any, options: FinetuneData, seed: int) -> TrainingData:
