@@ -93,11 +93,15 @@ def calibration_windows(tokenizer) -> torch.Tensor:
     return sample_calibration(tokenizer, str(WIKITEXT_VALID), NUM_SAMPLES, SEQ_LEN, SEED)
 
 
-def evaluate(model, token_sets) -> dict[str, float]:
+def evaluate(model, token_sets, tokenizer) -> dict[str, float]:
+    """PPL@128 over the first :data:`WINDOWS` windows of each text, the tokenizer's BOS (if it adds one) before each
+    window as context (:func:`prunellm.data.leading_special_tokens`; none for SmolLM2)."""
+    from prunellm.data import leading_special_tokens
     from prunellm.evaluation.perplexity import Protocol, perplexity
 
+    prefix = leading_special_tokens(tokenizer)
     return {
-        name: round(perplexity(model, ids, Protocol.parse("128"), dataset=name, max_windows=WINDOWS, progress=False).ppl, 3)
+        name: round(perplexity(model, ids, Protocol.parse("128"), dataset=name, max_windows=WINDOWS, progress=False, prefix=prefix).ppl, 3)
         for name, ids in token_sets.items()
     }
 
@@ -303,7 +307,7 @@ first run's in the third decimal, 2 vs 1 torch threads; `taylor/block/lstsq_bias
   ~20 % and ~30 %); the figures above under "measured earlier" are the issue's, kept for reference."""
 
 
-def start(out: str, threads: int = 2):
+def start(out: str, threads: int = 2, model: str = MODEL):
     """What every row of a protocol run needs: ``(base, tokenizer, token_sets, ids, total, done, emit)``.
 
     The dense model is loaded and, unless ``out`` (JSON lines) already has it, evaluated as the row ``dense``;
@@ -315,7 +319,7 @@ def start(out: str, threads: int = 2):
     import prunellm as pl
     from prunellm.units import count_parameters
 
-    base, tokenizer = pl.load(MODEL)
+    base, tokenizer = pl.load(model)
     base.eval()
     token_sets = eval_token_sets(tokenizer)
     bible = kjv_text()
@@ -338,7 +342,7 @@ def start(out: str, threads: int = 2):
         print(json.dumps(row), flush=True)
 
     if "dense" not in done:
-        emit({"row": "dense", "ppl": evaluate(base, token_sets), "params": total})
+        emit({"row": "dense", "ppl": evaluate(base, token_sets, tokenizer), "params": total})
     return base, tokenizer, token_sets, ids, total, done, emit
 
 
@@ -371,11 +375,11 @@ def prior_scale(scores, deltas: dict[str, list[float]], normalization: str) -> d
             "prior_max": round(float(used.max()), 4), "score_p90_over_p10_in_block_median": round(float(in_block.median()), 3)}  # fmt: skip
 
 
-def measure(out: str, rows: tuple[str, ...] = ROWS, threads: int = 2) -> None:
+def measure(out: str, rows: tuple[str, ...] = ROWS, threads: int = 2, model: str = MODEL) -> None:
     """Measure the dense model and every row not yet in ``out`` (JSON lines), appending each as it finishes."""
     from prunellm.units import count_parameters
 
-    base, tokenizer, token_sets, ids, total, done, emit = start(out, threads)
+    base, tokenizer, token_sets, ids, total, done, emit = start(out, threads, model)
     cache: dict = {}
     for row in rows:
         if row in done:
@@ -390,7 +394,7 @@ def measure(out: str, rows: tuple[str, ...] = ROWS, threads: int = 2) -> None:
         }
         emit({
             "row": row, **fields, "removed": round(1 - count_parameters(model) / total, 4),
-            "ppl": evaluate(model, token_sets), "seconds": round(time.perf_counter() - started, 1), "widths": widths, **extra,
+            "ppl": evaluate(model, token_sets, tokenizer), "seconds": round(time.perf_counter() - started, 1), "widths": widths, **extra,
         })  # fmt: skip
         del model
 
@@ -471,10 +475,14 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="JSON-lines file; rows already in it are not measured again")
     parser.add_argument("--rows", nargs="*", default=list(ROWS), help="criterion[@units]/allocation/reconstruct[:target]/ratio")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", default=MODEL, help="the model the rows prune (an embedded name, a folder, a hub id); "
+                        "--into_results takes the default's rows only")  # fmt: skip
     parser.add_argument("--into_results", action="store_true", help="add the file's rows to benchmarks/results.json's (same dense row)")
     args = parser.parse_args()
+    if args.into_results and args.model != MODEL:
+        parser.error(f"--into_results merges {MODEL} rows only: the ablation table's dense row is {MODEL}'s")
     if not args.into_results:
-        measure(args.out, tuple(args.rows), args.threads)
+        measure(args.out, tuple(args.rows), args.threads, args.model)
         return
     into_results("ablation", read_rows(args.out), merge=True)
 

@@ -210,7 +210,7 @@ def measure(out: str, names: tuple[str, ...], threads: int = 2) -> None:
             model, plan, extra = ablation.prune_row(base, tokenizer, ids, fields, {})
         emit({
             "row": f"variant:{name}", **fields, "criterion": label, "removed": round(1 - count_parameters(model) / total, 4),
-            "ppl": ablation.evaluate(model, token_sets), "seconds": round(time.perf_counter() - started, 1),
+            "ppl": ablation.evaluate(model, token_sets, tokenizer), "seconds": round(time.perf_counter() - started, 1),
             "widths": {"mlp_channels": [None if layer.mlp_channels is None else len(layer.mlp_channels) for layer in plan.layers]},
             **extra,
         })  # fmt: skip

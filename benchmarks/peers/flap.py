@@ -12,7 +12,8 @@ transformers-5 ``LlamaForCausalLM`` in float32 on the CPU. What differs from FLA
 * at run time (:func:`_adapted`): ``lib.data`` (Hugging Face ``datasets`` downloads) is never imported and
   ``get_loaders`` returns our calibration windows; ``Tensor.cuda`` is the identity (FLAP sorts on the GPU); each
   decoder layer gets ``position_embeddings`` from ``model.model.rotary_emb`` when FLAP calls it without them
-  (transformers 5 computes rotary embeddings once in the model; FLAP calls the layers directly).
+  (transformers 5 computes rotary embeddings once in the model; FLAP calls the layers directly), of the layer's
+  attention type where the model has one per type (Gemma 3: sliding / full).
 * its ``get_llm`` loads FLAP's copy of the LLaMA modeling file, whose only change is a bias in ``o_proj`` and
   ``down_proj`` (zero-initialised, filled by the compensation): :func:`add_zero_biases` does the same to our model.
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import math
 from pathlib import Path
 
@@ -63,16 +65,25 @@ def _adapted(prune_module, model: nn.Module, windows: torch.Tensor):
         assert nsamples == len(windows) and seqlen == windows.shape[1], (nsamples, seqlen, tuple(windows.shape))
         return [(w.unsqueeze(0), None) for w in windows], None
 
-    def add_position_embeddings(module, args, kwargs):
-        if kwargs.get("position_embeddings") is None:
-            hidden = args[0] if args else kwargs["hidden_states"]  # (1, T, hidden)
-            positions = kwargs.get("position_ids")
-            if positions is None:
-                positions = torch.arange(hidden.shape[1]).unsqueeze(0)
-            kwargs["position_embeddings"] = model.model.rotary_emb(hidden, positions)
-        return args, kwargs
+    # Gemma 3's rotary embedding has one frequency set per attention type (sliding / full): the layer's own
+    rotary = model.model.rotary_emb
+    per_type = "layer_type" in inspect.signature(rotary.forward).parameters
+    layer_types = getattr(model.config, "layer_types", None)
 
-    handles = [layer.register_forward_pre_hook(add_position_embeddings, with_kwargs=True) for layer in model.model.layers]
+    def add_position_embeddings(index: int):
+        def hook(module, args, kwargs):
+            if kwargs.get("position_embeddings") is None:
+                hidden = args[0] if args else kwargs["hidden_states"]  # (1, T, hidden)
+                positions = kwargs.get("position_ids")
+                if positions is None:
+                    positions = torch.arange(hidden.shape[1]).unsqueeze(0)
+                extra = (layer_types[index],) if per_type else ()
+                kwargs["position_embeddings"] = rotary(hidden, positions, *extra)
+            return args, kwargs
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(add_position_embeddings(i), with_kwargs=True) for i, layer in enumerate(model.model.layers)]
     saved_cuda, saved_loaders = torch.Tensor.cuda, prune_module.get_loaders
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
     prune_module.get_loaders = get_loaders
