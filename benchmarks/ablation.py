@@ -302,6 +302,13 @@ first run's in the third decimal, 2 vs 1 torch threads; `taylor/block/lstsq_bias
 * **The King James Bible is text the model nearly knows by heart**: dense PPL 13.2 on Genesis against 59–62 on
   the other two texts, so every removal costs it most (FLAP's own code 4.18× at 20 %, LLM-Pruner's 6.12×); the
   ratios on it are high for every method and compare methods, not texts.
+* **A second family, Gemma 3 270M** (the `peers_second_family` section below; BOS before every window): the default
+  beats FLAP's own code on Shakespeare and WikiText-2 at ~5 % and ~7.5 % of all parameters (0.81–0.84× its
+  ratios) and on the KJV at ~7.5 % (0.95×), not at ~5 % (1.04×). The H-GSP prior does not help there: without it
+  the KJV goes from 3.05× to 2.55× at ~5 % and WikiText-2 from 1.47× to 1.40× at ~7.5 %, and T = 1 (1.79× /
+  1.30× / 2.69× at ~5 %, `--model gemma3-270m`) is worse than T = 0 on all three texts. Gemma's MLP blocks
+  matter more evenly (ln(1+Δ) spreads ×3.3 p10–p90 against SmolLM2's ×6.8), `auto` stretches that spread to
+  the percentiles' ×9 (T = 2.16), and the plan cuts the two MLPs of smallest calibration Δ by 68–78 %.
 * **Peers from their own code** are measured in the same protocol by the peer table below
   (`benchmarks/peers/`: FLAP at `3bb57db`, LLM-Pruner at `128a07d`, Torch-Pruning 1.6.1, prunellm's default, at
   ~20 % and ~30 %); the figures above under "measured earlier" are the issue's, kept for reference."""

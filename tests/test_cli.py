@@ -402,6 +402,8 @@ def test_temperature_auto_records_the_matched_t_and_prunes_by_it(workspace):
     assert isinstance(t, float) and 0.0 < t
     base = prior_multipliers(layers["layers"], blocks["attention"], blocks["mlp"], 1.0, layers["tau"])
     assert any(v > 0 for v in base.values())
+    # the spread auto matched: T = ln(score spread) / ln(prior spread), so the prior's spread is recorded too
+    assert layers["prior_spread_p90_over_p10"] > 1.0
     # the same plan as the explicit T the run chose
     assert main(_prune_args(workspace, "t_fixed", "--temperature", repr(t), *args)) == 0
     fixed = json.loads((workspace / "results" / "t_fixed" / "plan.json").read_text())

@@ -236,11 +236,17 @@ def matched_temperature(base: dict[UnitKey, float], values: dict[UnitKey, torch.
     the scores ×2.0 within a block, so T = 1 ranks layers by the prior alone). 0 when either has no spread.
     """
     within = [spread(v) for v in values.values() if v.numel() > 1]
-    between = spread(torch.tensor([base[key] for key in values], dtype=torch.float64))
+    between = prior_spread(base, values)
     if not within or between <= 1.0:
         return 0.0
     score = float(torch.tensor(within, dtype=torch.float64).median())
     return max(0.0, math.log(score) / math.log(between)) if score > 1.0 else 0.0
+
+
+def prior_spread(base: dict[UnitKey, float], blocks) -> float:
+    """p90/p10 of ``ln(1+Δ)`` (``base``, T = 1) over the pruned ``blocks``: how unevenly the blocks matter
+    (SmolLM2-135M's MLPs ×6.8, Gemma 3 270M's ×3.3; ``auto`` stretches it over the scores' spread either way)."""
+    return spread(torch.tensor([base[key] for key in blocks], dtype=torch.float64))
 
 
 def resolve_temperature(

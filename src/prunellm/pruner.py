@@ -53,7 +53,7 @@ from .options import (
 )
 from .paths import atomic_dir, write_json_atomic
 from .plan import LayerPlan, Plan, RoundPlan, compose_rounds, kept_units_of, package_versions
-from .priors import ablation_deltas, ablation_deltas_of, prior_multipliers, resolve_tau, resolve_temperature
+from .priors import ablation_deltas, ablation_deltas_of, prior_multipliers, prior_spread, resolve_tau, resolve_temperature
 from .selection import SelectionConstraints, normalized_values, select_global
 from .specs import spec_for
 from .sweep import Offload
@@ -193,10 +193,13 @@ def compute_priors(
     attn_d, mlp_d = blocks["attention"], blocks["mlp"]
     tau = resolve_tau(priors.tau, layer_d)
     temperature = resolve_temperature(priors.temperature, (layer_d, attn_d, mlp_d), tau, values)
+    unit_spread = prior_spread(prior_multipliers(layer_d, attn_d, mlp_d, 1.0, tau), values) if values else None
     if priors.temperature == "auto":
-        log.info("--temperature auto: T = %.3f (prior spread matched to the scores' within-block spread)", temperature)
+        log.info("--temperature auto: T = %.3f (the prior's spread ×%.2f between the pruned blocks matched to the "
+                 "scores' within-block spread)", temperature, unit_spread or 1.0)  # fmt: skip
+    spread_field = {} if unit_spread is None else {"prior_spread_p90_over_p10": unit_spread}
     write_json_atomic(out / "layer_importance_loss.json",
-                      {"metric": "delta_loss_zero_ablation", "layers": layer_d, "tau": tau, "temperature": temperature})  # fmt: skip
+                      {"metric": "delta_loss_zero_ablation", "layers": layer_d, "tau": tau, "temperature": temperature, **spread_field})  # fmt: skip
     write_json_atomic(out / "block_importance_loss.json", {"metric": "delta_loss_zero_ablation", "attention": attn_d, "mlp": mlp_d})
     return prior_multipliers(layer_d, attn_d, mlp_d, temperature, tau)
 
