@@ -9,9 +9,10 @@ import sys
 
 from conftest import REPO
 
-# every test that loads the real SmolLM2-135M weights (not just its tokenizer)
+# every test that loads real pretrained weights (SmolLM2-135M, Gemma 3 270M; not just a tokenizer)
 REAL_MODEL_FILES = {
     "tests/test_real_model.py", "tests/test_finetune_real.py", "tests/test_offload_real.py", "tests/test_export_real.py",
+    "tests/test_second_family.py",  # the real Gemma 3 270M
 }
 REAL_MODEL_TESTS = {
     "tests/test_models.py::test_converted_model_matches_gguf_logits",
