@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from gguf import GGUFWriter, TokenType
 from transformers import PreTrainedTokenizerBase
 
+from ..data import leading_special_tokens
 from ..errors import PrunellmError
 
 # llama.cpp pre-tokenizer name -> the tokenizers pre-tokenizer description that behaves the same
@@ -196,8 +197,8 @@ def gguf_vocab(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> GgufVocab
         if getattr(tokenizer, f"{name}_token_id", None) is not None
     }
     # what transformers does when the caller adds special tokens (its default): a prepended BOS or not
-    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
-    add_bos = bool(probe) and tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id
+    bos = tokenizer.bos_token_id
+    add_bos = bos is not None and leading_special_tokens(tokenizer)[:1] == [bos]
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
     return GgufVocab(
         model="llama" if sentencepiece else "gpt2",
