@@ -146,8 +146,9 @@ def perplexity(
             for start in range(0, len(begins), batch_size):
                 chunk = begins[start : start + batch_size]
                 batch = torch.stack([torch.cat([head, token_ids[b : b + length]]) for b in chunk]).to(device)  # (B, prefix + length)
-                # only positions length-1-n_scored .. length-2 predict the scored targets: the LM head runs on
-                # those alone and the logits come out contiguous, (B, n_scored, V), so reshape copies nothing
+                # only the n_scored positions before the last (after the prefix: keep's indices are shifted by it)
+                # predict the scored targets: the LM head runs on those alone and the logits come out contiguous,
+                # (B, n_scored, V), so reshape copies nothing
                 logits = model(input_ids=batch, use_cache=False, logits_to_keep=keep[length, n_scored]).logits
                 targets = batch[:, batch.shape[1] - n_scored :]
                 nll = F.cross_entropy(
