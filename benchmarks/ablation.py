@@ -96,14 +96,21 @@ def calibration_windows(tokenizer) -> torch.Tensor:
 def evaluate(model, token_sets, tokenizer) -> dict[str, float]:
     """PPL@128 over the first :data:`WINDOWS` windows of each text, the tokenizer's BOS (if it adds one) before each
     window as context (:func:`prunellm.data.leading_special_tokens`; none for SmolLM2)."""
+    return evaluate_windows(model, token_sets, tokenizer)[0]
+
+
+def evaluate_windows(model, token_sets, tokenizer) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """:func:`evaluate`, and each text's per-window NLL sums (4 decimals), for paired intervals between rows
+    (:func:`prunellm.evaluation.perplexity.paired_ratio_interval`; every window scores ``SEQ_LEN - 1`` tokens)."""
     from prunellm.data import leading_special_tokens
     from prunellm.evaluation.perplexity import Protocol, perplexity
 
     prefix = leading_special_tokens(tokenizer)
-    return {
-        name: round(perplexity(model, ids, Protocol.parse("128"), dataset=name, max_windows=WINDOWS, progress=False, prefix=prefix).ppl, 3)
-        for name, ids in token_sets.items()
-    }
+    ppl, nll = {}, {}
+    for name, ids in token_sets.items():
+        result = perplexity(model, ids, Protocol.parse("128"), dataset=name, max_windows=WINDOWS, progress=False, prefix=prefix)
+        ppl[name], nll[name] = round(result.ppl, 3), [round(v, 4) for v in result.window_nll]
+    return ppl, nll
 
 
 # Peers measured from their own code before this benchmark existed (issue 17, same calibration and protocol);
@@ -346,10 +353,11 @@ def start(out: str, threads: int = 2, model: str = MODEL):
     def emit(row: dict) -> None:
         with open(out, "a") as handle:
             handle.write(json.dumps(row) + "\n")
-        print(json.dumps(row), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k != "window_nll"}), flush=True)  # the row, less its lists
 
     if "dense" not in done:
-        emit({"row": "dense", "ppl": evaluate(base, token_sets, tokenizer), "params": total})
+        ppl, window_nll = evaluate_windows(base, token_sets, tokenizer)
+        emit({"row": "dense", "ppl": ppl, "params": total, "window_nll": window_nll})
     return base, tokenizer, token_sets, ids, total, done, emit
 
 

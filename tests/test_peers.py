@@ -202,3 +202,39 @@ def test_prunellm_row_runs_the_cli_defaults_through_the_ablation_row(monkeypatch
     _, plan, extra = prune_row(base, None, ids, fields, cache)
     assert extra == {} and ("magnitude", ("kv_group", "mlp_channel")) in cache and len(cache) == 3  # two scores, the deltas
     assert count_parameters(base) == total  # rows prune copies
+
+
+def test_the_row_at_flaps_count_removes_what_flaps_row_removed_and_is_compared_to_it(tmp_path):
+    """``prunellm_at_flap/R`` reads FLAP's removed count from the same run's file (dense count less FLAP's); without
+    a FLAP row it names the row to measure first. Its line ÷ FLAP follows the default's."""
+    from benchmarks.peers.run import ROWS, removed_by
+
+    out = tmp_path / "peers.jsonl"
+    out.write_text('{"row": "dense", "params": 1000}\n{"row": "flap/0.2", "params": 805, "removed": 0.195}\n'
+                   '{"row": "flap/0.3", "error": "RuntimeError: x"}\n')  # fmt: skip
+    assert removed_by(str(out), "flap/0.2") == 195
+    with pytest.raises(ValueError, match="'flap/0.3' has no successful row"):
+        removed_by(str(out), "flap/0.3")
+    assert ROWS.index("flap/0.2") < ROWS.index("prunellm_at_flap/0.2")
+    dense = {"shakespeare_eval": 60.0, "wikitext2_test": 50.0}
+    row = lambda m, r, a, b: {"row": f"{m}/{r}", "method": m, "ratio": r, "removed": 0.195, "seconds": 1.0,  # noqa: E731
+                              "ppl": {"shakespeare_eval": a, "wikitext2_test": b}, "setting": {}}  # fmt: skip
+    section = {
+        "protocol": {"num_samples": 32, "seq_len": 128, "seed": 42, "windows": 64, "calibration": "WikiText-2 validation"},
+        "dense": {"ppl": dense}, "prunellm_default": {"criterion": "fluctuation", "normalization": "uniform", "reconstruct": "lstsq"},
+        "rows": [row("flap", 0.2, 120.0, 75.0), row("prunellm_at_flap", 0.2, 90.0, 60.0)],
+    }  # fmt: skip
+    text = render(section)
+    assert "| prunellm default at FLAP's parameter count | 19.5 % | 1.50 | 1.20 |" in text
+    assert "* prunellm default at FLAP's parameter count ÷ FLAP's own code (held-out Shakespeare / WikiText-2 test): 0.750 / 0.800 at ~20 %." in text
+
+
+def test_the_ratio_to_flap_carries_a_paired_interval_where_both_rows_kept_their_windows():
+    from benchmarks.peers.run import _ratio_to
+
+    flap_row = {"ppl": {"t": 100.0}, "window_nll": {"t": [500.0, 600.0, 550.0, 580.0]}}
+    ours = {"ppl": {"t": 80.0}, "window_nll": {"t": [480.0, 560.0, 540.0, 530.0]}}
+    text = _ratio_to(ours, flap_row, "t")
+    ratio, low, high = (float(x) for x in text.replace("[", "").replace("]", "").replace(",", "").split())
+    assert ratio == 0.8 and low < high and low <= 1.0
+    assert _ratio_to({"ppl": {"t": 80.0}}, flap_row, "t") == "0.800"  # a row measured before windows were kept

@@ -107,3 +107,39 @@ def test_a_prefix_is_context_only_and_scores_the_same_tokens():
     assert perplexity(model, ids, Protocol(16, 16), progress=False, prefix=[bos]).ppl == pytest.approx(by_hand, rel=1e-5)
     with pytest.raises(PrunellmError, match="leading special tokens"):
         perplexity(model, ids, Protocol(256, 256), progress=False, prefix=[bos])  # 256 + 1 > the tiny model's 256
+
+
+@torch.no_grad()
+def test_each_windows_nll_is_that_window_alone_in_text_order():
+    """The per-window NLLs (the input of paired comparisons) sum to the total, come in text order although windows
+    are batched by shape (the strided protocol's first window scores more tokens), and each equals its window
+    scored on its own; the JSON form keeps the totals only."""
+    model = make_tiny_model("llama")
+    ids = _tokens(100, seed=3)
+    result = perplexity(model, ids, Protocol(32, 16), batch_size=2, progress=False)
+    spans = windows(100, Protocol(32, 16))
+    assert len(result.window_nll) == len(spans) == result.windows and result.window_tokens == [n for *_, n in spans]
+    assert math.fsum(result.window_nll) == pytest.approx(result.nll_sum) and sum(result.window_tokens) == result.scored_tokens
+    for (begin, end, n_scored), nll in zip(spans, result.window_nll):
+        window = ids[begin:end][None]
+        logits = model(window).logits[0, -n_scored - 1 : -1]
+        assert nll == pytest.approx(F.cross_entropy(logits, window[0, -n_scored:], reduction="sum").item(), rel=1e-5)
+    assert "window_nll" not in result.to_dict() and "window_tokens" not in result.to_dict()
+
+
+def test_paired_ratio_interval_of_the_same_windows():
+    """A ÷ B is exp(ΔNLL / tokens); a constant per-token gap gives a zero-width interval at exactly that ratio,
+    windows that disagree give an interval around it; different windows under the two models are refused."""
+    from prunellm.evaluation.perplexity import paired_ratio_interval
+
+    tokens = [127] * 8
+    base = [300.0 + 10 * i for i in range(8)]
+    ratio, low, high = paired_ratio_interval([b + 0.1 * 127 for b in base], base, tokens)
+    assert ratio == pytest.approx(math.exp(0.1)) and low == pytest.approx(ratio) and high == pytest.approx(ratio)
+    noisy = [b + (20 if i % 2 else -5) for i, b in enumerate(base)]
+    ratio, low, high = paired_ratio_interval(noisy, base, tokens, seed=1)
+    assert ratio == pytest.approx(math.exp(60 / (8 * 127))) and low < ratio < high
+    assert math.exp(-5 / 127) <= low and high <= math.exp(20 / 127)
+    assert paired_ratio_interval(noisy, base, tokens, seed=1) == (ratio, low, high)  # seeded
+    with pytest.raises(PrunellmError, match="the same windows under both models"):
+        paired_ratio_interval(base, base[:7], tokens)

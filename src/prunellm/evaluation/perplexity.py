@@ -67,9 +67,15 @@ class PerplexityResult:
     total_tokens: int
     add_special_tokens: bool = False  # whether the tokenizer's leading special tokens went before every window
     prefix_tokens: list[int] = field(default_factory=list)
+    # the NLL sum and scored tokens of each window, in text order, for paired comparisons of two models on the same
+    # windows (:func:`paired_ratio_interval`); in memory only, to_dict keeps the totals
+    window_nll: list[float] = field(default_factory=list, repr=False)
+    window_tokens: list[int] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        del data["window_nll"], data["window_tokens"]
+        return data
 
 
 def windows(n_tokens: int, protocol: Protocol) -> list[tuple[int, int, int]]:
@@ -132,34 +138,35 @@ def perplexity(
     device = input_device(model)
     # group windows of equal shape so each batch is one dense tensor
     groups: dict[tuple[int, int], list[int]] = {}
-    for begin, end, n_scored in spans:
-        groups.setdefault((end - begin, n_scored), []).append(begin)
+    for index, (begin, end, n_scored) in enumerate(spans):
+        groups.setdefault((end - begin, n_scored), []).append(index)
     # index tensors stay on the CPU: indexing works on any device, also across an accelerate-dispatched model
     keep = {(length, n): torch.arange(len(prefix) + length - 1 - n, len(prefix) + length - 1) for length, n in groups}
     head = torch.tensor(prefix, dtype=token_ids.dtype)
-    nll_sum, scored = 0.0, 0
+    window_nll = [0.0] * len(spans)
     bar = tqdm(total=len(spans), desc=f"perplexity {dataset} ({protocol.name})", disable=not progress, leave=False)
     was_training = model.training
     model.eval()
     try:
-        for (length, n_scored), begins in groups.items():
-            for start in range(0, len(begins), batch_size):
-                chunk = begins[start : start + batch_size]
-                batch = torch.stack([torch.cat([head, token_ids[b : b + length]]) for b in chunk]).to(device)  # (B, prefix + length)
+        for (length, n_scored), indices in groups.items():
+            for start in range(0, len(indices), batch_size):
+                chunk = indices[start : start + batch_size]
+                batch = torch.stack([torch.cat([head, token_ids[spans[i][0] : spans[i][0] + length]]) for i in chunk]).to(device)  # (B, prefix + length)
                 # only the n_scored positions before the last (after the prefix: keep's indices are shifted by it)
                 # predict the scored targets: the LM head runs on those alone and the logits come out contiguous,
                 # (B, n_scored, V), so reshape copies nothing
                 logits = model(input_ids=batch, use_cache=False, logits_to_keep=keep[length, n_scored]).logits
                 targets = batch[:, batch.shape[1] - n_scored :]
                 nll = F.cross_entropy(
-                    logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1).to(logits.device), reduction="sum"
+                    logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1).to(logits.device), reduction="none"
                 )
-                nll_sum += float(nll)
-                scored += targets.numel()
+                for i, value in zip(chunk, nll.reshape(len(chunk), -1).sum(dim=1).tolist()):
+                    window_nll[i] = value
                 bar.update(len(chunk))
     finally:
         bar.close()
         model.train(was_training)
+    nll_sum, scored = math.fsum(window_nll), sum(n_scored for _, _, n_scored in spans)
     ppl = math.exp(nll_sum / scored)
     return PerplexityResult(
         dataset=dataset,
@@ -173,4 +180,31 @@ def perplexity(
         total_tokens=int(token_ids.numel()),
         add_special_tokens=bool(prefix),
         prefix_tokens=prefix,
+        window_nll=window_nll,
+        window_tokens=[n_scored for _, _, n_scored in spans],
     )
+
+
+def paired_ratio_interval(
+    nll_a: Sequence[float], nll_b: Sequence[float], tokens: Sequence[int], *, confidence: float = 0.95,
+    draws: int = 10_000, seed: int = 0,
+) -> tuple[float, float, float]:  # fmt: skip
+    """``(ratio, low, high)``: PPL of model A ÷ PPL of model B on the same windows, and its paired bootstrap interval.
+
+    ``nll_a`` / ``nll_b``: each window's NLL sum (:attr:`PerplexityResult.window_nll`) under each model; ``tokens``:
+    each window's scored tokens. Windows are resampled with replacement, the same windows for both models, so the
+    interval measures how much the ratio depends on which windows of the text were scored (percentile interval).
+    """
+    if not len(nll_a) == len(nll_b) == len(tokens) or not tokens:
+        raise PrunellmError(
+            f"a paired PPL ratio needs the same windows under both models: got {len(nll_a)} and {len(nll_b)} windows "
+            f"for {len(tokens)} token counts"
+        )
+    diff = torch.tensor(nll_a, dtype=torch.float64) - torch.tensor(nll_b, dtype=torch.float64)
+    counts = torch.tensor(tokens, dtype=torch.float64)
+    ratio = math.exp(float(diff.sum() / counts.sum()))
+    picks = torch.randint(0, len(tokens), (draws, len(tokens)), generator=torch.Generator().manual_seed(seed))
+    ratios = torch.exp(diff[picks].sum(dim=1) / counts[picks].sum(dim=1))
+    tail = (1 - confidence) / 2
+    low, high = torch.quantile(ratios, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return ratio, low, high
