@@ -302,7 +302,10 @@ def render(section: dict) -> str:
         f"`{d.get('units', 'kv_group,mlp_channel')}`, allocation `{d['normalization']}`, H-GSP temperature "
         f"`{d.get('temperature', 0)}`, reconstruct `{d['reconstruct']}`, units chosen by "
         f"`{d.get('reconstruct_select', 'plan')}`, {d.get('iterative_steps', 1)} round(s) (same windows; the priors' Δloss too). "
-        "Peers are run from pinned commits "
+        + ("The same default at FLAP's parameter count removes exactly what FLAP's row of that ratio removed (FLAP "
+           "cuts whole shares of every layer and cannot land on the target; measured where FLAP's count is furthest "
+           "from it, — elsewhere). " if any(r["method"] == "prunellm_at_flap" for r in section["rows"]) else "")
+        + "Peers are run from pinned commits "
         "of their repositories, adapted as `benchmarks/peers/` documents.", "",
         header, "|---|" + ("---|" * (1 + len(texts))) * len(ratios),
     ]  # fmt: skip
