@@ -361,9 +361,10 @@ def start(out: str, threads: int = 2, model: str = MODEL):
     return base, tokenizer, token_sets, ids, total, done, emit
 
 
-def prior_deltas(base, tokenizer, num_samples: int = 16) -> dict[str, list[float]]:
-    """Δloss of ablating each layer, attention block and MLP block on the calibration text (``num_samples`` windows
-    each, the CLI's default 16; the seeds ``prunellm prune`` uses: apart from the scoring windows)."""
+def prior_deltas(base, tokenizer, num_samples: int = 16, measure: str = "loss") -> dict[str, list[float]]:
+    """Δ of ablating each layer, attention block and MLP block on the calibration text (``num_samples`` windows
+    each, the CLI's default 16; the seeds ``prunellm prune`` uses: apart from the scoring windows), measured as
+    ``--prior_measure`` ``measure`` does (loss or kl)."""
     from prunellm.options import CalibrationOptions
     from prunellm.pruner import ablation_windows
     from prunellm.priors import ablation_deltas
@@ -371,8 +372,9 @@ def prior_deltas(base, tokenizer, num_samples: int = 16) -> dict[str, list[float
     calibration = CalibrationOptions(dataset=str(WIKITEXT_VALID), taylor_seq_len=SEQ_LEN,
                                      layer_importance_num_samples=num_samples, block_importance_num_samples=num_samples)  # fmt: skip
     layer_ids, block_ids = (ablation_windows(tokenizer, calibration, SEED, kind) for kind in ("layer", "block"))
-    return {"layer": ablation_deltas(base, layer_ids, "layer"), "attention": ablation_deltas(base, block_ids, "attention"),
-            "mlp": ablation_deltas(base, block_ids, "mlp")}  # fmt: skip
+    return {"layer": ablation_deltas(base, layer_ids, "layer", measure=measure),
+            "attention": ablation_deltas(base, block_ids, "attention", measure=measure),
+            "mlp": ablation_deltas(base, block_ids, "mlp", measure=measure)}  # fmt: skip
 
 
 def prior_scale(scores, deltas: dict[str, list[float]], normalization: str) -> dict:
@@ -419,7 +421,7 @@ def prune_row(base, tokenizer, ids: torch.Tensor, fields: dict, cache: dict) -> 
 
     ``fields``: :func:`parse_row`'s, optionally with ``kinds`` (unit kinds, instead of ``units``' name), ``tau``,
     ``min_kv_groups``, ``round_to``, ``damp`` and ``batch_size`` (the CLI's defaults otherwise). ``cache`` keeps
-    the scores (per criterion and units) and the prior's Δloss between rows. ``extra``: the T ``auto`` chose and
+    the scores (per criterion and units) and the prior's Δ (per measure) between rows. ``extra``: the T ``auto`` chose and
     the prior's spread against the scores' (:func:`prior_scale`)."""
     import prunellm as pl
     from prunellm.priors import prior_multipliers, resolve_tau, resolve_temperature
@@ -434,9 +436,10 @@ def prune_row(base, tokenizer, ids: torch.Tensor, fields: dict, cache: dict) -> 
     scores = cache[key]
     priors, extra = None, {}
     if fields["temperature"]:
-        if "deltas" not in cache:
-            cache["deltas"] = prior_deltas(base, tokenizer)
-        deltas = cache["deltas"]
+        measure = fields.get("prior_measure", "loss")  # --prior_measure
+        if ("deltas", measure) not in cache:
+            cache["deltas", measure] = prior_deltas(base, tokenizer, measure=measure)
+        deltas = cache["deltas", measure]
         tau = resolve_tau(fields.get("tau", "auto"), deltas["layer"])
         layered = (deltas["layer"], deltas["attention"], deltas["mlp"])
         plain = normalized_values(scores.units, scores.scores, fields["normalization"])

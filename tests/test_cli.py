@@ -411,6 +411,22 @@ def test_temperature_auto_records_the_matched_t_and_prunes_by_it(workspace):
     assert matched_temperature(base, {}) == 0.0  # nothing to match: no prior
 
 
+def test_prior_measure_kl_records_divergences_and_changes_only_the_prior(workspace):
+    """--prior_measure kl: the prior's files name the measure and hold KL divergences (positive for every block of a
+    random model: each changes the distribution), which differ from the loss measure's Δ on the same windows."""
+    args = ("--importance_method", "magnitude", "--units", "kv_group,mlp_channel", "--normalization", "block", "--temperature", "1",
+            "--layer_importance_num_samples", "4", "--block_importance_num_samples", "4", "--reconstruct", "none", "--iterative_steps", "1")  # fmt: skip
+    assert main(_prune_args(workspace, "kl", "--prior_measure", "kl", *args)) == 0
+    assert main(_prune_args(workspace, "loss", *args)) == 0
+    read = lambda name, file: json.loads((workspace / "results" / name / file).read_text())  # noqa: E731
+    kl, loss = read("kl", "block_importance_loss.json"), read("loss", "block_importance_loss.json")
+    assert kl["metric"] == read("kl", "layer_importance_loss.json")["metric"] == "kl_from_dense_zero_ablation"
+    assert loss["metric"] == "delta_loss_zero_ablation"
+    assert all(v > 0 for v in kl["attention"] + kl["mlp"] + read("kl", "layer_importance_loss.json")["layers"])
+    assert kl["mlp"] != loss["mlp"]
+    assert read("kl", "plan.json")["recipe"]["prior_measure"] == "kl"
+
+
 def test_iterative_steps_prune_in_rounds_that_compose_count_and_replay(workspace):
     """--iterative_steps 3: three rounds, each scored (priors included) and refitted on the model the one before
     left; the plan's layers are the original indices all rounds keep, its count is the checkpoint's, the table

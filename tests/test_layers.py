@@ -18,7 +18,8 @@ from prunellm.layers import allocate_rates, choose_layers_to_remove, select_laye
 from prunellm.priors import _ablated_losses, _ablated_losses_full, ablated, ablation_deltas, ablation_deltas_of
 from prunellm.selection import normalized_values
 from prunellm.surgery import remove_layers
-from prunellm.units import all_units, count_parameters, decoder_layers
+from prunellm.specs import spec_for
+from prunellm.units import all_units, count_parameters, decoder_layers, get_module
 
 
 @pytest.mark.parametrize("target", ["layer", "attention", "mlp"])
@@ -34,6 +35,39 @@ def test_prefix_reusing_ablation_equals_full_forward_ablation(family, target):
     deltas = ablation_deltas(model, ids, target, batch_size=2, layers=[3, 1])
     expected = [max(full[3] - full_base, 0.0), max(full[1] - full_base, 0.0)]
     torch.testing.assert_close(torch.tensor(deltas), torch.tensor(expected), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("target", ["layer", "mlp"])
+def test_kl_deltas_are_the_ablated_distributions_divergence_from_the_dense_ones(family, target):
+    """``measure="kl"``: Δ = mean over positions of KL(p_dense ‖ p_ablated), computed here by hand from two full
+    forward passes per window; the fast path, the full-forward path (soft-capped heads) and the cache agree, a block
+    whose output is already zero gives 0, and the loss measure is kept apart in the cache."""
+    model = make_tiny_model(family, num_hidden_layers=3)
+    ids = calibration_ids(n=5, length=16)
+    by_hand = []
+    with torch.no_grad():
+        dense = torch.log_softmax(model(ids).logits[:, :-1].float(), dim=-1)
+        for layer in range(3):
+            with ablated(model, layer, target):
+                q = torch.log_softmax(model(ids).logits[:, :-1].float(), dim=-1)
+            by_hand.append(float((dense.exp() * (dense - q)).sum(-1).mean()))
+    _, fast = _ablated_losses(model, ids, target, 2, [0, 1, 2], "kl")
+    _, full = _ablated_losses_full(model, ids, target, 2, [0, 1, 2], "kl")
+    torch.testing.assert_close(torch.tensor(fast), torch.tensor(by_hand), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(full), torch.tensor(by_hand), rtol=1e-4, atol=1e-6)
+    assert min(by_hand) > 0
+    kl = ablation_deltas(model, ids, target, batch_size=2, measure="kl")
+    loss = ablation_deltas(model, ids, target, batch_size=2)
+    torch.testing.assert_close(torch.tensor(kl), torch.tensor(by_hand), rtol=1e-4, atol=1e-6)
+    assert kl != loss
+    if target == "mlp":
+        spec = spec_for(model.config)
+        with torch.no_grad():
+            for param in get_module(decoder_layers(model)[1], spec.mlp.module + "." + spec.mlp.down).parameters():
+                param.zero_()  # weight and bias: the block's output is zero
+        assert ablation_deltas(model, ids, "mlp", batch_size=2, layers=[1], measure="kl") == [pytest.approx(0.0, abs=1e-6)]
+    with pytest.raises(PrunellmError, match="--prior_measure 'nll' is not valid: use loss or kl"):
+        ablation_deltas(model, ids, target, measure="nll")
 
 
 def test_ablation_deltas_are_computed_once_per_weights_and_calibration():

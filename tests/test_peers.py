@@ -189,8 +189,8 @@ def test_prunellm_row_runs_the_cli_defaults_through_the_ablation_row(monkeypatch
     ids = torch.randint(0, 128, (8, 32))
     # the prior's Δloss as if measured (no calibration text needed): layer 1 costs more to remove than layer 0
     deltas = {"layer": [0.5, 2.0], "attention": [0.2, 0.4], "mlp": [0.3, 3.0]}
-    total, cache = count_parameters(base), {"deltas": deltas}
-    monkeypatch.setattr(benchmarks.ablation, "prior_deltas", lambda model, tokenizer: deltas)  # later rounds' priors
+    total, cache = count_parameters(base), {("deltas", d["prior_measure"]): deltas}
+    monkeypatch.setattr(benchmarks.ablation, "prior_deltas", lambda model, tokenizer, measure: deltas)  # later rounds' priors
     model, info = _prune_prunellm(base, None, ids, 0.1, cache)
     assert info["setting"] == d and abs((1 - count_parameters(model) / total) - 0.1) < 0.02
     if d["temperature"] == "auto":

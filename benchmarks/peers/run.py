@@ -92,7 +92,8 @@ def prunellm_default() -> dict:
     return {"criterion": recipe.scoring.importance_method, "normalization": selection.normalization,
             "reconstruct": reconstruction.reconstruct, "reconstruct_damp": reconstruction.reconstruct_damp,
             "reconstruct_target": reconstruction.reconstruct_target, "reconstruct_select": resolve_select(reconstruction.reconstruct_select, recipe.scoring.importance_method, reconstruction.reconstruct),
-            "temperature": recipe.priors.temperature, "tau": recipe.priors.tau, "min_kv_groups": selection.min_kv_groups,
+            "temperature": recipe.priors.temperature, "tau": recipe.priors.tau, "prior_measure": recipe.priors.prior_measure,
+            "min_kv_groups": selection.min_kv_groups,
             "round_to": selection.round_to, "units": recipe.budget.units, "iterative_steps": recipe.budget.rounds(),
             "gradient_batch_size": recipe.calibration.gradient_batch_size}  # fmt: skip
 
@@ -104,7 +105,8 @@ def _prune_prunellm(base, tokenizer, ids, ratio: float, cache: dict, **overrides
     d = prunellm_default() | overrides
     fields = {"criterion": d["criterion"], "kinds": tuple(d["units"].split(",")), "normalization": d["normalization"],
               "reconstruct": d["reconstruct"], "target": d["reconstruct_target"], "select": d["reconstruct_select"],
-              "temperature": d["temperature"], "tau": d["tau"], "ratio": ratio, "min_kv_groups": d["min_kv_groups"],
+              "temperature": d["temperature"], "tau": d["tau"], "prior_measure": d["prior_measure"], "ratio": ratio,
+              "min_kv_groups": d["min_kv_groups"],
               "round_to": d["round_to"], "damp": d["reconstruct_damp"], "batch_size": d["gradient_batch_size"],
               "rounds": d["iterative_steps"]}  # fmt: skip
     model, _, extra = prune_row(base, tokenizer, ids, fields, cache)
@@ -300,7 +302,7 @@ def render(section: dict) -> str:
         "(embeddings included; FLAP's added biases counted), each peer's own ratio setting chosen to land nearest "
         f"the target. prunellm default = `PruneRecipe` defaults: criterion `{d['criterion']}`, units "
         f"`{d.get('units', 'kv_group,mlp_channel')}`, allocation `{d['normalization']}`, H-GSP temperature "
-        f"`{d.get('temperature', 0)}`, reconstruct `{d['reconstruct']}`, units chosen by "
+        f"`{d.get('temperature', 0)}` (Δ: {d.get('prior_measure', 'loss')}), reconstruct `{d['reconstruct']}`, units chosen by "
         f"`{d.get('reconstruct_select', 'plan')}`, {d.get('iterative_steps', 1)} round(s) (same windows; the priors' Δloss too). "
         + ("The same default at FLAP's parameter count removes exactly what FLAP's row of that ratio removed (FLAP "
            "cuts whole shares of every layer and cannot land on the target; measured where FLAP's count is furthest "

@@ -442,6 +442,34 @@ def _head_losses_and_grads(onloader: Onloader, head: nn.Linear, normed: list[tor
     return losses, upstream
 
 
+def _head_kl(onloader: Onloader, head: nn.Linear, reference: list[torch.Tensor], normed: list[torch.Tensor]) -> float:
+    """Token-weighted mean KL(p_reference ‖ p) of the next-token distributions at every position but the last, from
+    two final-norm outputs per micro-batch (``reference``: the dense model's), with the LM head read one vocabulary
+    slice at a time: both chunks' full logit rows are filled slice by slice (the head read twice per chunk), in
+    float32 as :func:`prunellm.priors.mean_kl` computes them in memory."""
+    device = onloader.device
+    vocab, width = head.weight.shape
+    xs = [torch.cat([h[:, :-1].reshape(-1, width) for h in hs]) for hs in (reference, normed)]
+    budget = LOGITS_CHUNK_BYTES if device.type == "cpu" else LOGITS_CHUNK_BYTES_ACCELERATOR
+    chunk = max(1, budget // (8 * vocab))  # two chunks of rows at a time
+    rows = _vocab_rows(vocab, width, head.weight.element_size())
+    slices = [(start, min(start + rows, vocab)) for start in range(0, vocab, rows)]
+    total = 0.0
+    for first in range(0, xs[0].shape[0], chunk):
+        last = min(first + chunk, xs[0].shape[0])
+        both = [torch.empty(last - first, vocab, dtype=x.dtype, device=device) for x in xs]
+        for start, stop in slices:
+            weight = onloader.rows(head, "weight", start, stop)
+            bias = onloader.rows(head, "bias", start, stop) if head.bias is not None else None
+            for logits, x in zip(both, xs):
+                logits[:, start:stop] = F.linear(x[first:last].to(device), weight, bias)
+        p, q = (torch.log_softmax(logits.float(), dim=1) for logits in both)
+        del both
+        total += float((p.exp() * (p - q)).sum())
+        del p, q
+    return total / xs[0].shape[0]
+
+
 def check_linear_head(model: nn.Module, what: str) -> None:
     """The offloaded loss is ``lm_head(final_norm(h))``: refuse a head that transforms its logits further."""
     head = get_module(model, spec_for(model.config).lm_head)

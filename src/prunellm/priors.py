@@ -1,8 +1,13 @@
 """Layer and block priors (H-GSP): how much the calibration loss rises when a whole layer or block is removed.
 
 Removal is a true ablation: the block's output is replaced by zero, so the residual stream passes through
-unchanged (for a whole layer: the layer returns its input). Δloss is clamped at 0, and every unit's score is
-multiplied by ``ln(1 + Δ)^T`` with the layer's Δ when it is below ``tau`` and the block's Δ otherwise.
+unchanged (for a whole layer: the layer returns its input). Δ is measured one of two ways (``measure``):
+``loss``, the rise of the next-token loss on the calibration tokens, clamped at 0; or ``kl``, the mean KL
+divergence of the ablated model's next-token distribution from the dense model's, KL(p_dense ‖ p_ablated) — the
+rise of the loss the dense model expects on its own predictions, the same quantity's expectation over the whole
+vocabulary instead of one sampled token (lower variance, never negative, and it counts a change of prediction
+that happens to leave the calibration token's probability alone). Every unit's score is multiplied by
+``ln(1 + Δ)^T`` with the layer's Δ when it is below ``tau`` and the block's Δ otherwise.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from .specs import spec_for
 from .units import decoder_layers, get_module
 
 Target = Literal["layer", "attention", "mlp"]
+Measure = Literal["loss", "kl"]
+MEASURES = ("loss", "kl")
 
 
 def _zero_output_hook(module, args, kwargs, output):
@@ -74,8 +81,9 @@ class LayerPasses(Protocol):
     implementation is :class:`prunellm.sweep.Offload` (one decoder layer on the device at a time). It is handed in,
     not imported, because the offloaded passes are built on the criteria."""
 
-    def ablated_losses(self, model: nn.Module, input_ids: torch.Tensor, targets: tuple[Target, ...], batch_size: int, indices: list[int]) -> tuple[float, dict[Target, list[float]]]:
-        """(dense loss, per target the loss with that block of each layer in ``indices`` ablated)."""
+    def ablated_losses(self, model: nn.Module, input_ids: torch.Tensor, targets: tuple[Target, ...], batch_size: int, indices: list[int], measure: Measure = "loss") -> tuple[float, dict[Target, list[float]]]:
+        """(dense loss, per target the loss with that block of each layer in ``indices`` ablated); ``measure="kl"``:
+        (0, per target the mean KL divergence of each ablation's next-token distributions from the dense ones)."""
 
     def hidden_change(self, model: nn.Module, input_ids: torch.Tensor, batch_size: int) -> dict[str, list[float]]:
         """Per layer, token-weighted 1 − cos(h_in, h_out) ("block_influence") and ‖h_out − h_in‖ / ‖h_in‖ ("activation")."""
@@ -98,8 +106,10 @@ def ablation_deltas(
     layers: list[int] | None = None,
     *,
     offload: LayerPasses | None = None,
+    measure: Measure = "loss",
 ) -> list[float]:
-    """Δloss (clamped at 0) of ablating ``target`` in each layer.
+    """Δ of ablating ``target`` in each layer: the loss's rise clamped at 0 (``measure="loss"``) or the mean KL
+    divergence of the ablated next-token distributions from the dense ones (``"kl"``).
 
     Per batch, the dense hidden states are walked through the layers once; the ablation of layer L reruns only
     layers L.. from the hidden state entering L (about half the work of a full forward per ablation, memory of
@@ -107,7 +117,7 @@ def ablation_deltas(
     use full forward passes instead. ``offload`` (:class:`prunellm.sweep.Offload`; needed for a
     :func:`~prunellm.offload.load_lazy` skeleton): the same Δ with one decoder layer on the device at a time.
     """
-    return ablation_deltas_of(model, input_ids, (target,), batch_size, layers, offload=offload)[target]
+    return ablation_deltas_of(model, input_ids, (target,), batch_size, layers, offload=offload, measure=measure)[target]
 
 
 def ablation_deltas_of(
@@ -118,10 +128,13 @@ def ablation_deltas_of(
     layers: list[int] | None = None,
     *,
     offload: LayerPasses | None = None,
+    measure: Measure = "loss",
 ) -> dict[Target, list[float]]:
     """:func:`ablation_deltas` of several targets on the same windows; offloaded, one sweep serves them all (every
     layer read once). Computed once per weights, forward hooks and windows: the layer prior and the layerwise
     allocation ask for the same layer ablations."""
+    if measure not in MEASURES:
+        raise PrunellmError(f"--prior_measure '{measure}' is not valid: use {' or '.join(MEASURES)}")
     indices = list(range(len(decoder_layers(model)))) if layers is None else list(layers)
     if offload is None:
         check_in_memory(model)
@@ -129,22 +142,22 @@ def ablation_deltas_of(
     cached = _DELTAS.setdefault(model, {})
     for stale in [key for key in cached if key[-1] != version]:  # older weights' entries can never match again
         del cached[stale]
-    keys = {target: (target, batch_size, tuple(indices), tensor_hash(input_ids), version) for target in targets}
+    keys = {target: (target, measure, batch_size, tuple(indices), tensor_hash(input_ids), version) for target in targets}
     missing = tuple(target for target in targets if keys[target] not in cached)
     if missing:
         if offload is not None:
-            base, losses = offload.ablated_losses(model, input_ids, missing, batch_size, indices)
+            base, losses = offload.ablated_losses(model, input_ids, missing, batch_size, indices, measure)
         else:
             run = _ablated_losses_full if getattr(model.config, "final_logit_softcapping", None) else _ablated_losses
             losses = {}
             for target in missing:
-                base, losses[target] = run(model, input_ids, target, batch_size, indices)
+                base, losses[target] = run(model, input_ids, target, batch_size, indices, measure)
         for target in missing:
             cached[keys[target]] = [max(loss - base, 0.0) for loss in losses[target]]
     return {target: list(cached[keys[target]]) for target in targets}
 
 
-# model -> {(target, batch, layers, calibration hash, (weights version, hooks version)): deltas}; weak, so no model is kept alive
+# model -> {(target, measure, batch, layers, calibration hash, (weights version, hooks version)): deltas}; weak, so no model is kept alive
 _DELTAS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
@@ -163,8 +176,11 @@ def _hooks_version(model: nn.Module) -> tuple:
     )
 
 
-def _ablated_losses(model: nn.Module, input_ids: torch.Tensor, target: Target, batch_size: int, indices: list[int]) -> tuple[float, list[float]]:
-    """(dense loss, loss with each ablation), rerunning only the layers from the ablated one on."""
+def _ablated_losses(
+    model: nn.Module, input_ids: torch.Tensor, target: Target, batch_size: int, indices: list[int], measure: Measure = "loss"
+) -> tuple[float, list[float]]:
+    """(dense loss, loss with each ablation), rerunning only the layers from the ablated one on; ``measure="kl"``:
+    (0, mean KL divergence of each ablation's next-token distributions from the dense model's)."""
     spec = spec_for(model.config)
     blocks = decoder_layers(model, spec)
     norm, head = get_module(model, spec.final_norm), model.get_output_embeddings()
@@ -176,6 +192,12 @@ def _ablated_losses(model: nn.Module, input_ids: torch.Tensor, target: Target, b
             batch = batch.to(input_device(model))
             hidden, kwargs = capture_block_inputs(model, blocks, batch)
             n = batch.shape[0] * (batch.shape[1] - 1)
+            reference = None
+            if measure == "kl":  # the dense distributions first: every ablation is compared with them
+                dense = hidden
+                for layer, block in enumerate(blocks):
+                    dense = run_block(block, dense, kwargs[layer])
+                reference = _next_token_log_probs(head(norm(dense)))
             for layer, block in enumerate(blocks):
                 if layer in wanted:
                     if target == "layer":
@@ -185,25 +207,59 @@ def _ablated_losses(model: nn.Module, input_ids: torch.Tensor, target: Target, b
                             ablated_out = run_block(block, hidden, kwargs[layer])
                     for later in range(layer + 1, len(blocks)):
                         ablated_out = run_block(blocks[later], ablated_out, kwargs[later])
-                    totals[layer] += _next_token_loss(head(norm(ablated_out)), batch) * n
+                    totals[layer] += _divergence(head(norm(ablated_out)), batch, reference) * n
                 hidden = run_block(block, hidden, kwargs[layer])
-            base_total += _next_token_loss(head(norm(hidden)), batch) * n
+            if reference is None:
+                base_total += _next_token_loss(head(norm(hidden)), batch) * n
             count += n
     return base_total / count, [totals[i] / count for i in indices]
 
 
-def _ablated_losses_full(model: nn.Module, input_ids: torch.Tensor, target: Target, batch_size: int, indices: list[int]) -> tuple[float, list[float]]:
-    """(dense loss, loss with each ablation) by full forward passes of the model (any head)."""
-    losses = []
-    for layer in tqdm(indices, desc=f"{target} ablation", leave=False):
-        with ablated(model, layer, target):
-            losses.append(mean_loss(model, input_ids, batch_size))
-    return mean_loss(model, input_ids, batch_size), losses
+def _ablated_losses_full(
+    model: nn.Module, input_ids: torch.Tensor, target: Target, batch_size: int, indices: list[int], measure: Measure = "loss"
+) -> tuple[float, list[float]]:
+    """(dense loss, loss with each ablation) by full forward passes of the model (any head); ``measure="kl"``: (0,
+    mean KL divergence from the dense model's next-token distributions), batch by batch."""
+    if measure == "loss":
+        losses = []
+        for layer in tqdm(indices, desc=f"{target} ablation", leave=False):
+            with ablated(model, layer, target):
+                losses.append(mean_loss(model, input_ids, batch_size))
+        return mean_loss(model, input_ids, batch_size), losses
+    device = input_device(model)
+    totals, count = [0.0] * len(indices), 0
+    with torch.no_grad():
+        for batch in tqdm(list(batches_of(input_ids, batch_size)), desc=f"{target} ablation (KL)", leave=False):
+            batch = batch.to(device)
+            reference = _next_token_log_probs(model(input_ids=batch, use_cache=False).logits)
+            n = batch.shape[0] * (batch.shape[1] - 1)
+            for i, layer in enumerate(indices):
+                with ablated(model, layer, target):
+                    totals[i] += _divergence(model(input_ids=batch, use_cache=False).logits, batch, reference) * n
+            count += n
+    return 0.0, [t / count for t in totals]
 
 
 def _next_token_loss(logits: torch.Tensor, batch: torch.Tensor) -> float:
     """Mean cross-entropy of predicting token t+1 from position t (float32 logits)."""
     return float(torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch[:, 1:].flatten()))
+
+
+def _next_token_log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """(B, T−1, V) float32 log-probabilities of the next token at every position but the last."""
+    return torch.log_softmax(logits[:, :-1].float(), dim=-1)
+
+
+def _divergence(logits: torch.Tensor, batch: torch.Tensor, reference: torch.Tensor | None) -> float:
+    """The next-token loss of ``logits`` (``reference`` None), else the mean over positions of KL(reference ‖ them)."""
+    if reference is None:
+        return _next_token_loss(logits, batch)
+    return mean_kl(reference, _next_token_log_probs(logits))
+
+
+def mean_kl(reference: torch.Tensor, log_probs: torch.Tensor) -> float:
+    """Mean over positions of KL(p ‖ q) = Σ_v p_v (log p_v − log q_v), both given as log-probabilities (…, V)."""
+    return float((reference.exp() * (reference - log_probs)).sum(dim=-1).mean())
 
 
 def resolve_tau(tau: str | float, layer_deltas: list[float]) -> float:

@@ -188,8 +188,8 @@ def compute_priors(
     layer_ids = ablation_windows(tokenizer, calibration, seed, "layer")
     block_ids = ablation_windows(tokenizer, calibration, seed, "block")
     batch = calibration.gradient_batch_size
-    layer_d = ablation_deltas(model, layer_ids, "layer", batch, offload=offload)
-    blocks = ablation_deltas_of(model, block_ids, ("attention", "mlp"), batch, offload=offload)  # offloaded: one sweep
+    layer_d = ablation_deltas(model, layer_ids, "layer", batch, offload=offload, measure=priors.prior_measure)
+    blocks = ablation_deltas_of(model, block_ids, ("attention", "mlp"), batch, offload=offload, measure=priors.prior_measure)  # offloaded: one sweep
     attn_d, mlp_d = blocks["attention"], blocks["mlp"]
     tau = resolve_tau(priors.tau, layer_d)
     temperature = resolve_temperature(priors.temperature, (layer_d, attn_d, mlp_d), tau, values)
@@ -198,9 +198,10 @@ def compute_priors(
         log.info("--temperature auto: T = %.3f (the prior's spread ×%.2f between the pruned blocks matched to the "
                  "scores' within-block spread)", temperature, unit_spread or 1.0)  # fmt: skip
     spread_field = {} if unit_spread is None else {"prior_spread_p90_over_p10": unit_spread}
+    metric = {"loss": "delta_loss_zero_ablation", "kl": "kl_from_dense_zero_ablation"}[priors.prior_measure]
     write_json_atomic(out / "layer_importance_loss.json",
-                      {"metric": "delta_loss_zero_ablation", "layers": layer_d, "tau": tau, "temperature": temperature, **spread_field})  # fmt: skip
-    write_json_atomic(out / "block_importance_loss.json", {"metric": "delta_loss_zero_ablation", "attention": attn_d, "mlp": mlp_d})
+                      {"metric": metric, "layers": layer_d, "tau": tau, "temperature": temperature, **spread_field})  # fmt: skip
+    write_json_atomic(out / "block_importance_loss.json", {"metric": metric, "attention": attn_d, "mlp": mlp_d})
     return prior_multipliers(layer_d, attn_d, mlp_d, temperature, tau)
 
 

@@ -39,12 +39,13 @@ from .offload import (
     HiddenStore,
     Onloader,
     _buffers_on,
+    _head_kl,
     _head_losses_and_grads,
     check_linear_head,
     layer_inputs,
     offloaded_stats,
 )
-from .priors import Target, ablated
+from .priors import Measure, Target, ablated
 from .specs import spec_for
 from .units import LayerUnits, decoder_layers, get_module
 
@@ -58,8 +59,8 @@ class Offload:
     device: str | torch.device = "cpu"
     folder: str | Path | None = None
 
-    def ablated_losses(self, model: nn.Module, input_ids: torch.Tensor, targets: tuple[Target, ...], batch_size: int, indices: list[int]) -> tuple[float, dict[Target, list[float]]]:
-        return ablated_losses(model, input_ids, targets, batch_size, indices, self)
+    def ablated_losses(self, model: nn.Module, input_ids: torch.Tensor, targets: tuple[Target, ...], batch_size: int, indices: list[int], measure: Measure = "loss") -> tuple[float, dict[Target, list[float]]]:
+        return ablated_losses(model, input_ids, targets, batch_size, indices, self, measure)
 
     def hidden_change(self, model: nn.Module, input_ids: torch.Tensor, batch_size: int) -> dict[str, list[float]]:
         return hidden_change(model, input_ids, batch_size, self)
@@ -114,12 +115,23 @@ class LayerSweep:
         total = sum(check_loss(loss, i) * n for i, (loss, n) in enumerate(zip(losses, sizes)))
         return total / sum(sizes)
 
+    @torch.no_grad()
+    def kl(self, reference: list[torch.Tensor], hidden: list[torch.Tensor]) -> float:
+        """Token-weighted mean KL divergence of the next-token distributions of the last layer's outputs ``hidden``
+        from those of ``reference`` (the dense model's), as :func:`prunellm.priors.mean_kl` weighs them."""
+        norm, head = get_module(self.model, self.spec.final_norm), get_module(self.model, self.spec.lm_head)
+        with self.onloader.onloaded(norm):
+            normed = [[norm(h.to(self.device)) for h in hs] for hs in (reference, hidden)]
+        return _head_kl(self.onloader, head, *normed)
+
 
 def ablated_losses(
-    model: nn.Module, input_ids: torch.Tensor, targets: tuple[Target, ...], batch_size: int, indices: list[int], offload: Offload
+    model: nn.Module, input_ids: torch.Tensor, targets: tuple[Target, ...], batch_size: int, indices: list[int], offload: Offload,
+    measure: Measure = "loss",
 ) -> tuple[float, dict[Target, list[float]]]:
     """(dense loss, per target the loss with that block of each layer in ``indices`` ablated), one layer on the
-    device at a time and every layer read once for all targets and layers.
+    device at a time and every layer read once for all targets and layers; ``measure="kl"``: (0, per target the
+    mean KL divergence of each ablation's next-token distributions from the dense model's).
 
     The same numbers as the in-memory :func:`prunellm.priors._ablated_losses` up to float rounding.
     """
@@ -144,13 +156,15 @@ def ablated_losses(
                                 with ablated(model, index, target):
                                     branches.put(t * n + index, sweep.run(index, hidden))
                     hidden = sweep.run(index, hidden)
-            base = sweep.loss(hidden)
+            base = sweep.loss(hidden) if measure == "loss" else 0.0
+            reference = hidden if measure == "kl" else None  # the dense model's last hidden states, for KL only
             del hidden
             losses: dict[Target, list[float]] = {}
             for t, target in enumerate(targets):
                 losses[target] = []
                 for index in indices:
-                    losses[target].append(sweep.loss(branches.get(t * n + index)))
+                    branch = branches.get(t * n + index)
+                    losses[target].append(sweep.loss(branch) if reference is None else sweep.kl(reference, branch))
                     branches.drop(t * n + index)
     finally:
         if scratch is not None:
