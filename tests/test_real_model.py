@@ -114,12 +114,16 @@ def test_default_recipe_beats_random_and_magnitude_and_its_prior_helps(smollm, e
     auto, lstsq_bias) against the same allocation and refit with magnitude and random scores, and against itself
     without the prior: calibration from the Shakespeare train plays, judged on WikiText-2 test (other text)."""
     import prunellm as pl
+    from prunellm.options import PriorOptions
     from prunellm.priors import ablation_deltas, matched_temperature, prior_multipliers, resolve_tau
 
     base, tokenizer = smollm
     ids = sample_calibration(tokenizer, "shakespeare", 32, 128, seed=0)
     layer_ids, block_ids = (sample_calibration(tokenizer, "shakespeare", 8, 128, seed=s) for s in (1, 2))
-    deltas = [ablation_deltas(base, layer_ids, "layer")] + [ablation_deltas(base, block_ids, t) for t in ("attention", "mlp")]
+    measure = PriorOptions().prior_measure
+    deltas = [ablation_deltas(base, layer_ids, "layer", measure=measure)] + [
+        ablation_deltas(base, block_ids, t, measure=measure) for t in ("attention", "mlp")
+    ]
     tau = resolve_tau("auto", deltas[0])
     result, temperatures = {}, {}
     for name, prior in (("fluctuation", True), ("fluctuation", False), ("magnitude", True), ("random", True)):

@@ -405,7 +405,7 @@ class PriorOptions(_Options):
         "auto", description="prior switch: layer Δ below tau uses the layer prior, else the block's; auto, a number, inf, -inf"
     )
     prior_measure: Literal["loss", "kl"] = Field(
-        "loss", description="what Δ of a removed layer or block measures on the calibration windows: loss (the rise of the "
+        "kl", description="what Δ of a removed layer or block measures on the calibration windows: loss (the rise of the "
         "next-token loss, clamped at 0) or kl (the mean KL divergence of the next-token distributions from the dense "
         "model's: the same rise in expectation over the vocabulary, lower variance)"
     )

@@ -57,7 +57,7 @@ from .priors import ablation_deltas, ablation_deltas_of, prior_multipliers, prio
 from .selection import SelectionConstraints, normalized_values, select_global
 from .specs import spec_for
 from .sweep import Offload
-from .reconstruction import SOLVER, prune_plan_rounds, resolve_select
+from .reconstruction import SOLVER, added_bias_params, projection_biases, prune_plan_rounds, resolve_select
 from .runs import log_to_file, write_command
 from .surgery import remove_layers
 from .units import UNIT_KINDS, LayerUnits, all_units, count_parameters, decoder_layers
@@ -502,6 +502,7 @@ def prune_in_rounds(model: nn.Module, tokenizer, recipe: PruneRecipe, run: RunOp
     tables: list[dict] = []
     reports: list[dict] = []
     removed = 0
+    native = projection_biases(model)
     goals = round_goals(recipe.budget.pruning_ratio, recipe.budget.rounds(run.offload), total)
     for step, goal in enumerate(goals, 1):
         log.info("--iterative_steps: round %d of %d, %d parameters to remove in all", step, len(goals), goal)
@@ -521,7 +522,9 @@ def prune_in_rounds(model: nn.Module, tokenizer, recipe: PruneRecipe, run: RunOp
             if row.get("removed") or step == len(goals):
                 key = (row["layer"], row["unit"])
                 tables.append({**row, "index": original[key][row["index"]] if key in original else row["index"], "round": step})
-        removed += plan.params_before - plan.params_after
+        # what the rounds removed, compensation biases apart: a round that removes a whole block also removes the
+        # bias an earlier round gave it, which the base model never had
+        removed = total - (count_parameters(model) - added_bias_params(model, native))
         rounds.append(RoundPlan(layers=plan.layers, params_before=plan.params_before, params_after=plan.params_after))
         if step == 1:
             calibration = dict(plan.calibration)
@@ -533,7 +536,7 @@ def prune_in_rounds(model: nn.Module, tokenizer, recipe: PruneRecipe, run: RunOp
     })  # fmt: skip
     report = {
         "settings": settings, "seconds": round(sum(r["seconds"] for r in reports), 3),
-        "added_params": sum(r["added_params"] for r in reports),
+        "added_params": added_bias_params(model, native),  # a later round may remove a block an earlier one gave a bias
         "layers": [{**entry, "round": step} for step, r in enumerate(reports, 1) for entry in r["layers"]],
     }  # fmt: skip
     return whole, tables, report

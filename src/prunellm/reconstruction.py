@@ -652,6 +652,25 @@ def prune_with_reconstruction(
     return report
 
 
+def projection_biases(model: nn.Module) -> dict[tuple[int, str], int]:
+    """(layer, path) -> bias size of every o_proj/down_proj that has a bias now (a zero-output block has neither)."""
+    spec = spec_for(model.config)
+    found = {}
+    for index, layer in enumerate(decoder_layers(model, spec)):
+        for path in (f"{spec.attention.module}.{spec.attention.o}", f"{spec.mlp.module}.{spec.mlp.down}"):
+            linear = getattr(get_module(layer, path.rpartition(".")[0]), path.rpartition(".")[2], None)
+            if isinstance(linear, nn.Linear) and linear.bias is not None:
+                found[index, path] = linear.bias.numel()
+    return found
+
+
+def added_bias_params(model: nn.Module, native: dict[tuple[int, str], int]) -> int:
+    """Parameters of the compensation biases ``model`` carries now: its o_proj/down_proj biases that ``native``
+    (:func:`projection_biases` before pruning) lacks. Counted on the final model, not summed over rounds: a bias
+    one round added goes with its block when a later round removes the whole block."""
+    return sum(size for key, size in projection_biases(model).items() if key not in native)
+
+
 def prune_plan_rounds(
     model: nn.Module,
     plan: Plan,
@@ -667,14 +686,15 @@ def prune_plan_rounds(
     ``plan`` the rounds' units become the ones applied, and the plan's ``layers`` their composition."""
     rounds = plan.round_layers()
     total = ReconstructionReport(mode=mode)
+    native = projection_biases(model)
     for step, layers in enumerate(rounds, 1):
         report = prune_with_reconstruction(model, kept_units_of(layers), input_ids, mode, damp, batch_size, target=target, select=select)
         if select != "plan":
             set_kept_units_of(layers, report.kept)
-        total.added_params += report.added_params
         total.layers += [{**entry, "round": step} for entry in report.layers] if len(rounds) > 1 else report.layers
     if plan.rounds:
         plan.layers = compose_rounds(rounds)
     total.kept = plan.kept_units()
+    total.added_params = added_bias_params(model, native)
     return total
 
