@@ -265,8 +265,9 @@ first run's in the third decimal, 2 vs 1 torch threads; `taylor/block/lstsq_bias
   rounds at 20 %: 1.81× / 1.353× / 3.52× (the KJV 1 % better, the other two as with two rounds). Two
   rounds win five of the six cells, so `--iterative_steps auto` (the default) is 2, at twice the scoring and
   prior cost; more rounds buy nothing measurable here. On WikiText-2 at 20 % two rounds stay a hair above 0.8×
-  FLAP (1.352× against 1.350×); three rounds pass it (1.339×) but lose on both other texts, and choosing them
-  for that would tune to text like the calibration text.
+  FLAP (1.352× against 1.350×, loss prior); three rounds pass it (1.339×) but lose on both other texts, and
+  choosing them for that would tune to text like the calibration text. (With the KL prior, below, two rounds give
+  1.346×: 0.798× FLAP.)
 * **Loss-aware, correlation-aware and less noisy variants of the default, measured and not adopted**
   (`python -m benchmarks.ablation_variants`, the `variant:` rows; each changes one step of the default at 20 %,
   two rounds, against its 1.81× / 1.352× / 3.56× on Shakespeare / WikiText-2 / KJV):
@@ -285,9 +286,20 @@ first run's in the third decimal, 2 vs 1 torch threads; `taylor/block/lstsq_bias
   Dividing fluctuation by its block's mean (`block`, relative output energy) instead of taking percentiles
   (`uniform`), with the prior: 2.67× / 1.74× / 4.78× — it empties the MLPs of layers 2, 9, 11 and 28, whose
   fluctuation sits in a few channels, so the same share of every block stays.
-  The default sits on a plateau: each of the Fisher, ridge-OBS and 32-window variants moves the three texts by
-  about ±1–4 % in different directions, and none is better on all three; the WikiText-2 margin at 20 % (1.352× against the
-  1.350× that 0.8× FLAP's 1.688× needs) stays missed by 0.15 %.
+  The default (then with the loss prior) sits on a plateau: each of the Fisher, ridge-OBS and 32-window variants
+  moves the three texts by about ±1–4 % in different directions, and none is better on all three; the WikiText-2
+  margin at 20 % (1.352× against the 1.350× that 0.8× FLAP's 1.688× needs) stays missed by 0.15 %.
+* **The prior's Δ as the KL divergence from the dense model** (`--prior_measure kl`, the default since this
+  measurement; scratch rows over this module's `prune_row` with the prior's Δ replaced, then the peer table's
+  prunellm rows): for each removed layer or block, the mean over calibration positions of KL(p_dense ‖ p_ablated)
+  instead of the rise of the calibration tokens' loss. The loss rise samples one token where the KL takes the
+  expectation over the vocabulary (the rise the dense model expects on its own predictions): less variance, never
+  negative (the loss prior measured 0.0001 nats for layer 7's attention, the KL 0.026), and a changed prediction
+  counts even where the calibration token's probability does not move. SmolLM2, 20 %, two rounds: 1.77× / 1.346× /
+  3.51× against 1.81× / 1.352× / 3.56× (Shakespeare / WikiText-2 / KJV) — the first variant of the default better
+  on all three texts. Gemma 3 270M at ~5 %: 1.73× / 1.30× / 2.82× against 1.74× / 1.24× / 3.05×: better on the
+  two texts least like the calibration text and worse on WikiText-2, the text like it. Neither text nor family was
+  used to choose it; it replaces an estimator by its expectation.
 * **bias ≤ none holds** where measured: `fluctuation/uniform` 18.7× / 36.6× without compensation, 3.35× / 2.92×
   with `bias`.
 * **A residual target does not generalise:** refitting each projection so the pruned residual stream matches the
@@ -309,9 +321,11 @@ first run's in the third decimal, 2 vs 1 torch threads; `taylor/block/lstsq_bias
 * **The King James Bible is text the model nearly knows by heart**: dense PPL 13.2 on Genesis against 59–62 on
   the other two texts, so every removal costs it most (FLAP's own code 4.18× at 20 %, LLM-Pruner's 6.12×); the
   ratios on it are high for every method and compare methods, not texts.
-* **A second family, Gemma 3 270M** (the `peers_second_family` section below; BOS before every window): the default
-  beats FLAP's own code on Shakespeare and WikiText-2 at ~5 % and ~7.5 % of all parameters (0.81–0.84× its
-  ratios) and on the KJV at ~7.5 % (0.95×), not at ~5 % (1.04×). The H-GSP prior does not help there: without it
+* **A second family, Gemma 3 270M** (the `peers_second_family` section below, measured with the loss prior; BOS
+  before every window): the default beats FLAP's own code on Shakespeare and WikiText-2 at ~5 % and ~7.5 % of all
+  parameters (0.81–0.84× its ratios) and on the KJV at ~7.5 % (0.95×), not at ~5 % (1.04×); with the KL prior
+  (the default now) at ~5 %: 1.73× / 1.30× / 2.82× ÷ dense, 0.83× / 0.85× / 0.97× of FLAP's ratios, ahead on all
+  three. The loss prior does not help there: without it
   the KJV goes from 3.05× to 2.55× at ~5 % and WikiText-2 from 1.47× to 1.40× at ~7.5 %, and T = 1 (1.79× /
   1.30× / 2.69× at ~5 %, `--model gemma3-270m`) is worse than T = 0 on all three texts. Gemma's MLP blocks
   matter more evenly (ln(1+Δ) spreads ×3.3 p10–p90 against SmolLM2's ×6.8), `auto` stretches that spread to
