@@ -383,7 +383,7 @@ def prior_deltas(base, tokenizer, num_samples: int = 16, measure: str = "loss") 
     from prunellm.pruner import ablation_windows
     from prunellm.priors import ablation_deltas
 
-    calibration = CalibrationOptions(dataset=str(WIKITEXT_VALID), taylor_seq_len=SEQ_LEN,
+    calibration = CalibrationOptions(dataset=str(WIKITEXT_VALID), calibration_seq_len=SEQ_LEN,
                                      layer_importance_num_samples=num_samples, block_importance_num_samples=num_samples)  # fmt: skip
     layer_ids, block_ids = (ablation_windows(tokenizer, calibration, SEED, kind) for kind in ("layer", "block"))
     return {"layer": ablation_deltas(base, layer_ids, "layer", measure=measure),

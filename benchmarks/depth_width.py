@@ -75,7 +75,7 @@ def run(ratio: float = 0.2, rounds: int = SPEED_ROUNDS) -> dict:
     depth_params = rows[-1]["params"]
 
     scores, _ = bench.gradient_scores(
-        (width_recipe.scoring.importance_method,), width_recipe.calibration.taylor_num_samples, width_recipe.calibration.taylor_seq_len,
+        (width_recipe.scoring.importance_method,), width_recipe.calibration.calibration_num_samples, width_recipe.calibration.calibration_seq_len,
         run_options.seed, width_recipe.calibration.gradient_batch_size,
     )[width_recipe.scoring.importance_method]
     values = normalized_values(units, scores, width_recipe.selection.normalization)

@@ -1,7 +1,7 @@
 """Quality of global structured pruning on SmolLM2-135M: criteria × ratio grid, priors, reconstruction, allocation.
 
 Every run scores with the library's own calibration pass and criteria (the defaults of ``prunellm prune`` unless
-a row says otherwise: block normalisation, ``--taylor_num_samples 128``, ``--taylor_seq_len 128``, seed 42,
+a row says otherwise: block normalisation, ``--calibration_num_samples 128``, ``--calibration_seq_len 128``, seed 42,
 Shakespeare train plays) and is evaluated by :func:`benchmarks.common.evaluate_ppl` (WikiText-2 test and the
 held-out Shakespeare plays; the dense model is measured in the same run; which protocols a row gets is its
 ``tier``, see :data:`benchmarks.common.TIERS`). One calibration pass serves both
@@ -64,11 +64,11 @@ def run(criteria: tuple[str, ...] = CRITERIA, ratios: tuple[float, ...] = RATIOS
 
     def scores_for(criterion: str, num_samples: int):
         if "gradients" in get_criterion(criterion).needs:
-            gradient = tuple(c for c in criteria if "gradients" in get_criterion(c).needs) if num_samples == calib.taylor_num_samples else (criterion,)
-            return bench.gradient_scores(gradient or (criterion,), num_samples, calib.taylor_seq_len, run_options.seed, calib.gradient_batch_size)[criterion]
+            gradient = tuple(c for c in criteria if "gradients" in get_criterion(c).needs) if num_samples == calib.calibration_num_samples else (criterion,)
+            return bench.gradient_scores(gradient or (criterion,), num_samples, calib.calibration_seq_len, run_options.seed, calib.gradient_batch_size)[criterion]
         t0 = time.perf_counter()
-        recipe = defaults.replace(importance_method=criterion, taylor_num_samples=num_samples)
-        ids = sample_calibration(tokenizer, CALIBRATION, num_samples, calib.taylor_seq_len, run_options.seed) if get_criterion(criterion).needs else None
+        recipe = defaults.replace(importance_method=criterion, calibration_num_samples=num_samples)
+        ids = sample_calibration(tokenizer, CALIBRATION, num_samples, calib.calibration_seq_len, run_options.seed) if get_criterion(criterion).needs else None
         stats = collect_stats(base, ids, units, recipe.scoring, recipe.calibration)
         return get_criterion(criterion).score(base, units, stats, CriterionOptions(seed=run_options.seed)), round(time.perf_counter() - t0, 1)
 
@@ -100,7 +100,7 @@ def run(criteria: tuple[str, ...] = CRITERIA, ratios: tuple[float, ...] = RATIOS
 
     taylor = None
     for criterion in criteria:
-        scores, seconds = scores_for(criterion, calib.taylor_num_samples)
+        scores, seconds = scores_for(criterion, calib.calibration_num_samples)
         values = normalized_values(units, scores, defaults.selection.normalization)
         for ratio in ratios:
             budget = {"budget": "total_20pct"} if criterion == "taylor" and ratio == 0.2 else {}
@@ -143,8 +143,8 @@ def run(criteria: tuple[str, ...] = CRITERIA, ratios: tuple[float, ...] = RATIOS
             measure("calibration", f"taylor, {num_samples} windows", kept_global(few_values, few_scores, 0.2), 0.2,
                     scoring_seconds=few_seconds, num_samples=num_samples)  # fmt: skip
         rows.append({**next(r for r in rows if r["group"] == "grid" and r["label"] == "taylor" and r["target_ratio"] == 0.2),
-                     "group": "calibration", "label": f"taylor, {calib.taylor_num_samples} windows",
-                     "num_samples": calib.taylor_num_samples, "scoring_seconds": seconds})  # fmt: skip
+                     "group": "calibration", "label": f"taylor, {calib.calibration_num_samples} windows",
+                     "num_samples": calib.calibration_num_samples, "scoring_seconds": seconds})  # fmt: skip
         rows[-1].pop("budget", None)
         with tempfile.TemporaryDirectory(prefix="prunellm-bench-") as tmp:
             layer_ids = ablation_windows(tokenizer, calib, run_options.seed, "layer")
@@ -155,7 +155,7 @@ def run(criteria: tuple[str, ...] = CRITERIA, ratios: tuple[float, ...] = RATIOS
         measure("layerwise", "taylor, layerwise (removal, inverse)", selection.kept, 0.2, tier="full")
     return {
         "protocol": protocol_text(),
-        "calibration": f"Shakespeare train plays, {calib.taylor_num_samples}×{calib.taylor_seq_len} tokens, seed {run_options.seed}",
+        "calibration": f"Shakespeare train plays, {calib.calibration_num_samples}×{calib.calibration_seq_len} tokens, seed {run_options.seed}",
         "dense": dense,
         "params": total,
         "rows": rows,

@@ -49,7 +49,7 @@ def run(steps: int = 12, batch_size: int = 4, seq_len: int = 128, ratio: float =
         rows = [{"method": "pruned (no recovery)", "params": row["params"], "ppl": row["ppl"]}]
     else:  # what `prunellm prune --pruning_ratio 0.2` does, from the run's shared Taylor scores
         calib, rebuild = recipe.calibration, recipe.reconstruction
-        scores, _ = bench.gradient_scores((recipe.scoring.importance_method,), calib.taylor_num_samples, calib.taylor_seq_len, seed,
+        scores, _ = bench.gradient_scores((recipe.scoring.importance_method,), calib.calibration_num_samples, calib.calibration_seq_len, seed,
                                           calib.gradient_batch_size)[recipe.scoring.importance_method]  # fmt: skip
         values = normalized_values(bench.units, scores, recipe.selection.normalization)
         constraints = SelectionConstraints(min_kv_groups=recipe.selection.min_kv_groups, round_to=recipe.selection.round_to)

@@ -173,3 +173,29 @@ def requires_bigbench() -> Path:
 def calibration_ids(vocab: int = 128, n: int = 8, length: int = 32, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (n, length), generator=generator)
+
+
+STORY = " ".join("the king and the queen walked to the castle while the people sang of war and peace and love".split() * 120)
+
+
+def save_tiny_model_dir(folder: Path, family: str = "qwen2", **overrides) -> Path:
+    """A tiny ``family`` model with SmolLM2's tokenizer, saved as a model directory a command line can load
+    (transformers 5 picks the tokenizer class from model_type, so a directory needs a real tokenizer: SmolLM2's BPE)."""
+    from prunellm.models import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m")
+    make_tiny_model(family, vocab_size=len(tokenizer), **overrides).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def link_tree(source: Path, target: Path) -> Path:
+    """A copy of ``source`` made of hard links where possible: replace a file to damage it, never edit it in place."""
+
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    return Path(shutil.copytree(source, target, copy_function=link))

@@ -102,3 +102,30 @@ def test_api_on_smollm2_evaluates_a_valid_results_document():
     assert dense_ppl < pruned_ppl < 10 * dense_ppl
     with pytest.raises(Exception, match="no_such_option"):
         pl.evaluate(model, tokenizer, no_such_option=1)
+
+
+def test_one_loader_one_return_type_and_the_remedy_in_the_config(tmp_path):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    import prunellm.checkpoint
+    from prunellm.surgery import prune_units
+
+    model = make_tiny_model("llama")
+    prune_units(model, {(1, "mlp_channel"): list(range(0, 96, 2))})  # per-layer widths: remote code needed
+    ids = torch.arange(12)[None]
+    pl.save_pruned(model, None, tmp_path / "run" / "model")
+    assert not hasattr(prunellm.checkpoint, "load_pruned")  # one function of that name: prunellm.load_pruned
+    for path in (tmp_path / "run", tmp_path / "run" / "model"):  # a results folder or its model/
+        loaded, tokenizer = pl.load_pruned(path)
+        assert tokenizer is None
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert "trust_remote_code=True" in config["prunellm_loading"]
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):  # what plain transformers says
+        AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    remote = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model", trust_remote_code=True)
+    torch.testing.assert_close(remote(ids).logits, model(ids).logits, rtol=0, atol=0)
+    pl.save_pruned(make_tiny_model("llama"), None, tmp_path / "uniform")  # a standard config carries no note
+    assert "prunellm_loading" not in json.loads((tmp_path / "uniform" / "config.json").read_text())

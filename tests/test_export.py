@@ -426,7 +426,7 @@ def test_whole_attention_selection_takes_all_kv_groups_of_a_layer_or_none():
 
 
 def test_prune_for_vllm_gives_a_plan_vllm_serves(tokenizer, tmp_path):
-    from prunellm.checkpoint import load_pruned
+    from prunellm.checkpoint import load_checkpoint
     from prunellm.cli import main
     from prunellm.export.vllm import export_vllm
 
@@ -438,7 +438,7 @@ def test_prune_for_vllm_gives_a_plan_vllm_serves(tokenizer, tmp_path):
             "--dataset", str(tmp_path / "text.txt"), "--taylor_num_samples", "8", "--taylor_seq_len", "32",
             "--pruning_ratio", "0.2", "--importance_method", "magnitude", "--deploy_target", "vllm", "--min_kv_groups", "0"]  # fmt: skip
     assert main([*args, "--output_name", "vllm"]) == 0
-    pruned = load_pruned(tmp_path / "results" / "vllm" / "model")
+    pruned = load_checkpoint(tmp_path / "results" / "vllm" / "model")
     export_vllm(pruned, tokenizer, tmp_path / "served", "f32")  # expressible: no error
     plan = json.loads((tmp_path / "results" / "vllm" / "plan.json").read_text())
     assert "vllm" in json.dumps(plan)  # the recipe (and so the plan) records the target

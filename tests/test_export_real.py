@@ -46,7 +46,7 @@ def test_pruned_smollm2_greedy_continuation_is_the_same_in_llamacpp(tmp_path):
 @pytest.mark.skipif(not HAS_VLLM, reason="vLLM runs in .venv-vllm: scripts/setup_vllm.sh")
 def test_smollm2_pruned_for_vllm_is_served_by_vllm_like_transformers(tmp_path):
     """`prune --deploy_target vllm` (per-layer MLP widths, whole attention blocks) -> nemotron-nas -> vLLM-CPU."""
-    from prunellm.checkpoint import load_pruned
+    from prunellm.checkpoint import load_checkpoint
     from prunellm.cli import main
     from prunellm.export.vllm import export_vllm
 
@@ -57,7 +57,7 @@ def test_smollm2_pruned_for_vllm_is_served_by_vllm_like_transformers(tmp_path):
             "--pruning_ratio", "0.2", "--importance_method", "magnitude", "--temperature", "0", "--deploy_target", "vllm",
             "--min_kv_groups", "0"]  # fmt: skip
     assert main(args) == 0
-    model = load_pruned(tmp_path / "results" / "vllm" / "model")
+    model = load_checkpoint(tmp_path / "results" / "vllm" / "model")
     tokenizer = load_tokenizer("smollm2-135m")
     folder = export_vllm(model, tokenizer, tmp_path / "served", "f32")
     config = json.loads((folder / "config.json").read_text())

@@ -14,7 +14,7 @@ from conftest import REPO, make_tiny_model
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments
 
-from prunellm.checkpoint import load_pruned, save_model
+from prunellm.checkpoint import load_checkpoint, save_model
 from prunellm.cli import main
 from prunellm.data import load_text
 from prunellm.errors import PrunellmError
@@ -22,7 +22,7 @@ from prunellm.finetune import FineTuner
 from prunellm.finetune.data import PadCollator, tokenize_instructions
 from prunellm.finetune.engine import _DistillTrainer
 from prunellm.models import load_tokenizer
-from prunellm.options import DistillOptions, FinetuneData, TrackingOptions, TrainOptions
+from prunellm.options import DistillOptions, FinetuneData, FinetuneTarget, TrackingOptions, TrainOptions
 from prunellm.surgery import layer_widths, prune_units
 
 # non-uniform widths: layer 0 keeps 1 of 2 KV groups, layer 1 keeps half of its 96 MLP channels
@@ -90,9 +90,9 @@ def test_full_finetuning_lowers_the_held_out_loss_of_a_pruned_model(tokenizer, t
 def test_merged_lora_equals_the_adapter_and_keeps_the_pruned_shapes(lora_run, tokenizer):
     root, tuner, metrics = lora_run
     ids = torch.randint(0, len(tokenizer), (2, 16), generator=torch.Generator().manual_seed(0))
-    base = load_pruned(root / "pruned")
-    with_adapter = PeftModel.from_pretrained(load_pruned(root / "pruned"), metrics["adapter_dir"])
-    merged = load_pruned(metrics["model_dir"])
+    base = load_checkpoint(root / "pruned")
+    with_adapter = PeftModel.from_pretrained(load_checkpoint(root / "pruned"), metrics["adapter_dir"])
+    merged = load_checkpoint(metrics["model_dir"])
     assert not torch.allclose(logits(base, ids), logits(merged, ids), atol=1e-4)  # training changed something
     torch.testing.assert_close(logits(with_adapter, ids), logits(merged, ids), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(logits(tuner.model, ids), logits(merged, ids))
@@ -233,7 +233,7 @@ def test_legacy_pickle_is_finetuned_into_a_safe_checkpoint(tokenizer, text_file,
             "--num_samples", "8", "--seq_len", "32", "--val_set_size", "2", "--batch_size", "4", "--max_steps", "1",
             "--skip_evaluation", "--output_dir", str(tmp_path / "out")]  # fmt: skip
     assert main(args) == 0
-    assert layer_widths(load_pruned(tmp_path / "out" / "model"))[0]["num_key_value_heads"] == 1
+    assert layer_widths(load_checkpoint(tmp_path / "out" / "model"))[0]["num_key_value_heads"] == 1
 
 
 def test_two_process_cpu_run_trains_and_saves_once(pruned_dir, text_file, tmp_path):
@@ -253,7 +253,7 @@ def test_two_process_cpu_run_trains_and_saves_once(pruned_dir, text_file, tmp_pa
     assert results["processes"] == 2 and results["steps"] == 2 and results["gradient_accumulation_steps"] == 1
     assert results["train_tokens"] == 2 * 4 * 32  # 2 steps × 4 windows over both processes × 32 tokens
     assert output.count("saved the fine-tuned model") == 1
-    assert layer_widths(load_pruned(out / "model"))[1]["intermediate_size"] == 48
+    assert layer_widths(load_checkpoint(out / "model"))[1]["intermediate_size"] == 48
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no half-written folders
 
 
@@ -339,17 +339,17 @@ def test_the_seeds_finetuner_call_runs_as_written(monkeypatch, tmp_path, request
     assert metrics["train_tokens"] == 500 * 128
     assert metrics["data"]["train"]["hub_id"] == "wikitext"
     assert (tmp_path / "results" / "finetuned" / "model" / "config.json").is_file()
-    assert tuner.training.learning_rate == 1e-5 and tuner.training.num_epochs == 1  # the seed's defaults
 
 
 def test_finetuner_positional_signature_is_the_seeds(tokenizer):
     from prunellm.options import LoraOptions
 
     model = pruned_model(tokenizer)
-    assert FineTuner(model, tokenizer, "cpu").use_lora is False  # not use_lora="cpu" (LoRA on)
+    assert FineTuner(model, tokenizer, "cpu", False).use_lora is False
     assert FineTuner(model, tokenizer, "auto", True).use_lora is True
-    assert FineTuner(model, tokenizer).training.learning_rate == 1e-5  # the seed's defaults without TrainOptions
-    assert FineTuner(model, tokenizer).training.num_epochs == 1
+    # one set of defaults: the Python face trains as `prunellm finetune` does without flags
+    assert FineTuner(model, tokenizer, "cpu").use_lora is (FinetuneTarget().method == "lora") is True
+    assert FineTuner(model, tokenizer).training == TrainOptions()
     with pytest.raises(PrunellmError, match="device 'True' is not valid: use auto, cpu, cuda or cuda:N"):
         FineTuner(model, tokenizer, True)
     with pytest.raises(PrunellmError, match="use_lora must be True or False"):

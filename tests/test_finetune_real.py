@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from prunellm.checkpoint import load_pruned
+from prunellm.checkpoint import load_checkpoint
 from prunellm.data import load_text
 from prunellm.finetune import FineTuner
 from prunellm.models import load_model, load_tokenizer
@@ -40,4 +40,4 @@ def test_finetuning_recovers_a_pruned_smollm2(text_file, tmp_path, use_lora, lr)
     metrics = tuner.finetune(data=FinetuneData(dataset_name=str(text_file), num_samples=48, seq_len=32, val_set_size=8), output_dir=tmp_path)
     # measured: LoRA 7.66 -> 5.12, full 7.66 -> 5.01 (deterministic on CPU)
     assert metrics["eval_loss"] < metrics["eval_loss_before"] - 1.5
-    assert layer_widths(load_pruned(metrics["model_dir"])) == widths
+    assert layer_widths(load_checkpoint(metrics["model_dir"])) == widths

@@ -100,6 +100,7 @@ def test_weight_criteria_and_taylor_mix_offloaded(saved):
 def test_a_folder_without_safetensors_is_refused(tmp_path):
     model = make_tiny_model("llama")
     model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")  # weights, but not safetensors
     with pytest.raises(PrunellmError, match="--offload reads safetensors"):
         load_lazy(str(tmp_path))
 

@@ -143,3 +143,20 @@ def test_paired_ratio_interval_of_the_same_windows():
     assert paired_ratio_interval(noisy, base, tokens, seed=1) == (ratio, low, high)  # seeded
     with pytest.raises(PrunellmError, match="the same windows under both models"):
         paired_ratio_interval(base, base[:7], tokens)
+
+
+def test_default_protocols_fit_a_short_context_and_named_ones_are_kept(caplog):
+    from prunellm.evaluation.standard import protocols_for_model
+    from prunellm.options import EvalOptions
+
+    model = make_tiny_model("llama", max_position_embeddings=256)
+    names = [p.name for p in protocols_for_model(EvalOptions(), model, n_prefix=1)]
+    assert names == ["128"]  # the default 2048/512 window does not fit 256 tokens: skipped, said in a warning
+    assert "2048/512 skipped" in caplog.text and "--ppl_protocols" in caplog.text
+    asked = EvalOptions(ppl_protocols="128,2048/512,64")  # named by the user: kept, refused where it runs
+    assert [p.name for p in protocols_for_model(asked, model, 0)] == ["128", "2048/512", "64"]
+    tiny_context = make_tiny_model("llama", max_position_embeddings=100)
+    with pytest.raises(PrunellmError, match="holds none of the default --ppl_protocols"):
+        protocols_for_model(EvalOptions(), tiny_context, 0)
+    long_context = make_tiny_model("llama", max_position_embeddings=4096)
+    assert [p.name for p in protocols_for_model(EvalOptions(), long_context, 1)] == ["128", "2048/512"]

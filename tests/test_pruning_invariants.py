@@ -11,7 +11,7 @@ from conftest import calibration_ids, make_tiny_model
 from transformers import AutoModelForCausalLM
 
 from prunellm.calibration import collect_activation_stats, collect_gradient_stats
-from prunellm.checkpoint import load_pruned, save_model
+from prunellm.checkpoint import load_checkpoint, save_model
 from prunellm.criteria import CRITERIA, CriterionOptions, get_criterion
 from prunellm.hf_modeling import ZeroAttention, ZeroMLP
 from prunellm.priors import ablated
@@ -58,7 +58,7 @@ def test_grid_forward_count_and_roundtrip(family, criterion, tmp_path):
         assert unit.count == len(selection.kept[(unit.layer, unit.kind)])
     # save -> load, both ways, identical logits
     save_model(model, None, tmp_path / "model")
-    ours = load_pruned(tmp_path / "model")
+    ours = load_checkpoint(tmp_path / "model")
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "model", trust_remote_code=True).eval()
     torch.testing.assert_close(ours(ids).logits, logits, rtol=0, atol=0)
     torch.testing.assert_close(theirs(ids).logits, logits, rtol=0, atol=0)
@@ -96,7 +96,7 @@ def test_grid_allocation_parameter_count_equals_the_plan(family, allocation, emp
     logits = model(calibration_ids(model.config.vocab_size, n=2, length=16, seed=5)).logits
     assert torch.isfinite(logits).all()
     save_model(model, None, tmp_path / "model")
-    assert count_parameters(load_pruned(tmp_path / "model")) == total - selection.removed_params
+    assert count_parameters(load_checkpoint(tmp_path / "model")) == total - selection.removed_params
 
 
 def _zero_units(model, layer: int, kind: str, indices: list[int]) -> None:
@@ -255,4 +255,4 @@ def test_a_plan_in_rounds_applies_round_by_round_and_composes_to_original_indice
         assert {entry["round"] for entry in report["layers"]} == {1, 2}
     save_model(model, None, tmp_path / "m")
     with torch.no_grad():
-        assert torch.allclose(model(ids[:2]).logits, load_pruned(tmp_path / "m")(ids[:2]).logits, atol=1e-5)
+        assert torch.allclose(model(ids[:2]).logits, load_checkpoint(tmp_path / "m")(ids[:2]).logits, atol=1e-5)

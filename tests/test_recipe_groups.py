@@ -71,3 +71,20 @@ def test_the_api_recipe_is_the_grouped_recipe():
     assert api.Recipe is PruneRecipe
     with pytest.raises(PrunellmError, match="--units"):
         pruner.unit_kinds(PruneRecipe().budget.model_copy(update={"units": "heads"}))
+
+
+def test_renamed_calibration_options_keep_their_old_names():
+    from prunellm.cli import build_parser
+
+    new = PruneRecipe(calibration_num_samples=8, calibration_seq_len=32)
+    assert new.calibration.calibration_num_samples == 8 and new.calibration.calibration_seq_len == 32
+    assert PruneRecipe(taylor_num_samples=8, taylor_seq_len=32) == new  # an old recipe file or script
+    assert PruneRecipe(calibration={"taylor_num_samples": 8, "calibration_seq_len": 32}) == new
+    assert "taylor_num_samples" not in new.flat() and new.flat()["calibration_num_samples"] == 8  # plans record the new name
+    with pytest.raises(ValueError, match="'taylor_num_samples' is the old name of 'calibration_num_samples'"):
+        PruneRecipe(taylor_num_samples=8, calibration_num_samples=16)
+    parser = build_parser()
+    old = parser.parse_args(["prune", "--taylor_num_samples", "8", "--taylor_seq_len", "32"])
+    renamed = parser.parse_args(["prune", "--calibration_num_samples", "8", "--calibration_seq_len", "32"])
+    assert old.calibration_num_samples == renamed.calibration_num_samples == 8
+    assert old.calibration_seq_len == renamed.calibration_seq_len == 32

@@ -7,7 +7,7 @@ import torch
 from conftest import calibration_ids, make_tiny_model
 from transformers import AutoModelForCausalLM
 
-from prunellm.checkpoint import load_pruned, save_model
+from prunellm.checkpoint import load_checkpoint, save_model
 from prunellm.errors import PrunellmError
 from prunellm.reconstruction import (
     DAMP_GRID, InputStats, choose_damp, compensate_projection, prune_with_reconstruction, resolve_select, solve_lstsq,
@@ -217,7 +217,7 @@ def test_reconstructed_checkpoint_loads_both_ways(mode, tmp_path):
     logits = model(ids[:2]).logits
     assert torch.isfinite(logits).all()
     save_model(model, None, tmp_path / "m")
-    torch.testing.assert_close(load_pruned(tmp_path / "m")(ids[:2]).logits, logits, rtol=0, atol=0)
+    torch.testing.assert_close(load_checkpoint(tmp_path / "m")(ids[:2]).logits, logits, rtol=0, atol=0)
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "m", trust_remote_code=True).eval()
     torch.testing.assert_close(theirs(ids[:2]).logits, logits, rtol=0, atol=0)
     assert count_parameters(theirs) == count_parameters(model)

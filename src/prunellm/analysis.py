@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from .paths import write_json_atomic, write_text_atomic
+from .paths import final_path, write_json_atomic, write_text_atomic
 from .specs import spec_for
 from .surgery import layer_widths
 from .units import count_parameters, decoder_layers, get_module
@@ -349,5 +349,5 @@ def write_analysis(
     write_text_atomic(target(analysis_dir, "pruning_summary_by_layer.txt"), format_layer_table(comparison) + "\n")
     plot_pruning_ratio(comparison, target(charts_dir, "pruning_ratio_per_layer.png"))
     plot_param_breakdown(comparison, target(charts_dir, "param_breakdown.png"))
-    log.info("wrote %d analysis files under %s", len(written), out_dir)
+    log.info("wrote %d analysis files under %s", len(written), final_path(out_dir))
     return written

@@ -255,10 +255,13 @@ def save_pruned(model: nn.Module, tokenizer: Any, path: str | Path, plan: Plan |
 
 
 def load_pruned(path: str | Path, *, dtype: DType = "float32", device: str = "cpu") -> tuple[nn.Module, Any | None]:
-    """Load a checkpoint written by :func:`save_pruned` (or ``prunellm prune``) and its tokenizer when it has one."""
-    from .checkpoint import load_pruned as load_checkpoint
+    """Load a checkpoint written by :func:`save_pruned`, ``prunellm prune`` or ``prunellm finetune`` (its model
+    folder or the results folder holding ``model/``): always ``(model, tokenizer)``, the tokenizer ``None`` when the
+    folder has none."""
+    from .checkpoint import load_checkpoint
+    from .models import resolve_model_path
 
-    path = Path(path)
+    path = Path(resolve_model_path(str(path), flag="path"))
     model = load_checkpoint(path, dtype=dtype, device=device)
     has_tokenizer = any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json"))
     return model, (load_tokenizer(str(path), flag="path") if has_tokenizer else None)

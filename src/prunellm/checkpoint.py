@@ -24,14 +24,29 @@ from .paths import atomic_dir
 log = logging.getLogger(__name__)
 
 MODELING_FILE = "modeling_prunellm.py"
+LOADING_NOTE_KEY = "prunellm_loading"
+LOADING_NOTE = (
+    "per-layer widths: load with AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True) or "
+    "prunellm.load_pruned(path); without trust_remote_code transformers reports a size mismatch "
+    "(never pass ignore_mismatched_sizes=True: it would load random weights)"
+)
 
 
-def is_pruned_checkpoint(path: str | Path) -> bool:
-    """True when ``path`` is a local directory whose config carries per-layer widths."""
+def is_pruned_checkpoint(path: str | Path, flag: str = "path") -> bool:
+    """True when ``path`` is a local directory whose config carries per-layer widths.
+
+    Raises:
+        PrunellmError: ``config.json`` is there but damaged (not UTF-8 JSON, or not an object).
+    """
+    from .models import read_json
+
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         return False
-    return bool(json.loads(config_file.read_text()).get(PRUNED_LAYERS_KEY))
+    config = read_json(config_file, f"{flag} '{path}'")
+    if not isinstance(config, dict):
+        raise PrunellmError(f"{flag} '{path}': {config_file} is a JSON {type(config).__name__}, not an object: restore the config.json saved with the weights")
+    return bool(config.get(PRUNED_LAYERS_KEY))
 
 
 def _base_class_name(model: PreTrainedModel) -> str:
@@ -71,6 +86,11 @@ def finish_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
         (folder / MODELING_FILE).write_text(source)
         config["auto_map"] = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.Pruned{base_name}"}
         config["architectures"] = [f"Pruned{base_name}"]
+        # transformers builds its own uniform-width class for a known model_type and never reads auto_map, so a
+        # plain from_pretrained fails with a size mismatch: the remedy is written where a reader of the config looks
+        config[LOADING_NOTE_KEY] = LOADING_NOTE
+    else:
+        config.pop(LOADING_NOTE_KEY, None)
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -83,15 +103,24 @@ def model_class(config, path: str | Path = "") -> type[PreTrainedModel]:
     return pruned_class(base) if getattr(config, PRUNED_LAYERS_KEY, None) else base
 
 
-def load_pruned(path: str | Path, dtype: DType = "float32", device: str = "cpu") -> PreTrainedModel:
-    """Load a prunellm checkpoint (per-layer widths or standard) with prunellm's own copy of the modeling code."""
+def load_checkpoint(path: str | Path, dtype: DType = "float32", device: str = "cpu", flag: str = "path") -> PreTrainedModel:
+    """Load a prunellm checkpoint (per-layer widths or standard) with prunellm's own copy of the modeling code.
+
+    Raises:
+        PrunellmError: ``device`` is not on this machine, or the folder is damaged (``flag`` names where it came from).
+    """
+    from .models import check_device, check_model_folder, loading_errors
+
+    check_device(device)
     path = Path(path)
-    config = AutoConfig.from_pretrained(path)
-    cls = model_class(config, path)
-    kwargs: dict = {"dtype": torch_dtype(dtype)}
-    if device == "auto":
-        kwargs["device_map"] = "auto"
-    model = cls.from_pretrained(path, config=config, **kwargs)
+    check_model_folder(path, flag)
+    with loading_errors(str(path), str(path), flag):
+        config = AutoConfig.from_pretrained(path)
+        cls = model_class(config, path)
+        kwargs: dict = {"dtype": torch_dtype(dtype)}
+        if device == "auto":
+            kwargs["device_map"] = "auto"
+        model = cls.from_pretrained(path, config=config, **kwargs)
     if device != "auto":
         model.to(device)
     model.eval()

@@ -1,13 +1,18 @@
 """``prunellm prune | layers | run | finetune | eval | export | report``: the command line, generated from the typed options.
 
-Bad input exits with status 2 and one line: ``error: <what, where, what is valid>``.
+Bad input exits with status 2 and one line: ``error: <what, where, what is valid>``. SIGTERM, SIGINT (Ctrl-C) and
+SIGHUP unwind the command, so its unfinished output is removed, and exit with status 128 + the signal's number
+and one line: ``error: interrupted by SIGTERM; nothing was written to <output>``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from pydantic import Field
@@ -38,7 +43,10 @@ class EvalTarget(_Options):
     """Which model to evaluate and where the results go."""
 
     model_path: str = Field("smollm2-135m", description="smollm2-135m, a model directory, a prunellm results folder, or a hub id")
-    output: str | None = Field(None, description="results JSON path (default: <model dir>/evaluation_results.json or ./evaluation_results.json)")
+    output: str | None = Field(
+        None, description="results JSON path (default: evaluation_results.json in the results folder or model directory, else ./)"
+    )
+    overwrite: bool = Field(False, description="replace an existing results file")
     device: str = Field("cpu", description="cpu, cuda, cuda:N or auto")
     dtype: str = Field("float32", description="float32, bfloat16 or float16")
     trust_pickle: bool = Field(False, description="allow loading a legacy pickled .bin model (runs code from it)")
@@ -48,6 +56,7 @@ class ReportTarget(_Options):
     """Where the comparison report goes."""
 
     output: str = Field("report", description="folder for report.md, report.csv, report.html and the charts")
+    overwrite: bool = Field(False, description="replace an existing output folder")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -184,7 +193,10 @@ def read_recipe_file(path: str | Path) -> tuple[str, dict[str, _Options]]:
 def run_recipe(args: argparse.Namespace, argv: list[str]) -> int:
     from .pruner import prune, prune_layers
 
+    from .models import check_device
+
     command, groups = read_recipe_file(args.recipe_file)
+    check_device(groups["run"].device, f"RECIPE.yaml '{args.recipe_file}': run.device")
     if command == "prune":
         prune(groups["recipe"], groups["run"], groups["evaluation"], argv=argv, finetune=groups["recovery"],
               lora=groups["lora"], tracking=groups["tracking"])  # fmt: skip
@@ -204,7 +216,7 @@ def run_layers(args: argparse.Namespace, argv: list[str]) -> int:
 SEED_LAYER_FLAGS = {
     "--save_ckpt_log_name": "--output_name",
     "--layer_importance_samples": "--layer_importance_num_samples",
-    "--channel_importance_samples": "--taylor_num_samples",
+    "--channel_importance_samples": "--calibration_num_samples",
     "--eval_seq_len": "--ppl_seq_len",
 }
 SEED_EVAL_FLAGS = ("--test_original_ppl", "--test_after_prune")
@@ -241,23 +253,21 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from .checkpoint import import_legacy_pickle
     from .evaluation import evaluate, save_results
-    from .models import load_model, load_tokenizer, resolve_model_path
+    from .models import load_model, load_tokenizer
+    from .paths import check_output
 
     target: EvalTarget = build_options(EvalTarget, args)
     options: EvalOptions = build_options(EvalOptions, args)
+    out = check_output(target.output or eval_output(target.model_path), "--output", target.overwrite, kind="file")  # before any work
     if target.model_path.endswith((".bin", ".pt", ".pth")):
         model, tokenizer = import_legacy_pickle(target.model_path, target.trust_pickle)
         model.eval()
-        default_out = Path(target.model_path).with_name("evaluation_results.json")
     else:
-        path = resolve_model_path(target.model_path, "--model_path")
         tokenizer = load_tokenizer(target.model_path, "--model_path")
         model = load_model(target.model_path, dtype=target.dtype, device=target.device, flag="--model_path")
-        default_out = Path(path) / "evaluation_results.json" if Path(path).is_dir() and Path(path).exists() else Path("evaluation_results.json")
     if tokenizer is None:
         raise PrunellmError(f"--model_path '{target.model_path}' carries no tokenizer")
     results = evaluate(model, tokenizer, options, model_path=target.model_path)
-    out = Path(target.output) if target.output else default_out
     save_results(results, out)
     table = Table(title=f"{target.model_path}: {results['model']['params']:,} parameters")
     for column in ("dataset", "protocol", "PPL", "scored tokens", "windows"):
@@ -270,6 +280,25 @@ def run_eval(args: argparse.Namespace) -> int:
     log.info("results written to %s", out)
     log.debug(json.dumps(results["metrics"]))
     return 0
+
+
+def eval_output(model_path: str) -> Path:
+    """Where ``prunellm eval`` writes without ``--output``: a prunellm results folder's own
+    ``evaluation_results.json`` (beside ``plan.json``, where ``prunellm report`` reads it), a model directory's, a
+    legacy file's folder's, or ``./evaluation_results.json`` for a hub or embedded model (never into a cache)."""
+    from .assets import EMBEDDED_MODELS
+    from .models import resolve_model_path
+    from .report import RESULTS_FILE
+
+    if model_path.endswith((".bin", ".pt", ".pth")):
+        return Path(model_path).with_name(RESULTS_FILE)
+    if model_path in EMBEDDED_MODELS:
+        return Path(RESULTS_FILE)
+    path = Path(resolve_model_path(model_path, "--model_path"))
+    given = Path(model_path).expanduser()
+    if given.is_dir() and path == given / "model":  # a results folder: the run's results sit at its top
+        return given / RESULTS_FILE
+    return path / RESULTS_FILE if path.is_dir() else Path(RESULTS_FILE)
 
 
 def _print_other_metrics(results: dict, console) -> None:
@@ -289,10 +318,14 @@ def _print_other_metrics(results: dict, console) -> None:
 
 
 def run_report(args: argparse.Namespace) -> int:
+    from .paths import atomic_dir, check_output
     from .report import build_report
 
     target: ReportTarget = build_options(ReportTarget, args)
-    report = build_report(args.results_dirs, target.output)
+    inputs = [("RESULTS_DIR", folder) for folder in args.results_dirs]
+    out = check_output(target.output, "--output", target.overwrite, inputs=inputs)
+    with atomic_dir(out) as tmp:  # a replaced report keeps no chart of the old one
+        report = build_report(args.results_dirs, tmp)
     print(report["markdown"], end="")
     log.info("report written to %s", target.output)
     return 0
@@ -306,29 +339,90 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+class Interrupted(BaseException):
+    """A stop signal (SIGTERM, SIGINT, SIGHUP) raised in the main thread: a ``BaseException``, like
+    ``KeyboardInterrupt``, so that no ``except Exception`` swallows it and every ``finally`` and temporary-output
+    cleanup runs on the way out."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
+
+
+@contextlib.contextmanager
+def stop_signals_unwind():
+    """While the block runs, a stop signal raises :class:`Interrupted`; a second one ends the process at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+
+    def handler(signum, frame):
+        for number in previous:
+            signal.signal(number, signal.SIG_DFL)
+        raise Interrupted(signum)
+
+    for number in STOP_SIGNALS:
+        previous[number] = signal.signal(number, handler)
+    try:
+        yield
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)
+
+
+def _close_progress_bars() -> None:
+    """Finish the progress bars an interruption left open, so that the error starts a line of its own."""
+    std = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(std, "tqdm", None), "_instances", ())):
+        with contextlib.suppress(Exception):
+            bar.close()
+
+
+def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
+    if getattr(args, "device", None) is not None:  # prune, layers, eval: refuse a device this machine lacks before any work
+        from .models import check_device
+
+        check_device(args.device)
+    if args.command == "prune":
+        return run_prune(args, argv)
+    if args.command == "layers":
+        return run_layers(args, argv)
+    if args.command == "run":
+        return run_recipe(args, argv)
+    if args.command == "report":
+        return run_report(args)
+    if args.command == "finetune":
+        return run_finetune(args, argv)
+    if args.command == "export":
+        return run_export(args)
+    return run_eval(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``prunellm`` console script."""
+    from .paths import discarded_outputs, forget_discarded
+
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
+    forget_discarded()
     try:
-        if args.command == "prune":
-            return run_prune(args, argv)
-        if args.command == "layers":
-            return run_layers(args, argv)
-        if args.command == "run":
-            return run_recipe(args, argv)
-        if args.command == "report":
-            return run_report(args)
-        if args.command == "finetune":
-            return run_finetune(args, argv)
-        if args.command == "export":
-            return run_export(args)
-        return run_eval(args)
+        with stop_signals_unwind():
+            return _dispatch(args, argv)
     except PrunellmError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        _close_progress_bars()
+        outputs = ", ".join(str(path) for path in discarded_outputs())
+        where = f"nothing was written to {outputs}" if outputs else "no output was written"
+        print(f"error: interrupted by {exc}; {where}", file=sys.stderr)
+        return 128 + exc.signum
 
 
 if __name__ == "__main__":

@@ -203,6 +203,28 @@ def split_layer_budget(
     return kv_remove, mlp_remove
 
 
+def _split_layer(kv, mlp, budget: float, attention_share: float | None, min_kv_groups: int, round_to: int) -> tuple[int, int, int]:
+    """:func:`split_layer_budget` of one layer's units (``kv``/``mlp``: its :class:`~prunellm.units.LayerUnits` or
+    ``None``): KV groups and MLP channels to remove, and the parameters that takes."""
+    kv_cost, n_kv = (kv.cost, kv.count) if kv is not None and kv.count else (0, 0)
+    mlp_cost, n_mlp = (mlp.cost, mlp.count) if mlp is not None and mlp.count else (0, 0)
+    prunable = kv_cost * n_kv + mlp_cost * n_mlp
+    share = attention_share if attention_share is not None else (kv_cost * n_kv / prunable if prunable else 0.0)
+    kv_remove, mlp_remove = split_layer_budget(
+        budget, kv_cost, n_kv, mlp_cost, n_mlp, share if kv_cost else 0.0, min_kv_groups, round_to
+    )
+    # removing a block's last index also removes its own parameters (e.g. down_proj's bias)
+    got = sum(u.removed_cost(n) for u, n in ((kv, kv_remove), (mlp, mlp_remove)) if u is not None and u.count)
+    return kv_remove, mlp_remove, got
+
+
+def layer_removable(kv, mlp, attention_share: float | None, min_kv_groups: int, round_to: int) -> int:
+    """The parameters :func:`select_layerwise` can take from one layer at most, whatever its rate (``--min_kv_groups``
+    kept, an MLP kept at ``round_to`` channels or more, the attention:MLP split): its split of a budget far larger
+    than the layer."""
+    return _split_layer(kv, mlp, 1e18, attention_share, min_kv_groups, round_to)[2]
+
+
 def parse_distribution(text: str) -> float | None:
     """``"A:M"`` -> attention share A/(A+M); ``"auto"`` -> None (each layer's own attention:MLP parameter split)."""
     if str(text).strip().lower() == "auto":
@@ -240,17 +262,9 @@ def select_layerwise(
     carry = 0.0
     for layer in sorted(by_layer):
         kv, mlp = by_layer[layer].get("kv_group"), by_layer[layer].get("mlp_channel")
-        kv_cost, n_kv = (kv.cost, kv.count) if kv is not None and kv.count else (0, 0)
-        mlp_cost, n_mlp = (mlp.cost, mlp.count) if mlp is not None and mlp.count else (0, 0)
-        prunable = kv_cost * n_kv + mlp_cost * n_mlp
-        want = rates[layer] * prunable
+        want = rates[layer] * sum(u.cost * u.count for u in (kv, mlp) if u is not None)
         target += want
-        share = attention_share if attention_share is not None else (kv_cost * n_kv / prunable if prunable else 0.0)
-        kv_remove, mlp_remove = split_layer_budget(
-            want + carry, kv_cost, n_kv, mlp_cost, n_mlp, share if kv_cost else 0.0, min_kv_groups, round_to
-        )
-        # removing a block's last index also removes its own parameters (e.g. down_proj's bias)
-        got = sum(u.removed_cost(n) for u, n in ((kv, kv_remove), (mlp, mlp_remove)) if u is not None and u.count)
+        kv_remove, mlp_remove, got = _split_layer(kv, mlp, want + carry, attention_share, min_kv_groups, round_to)
         carry = want + carry - got
         removed_params += got
         for unit, n_remove in ((kv, kv_remove), (mlp, mlp_remove)):

@@ -31,6 +31,8 @@ class _Options(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _nest_flat_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = _renamed_options(cls, data)
         groups = option_groups(cls)
         if not groups or not isinstance(data, dict):
             return data
@@ -88,6 +90,25 @@ class _Options(BaseModel):
         return type(self).model_validate(data)
 
 
+# options renamed for what they are, old name -> new name: the old flag and key still work (recipes, plans, scripts)
+RENAMED_OPTIONS: dict[str, str] = {
+    "taylor_num_samples": "calibration_num_samples",  # the windows of every criterion's scoring pass, not Taylor's only
+    "taylor_seq_len": "calibration_seq_len",
+}
+
+
+def _renamed_options(cls: type[BaseModel], data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with old option names (:data:`RENAMED_OPTIONS`) under their new names, where ``cls`` has them."""
+    known = set(cls.model_fields) | set(option_flags(cls))
+    out = dict(data)
+    for old, new in RENAMED_OPTIONS.items():
+        if old in out and new in known:
+            if new in out:
+                raise ValueError(f"'{old}' is the old name of '{new}': give one of them")
+            out[new] = out.pop(old)
+    return out
+
+
 class RunOptions(_Options):
     """How to run: hardware, numerics, randomness and where results go."""
 
@@ -120,7 +141,7 @@ class EvalOptions(_Options):
     )
     zeroshot_tasks: str = Field(
         "boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa",
-        description="comma-separated lm-eval tasks; offline: bigbench_strategyqa, bigbench_wikihow_step, bigbench_social_iqa",
+        description="comma-separated lm-eval tasks; offline (data from PyPI, no hub): offline_word_analogies, offline_wordnet_definitions",
     )
     num_fewshot: int = Field(0, description="in-context examples per zero-shot question (0 = zero-shot)")
     limit: int | None = Field(None, description="score only the first N examples of each zero-shot task (quick checks)")
@@ -255,7 +276,8 @@ def add_options(parser: argparse.ArgumentParser, model: type[BaseModel], title: 
             kwargs.update(type=annotation)
         else:
             kwargs.update(type=str)
-        sections[entry.section].add_argument(f"--{flag}", help=f"{entry.help} (default: {entry.default})", **kwargs)
+        old_names = [f"--{old}" for old, new in RENAMED_OPTIONS.items() if new == flag]
+        sections[entry.section].add_argument(f"--{flag}", *old_names, help=f"{entry.help} (default: {entry.default})", **kwargs)
 
 
 def build_options(model: type[BaseModel], namespace: argparse.Namespace) -> BaseModel:
@@ -383,14 +405,14 @@ class CalibrationOptions(_Options):
     dataset: str = Field(
         "shakespeare", description="calibration text: shakespeare, wikitext2, ptb, c4, a local file/folder, or a mixture a+b"
     )
-    taylor_num_samples: int = Field(128, description="calibration windows for scoring")
-    taylor_seq_len: int = Field(128, description="tokens per calibration window")
+    calibration_num_samples: int = Field(128, description="calibration windows of the scoring pass, for every criterion (old name: --taylor_num_samples)")
+    calibration_seq_len: int = Field(128, description="tokens per calibration window, scoring and the priors' ablations (old name: --taylor_seq_len)")
     gradient_batch_size: int = Field(4, description="calibration windows per forward(+backward) pass")
     layer_importance_num_samples: int = Field(16, description="calibration windows for the layer ablation prior")
     block_importance_num_samples: int = Field(16, description="calibration windows for the block ablation prior")
     use_gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory)")
 
-    _positive = field_validator("taylor_num_samples", "taylor_seq_len", "gradient_batch_size",
+    _positive = field_validator("calibration_num_samples", "calibration_seq_len", "gradient_batch_size",
                                 "layer_importance_num_samples", "block_importance_num_samples")(_at_least_one)  # fmt: skip
 
 
@@ -596,10 +618,12 @@ class FinetuneTarget(_Options):
     method: Literal["lora", "full"] = Field("lora", description="LoRA adapters (merged at the end) or full-parameter training")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="weights dtype while training")
     resume_from_checkpoint: str | None = Field(
-        None, description="continue from <output_dir>/checkpoints/checkpoint-N (a path) or 'last'"
+        None, description="continue an interrupted run: 'last' (the newest checkpoint in <output_dir>.finetune_checkpoints, "
+        "kept there while a run goes) or a checkpoint-N path"
     )
     skip_evaluation: bool = Field(False, description="do not evaluate the fine-tuned model afterwards")
     trust_pickle: bool = Field(False, description="allow importing a legacy pickled .bin model (runs code from it)")
+    overwrite: bool = Field(False, description="replace an existing output folder")
 
 
 class FinetuneData(_Options):
@@ -722,3 +746,4 @@ class ExportOptions(_Options):
     outtype: Literal["f32", "f16", "q8_0"] = Field(
         "f16", description="weight matrices as f32, f16 or q8_0 (q8_0: gguf only; norms and biases stay f32)"
     )
+    overwrite: bool = Field(False, description="replace an existing output folder (vllm) or .gguf file")

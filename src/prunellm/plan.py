@@ -75,6 +75,8 @@ class Plan:
     criterion: str
     target_ratio: float | None
     params_before: int
+    # parameters of the model the plan gives: params_before minus what its units and layers take (the budget,
+    # :attr:`removed_params`), plus ``added_params`` once surgery has recorded them: the count of the model as saved
     params_after: int
     layers: list[LayerPlan]  # one entry per ORIGINAL layer
     removed_layers: list[int] = field(default_factory=list)  # original indices, removed after slicing
@@ -86,6 +88,9 @@ class Plan:
     # --iterative_steps N > 1: the N rounds, applied (each with the plan's reconstruction) one after the other;
     # ``layers`` then holds the original indices all rounds together keep
     rounds: list[RoundPlan] = field(default_factory=list)
+    # compensation biases the reconstruction added (o_proj/down_proj biases the family does not build), counted in
+    # ``params_after``; 0 until :meth:`record_added_params` (the refit decides them: they are known after surgery)
+    added_params: int = 0
     version: int = PLAN_VERSION
 
     def kept_units(self) -> dict[tuple[int, str], list[int]]:
@@ -101,8 +106,19 @@ class Plan:
         return [step.layers for step in self.rounds] or [self.layers]
 
     @property
+    def removed_params(self) -> int:
+        """Parameters the plan's units and layers take away (the budget), compensation biases apart."""
+        return self.params_before - self.params_after + self.added_params
+
+    def record_added_params(self, added: int) -> None:
+        """Count the ``added`` compensation biases surgery left into ``params_after``, which then is the count of
+        the model as saved; :attr:`removed_params` stays as planned (a replay records the same)."""
+        self.params_after += added - self.added_params
+        self.added_params = added
+
+    @property
     def achieved_ratio(self) -> float:
-        """Fraction of the model's total parameters removed."""
+        """Fraction of the model's total parameters removed (of the model as saved, once biases are recorded)."""
         return 1.0 - self.params_after / self.params_before
 
     def to_dict(self) -> dict[str, Any]:

@@ -7,6 +7,7 @@ Score, plan and surgery stay separate steps with the Plan in the middle, so a pl
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from .layers import (
     choose_layers_to_remove,
     layer_importance,
     layer_params,
+    layer_removable,
     layers_for_ratio,
     parse_distribution,
     select_layerwise,
@@ -51,10 +53,10 @@ from .options import (
     TrackingOptions,
     split_list,
 )
-from .paths import atomic_dir, write_json_atomic
+from .paths import atomic_dir, check_output, write_json_atomic
 from .plan import LayerPlan, Plan, RoundPlan, compose_rounds, kept_units_of, package_versions
 from .priors import ablation_deltas, ablation_deltas_of, prior_multipliers, prior_spread, resolve_tau, resolve_temperature
-from .selection import SelectionConstraints, normalized_values, select_global
+from .selection import SelectionConstraints, normalized_values, removal_limit, select_global
 from .specs import spec_for
 from .sweep import Offload
 from .reconstruction import SOLVER, added_bias_params, projection_biases, prune_plan_rounds, resolve_select
@@ -83,20 +85,21 @@ def default_output_name(recipe: PruneRecipe) -> str:
     return f"{model}_{recipe.scoring.importance_method}_p{round(recipe.budget.pruning_ratio * 100)}"
 
 
-def check_output_dir(run: RunOptions, name: str) -> Path:
-    """The run folder; an existing one is refused unless ``--overwrite``."""
-    out = Path(run.output_dir) / name
-    if out.exists() and not run.overwrite:
-        raise PrunellmError(f"--output_name '{name}': {out} already exists; pass --overwrite to replace it or choose another name")
-    return out
+def check_output_dir(run: RunOptions, name: str, inputs: tuple[tuple[str, str | None], ...] = ()) -> Path:
+    """The run folder, checked before any work by :func:`prunellm.paths.check_output` (the rule of every command):
+    an existing non-empty one is refused unless ``--overwrite``; one that is, holds or sits inside an input
+    (``(flag, path)`` pairs) always; so is one that cannot be written or that another live run is writing."""
+    return check_output(Path(run.output_dir) / name, "--output_name", run.overwrite, inputs=inputs, value=name)
 
 
 def eligible_layers(budget: BudgetOptions, num_layers: int) -> list[int]:
     """Layers that may be pruned under the layer range and the freeze flags."""
     end = num_layers if budget.layer_end is None else budget.layer_end
     if not 0 <= budget.layer_start < end <= num_layers:
+        given = f"{budget.layer_end}" if budget.layer_end is not None else f"{num_layers} (the default: all)"
         raise PrunellmError(
-            f"--layer_start {budget.layer_start} / --layer_end {budget.layer_end} must satisfy 0 <= start < end <= {num_layers}"
+            f"--layer_start {budget.layer_start} / --layer_end {given} is not a layer range of this model: it has "
+            f"{num_layers} layers, so give 0 <= --layer_start < --layer_end <= {num_layers}"
         )
     first, last = budget.freeze_first_n_layers, num_layers - budget.freeze_last_n_layers
     layers = [i for i in range(budget.layer_start, end) if first <= i < last]
@@ -112,6 +115,134 @@ def unit_kinds(budget: BudgetOptions) -> tuple[str, ...]:
     if bad or not kinds:
         raise PrunellmError(f"--units '{budget.units}' is not valid: use a comma-separated subset of {', '.join(UNIT_KINDS)}")
     return kinds
+
+
+def check_deploy_target(selection: SelectionOptions, allocation: AllocationOptions) -> None:
+    """``--deploy_target vllm`` serves whole attention blocks only, which per-layer rates do not keep."""
+    if selection.deploy_target == "vllm" and allocation.allocation == "layerwise":
+        raise PrunellmError("--deploy_target vllm needs --allocation global (layerwise rates remove single KV groups, which vLLM cannot serve)")
+
+
+@dataclass(frozen=True)
+class Reach:
+    """What selection can remove from a model under the flags, from its shapes alone (no calibration text read)."""
+
+    total: int  # the model's parameters, embeddings included
+    most: int  # parameters removed at most (every unit the flags allow)
+    limit: int  # the largest target selection accepts: ``most`` plus what it may stop short of a target by
+    least: int = 0  # parameters removed at least (layerwise: --min_pruning_rate of every pruned layer)
+
+
+def frozen_for_allocation(units: list[LayerUnits], n_layers: int, allocation: AllocationOptions) -> set[int]:
+    """Layers that per-layer allocation gives rate 0: those without eligible units and the top ``--freeze_top_n_layers``."""
+    eligible = {u.layer for u in units}
+    return {i for i in range(n_layers) if i not in eligible or i >= n_layers - allocation.freeze_top_n_layers}
+
+
+def prunable_per_layer(units: list[LayerUnits], n_layers: int) -> list[int]:
+    """Parameters of each layer's eligible units (blocks' own included), which per-layer rates are fractions of."""
+    prunable = [0] * n_layers
+    for u in units:
+        prunable[u.layer] += u.removed_cost(u.count)
+    return prunable
+
+
+def reach_of(model: nn.Module, budget: BudgetOptions, selection: SelectionOptions, allocation: AllocationOptions) -> Reach:
+    """:class:`Reach` of ``model`` under the layer range, freeze flags, ``--units``, the selection constraints and, for
+    ``--allocation layerwise``, the per-layer rate limits (the unit costs of :mod:`prunellm.units`, no scores)."""
+    n_layers = len(decoder_layers(model))
+    layers = set(eligible_layers(budget, n_layers))
+    units = [u for u in all_units(model, unit_kinds(budget)) if u.layer in layers and u.count]
+    total = count_parameters(model)
+    constraints = selection_constraints(selection)
+    if allocation.allocation == "global":
+        most, slack = removal_limit(units, constraints)
+        return Reach(total, most, most + slack)
+    frozen = frozen_for_allocation(units, n_layers, allocation)
+    prunable = prunable_per_layer(units, n_layers)
+    active = [i for i in range(n_layers) if i not in frozen]
+    share = parse_distribution(allocation.pruning_distribution)
+    by_layer: dict[int, dict[str, LayerUnits]] = {}
+    for u in units:
+        by_layer.setdefault(u.layer, {})[u.kind] = u
+    by_rate = sum(allocation.max_pruning_rate * prunable[i] for i in active)  # allocate_rates' bound, exactly
+    by_units = sum(
+        layer_removable(by_layer[i].get("kv_group"), by_layer[i].get("mlp_channel"), share, selection.min_kv_groups, selection.round_to)
+        for i in active if i in by_layer
+    )  # fmt: skip
+    slack = min((u.cost for u in units if u.layer in active), default=0)  # select_layerwise ends within one unit
+    return Reach(
+        total, int(min(by_rate, by_units)), int(min(by_rate, by_units + slack)),
+        math.ceil(sum(allocation.min_pruning_rate * prunable[i] for i in active)),
+    )  # fmt: skip
+
+
+def _relaxations(
+    budget: BudgetOptions, selection: SelectionOptions, allocation: AllocationOptions, n_layers: int
+) -> list[tuple[str, BudgetOptions, SelectionOptions, AllocationOptions]]:
+    """The flags that could let selection remove more, each with the option groups it changes."""
+    out = []
+    if set(unit_kinds(budget)) != set(UNIT_KINDS):
+        out.append((f"--units {','.join(UNIT_KINDS)}", budget.model_copy(update={"units": ",".join(UNIT_KINDS)}), selection, allocation))
+    frozen = [f"--{flag} 0" for flag in ("freeze_first_n_layers", "freeze_last_n_layers") if getattr(budget, flag)]
+    if frozen:
+        changed = budget.model_copy(update={"freeze_first_n_layers": 0, "freeze_last_n_layers": 0})
+        out.append((f"fewer frozen layers ({' '.join(frozen)})", changed, selection, allocation))
+    if budget.layer_start or budget.layer_end not in (None, n_layers):
+        changed = budget.model_copy(update={"layer_start": 0, "layer_end": None})
+        out.append((f"the whole layer range (--layer_start 0 --layer_end {n_layers})", changed, selection, allocation))
+    if selection.min_kv_groups:
+        out.append(("--min_kv_groups 0", budget, selection.model_copy(update={"min_kv_groups": 0}), allocation))
+    if allocation.allocation == "layerwise":
+        if selection.round_to > 1:
+            out.append(("--round_to 1", budget, selection.model_copy(update={"round_to": 1}), allocation))
+        if allocation.max_pruning_rate < 1:
+            out.append(("--max_pruning_rate 1", budget, selection, allocation.model_copy(update={"max_pruning_rate": 1.0})))
+        if allocation.freeze_top_n_layers:
+            out.append(("--freeze_top_n_layers 0", budget, selection, allocation.model_copy(update={"freeze_top_n_layers": 0})))
+        if parse_distribution(allocation.pruning_distribution) is not None:
+            out.append(("--pruning_distribution auto", budget, selection, allocation.model_copy(update={"pruning_distribution": "auto"})))
+        out.append(("--allocation global", budget, selection, allocation.model_copy(update={"allocation": "global"})))
+    return out
+
+
+def check_reachable(
+    model: nn.Module, budget: BudgetOptions, selection: SelectionOptions, allocation: AllocationOptions, rounds: int = 1
+) -> Reach:
+    """Refuse, from the model's shapes alone and so before any calibration text is read, a ``--pruning_ratio`` that
+    removing every unit the flags allow cannot reach (naming the most that can go and the flags that would allow
+    more), or, layerwise, one below what ``--min_pruning_rate`` removes in the first of ``rounds``. Also refuses a bad
+    layer range or freeze flags (:func:`eligible_layers`). Returns the :class:`Reach` of one round."""
+    reach = reach_of(model, budget, selection, allocation)
+    ratio, total = budget.pruning_ratio, reach.total
+    if round(ratio * total) > reach.limit:
+        n_layers = len(decoder_layers(model))
+        raises = []
+        for flag, *groups in _relaxations(budget, selection, allocation, n_layers):
+            more = reach_of(model, *groups).most
+            if more > reach.most:
+                raises.append(f"{flag} (up to {more / total:.4f})")
+        fix = (f"more can go with {', '.join(raises)}; or lower --pruning_ratio" if raises
+               else "width pruning keeps the rest (embeddings, norms, LM head): lower --pruning_ratio, or remove whole "
+                    "layers with prunellm layers")  # fmt: skip
+        where = [f"--units {budget.units}", f"{len(eligible_layers(budget, n_layers))} of {n_layers} layers"]
+        if "kv_group" in unit_kinds(budget):
+            where.append(f"--min_kv_groups {selection.min_kv_groups}")
+        if allocation.allocation == "layerwise":
+            where.append(f"--max_pruning_rate {allocation.max_pruning_rate:g} a layer")
+        raise PrunellmError(
+            f"--pruning_ratio {ratio:g} is out of reach: removing every unit these flags allow ({', '.join(where)}) takes at most "
+            f"{reach.most / total:.4f} of all {total:,} parameters, embeddings included; {fix}"
+        )
+    first = round_goals(ratio, rounds, total)[0]
+    if first < reach.least:
+        step = f" in {rounds} rounds (--iterative_steps) takes {first / total:.4f} a round, which" if rounds > 1 else ""
+        fewer = " or fewer --iterative_steps" if rounds > 1 else ""
+        raise PrunellmError(
+            f"--pruning_ratio {ratio:g}{step} is below the {reach.least / total:.4f} of all parameters that "
+            f"--min_pruning_rate {allocation.min_pruning_rate:g} removes from every pruned layer: lower --min_pruning_rate{fewer}"
+        )
+    return reach
 
 
 def collect_stats(
@@ -172,8 +303,8 @@ def ablation_windows(tokenizer, calibration: CalibrationOptions, seed: int, targ
     different seed), from the same train part, never eval text."""
     num_samples = calibration.layer_importance_num_samples if target == "layer" else calibration.block_importance_num_samples
     return sample_calibration(
-        tokenizer, calibration.dataset, num_samples, calibration.taylor_seq_len, seed + (1 if target == "layer" else 2),
-        seq_len_flag="--taylor_seq_len", num_samples_flag=f"--{target}_importance_num_samples",
+        tokenizer, calibration.dataset, num_samples, calibration.calibration_seq_len, seed + (1 if target == "layer" else 2),
+        seq_len_flag="--calibration_seq_len", num_samples_flag=f"--{target}_importance_num_samples",
     )  # fmt: skip
 
 
@@ -245,8 +376,7 @@ def score_and_plan(
     (default: the recipe's ratio of the model's)."""
     spec_for(model.config)  # refuse unknown families before any work
     kinds = unit_kinds(recipe.budget)
-    if recipe.selection.deploy_target == "vllm" and recipe.allocation.allocation == "layerwise":
-        raise PrunellmError("--deploy_target vllm needs --allocation global (layerwise rates remove single KV groups, which vLLM cannot serve)")
+    check_deploy_target(recipe.selection, recipe.allocation)
     calib, scoring = recipe.calibration, recipe.scoring
     criterion = get_criterion(scoring.importance_method)
     layers = eligible_layers(recipe.budget, len(decoder_layers(model)))
@@ -255,12 +385,12 @@ def score_and_plan(
     calibration_info: dict[str, Any] = {"needs": sorted(criterion.needs)}
     ids = None
     if criterion.needs & {"gradients", "activations"}:
-        ids = sample_calibration(tokenizer, calib.dataset, calib.taylor_num_samples, calib.taylor_seq_len, run.seed,
-                                 seq_len_flag="--taylor_seq_len", num_samples_flag="--taylor_num_samples")  # fmt: skip
+        ids = sample_calibration(tokenizer, calib.dataset, calib.calibration_num_samples, calib.calibration_seq_len, run.seed,
+                                 seq_len_flag="--calibration_seq_len", num_samples_flag="--calibration_num_samples")  # fmt: skip
         calibration_info.update(
             source=describe_source(calib.dataset, "train"),
-            num_samples=calib.taylor_num_samples,
-            seq_len=calib.taylor_seq_len,
+            num_samples=calib.calibration_num_samples,
+            seq_len=calib.calibration_seq_len,
             hash=tensor_hash(ids),
         )
     started = time.perf_counter()
@@ -402,11 +532,8 @@ def select_by_layer_rates(
     the device at a time) -> per-layer rates meeting the budget -> lowest units per layer."""
     importance = layer_importance(model, layer_ids, allocation.layer_importance_method, batch_size, offload)
     n_layers = len(importance)
-    eligible = {u.layer for u in units}
-    frozen = {i for i in range(n_layers) if i not in eligible or i >= n_layers - allocation.freeze_top_n_layers}
-    prunable = [0] * n_layers
-    for u in units:
-        prunable[u.layer] += u.removed_cost(u.count)
+    frozen = frozen_for_allocation(units, n_layers, allocation)
+    prunable = prunable_per_layer(units, n_layers)
     rates = allocate_rates(
         importance, prunable, target_params, strategy=allocation.pruning_strategy,
         weight=allocation.layer_importance_weight, min_rate=allocation.min_pruning_rate, max_rate=allocation.max_pruning_rate,
@@ -432,20 +559,46 @@ def write_layer_importance(out: Path, method: str, scores: list[float], rates: l
     plot_layer_importance(scores, method, out / "visualization" / "layer_importance.png", highlight=removed)
 
 
+def check_depth_budget(recipe: LayersRecipe) -> None:
+    """``prunellm layers`` removes a number of layers given one way: ``--n_remove_layers`` or ``--pruning_ratio``."""
+    if recipe.n_remove_layers is not None and recipe.pruning_ratio is not None:
+        raise PrunellmError(
+            f"give --n_remove_layers or --pruning_ratio, not both (got --n_remove_layers {recipe.n_remove_layers} and "
+            f"--pruning_ratio {recipe.pruning_ratio:g}): the ratio only chooses the number of layers"
+        )
+    if recipe.n_remove_layers is None and recipe.pruning_ratio is None:
+        raise PrunellmError("give --n_remove_layers N or --pruning_ratio r")
+
+
+def layers_to_remove(model: nn.Module, recipe: LayersRecipe) -> tuple[int, list[int]]:
+    """How many decoder layers depth pruning removes and which may go (the freeze flags), from the model's shapes
+    alone: refused before any calibration text is read."""
+    check_depth_budget(recipe)
+    n_layers = len(decoder_layers(model))
+    if recipe.n_remove_layers is not None:
+        n_remove = recipe.n_remove_layers
+    else:
+        n_remove = layers_for_ratio(model, recipe.pruning_ratio, count_parameters(model))
+    if not 1 <= n_remove < n_layers:
+        raise PrunellmError(f"--n_remove_layers {n_remove} must be between 1 and {n_layers - 1} (the model has {n_layers} layers)")
+    candidates = list(range(recipe.freeze_first_n_layers, n_layers - recipe.freeze_last_n_layers))
+    if len(candidates) < n_remove:
+        asked = (f"--n_remove_layers {n_remove}" if recipe.n_remove_layers is not None
+                 else f"--pruning_ratio {recipe.pruning_ratio:g} ({n_remove} layers)")  # fmt: skip
+        raise PrunellmError(
+            f"{asked} is more than the {len(candidates)} of {n_layers} layers that --freeze_first_n_layers "
+            f"{recipe.freeze_first_n_layers} / --freeze_last_n_layers {recipe.freeze_last_n_layers} leave removable: "
+            "freeze fewer layers or remove fewer"
+        )
+    return n_remove, candidates
+
+
 def depth_plan(model: nn.Module, tokenizer, recipe: LayersRecipe, run: RunOptions, out: Path) -> tuple[Plan, list[dict]]:
     """Depth pruning's complete Plan: the decoder layers to remove, ranked by the layer criterion (writes
     ``layer_importance.json`` into ``out``); no per-unit table."""
     n_layers = len(decoder_layers(model))
     total = count_parameters(model)
-    if recipe.n_remove_layers is not None:
-        n_remove = recipe.n_remove_layers
-    elif recipe.pruning_ratio is not None:
-        n_remove = layers_for_ratio(model, recipe.pruning_ratio, total)
-    else:
-        raise PrunellmError("give --n_remove_layers N or --pruning_ratio r")
-    if not 1 <= n_remove < n_layers:
-        raise PrunellmError(f"--n_remove_layers {n_remove} must be between 1 and {n_layers - 1} (the model has {n_layers} layers)")
-    candidates = [i for i in range(recipe.freeze_first_n_layers, n_layers - recipe.freeze_last_n_layers)]
+    n_remove, candidates = layers_to_remove(model, recipe)
     ids = sample_calibration(tokenizer, recipe.dataset, recipe.num_samples, recipe.seq_len, run.seed)
     removed, scores = choose_layers_to_remove(
         model, ids, recipe.layer_importance_method, n_remove, iterative=recipe.iterative,
@@ -504,13 +657,18 @@ def prune_in_rounds(model: nn.Module, tokenizer, recipe: PruneRecipe, run: RunOp
     removed = 0
     native = projection_biases(model)
     goals = round_goals(recipe.budget.pruning_ratio, recipe.budget.rounds(run.offload), total)
+    reach = reach_of(model, recipe.budget, recipe.selection, recipe.allocation)  # of one round, on the original model
     for step, goal in enumerate(goals, 1):
         log.info("--iterative_steps: round %d of %d, %d parameters to remove in all", step, len(goals), goal)
         try:
             plan, table = score_and_plan(model, tokenizer, recipe, run, out / "rounds" / str(step), settings, goal - removed)
         except PrunellmError as exc:  # exc names this round's share; say the user's ratio and which round refused
-            # round 1 removes the least, so its refusal means the whole ratio is out of reach in any number of rounds
-            hint = "" if step == 1 else "; try --iterative_steps 1"
+            # the hint only where one round on the original model could remove it all
+            if reach.least <= goals[-1] <= reach.limit:
+                hint = "; one round can reach it: try --iterative_steps 1"
+            else:
+                hint = (f"; --pruning_ratio {recipe.budget.pruning_ratio:g} is out of reach in any number of rounds: at "
+                        f"most {reach.most / total:.4f} of all parameters can be removed under these flags")  # fmt: skip
             raise PrunellmError(
                 f"--pruning_ratio {recipe.budget.pruning_ratio:g} in {len(goals)} rounds (--iterative_steps): "
                 f"round {step} could not remove its step: {exc}{hint}"
@@ -573,14 +731,25 @@ class WidthPruning:
     def run_evaluation(self) -> str:
         return self.recipe.run_evaluation
 
+    def inputs(self) -> tuple[tuple[str, str | None], ...]:
+        """(flag, path) of what the run reads: its output may not be, hold or sit inside any of them."""
+        return (("--base_model", self.recipe.base_model), ("--plan", self.recipe.plan))
+
     def context_lengths(self) -> dict[str, int]:
         """Flag -> tokens the loaded model's context must hold (checked before any work)."""
-        lengths = {"taylor_seq_len": self.recipe.calibration.taylor_seq_len}
+        lengths = {"calibration_seq_len": self.recipe.calibration.calibration_seq_len}
         if self.recipe.reconstruction.reconstruct != "none":
             lengths["reconstruct_seq_len"] = self.recipe.reconstruction.reconstruct_seq_len
         if self.finetune is not None and self.finetune.finetune:
             lengths["finetune_seq_len"] = self.finetune.data.seq_len
         return lengths
+
+    def check_model(self, model: nn.Module) -> None:
+        """Input that only the loaded model can refuse, before any calibration text is read: the layer range and
+        freeze flags, and a ratio out of reach (a ``--plan`` is checked against the model when it is read)."""
+        if not self.recipe.plan:
+            budget = self.recipe.budget
+            check_reachable(model, budget, self.recipe.selection, self.recipe.allocation, budget.rounds(self.run.offload))
 
     def prune_model(self, model: nn.Module, tokenizer, out: Path) -> tuple[Plan, list[dict], dict]:
         """Make the plan and apply it (round by round with ``--iterative_steps``): plan, table, reconstruction."""
@@ -609,8 +778,15 @@ class DepthPruning:
     def run_evaluation(self) -> str:
         return self.recipe.run_evaluation
 
+    def inputs(self) -> tuple[tuple[str, str | None], ...]:
+        return (("--base_model", self.recipe.base_model),)
+
     def context_lengths(self) -> dict[str, int]:
         return {"seq_len": self.recipe.seq_len}
+
+    def check_model(self, model: nn.Module) -> None:
+        """The number of layers to remove against the model's, before any calibration text is read."""
+        layers_to_remove(model, self.recipe)
 
     def prune_model(self, model: nn.Module, tokenizer, out: Path) -> tuple[Plan, list[dict], dict]:
         return plan_then_apply(depth_plan(model, tokenizer, self.recipe, self.run, out), model, tokenizer, self.run, out)
@@ -622,6 +798,7 @@ Workflow = WidthPruning | DepthPruning
 
 def prune_layers(recipe: LayersRecipe, run: RunOptions, eval_options: EvalOptions | None = None, argv: list[str] | None = None) -> PruneResult:
     """Depth pruning: remove whole decoder layers, into ``<output_dir>/<output_name>/`` (standard HF checkpoint)."""
+    check_depth_budget(recipe)  # before loading anything
     refuse_whole_model_steps(run, {"--run_evaluation/--metrics": bool(evaluation_metrics(recipe.run_evaluation, eval_options))})
     return execute_run(DepthPruning(recipe, run), eval_options, argv)
 
@@ -647,7 +824,9 @@ def print_summary(console, plan: Plan, comparison: dict, evaluation: dict[str, A
     table.add_column("")
     table.add_column("value", justify="right")
     table.add_row("parameters before", f"{plan.params_before:,}")
-    table.add_row("parameters after", f"{plan.params_after:,}")
+    table.add_row("parameters after", f"{plan.params_after:,}")  # the model as saved, as the layer table and report count
+    if plan.added_params:
+        table.add_row("  of which compensation biases", f"{plan.added_params:,}")
     table.add_row("achieved ratio", f"{plan.achieved_ratio:.4f}")
     for label in ("base", "pruned", "recovered"):
         for row in (evaluation.get(label) or {}).get("metrics", {}).get("ppl", []):
@@ -695,7 +874,7 @@ def execute_run(
     console = Console(stderr=True)
     run, base_model, finetune = workflow.run, workflow.base_model, workflow.finetune
     evaluate_what = evaluation_metrics(workflow.run_evaluation, eval_options)  # disagreeing flags fail before any work
-    out = check_output_dir(run, workflow.name)
+    out = check_output_dir(run, workflow.name, inputs=workflow.inputs())
     torch.manual_seed(run.seed)
     tokenizer = load_tokenizer(base_model)
     if run.offload:  # a meta skeleton: scoring, surgery and save read one layer of the shards at a time
@@ -703,6 +882,7 @@ def execute_run(
     else:
         model = load_model(base_model, dtype=run.dtype, device=run.device)
     check_context(model, **workflow.context_lengths())  # input that only the loaded model can refuse, before any work
+    workflow.check_model(model)  # ... from its shapes alone: before calibration text is read or anything is scored
     eval_options = (eval_options or EvalOptions()).model_copy(update={"metrics": ",".join(evaluate_what) or "ppl"})
     timings: dict[str, float] = {}
     evaluation: dict[str, Any] = {}
@@ -717,16 +897,18 @@ def execute_run(
         if reconstruction["layers"]:
             write_json_atomic(tmp / "analysis" / "reconstruction.json", reconstruction)
         timings["prune_seconds"] = round(time.perf_counter() - started, 3)
+        # bias compensation may add biases the family does not build: the plan's count becomes the saved model's
+        # (summary, plan.json, layer table and report then agree); what selection removed stays as planned
+        plan.record_added_params(reconstruction["added_params"])
         actual = count_parameters(model)
-        # the plan counts what is removed; bias compensation may add biases the family does not build
-        if actual != plan.params_after + reconstruction["added_params"]:
+        if actual != plan.params_after:
             raise RuntimeError(
                 f"surgery left {actual} parameters, the plan accounts for {plan.params_after} "
-                f"(+{reconstruction['added_params']} compensation biases)"
+                f"({plan.added_params} of them compensation biases)"
             )
         log.info(
             "pruned %s: %d -> %d parameters (%.4f removed%s)", base_model, plan.params_before, actual, plan.achieved_ratio,
-            f"; +{reconstruction['added_params']} compensation biases" if reconstruction["added_params"] else "",
+            f"; {plan.added_params} of them compensation biases" if plan.added_params else "",
         )  # fmt: skip
         plan.save(tmp / "plan.json")
         if not run.offload:
@@ -738,7 +920,7 @@ def execute_run(
             evaluation["pruned"] = evaluate(model, tokenizer, eval_options, model_path=str(out / "model"))
             save_results(evaluation["pruned"], tmp / "evaluation_results.json")
         if finetune is not None and finetune.finetune:  # recovery in the same process (model trained in place)
-            from .finetune import checkpoint_dir_after_pruning, finetune_after_pruning
+            from .finetune import checkpoint_dir_after_pruning, finetune_after_pruning, move_checkpoints
 
             started = time.perf_counter()
             checkpoints = checkpoint_dir_after_pruning(out)  # outside the atomic run folder: survives an interruption
@@ -746,11 +928,7 @@ def execute_run(
                 model, tokenizer, tmp, finetune, eval_options if evaluate_what else None, base_model=base_model, seed=run.seed,
                 lora=lora, tracking=tracking, checkpoint_dir=checkpoints,
             )  # fmt: skip
-            if checkpoints.is_dir():  # the run succeeded: its checkpoints move into it
-                if any(checkpoints.iterdir()):
-                    checkpoints.rename(tmp / "finetuned" / "checkpoints")
-                else:
-                    checkpoints.rmdir()
+            move_checkpoints(checkpoints, tmp / "finetuned" / "checkpoints")  # the run succeeded: they move into it
             timings["finetune_seconds"] = round(time.perf_counter() - started, 3)
             if recovered["evaluation"]:
                 evaluation["recovered"] = recovered["evaluation"]
@@ -777,6 +955,7 @@ def prune(
     """
     if recipe.allocation.allocation == "layerwise":  # refuse bad allocation options before loading anything
         parse_distribution(recipe.allocation.pruning_distribution)
+    check_deploy_target(recipe.selection, recipe.allocation)
     reconstruction = recipe.reconstruction
     if reconstruction.reconstruct_select == "obs" and reconstruction.reconstruct not in ("lstsq", "lstsq_bias"):
         raise PrunellmError(

@@ -25,7 +25,7 @@ from .analysis import _figure_width, _save_figure_atomic
 from .errors import PrunellmError
 from .evaluation.metrics import METRICS
 from .evaluation.metrics import Column as MetricColumn
-from .paths import write_text_atomic
+from .paths import final_path, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -63,17 +63,58 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def results_file(folder: Path) -> Path:
+    """A run folder's evaluation results: ``<folder>/evaluation_results.json`` (written by prune, layers, finetune and
+    ``prunellm eval`` of a results folder), else ``<folder>/model/evaluation_results.json`` (where ``prunellm eval``
+    of a results folder wrote them before)."""
+    for candidate in (folder / RESULTS_FILE, folder / "model" / RESULTS_FILE):
+        if candidate.is_file():
+            return candidate
+    return folder / RESULTS_FILE
+
+
+def read_results(folder: Path) -> dict[str, Any] | None:
+    """The evaluation document of a run folder (:func:`results_file`), or ``None`` when it has none.
+
+    Raises:
+        PrunellmError: The file is there but is not JSON or not an evaluation document (the message names the file
+            and the first missing or wrong field of ``results.schema.json``).
+    """
+    from .evaluation import validate_results
+
+    path = results_file(folder)
+    if not path.is_file():
+        return None
+    fix = "re-run prunellm eval on that model, or leave the folder out"
+    try:
+        doc = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PrunellmError(f"RESULTS_DIR '{folder}': {path} is not a readable JSON file ({exc}): {fix}".splitlines()[0]) from None
+    if not isinstance(doc, dict):
+        raise PrunellmError(f"RESULTS_DIR '{folder}': {path} holds a JSON {type(doc).__name__}, not an evaluation document (an object): {fix}")
+    missing = [key for key in ("model", "metrics") if not isinstance(doc.get(key), dict)]
+    if missing:
+        raise PrunellmError(f"RESULTS_DIR '{folder}': {path} lacks {' and '.join(repr(k) for k in missing)} (objects the report reads): {fix}")
+    # metrics of a plugin not registered here are not reported, so they are not checked either
+    known = {**doc, "metrics": {name: part for name, part in doc["metrics"].items() if name in METRICS}}
+    try:
+        validate_results(known)
+    except PrunellmError as exc:
+        raise PrunellmError(f"RESULTS_DIR '{folder}': {path}: {exc}; {fix}") from None
+    return doc
+
+
 def load_runs(folders: list[str | Path]) -> list[Run]:
     """Read every run folder; a folder without ``evaluation_results.json`` is skipped with a warning.
 
     Raises:
-        PrunellmError: None of the folders holds results.
+        PrunellmError: None of the folders holds results, or one holds a damaged ``evaluation_results.json``.
     """
     runs: list[Run] = []
     for folder in map(Path, folders):
-        results = _read_json(folder / RESULTS_FILE)
+        results = read_results(folder)
         if results is None:
-            log.warning("%s has no readable %s: skipped", folder, RESULTS_FILE)
+            log.warning("%s has no %s: skipped", folder, RESULTS_FILE)
             continue
         runs.append(Run(folder.resolve().name, folder, results, _read_json(folder / "plan.json"),
                         _read_json(folder / "analysis" / "model_comparison.json")))  # fmt: skip
@@ -239,7 +280,7 @@ def build_report(folders: list[str | Path], output: str | Path) -> dict[str, Any
         files[name] = out / name
         write_text_atomic(files[name], text)
     files.update({c: out / c for c in charts})
-    log.info("report over %d runs written to %s", len(runs), out)
+    log.debug("report over %d runs written to %s", len(runs), final_path(out))
     return {"markdown": table, "files": files, "runs": [run.name for run in runs]}
 
 

@@ -137,6 +137,24 @@ def _chunks(unit: LayerUnits, order: torch.Tensor, constraints: SelectionConstra
     return chunks
 
 
+def removable_indices(unit: LayerUnits, constraints: SelectionConstraints) -> int:
+    """How many of ``unit``'s indices global selection may remove under ``constraints``."""
+    return sum(len(chunk) for chunk in _chunks(unit, torch.arange(unit.count), constraints))
+
+
+def removal_limit(units: list[LayerUnits], constraints: SelectionConstraints) -> tuple[int, int]:
+    """What global selection can remove from ``units``, from their shapes alone (no scores): the parameters of every
+    candidate together, and the cost of the smallest first candidate, by which selection may stop short of a target."""
+    most, smallest = 0, None
+    for unit in units:
+        chunks = _chunks(unit, torch.arange(unit.count), constraints) if unit.count else []
+        if chunks:
+            most += unit.removed_cost(sum(len(chunk) for chunk in chunks))
+            cost = unit.cost * len(chunks[0])
+            smallest = cost if smallest is None else min(smallest, cost)
+    return most, smallest or 0
+
+
 def select_global(
     units: list[LayerUnits],
     values: dict[UnitKey, torch.Tensor],
@@ -148,7 +166,6 @@ def select_global(
     """Remove the lowest-value candidates across all unit sets until ``target_params`` are gone."""
     candidates: dict[UnitKey, list[torch.Tensor]] = {}
     heap: list[tuple[float, int, UnitKey, int]] = []
-    cost_of = {(u.layer, u.kind): u.cost for u in units}
     unit_of = {(u.layer, u.kind): u for u in units}
     for u in units:
         key = (u.layer, u.kind)
@@ -182,9 +199,8 @@ def select_global(
             nxt = candidates[key][position + 1]
             tiebreak += 1
             heapq.heappush(heap, (float(values[key][nxt].mean()), tiebreak, key, position + 1))
-    if removed_params < target_params:
-        max_removable = sum(unit_of[key].removed_cost(sum(len(c) for c in chunks)) for key, chunks in candidates.items())
-        smallest = min((cost_of[k] * len(c[0]) for k, c in candidates.items() if c), default=0)
+    if removed_params < target_params:  # the runner refuses this before scoring (pruner.check_reachable): a safety net
+        max_removable, smallest = removal_limit(units, constraints)
         if target_params - removed_params > smallest:
             raise PrunellmError(
                 f"--pruning_ratio {target_params / total_params:.4f} is unreachable under the constraints "

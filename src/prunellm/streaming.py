@@ -97,6 +97,15 @@ class ShardWriter:
         self.names: set[str] = set()
         self.total = 0
 
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is not None and self.current is not None:
+            # an open shard file would keep its temporary folder from being removed (NFS, Windows)
+            self.current.file.close()
+            self.current = None
+
     def add(self, name: str, tensor: torch.Tensor, parts: Iterator[torch.Tensor] | None = None) -> None:
         """Write ``tensor``, or a tensor of its shape and dtype (a meta one will do) from ``parts``, its row slices."""
         if name in self.names:
@@ -187,8 +196,7 @@ def save_pruned_streamed(
     onloader = Onloader(model, device)
     kept: dict[UnitKey, list[int]] = plan.kept_units()
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
-        writer = ShardWriter(tmp, shard_bytes)
+    with atomic_dir(out_dir) as tmp, ShardWriter(tmp, shard_bytes) as writer:  # an error or a stop signal removes tmp
         _copy_outside_layers(model, spec, onloader, writer)
         stream = _LayerStream(model, onloader, writer, plan.removed_layers)
         restore = _buffers_on(model, device)

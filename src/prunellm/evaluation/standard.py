@@ -30,10 +30,32 @@ def eval_tokens(tokenizer, dataset: str):
 # --- ppl ---------------------------------------------------------------------------------------------------
 
 
+def protocols_for_model(options, model, n_prefix: int) -> list[Protocol]:
+    """The PPL protocols to run on ``model``. The default pair adapts to a short context: a default window that
+    the model cannot hold is skipped with a warning; a protocol the user named is kept (and refused later)."""
+    protocols = [Protocol.parse(p) for p in options.protocol_names()]
+    default = type(options).model_fields["ppl_protocols"].default
+    if options.ppl_seq_len is not None or options.ppl_protocols != default:
+        return protocols
+    context = getattr(model.config, "max_position_embeddings", None)
+    fitting = [p for p in protocols if not context or p.seq_len + n_prefix <= context]
+    for skipped in (p for p in protocols if p not in fitting):
+        log.warning(
+            "PPL protocol %s skipped: the model's context is %d tokens (choose windows with --ppl_protocols)",
+            skipped.name, context,
+        )  # fmt: skip
+    if not fitting:
+        raise PrunellmError(
+            f"the model's context ({context} tokens) holds none of the default --ppl_protocols {default}: "
+            f"give --ppl_protocols with a window of at most {context - n_prefix}"
+        )
+    return fitting
+
+
 def _measure_ppl(ctx: Context) -> list[dict[str, Any]]:
     options = ctx.options
-    protocols = [Protocol.parse(p) for p in options.protocol_names()]
     prefix = leading_special_tokens(ctx.tokenizer) if options.ppl_bos == "auto" else []
+    protocols = protocols_for_model(options, ctx.model, len(prefix))
     rows: list[dict] = []
     for dataset in split_list(options.ppl_datasets):
         tokens = eval_tokens(ctx.tokenizer, dataset)

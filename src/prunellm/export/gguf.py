@@ -18,10 +18,7 @@ the same attention scores. ``qwen2``/``qwen3`` rotate halves as Hugging Face doe
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -33,6 +30,7 @@ from gguf.quants import quantize
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import PrunellmError
+from ..paths import atomic_file
 from ..hf_modeling import ZeroAttention, ZeroMLP
 from ..specs import spec_for
 from ..surgery import layer_widths
@@ -308,12 +306,8 @@ def export_gguf(
     head = model.get_output_embeddings().weight
     tied = head.data_ptr() == embed.data_ptr()
 
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    final = output / f"{name}-{outtype}.gguf"
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", dir=output)
-    os.close(fd)
-    try:
+    final = Path(output) / f"{name}-{outtype}.gguf"
+    with atomic_file(final) as tmp:  # a temporary name that records its owner: a killed export's is removed later
         writer = GGUFWriter(tmp, target.arch)
         writer.add_name(name)
         writer.add_context_length(int(config.max_position_embeddings))
@@ -349,11 +343,5 @@ def export_gguf(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
     log.info("wrote %s (llama.cpp architecture '%s', %s)", final, target.arch, outtype)
     return final

@@ -36,6 +36,7 @@ __all__ = [
     "alpaca_prompt",
     "build_natural_instructions",
     "checkpoint_dir_after_pruning",
+    "checkpoints_beside",
     "finetune_after_pruning",
     "default_output_dir",
     "load_for_finetuning",
@@ -43,11 +44,29 @@ __all__ = [
 ]
 
 
+def checkpoints_beside(out: Path) -> Path:
+    """Where a fine-tuning run into ``out`` keeps its checkpoints while it runs: ``<out>.finetune_checkpoints``,
+    beside ``out``, which is written atomically (it appears only when the run succeeds), so that an interrupted
+    run leaves them for ``--resume_from_checkpoint last``. A successful run moves them into its own folder."""
+    out = Path(out)
+    return out.with_name(f"{out.name}.finetune_checkpoints")
+
+
 def checkpoint_dir_after_pruning(run_dir: Path) -> Path:
-    """Where ``prunellm prune --finetune`` keeps checkpoints while it runs: beside the run folder, which is
-    written atomically, so that an interrupted run leaves them for ``--finetune_resume_from_checkpoint``."""
-    run_dir = Path(run_dir)
-    return run_dir.with_name(f"{run_dir.name}.finetune_checkpoints")
+    """Where ``prunellm prune --finetune`` keeps checkpoints while it runs (:func:`checkpoints_beside` the run
+    folder), for ``--finetune_resume_from_checkpoint``."""
+    return checkpoints_beside(run_dir)
+
+
+def move_checkpoints(checkpoints: Path, into: Path) -> None:
+    """A finished run's checkpoints from beside its output into ``into`` (an empty folder is just removed)."""
+    if not checkpoints.is_dir():
+        return
+    if any(checkpoints.iterdir()):
+        into.parent.mkdir(parents=True, exist_ok=True)
+        checkpoints.rename(into)
+    else:
+        checkpoints.rmdir()
 
 
 def finetune_after_pruning(
@@ -138,8 +157,15 @@ def run_finetune(
     evaluation: EvalOptions,
     argv: list[str] | None = None,
 ) -> dict[str, Any]:
-    """``prunellm finetune``: load the pruned model, fine-tune, save and evaluate into ``--output_dir``."""
+    """``prunellm finetune``: load the pruned model, fine-tune, save and evaluate into ``--output_dir``.
+
+    The output folder is written under a temporary name and appears only when the run succeeds (an existing one is
+    refused unless ``--overwrite``; one that is or holds an input, always). Checkpoints go beside it, to
+    :func:`checkpoints_beside`, while the run goes, so that an interrupted run keeps them for
+    ``--resume_from_checkpoint last``; the finished run moves them into ``<output_dir>/checkpoints``.
+    """
     from ..models import check_context
+    from ..paths import atomic_dir, check_output
     from ..runs import log_to_file, write_command
 
     if not target.pruned_model:
@@ -147,18 +173,41 @@ def run_finetune(
     check_launch()  # refuse bad input before loading anything
     gradient_accumulation(training)
     out = Path(target.output_dir) if target.output_dir else default_output_dir(target.pruned_model)
-    resolve_checkpoint(target.resume_from_checkpoint, out / "checkpoints")
+    checkpoints = checkpoints_beside(out)
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if main_process:  # the other processes of a multi-process run write nothing but their part of each checkpoint
+        inputs = [("--pruned_model", target.pruned_model), ("--distill_from", distill.distill_from),
+                  ("--data_path", data.data_path), ("--dataset_name", data.dataset_name)]  # fmt: skip
+        check_output(out, "--output_dir", target.overwrite, inputs=inputs)
+        if target.overwrite and not target.resume_from_checkpoint and checkpoints.is_dir():
+            import shutil
+
+            if any(checkpoints.glob("checkpoint-*")):
+                log.warning("--overwrite: discarding the checkpoints of an earlier run in %s", checkpoints)
+            shutil.rmtree(checkpoints)
+    resolve_checkpoint(target.resume_from_checkpoint, checkpoints, start_over="pass --overwrite")
     model, tokenizer = load_for_finetuning(target)
     check_context(model, **({"cutoff_len": data.cutoff_len} if data.data_path else {"seq_len": data.seq_len}))
     tuner = FineTuner(model, tokenizer, use_lora=target.method == "lora", lora=lora, training=training, tracking=tracking, distill=distill)
-    if int(os.environ.get("RANK", "0")) != 0:  # the other processes of a multi-process run only train
-        return tuner.finetune(data=data, output_dir=out, resume_from_checkpoint=target.resume_from_checkpoint)
-    write_command(out, argv)
-    with log_to_file(out / "logs" / "finetune.log"):
+    if not main_process:
+        return tuner.finetune(data=data, output_dir=out, checkpoint_dir=checkpoints, resume_from_checkpoint=target.resume_from_checkpoint)
+    with atomic_dir(out) as tmp, log_to_file(tmp / "logs" / "finetune.log"):
+        write_command(tmp, argv)
         log.info("fine-tuning %s (%s) into %s", target.pruned_model, target.method, out)
-        return tuner.finetune(
-            data=data,
-            output_dir=out,
-            resume_from_checkpoint=target.resume_from_checkpoint,
-            evaluation=None if target.skip_evaluation else evaluation,
-        )
+        if training.save_steps > 0:
+            log.info("checkpoints go to %s while the run goes (an interrupted run keeps them: rerun with "
+                     "--resume_from_checkpoint last)", checkpoints)  # fmt: skip
+        try:
+            metrics = tuner.finetune(
+                data=data,
+                output_dir=tmp,
+                checkpoint_dir=checkpoints,
+                resume_from_checkpoint=target.resume_from_checkpoint,
+                evaluation=None if target.skip_evaluation else evaluation,
+            )
+        except BaseException:
+            if checkpoints.is_dir() and any(checkpoints.glob("checkpoint-*")):
+                log.warning("the checkpoints in %s are kept: continue with --resume_from_checkpoint last", checkpoints)
+            raise
+        move_checkpoints(checkpoints, tmp / "checkpoints")
+    return metrics

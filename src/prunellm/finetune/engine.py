@@ -21,13 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from ..checkpoint import save_model
 from ..errors import PrunellmError
 from ..evaluation import evaluate, save_results
 from ..options import DistillOptions, EvalOptions, FinetuneData, LoraOptions, TrackingOptions, TrainOptions, split_list
-from ..paths import atomic_dir, write_json_atomic
+from ..paths import atomic_dir, final_path, write_json_atomic
 from ..specs import spec_for
 from .data import IGNORE_INDEX, PadCollator, TrainingData, training_data
 
@@ -83,21 +82,50 @@ def _parent_argv() -> list[str]:
         return []
 
 
-def resolve_checkpoint(value: str | None, checkpoints: Path, flag: str = "--resume_from_checkpoint") -> str | None:
-    """``--resume_from_checkpoint``: a checkpoint folder, or ``last`` (the newest under ``checkpoints``)."""
+def resolve_checkpoint(
+    value: str | None, checkpoints: Path, flag: str = "--resume_from_checkpoint", start_over: str = "remove that folder"
+) -> str | None:
+    """``--resume_from_checkpoint``: a checkpoint folder, or ``last`` (the newest under ``checkpoints``).
+
+    Without it, a ``checkpoints`` folder that already holds checkpoints (of an interrupted or earlier run) is refused:
+    the new run's would mix with them (and the Trainer's rotation could delete the new ones).
+    """
     if not value:
+        if checkpoints.is_dir() and any(checkpoints.glob("checkpoint-*")):
+            raise PrunellmError(
+                f"{checkpoints} holds the checkpoints of an earlier run: pass {flag} last to continue it, or {start_over} "
+                "to start over"
+            )
         return None
     if value.lower() in ("last", "latest", "true"):
-        last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
-        if last is None:
-            raise PrunellmError(f"{flag} {value}: no checkpoint-N folder in {checkpoints}")
-        return last
+        found = sorted(checkpoints.glob("checkpoint-*"), key=_step, reverse=True) if checkpoints.is_dir() else []
+        for i, path in enumerate(found):
+            if _complete(path):
+                if i:  # a run stopped (killed, out of memory) while it saved these
+                    log.warning("%s: skipping the incomplete %s", flag, ", ".join(p.name for p in found[:i]))
+                return str(path)
+        raise PrunellmError(f"{flag} {value}: no complete checkpoint-N folder in {checkpoints}")
     path = Path(value).expanduser()
     if not path.exists():
         raise PrunellmError(f"{flag} '{value}' does not exist: give a checkpoint-N folder (see {checkpoints}) or 'last'")
     if not (path / "trainer_state.json").is_file():
         raise PrunellmError(f"{flag} '{value}' is not a Trainer checkpoint (no trainer_state.json): give a checkpoint-N folder")
+    if not _complete(path):
+        raise PrunellmError(f"{flag} '{value}' is incomplete (its run stopped while saving it): give an earlier checkpoint-N folder")
     return str(path)
+
+
+def _step(path: Path) -> int:
+    number = path.name.removeprefix("checkpoint-")
+    return int(number) if number.isdigit() else -1
+
+
+def _complete(checkpoint: Path) -> bool:
+    """Whether a Trainer checkpoint was saved to the end: the Trainer writes ``trainer_state.json`` last."""
+    try:
+        return "global_step" in json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
 
 
 def lora_targets(model: nn.Module, requested: str = "") -> list[str]:
@@ -261,10 +289,6 @@ def training_arguments(
     )
 
 
-# the seed's FineTuner.finetune(lr=1e-5, epochs=1): the Python face's defaults when no TrainOptions are given
-SEED_TRAINING: dict[str, Any] = {"learning_rate": 1e-5, "num_epochs": 1.0}
-
-
 # --- the engine --------------------------------------------------------------------------------------------
 
 
@@ -275,14 +299,15 @@ class FineTuner:
     them is keyword-only.
 
     Args:
-        model: The model to train, e.g. a pruned model from :func:`prunellm.checkpoint.load_pruned`.
+        model: The model to train, e.g. a pruned model from :func:`prunellm.load_pruned`.
         tokenizer: Its tokenizer; a missing pad token becomes EOS (padding is masked, never id 0).
         device: ``auto`` (a GPU when there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``. Under
             ``accelerate launch``/``torchrun`` each process takes its own GPU.
-        use_lora: Train LoRA adapters (merged into the weights at the end) instead of every parameter.
+        use_lora: Train LoRA adapters (merged into the weights at the end) instead of every parameter; the default,
+            as on the command line (``--method lora``).
         lora: LoRA rank, alpha, dropout and target modules.
         training: Optimisation settings (epochs, learning rate, batch sizes, precision, checkpoints, seed).
-            Without it: :class:`TrainOptions` with the seed's ``lr=1e-5`` and one epoch.
+            Without it: :class:`TrainOptions`'s defaults, the command line's.
         tracking: ``report_to`` and logging interval.
         distill: Distillation weight and temperature; on when ``distill_from`` names a teacher or ``teacher`` is given.
         teacher: An already loaded teacher (the unpruned model) for distillation.
@@ -299,7 +324,7 @@ class FineTuner:
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         device: str = "auto",
-        use_lora: bool = False,
+        use_lora: bool = True,
         *,
         lora: LoraOptions | None = None,
         training: TrainOptions | None = None,
@@ -317,7 +342,7 @@ class FineTuner:
         self.device = training_device(device)  # a bad device fails here, before any work
         self.use_lora = use_lora
         self.lora = lora or LoraOptions()
-        self.training = training or TrainOptions(**SEED_TRAINING)
+        self.training = training or TrainOptions()
         self.tracking = tracking or TrackingOptions()
         self.distill = distill
         self.teacher = teacher
@@ -343,7 +368,7 @@ class FineTuner:
 
         ``dataset_name``, ``num_samples``, ``data_path``, ``lr`` and ``epochs`` override the matching fields of
         ``data`` and of the ``training`` options given to the constructor (``None`` keeps them: without
-        ``training`` the seed's ``lr=1e-5`` and one epoch; without ``data`` 500 windows of Shakespeare, which
+        ``training`` the command line's defaults; without ``data`` 500 windows of Shakespeare, which
         needs no hub; ``dataset_name="wikitext"`` is WikiText-2 from the hub). ``checkpoint_dir`` (default
         ``<output_dir>/checkpoints``) holds the Trainer's checkpoints and is where ``last`` is looked for.
 
@@ -398,7 +423,7 @@ class FineTuner:
             "gradient_accumulation_steps": accumulation,
             "lora_target_modules": targets,
             "data": examples.source,
-            "output_dir": str(out),
+            "output_dir": str(final_path(out)),  # where it is once a temporary output folder is renamed
             "model_dir": None,
             "adapter_dir": None,
             "evaluation": None,
@@ -469,13 +494,13 @@ class FineTuner:
         if main and self.use_lora:  # the adapter alone, before merging it away
             with atomic_dir(out / "lora_adapter") as tmp:
                 trainer.model.save_pretrained(tmp)
-            metrics["adapter_dir"] = str(out / "lora_adapter")
+            metrics["adapter_dir"] = str(final_path(out / "lora_adapter"))
         merged = trainer.model.merge_and_unload() if self.use_lora else trainer.model
         merged.config.use_cache = use_cache
         if main:
             save_model(merged, self.tokenizer, out / "model")
-            log.info("saved the fine-tuned model to %s", out / "model")
-            metrics["model_dir"] = str(out / "model")
+            metrics["model_dir"] = str(final_path(out / "model"))
+            log.info("saved the fine-tuned model to %s", metrics["model_dir"])
             if evaluation is not None:
                 merged.eval()
                 metrics["evaluation"] = evaluate(merged, self.tokenizer, evaluation, model_path=metrics["model_dir"])
