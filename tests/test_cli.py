@@ -74,6 +74,12 @@ def test_prune_writes_the_whole_results_layout(workspace):
     assert result["metrics"]["ppl"][0]["protocol"] == "32" and result["metrics"]["ppl"][0]["scored_tokens"] == 4 * 31
     assert "--pruning_ratio 0.015" in (out / "logs" / "command.sh").read_text()
     assert not [p for p in (workspace / "results").iterdir() if p.name.startswith(".")]  # no temp folders left
+    timings = json.loads((out / "logs" / "timings.json").read_text())  # where the time went, stage by stage
+    stages = timings["stages"]
+    assert {"load", "evaluate dense", "score", "priors", "select", "surgery and refit", "save", "analysis", "evaluate pruned"} == set(stages)
+    assert all(seconds >= 0 for seconds in stages.values())
+    # stages never overlap: with what none claimed they add up to the run (rounding apart)
+    assert abs(sum(stages.values()) + timings["other_seconds"] - timings["total_seconds"]) < 0.01
 
 
 def test_plan_replay_gives_the_identical_model(workspace):

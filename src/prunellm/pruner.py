@@ -60,7 +60,7 @@ from .selection import SelectionConstraints, normalized_values, removal_limit, s
 from .specs import spec_for
 from .sweep import Offload
 from .reconstruction import SOLVER, added_bias_params, projection_biases, prune_plan_rounds, resolve_select
-from .runs import log_to_file, write_command
+from .runs import StageClock, log_to_file, stage, write_command
 from .surgery import remove_layers
 from .units import UNIT_KINDS, LayerUnits, all_units, count_parameters, decoder_layers
 
@@ -76,7 +76,7 @@ class PruneResult:
     model: nn.Module
     tokenizer: Any
     evaluation: dict[str, Any] = field(default_factory=dict)  # "base" / "pruned" -> results document
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, Any] = field(default_factory=dict)  # prune_seconds, and logs/timings.json: seconds per stage
 
 
 def default_output_name(recipe: PruneRecipe) -> str:
@@ -377,12 +377,45 @@ def score_and_plan(
     spec_for(model.config)  # refuse unknown families before any work
     kinds = unit_kinds(recipe.budget)
     check_deploy_target(recipe.selection, recipe.allocation)
-    calib, scoring = recipe.calibration, recipe.scoring
-    criterion = get_criterion(scoring.importance_method)
+    calib = recipe.calibration
+    criterion = get_criterion(recipe.scoring.importance_method)
     layers = eligible_layers(recipe.budget, len(decoder_layers(model)))
     units = [u for u in all_units(model, kinds) if u.layer in layers]
     total = count_parameters(model)
     calibration_info: dict[str, Any] = {"needs": sorted(criterion.needs)}
+    with stage("score"):
+        scores = score_units(model, tokenizer, recipe, run, units, calibration_info)
+    normalization = recipe.selection.normalization
+    values = normalized_values(units, scores, normalization)
+    with stage("priors"):
+        priors = compute_priors(model, tokenizer, recipe.priors, calib, run.seed, out, run_offload(run), values)
+    with stage("select"):
+        if priors is not None:
+            values = normalized_values(units, scores, normalization, priors)
+        target = round(recipe.budget.pruning_ratio * total) if target_params is None else target_params
+        constraints = selection_constraints(recipe.selection)
+        if recipe.allocation.allocation == "layerwise":
+            layer_ids = ablation_windows(tokenizer, calib, run.seed, "layer")
+            selection = select_by_layer_rates(
+                model, layer_ids, units, values, scores, recipe.allocation, target, constraints, calib.gradient_batch_size, out, total,
+                run_offload(run),
+            )
+        else:
+            selection = select_global(units, values, scores, target, constraints, total)
+    plan = plan_from_selection(
+        model, selection.kept, recipe, total, total - selection.removed_params, calibration_info, run.seed,
+        reconstruction or {"mode": "none"},
+    )  # fmt: skip
+    return plan, selection.table
+
+
+def score_units(
+    model: nn.Module, tokenizer, recipe: PruneRecipe, run: RunOptions, units: list[LayerUnits], calibration_info: dict[str, Any]
+) -> dict[UnitKey, torch.Tensor]:
+    """The criterion's scores of ``units`` from the calibration pass it needs (what it read goes into
+    ``calibration_info``)."""
+    calib, scoring = recipe.calibration, recipe.scoring
+    criterion = get_criterion(scoring.importance_method)
     ids = None
     if criterion.needs & {"gradients", "activations"}:
         ids = sample_calibration(tokenizer, calib.dataset, calib.calibration_num_samples, calib.calibration_seq_len, run.seed,
@@ -396,31 +429,12 @@ def score_and_plan(
     started = time.perf_counter()
     options = CriterionOptions(seed=run.seed, magnitude_norm=scoring.magnitude_norm)
     if run.offload:  # the same scores with one layer of the checkpoint on the device at a time
-        scores, stats = offloaded_run_stats(recipe.base_model, scoring, calib, run, ids, units, options)
+        scores, _ = offloaded_run_stats(recipe.base_model, scoring, calib, run, ids, units, options)
     else:
         stats = collect_stats(model, ids, units, scoring, calib)
         scores = criterion.score(model, units, stats, options)
     calibration_info["scoring_seconds"] = round(time.perf_counter() - started, 3)
-    normalization = recipe.selection.normalization
-    values = normalized_values(units, scores, normalization)
-    priors = compute_priors(model, tokenizer, recipe.priors, calib, run.seed, out, run_offload(run), values)
-    if priors is not None:
-        values = normalized_values(units, scores, normalization, priors)
-    target = round(recipe.budget.pruning_ratio * total) if target_params is None else target_params
-    constraints = selection_constraints(recipe.selection)
-    if recipe.allocation.allocation == "layerwise":
-        layer_ids = ablation_windows(tokenizer, calib, run.seed, "layer")
-        selection = select_by_layer_rates(
-            model, layer_ids, units, values, scores, recipe.allocation, target, constraints, calib.gradient_batch_size, out, total,
-            run_offload(run),
-        )
-    else:
-        selection = select_global(units, values, scores, target, constraints, total)
-    plan = plan_from_selection(
-        model, selection.kept, recipe, total, total - selection.removed_params, calibration_info, run.seed,
-        reconstruction or {"mode": "none"},
-    )  # fmt: skip
-    return plan, selection.table
+    return scores
 
 
 def reconstruction_settings(reconstruction: ReconstructionOptions, dataset: str, seed: int, criterion: str) -> dict[str, Any]:
@@ -599,11 +613,12 @@ def depth_plan(model: nn.Module, tokenizer, recipe: LayersRecipe, run: RunOption
     n_layers = len(decoder_layers(model))
     total = count_parameters(model)
     n_remove, candidates = layers_to_remove(model, recipe)
-    ids = sample_calibration(tokenizer, recipe.dataset, recipe.num_samples, recipe.seq_len, run.seed)
-    removed, scores = choose_layers_to_remove(
-        model, ids, recipe.layer_importance_method, n_remove, iterative=recipe.iterative,
-        batch_size=recipe.batch_size, candidates=candidates, offload=run_offload(run),
-    )  # fmt: skip
+    with stage("score"):
+        ids = sample_calibration(tokenizer, recipe.dataset, recipe.num_samples, recipe.seq_len, run.seed)
+        removed, scores = choose_layers_to_remove(
+            model, ids, recipe.layer_importance_method, n_remove, iterative=recipe.iterative,
+            batch_size=recipe.batch_size, candidates=candidates, offload=run_offload(run),
+        )  # fmt: skip
     write_layer_importance(out, recipe.layer_importance_method, scores, removed=removed)
     per_layer = layer_params(model)
     plan = Plan(
@@ -635,7 +650,8 @@ def checked_reconstruction_settings(tokenizer, recipe: PruneRecipe, run: RunOpti
     if settings["mode"] != "none":
         flag = "--reconstruct_dataset" if recipe.reconstruction.reconstruct_dataset else "--dataset"
         settings["source"] = describe_source(settings["dataset"], "train", flag=flag)
-        settings["hash"] = tensor_hash(reconstruction_calibration(tokenizer, settings, flag))
+        with stage("surgery and refit"):  # the refit's windows, read here once to check them
+            settings["hash"] = tensor_hash(reconstruction_calibration(tokenizer, settings, flag))
     return settings
 
 
@@ -673,7 +689,8 @@ def prune_in_rounds(model: nn.Module, tokenizer, recipe: PruneRecipe, run: RunOp
                 f"--pruning_ratio {recipe.budget.pruning_ratio:g} in {len(goals)} rounds (--iterative_steps): "
                 f"round {step} could not remove its step: {exc}{hint}"
             ) from exc
-        reports.append(apply_plan_with_reconstruction(model, tokenizer, plan, device=run.device))
+        with stage("surgery and refit"):
+            reports.append(apply_plan_with_reconstruction(model, tokenizer, plan, device=run.device))
         # (layer, kind) -> original index of each unit the model had when this round started
         original = kept_units_of(compose_rounds([r.layers for r in rounds])) if rounds else {}
         for row in removed_as_applied(table, plan):
@@ -705,9 +722,10 @@ def plan_then_apply(
 ) -> tuple[Plan, list[dict], dict]:
     """Apply a made plan with its reconstruction (``--offload``: streamed into ``out/model``); the table as applied."""
     plan, table = made
-    reconstruction = apply_plan_with_reconstruction(
-        model, tokenizer, plan, stream_to=out / "model" if run.offload else None, device=run.device
-    )  # with --offload the pruned checkpoint is written here, layer by layer
+    with stage("surgery and refit"):  # with --offload the pruned checkpoint is written here, layer by layer
+        reconstruction = apply_plan_with_reconstruction(
+            model, tokenizer, plan, stream_to=out / "model" if run.offload else None, device=run.device
+        )
     return plan, removed_as_applied(table, plan), reconstruction
 
 
@@ -816,8 +834,8 @@ def load_plan_for(model: nn.Module, path: str) -> Plan:
     return plan
 
 
-def print_summary(console, plan: Plan, comparison: dict, evaluation: dict[str, Any]) -> None:
-    """Final table: parameters, achieved ratio, per-layer widths and PPL before/after."""
+def print_summary(console, plan: Plan, comparison: dict, evaluation: dict[str, Any], timings: dict[str, Any] | None = None) -> None:
+    """Final table: parameters, achieved ratio, PPL before/after and where the time went; then per-layer widths."""
     from rich.table import Table
 
     table = Table(title=f"prunellm: {plan.criterion}, target {plan.target_ratio}")
@@ -831,6 +849,11 @@ def print_summary(console, plan: Plan, comparison: dict, evaluation: dict[str, A
     for label in ("base", "pruned", "recovered"):
         for row in (evaluation.get(label) or {}).get("metrics", {}).get("ppl", []):
             table.add_row(f"PPL {label} {row['dataset']} ({row['protocol']}, {row['scored_tokens']} tok)", f"{row['ppl']:.3f}")
+    if timings and "stages" in timings:  # where the time went (logs/timings.json)
+        for name, seconds in timings["stages"].items():
+            table.add_row(f"time: {name}", f"{seconds:.1f} s")
+        table.add_row("time: other", f"{timings['other_seconds']:.1f} s")
+        table.add_row("time: total", f"{timings['total_seconds']:.1f} s")
     console.print(table)
     console.print(format_layer_table(comparison))
 
@@ -876,21 +899,35 @@ def execute_run(
     evaluate_what = evaluation_metrics(workflow.run_evaluation, eval_options)  # disagreeing flags fail before any work
     out = check_output_dir(run, workflow.name, inputs=workflow.inputs())
     torch.manual_seed(run.seed)
-    tokenizer = load_tokenizer(base_model)
-    if run.offload:  # a meta skeleton: scoring, surgery and save read one layer of the shards at a time
-        model = load_lazy(base_model, dtype=run.dtype)
-    else:
-        model = load_model(base_model, dtype=run.dtype, device=run.device)
+    clock = StageClock()  # where the time went: timings.json and the summary
+    with clock.running():
+        return _execute(workflow, out, evaluate_what, eval_options, argv, clock, console, lora=lora, tracking=tracking)
+
+
+def _execute(
+    workflow: Workflow, out: Path, evaluate_what: list[str], eval_options: EvalOptions | None, argv: list[str] | None,
+    clock: StageClock, console, *, lora: LoraOptions | None, tracking: TrackingOptions | None,
+) -> PruneResult:  # fmt: skip
+    """:func:`execute_run` once its flags and output are checked, each stage timed on ``clock``."""
+    run, base_model, finetune = workflow.run, workflow.base_model, workflow.finetune
+    with stage("load"):
+        tokenizer = load_tokenizer(base_model)
+        if run.offload:  # a meta skeleton: scoring, surgery and save read one layer of the shards at a time
+            model = load_lazy(base_model, dtype=run.dtype)
+        else:
+            model = load_model(base_model, dtype=run.dtype, device=run.device)
     check_context(model, **workflow.context_lengths())  # input that only the loaded model can refuse, before any work
     workflow.check_model(model)  # ... from its shapes alone: before calibration text is read or anything is scored
     eval_options = (eval_options or EvalOptions()).model_copy(update={"metrics": ",".join(evaluate_what) or "ppl"})
-    timings: dict[str, float] = {}
+    timings: dict[str, Any] = {}
     evaluation: dict[str, Any] = {}
     with atomic_dir(out) as tmp, log_to_file(tmp / "logs" / "prune.log"):
         write_command(tmp, argv)
-        original = analyze_model(model)
+        with stage("analysis"):
+            original = analyze_model(model)
         if evaluate_what:
-            evaluation["base"] = evaluate(model, tokenizer, eval_options, model_path=base_model)
+            with stage("evaluate dense"):
+                evaluation["base"] = evaluate(model, tokenizer, eval_options, model_path=base_model)
             save_results(evaluation["base"], tmp / "evaluation_results_base.json")
         started = time.perf_counter()
         plan, table, reconstruction = workflow.prune_model(model, tokenizer, tmp)  # surgery changes only what select chooses
@@ -910,29 +947,35 @@ def execute_run(
             "pruned %s: %d -> %d parameters (%.4f removed%s)", base_model, plan.params_before, actual, plan.achieved_ratio,
             f"; {plan.added_params} of them compensation biases" if plan.added_params else "",
         )  # fmt: skip
-        plan.save(tmp / "plan.json")
-        if not run.offload:
-            save_model(model, tokenizer, tmp / "model")
-        pruned = analyze_model(model)
-        comparison = compare_models(original, pruned, plan.removed_layers)
-        write_analysis(tmp, original, pruned, table, plan.removed_layers)
+        with stage("save"):
+            plan.save(tmp / "plan.json")
+            if not run.offload:
+                save_model(model, tokenizer, tmp / "model")
+        with stage("analysis"):
+            pruned = analyze_model(model)
+            comparison = compare_models(original, pruned, plan.removed_layers)
+            write_analysis(tmp, original, pruned, table, plan.removed_layers)
         if evaluate_what:
-            evaluation["pruned"] = evaluate(model, tokenizer, eval_options, model_path=str(out / "model"))
+            with stage("evaluate pruned"):
+                evaluation["pruned"] = evaluate(model, tokenizer, eval_options, model_path=str(out / "model"))
             save_results(evaluation["pruned"], tmp / "evaluation_results.json")
         if finetune is not None and finetune.finetune:  # recovery in the same process (model trained in place)
             from .finetune import checkpoint_dir_after_pruning, finetune_after_pruning, move_checkpoints
 
             started = time.perf_counter()
             checkpoints = checkpoint_dir_after_pruning(out)  # outside the atomic run folder: survives an interruption
-            recovered = finetune_after_pruning(
-                model, tokenizer, tmp, finetune, eval_options if evaluate_what else None, base_model=base_model, seed=run.seed,
-                lora=lora, tracking=tracking, checkpoint_dir=checkpoints,
-            )  # fmt: skip
+            with stage("finetune"):
+                recovered = finetune_after_pruning(
+                    model, tokenizer, tmp, finetune, eval_options if evaluate_what else None, base_model=base_model,
+                    seed=run.seed, lora=lora, tracking=tracking, checkpoint_dir=checkpoints,
+                )  # fmt: skip
             move_checkpoints(checkpoints, tmp / "finetuned" / "checkpoints")  # the run succeeded: they move into it
             timings["finetune_seconds"] = round(time.perf_counter() - started, 3)
             if recovered["evaluation"]:
                 evaluation["recovered"] = recovered["evaluation"]
-    print_summary(console, plan, comparison, evaluation)
+        timings.update(clock.report())
+        write_json_atomic(tmp / "logs" / "timings.json", timings)
+    print_summary(console, plan, comparison, evaluation, timings)
     console.print(f"results: {out}")
     return PruneResult(output_dir=out, plan=plan, model=model, tokenizer=tokenizer, evaluation=evaluation, timings=timings)
 

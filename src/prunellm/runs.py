@@ -1,13 +1,15 @@
-"""What every run writes beside its results: the exact command and a log file (one place for both)."""
+"""What every run writes beside its results: the exact command, a log file and where the time went."""
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import shlex
 import sys
+import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from .paths import write_text_atomic
 
@@ -35,3 +37,52 @@ def log_to_file(path: Path) -> Iterator[None]:
         root.removeHandler(handler)
         root.setLevel(previous)
         handler.close()
+
+
+class StageClock:
+    """Wall seconds per stage of a run (summed over repeats, e.g. rounds), in the order the stages were first
+    entered. Stages are timed where the work is, with :func:`stage`, while the clock is :meth:`running`."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.started = time.perf_counter()
+        self.in_stage = False  # a stage entered inside another counts for the outer one only
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator["StageClock"]:
+        """Make this the clock that :func:`stage` reports to for the duration of the block."""
+        token = _CLOCK.set(self)
+        try:
+            yield self
+        finally:
+            _CLOCK.reset(token)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    def report(self) -> dict[str, Any]:
+        """``{"stages": {name: s}, "other_seconds": …, "total_seconds": …}``: other is what no stage claimed."""
+        total = time.perf_counter() - self.started
+        stages = {name: round(s, 3) for name, s in self.seconds.items()}
+        return {"stages": stages, "other_seconds": round(max(total - sum(self.seconds.values()), 0.0), 3),
+                "total_seconds": round(total, 3)}  # fmt: skip
+
+
+_CLOCK: contextvars.ContextVar[StageClock | None] = contextvars.ContextVar("prunellm_stage_clock", default=None)
+
+
+@contextlib.contextmanager
+def stage(name: str) -> Iterator[None]:
+    """Time the block as stage ``name`` of the running :class:`StageClock` (nothing when none runs). A stage
+    entered inside another counts for the outer one only, so the stages never add up to more than the run."""
+    clock = _CLOCK.get()
+    if clock is None or clock.in_stage:
+        yield
+        return
+    clock.in_stage = True
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        clock.in_stage = False
+        clock.add(name, time.perf_counter() - started)
