@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -129,3 +130,30 @@ def test_one_loader_one_return_type_and_the_remedy_in_the_config(tmp_path):
     torch.testing.assert_close(remote(ids).logits, model(ids).logits, rtol=0, atol=0)
     pl.save_pruned(make_tiny_model("llama"), None, tmp_path / "uniform")  # a standard config carries no note
     assert "prunellm_loading" not in json.loads((tmp_path / "uniform" / "config.json").read_text())
+
+
+def test_run_gives_the_clis_model_for_every_family(family, tmp_path):
+    """One composition: ``prunellm.run(recipe)`` in memory and ``prunellm prune`` with the same options give
+    bit-identical weights (the recipe's defaults: fluctuation, uniform, KL prior, two rounds, lstsq_bias refit)."""
+    from conftest import STORY, save_tiny_model_dir
+
+    from prunellm.cli import main
+    from prunellm.checkpoint import load_checkpoint
+
+    folder = save_tiny_model_dir(tmp_path / "tiny", family, num_hidden_layers=3)
+    (tmp_path / "text.txt").write_text(STORY)
+    small = {"dataset": str(tmp_path / "text.txt"), "calibration_num_samples": 8, "calibration_seq_len": 32,
+             "layer_importance_num_samples": 4, "block_importance_num_samples": 4, "reconstruct_num_samples": 16,
+             "reconstruct_seq_len": 32, "pruning_ratio": 0.005}  # fmt: skip
+    flags = [f"--{name}={value}" for name, value in small.items()]
+    assert main(["prune", "--base_model", str(folder), "--output_dir", str(tmp_path / "out"), "--output_name", "cli", *flags]) == 0
+    by_cli = load_checkpoint(tmp_path / "out" / "cli" / "model").state_dict()
+
+    model, plan = pl.run(pl.Recipe(base_model=str(folder), **small))
+    assert len(plan.rounds) == 2 and plan.params_after == count_parameters(model)  # the CLI's default: two rounds
+    ours = model.state_dict()
+    assert ours.keys() == by_cli.keys()
+    for name, tensor in ours.items():
+        assert torch.equal(tensor, by_cli[name]), name
+    cli_plan = json.loads((tmp_path / "out" / "cli" / "plan.json").read_text())
+    assert plan.to_dict()["layers"] == cli_plan["layers"] and plan.params_after == cli_plan["params_after"]

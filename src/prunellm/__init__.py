@@ -3,7 +3,7 @@
 The public API (see :mod:`prunellm.api` for the walk-through)::
 
     load, calibrate, score, select, prune, save_pruned, load_pruned, evaluate, FineTuner, Recipe, Plan, Scores,
-    export_model
+    export_model, and run (the whole recipe in memory: the CLI's model)
 
 Names are imported on first use, so ``import prunellm`` stays cheap (the CLI's ``--help`` does not load torch).
 """
@@ -21,6 +21,7 @@ _PUBLIC = {
     "score": "api",
     "select": "api",
     "prune": "api",
+    "run": "api",
     "save_pruned": "api",
     "load_pruned": "api",
     "evaluate": "api",

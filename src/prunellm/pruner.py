@@ -879,6 +879,27 @@ def evaluation_metrics(run_evaluation: str, eval_options: EvalOptions | None) ->
     return metrics
 
 
+def prune_loaded(workflow: Workflow, model: nn.Module, tokenizer, out: Path) -> tuple[Plan, list[dict], dict]:
+    """Make the plan and apply it to the loaded ``model`` (the step both ``prunellm prune`` and
+    :func:`prunellm.run` take; ``out`` receives the priors' and layer files): plan, table as applied, refit report.
+
+    Bias compensation may add biases the family does not build: the plan's count becomes the pruned model's
+    (summary, plan.json, layer table and report then agree); what selection removed stays as planned."""
+    plan, table, reconstruction = workflow.prune_model(model, tokenizer, out)  # surgery changes only what select chooses
+    plan.record_added_params(reconstruction["added_params"])
+    actual = count_parameters(model)
+    if actual != plan.params_after:
+        raise RuntimeError(
+            f"surgery left {actual} parameters, the plan accounts for {plan.params_after} "
+            f"({plan.added_params} of them compensation biases)"
+        )
+    log.info(
+        "pruned %s: %d -> %d parameters (%.4f removed%s)", workflow.base_model, plan.params_before, actual,
+        plan.achieved_ratio, f"; {plan.added_params} of them compensation biases" if plan.added_params else "",
+    )  # fmt: skip
+    return plan, table, reconstruction
+
+
 def execute_run(
     workflow: Workflow,
     eval_options: EvalOptions | None,
@@ -930,23 +951,10 @@ def _execute(
                 evaluation["base"] = evaluate(model, tokenizer, eval_options, model_path=base_model)
             save_results(evaluation["base"], tmp / "evaluation_results_base.json")
         started = time.perf_counter()
-        plan, table, reconstruction = workflow.prune_model(model, tokenizer, tmp)  # surgery changes only what select chooses
+        plan, table, reconstruction = prune_loaded(workflow, model, tokenizer, tmp)
         if reconstruction["layers"]:
             write_json_atomic(tmp / "analysis" / "reconstruction.json", reconstruction)
         timings["prune_seconds"] = round(time.perf_counter() - started, 3)
-        # bias compensation may add biases the family does not build: the plan's count becomes the saved model's
-        # (summary, plan.json, layer table and report then agree); what selection removed stays as planned
-        plan.record_added_params(reconstruction["added_params"])
-        actual = count_parameters(model)
-        if actual != plan.params_after:
-            raise RuntimeError(
-                f"surgery left {actual} parameters, the plan accounts for {plan.params_after} "
-                f"({plan.added_params} of them compensation biases)"
-            )
-        log.info(
-            "pruned %s: %d -> %d parameters (%.4f removed%s)", base_model, plan.params_before, actual, plan.achieved_ratio,
-            f"; {plan.added_params} of them compensation biases" if plan.added_params else "",
-        )  # fmt: skip
         with stage("save"):
             plan.save(tmp / "plan.json")
             if not run.offload:
@@ -980,6 +988,22 @@ def _execute(
     return PruneResult(output_dir=out, plan=plan, model=model, tokenizer=tokenizer, evaluation=evaluation, timings=timings)
 
 
+def check_prune_recipe(recipe: PruneRecipe) -> None:
+    """Refuse, before anything is loaded, recipe options that contradict each other."""
+    if recipe.allocation.allocation == "layerwise":
+        parse_distribution(recipe.allocation.pruning_distribution)
+    check_deploy_target(recipe.selection, recipe.allocation)
+    reconstruction = recipe.reconstruction
+    if reconstruction.reconstruct_select == "obs" and reconstruction.reconstruct not in ("lstsq", "lstsq_bias"):
+        raise PrunellmError(
+            f"--reconstruct_select obs chooses units for a least-squares refit: use --reconstruct lstsq or lstsq_bias, not {reconstruction.reconstruct}"
+        )
+    if reconstruction.reconstruct_select == "fluctuation" and reconstruction.reconstruct == "none":
+        raise PrunellmError(
+            "--reconstruct_select fluctuation chooses units during reconstruction: use --reconstruct bias, lstsq or lstsq_bias, not none"
+        )
+
+
 def prune(
     recipe: PruneRecipe,
     run: RunOptions,
@@ -996,18 +1020,7 @@ def prune(
     ("recovered"); the returned ``model`` is then the recovered one. ``lora`` and ``tracking`` are the same
     option groups as ``prunellm finetune``'s.
     """
-    if recipe.allocation.allocation == "layerwise":  # refuse bad allocation options before loading anything
-        parse_distribution(recipe.allocation.pruning_distribution)
-    check_deploy_target(recipe.selection, recipe.allocation)
-    reconstruction = recipe.reconstruction
-    if reconstruction.reconstruct_select == "obs" and reconstruction.reconstruct not in ("lstsq", "lstsq_bias"):
-        raise PrunellmError(
-            f"--reconstruct_select obs chooses units for a least-squares refit: use --reconstruct lstsq or lstsq_bias, not {reconstruction.reconstruct}"
-        )
-    if reconstruction.reconstruct_select == "fluctuation" and reconstruction.reconstruct == "none":
-        raise PrunellmError(
-            "--reconstruct_select fluctuation chooses units during reconstruction: use --reconstruct bias, lstsq or lstsq_bias, not none"
-        )
+    check_prune_recipe(recipe)
     check_offload(run, evaluation_metrics(recipe.run_evaluation, eval_options), finetune, recipe.budget.iterative_steps)
     workflow = WidthPruning(recipe, run, finetune)
     if finetune is not None and finetune.finetune:  # bad fine-tuning options fail before pruning, not after
