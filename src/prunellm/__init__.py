@@ -21,7 +21,7 @@ _PUBLIC = {
     "score": "api",
     "select": "api",
     "prune": "api",
-    "run": "api",
+    "run": "pipeline",
     "save_pruned": "api",
     "load_pruned": "api",
     "evaluate": "api",

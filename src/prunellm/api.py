@@ -13,9 +13,7 @@
     results = pl.evaluate(model, tokenizer, metrics="ppl", ppl_max_windows=16)
 
 The CLI (``prunellm prune``) runs the same stages from a :class:`Recipe` and owns files, logs and printing;
-:func:`run` is that composition in memory (the CLI's defaults and model)::
-
-    model, plan = pl.run(pl.Recipe(base_model="smollm2-135m", pruning_ratio=0.2))
+:func:`prunellm.run` (:mod:`prunellm.pipeline`) is that composition in memory (the CLI's defaults and model).
 """
 
 from __future__ import annotations
@@ -32,9 +30,9 @@ from .calibration import Stats, UnitKey, collect_activation_stats, collect_gradi
 from .criteria import CriterionOptions, get_criterion
 from .data import sample_calibration, tensor_hash
 from .errors import PrunellmError
-from .models import DType, check_context, load_model, load_tokenizer
+from .models import DType, load_model, load_tokenizer
 from .offload import is_lazy, offloaded_stats
-from .options import EvalOptions, PruneRecipe, RunOptions
+from .options import EvalOptions, PruneRecipe
 from .plan import LayerPlan, Plan, package_versions
 from .selection import Normalization, SelectionConstraints, normalized_values, select_global
 from .specs import spec_for
@@ -51,7 +49,6 @@ __all__ = [
     "load",
     "load_pruned",
     "prune",
-    "run",
     "save_pruned",
     "score",
     "select",
@@ -281,44 +278,4 @@ def evaluate(model: nn.Module, tokenizer: Any, options: EvalOptions | None = Non
     options = EvalOptions(**{**(options or EvalOptions()).model_dump(), **fields})  # validates the fields
     name = str(getattr(model.config, "_name_or_path", "") or "in-memory")
     return run_evaluation(model, tokenizer, options, model_path=name, progress=False)
-
-
-def run(
-    recipe: Recipe | None = None, model: nn.Module | None = None, tokenizer: Any = None, *,
-    options: RunOptions | None = None, **fields: Any,
-) -> tuple[nn.Module, Plan]:  # fmt: skip
-    """Prune with a whole recipe in memory, exactly as ``prunellm prune`` does: the recipe's defaults (criterion,
-    units, normalisation, priors, rounds, refit), the same checks, the same code, the same weights.
-
-    Args:
-        recipe: what to run (default ``Recipe()``, the CLI's defaults); ``fields`` change options of it by flag name
-            (``pruning_ratio=0.3``, ``importance_method="wanda"``).
-        model: the model to prune in place (default: ``recipe.base_model`` loaded with ``options``' dtype/device).
-        tokenizer: its tokenizer (default: ``recipe.base_model``'s).
-        options: seed, device and dtype (:class:`~prunellm.options.RunOptions`; output folders are not used:
-            nothing is written, and ``--offload``, which streams the checkpoint's files, is the CLI's).
-
-    Returns:
-        ``(model, plan)``: the pruned model and the Plan it was pruned by (``plan.params_after`` is its count).
-    """
-    import tempfile
-
-    from .pruner import WidthPruning, check_prune_recipe, prune_loaded
-
-    recipe = (recipe or Recipe()).replace(**fields) if fields else (recipe or Recipe())
-    options = options or RunOptions()
-    if options.offload:
-        raise PrunellmError("prunellm.run prunes a model in memory: --offload streams a checkpoint's files; use prunellm prune --offload")
-    check_prune_recipe(recipe)
-    if model is None:
-        model = load_model(recipe.base_model, dtype=options.dtype, device=options.device)
-    if tokenizer is None:
-        tokenizer = load_tokenizer(recipe.base_model)
-    workflow = WidthPruning(recipe, options)
-    check_context(model, **workflow.context_lengths())
-    workflow.check_model(model)
-    torch.manual_seed(options.seed)  # as the CLI seeds before any work
-    with tempfile.TemporaryDirectory(prefix="prunellm-run-") as out:  # the priors' files, not kept
-        plan, _, _ = prune_loaded(workflow, model, tokenizer, Path(out))
-    return model, plan
 

@@ -38,7 +38,7 @@ def is_pruned_checkpoint(path: str | Path, flag: str = "path") -> bool:
     Raises:
         PrunellmError: ``config.json`` is there but damaged (not UTF-8 JSON, or not an object).
     """
-    from .models import read_json
+    from .model_files import read_json
 
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
@@ -109,7 +109,7 @@ def load_checkpoint(path: str | Path, dtype: DType = "float32", device: str = "c
     Raises:
         PrunellmError: ``device`` is not on this machine, or the folder is damaged (``flag`` names where it came from).
     """
-    from .models import check_device, check_model_folder, loading_errors
+    from .model_files import check_device, check_model_folder, loading_errors
 
     check_device(device)
     path = Path(path)

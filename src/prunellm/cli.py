@@ -193,7 +193,7 @@ def read_recipe_file(path: str | Path) -> tuple[str, dict[str, _Options]]:
 def run_recipe(args: argparse.Namespace, argv: list[str]) -> int:
     from .pruner import prune, prune_layers
 
-    from .models import check_device
+    from .model_files import check_device
 
     command, groups = read_recipe_file(args.recipe_file)
     check_device(groups["run"].device, f"RECIPE.yaml '{args.recipe_file}': run.device")
@@ -384,7 +384,7 @@ def _close_progress_bars() -> None:
 
 def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     if getattr(args, "device", None) is not None:  # prune, layers, eval: refuse a device this machine lacks before any work
-        from .models import check_device
+        from .model_files import check_device
 
         check_device(args.device)
     if args.command == "prune":

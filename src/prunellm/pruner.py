@@ -916,7 +916,7 @@ def execute_run(
     from rich.console import Console
 
     console = Console(stderr=True)
-    run, base_model, finetune = workflow.run, workflow.base_model, workflow.finetune
+    run = workflow.run
     evaluate_what = evaluation_metrics(workflow.run_evaluation, eval_options)  # disagreeing flags fail before any work
     out = check_output_dir(run, workflow.name, inputs=workflow.inputs())
     torch.manual_seed(run.seed)
