@@ -318,7 +318,7 @@ def test_vllm_export_writes_nemotron_nas_block_configs_and_weights(tokenizer, tm
 
     from prunellm.export.vllm import export_vllm
 
-    model = tiny("llama", tokenizer, num_hidden_layers=3)
+    model = tiny("llama", tokenizer, num_hidden_layers=3, head_dim=32)  # vLLM-CPU's attention has no head_dim 16
     prune_units(model, vllm_plan())
     folder = export_vllm(model, tokenizer, tmp_path / "vllm", "f32")
     config = json.loads((folder / "config.json").read_text())
@@ -328,7 +328,7 @@ def test_vllm_export_writes_nemotron_nas_block_configs_and_weights(tokenizer, tm
         {"attention": {"no_op": True}, "ffn": {"no_op": False, "intermediate_size": 96}},
         {"attention": {"no_op": False, "n_heads_in_group": 2}, "ffn": {"no_op": True}},
     ]
-    assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (4, 2, 16)
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (4, 2, 32)
     assert config["attention_bias"] and config["qkv_bias"] and config["mlp_bias"] and config["tie_word_embeddings"]
     state = load_file(str(folder / "model.safetensors"))
     assert not any(k.startswith("model.layers.1.self_attn") or k == "model.layers.1.input_layernorm.weight" for k in state)
@@ -348,7 +348,7 @@ def test_vllm_export_writes_nemotron_nas_block_configs_and_weights(tokenizer, tm
 def test_vllm_export_refuses_partial_attention_naming_the_layer(tokenizer, tmp_path):
     from prunellm.export.vllm import export_vllm
 
-    model = tiny("llama", tokenizer)
+    model = tiny("llama", tokenizer, head_dim=32)
     prune_units(model, {(1, "kv_group"): [0]})
     with pytest.raises(PrunellmError, match="layer 1 keeps 2 of 4 query heads") as info:
         export_vllm(model, tokenizer, tmp_path / "vllm")
@@ -358,7 +358,7 @@ def test_vllm_export_refuses_partial_attention_naming_the_layer(tokenizer, tmp_p
 def test_vllm_export_refuses_qwen3(tokenizer, tmp_path):
     from prunellm.export.vllm import export_vllm
 
-    model = tiny("qwen3", tokenizer)
+    model = tiny("qwen3", tokenizer, head_dim=32)
     prune_units(model, {(0, "mlp_channel"): list(range(50))})
     with pytest.raises(PrunellmError, match="'qwen3'"):
         export_vllm(model, tokenizer, tmp_path / "vllm")
@@ -369,7 +369,7 @@ def test_vllm_export_of_a_uniform_model_is_the_standard_architecture(tokenizer, 
 
     from prunellm.export.vllm import export_vllm
 
-    model = tiny("qwen2", tokenizer, num_hidden_layers=3)
+    model = tiny("qwen2", tokenizer, num_hidden_layers=3, head_dim=32)
     remove_layers(model, [2])
     prune_units(model, {(i, "mlp_channel"): list(range(64)) for i in range(2)})
     folder = export_vllm(model, tokenizer, tmp_path / "vllm", "f32")
@@ -430,7 +430,7 @@ def test_prune_for_vllm_gives_a_plan_vllm_serves(tokenizer, tmp_path):
     from prunellm.cli import main
     from prunellm.export.vllm import export_vllm
 
-    model = tiny("llama", tokenizer, num_hidden_layers=4)
+    model = tiny("llama", tokenizer, num_hidden_layers=4, head_dim=32)
     model.save_pretrained(tmp_path / "tiny")
     tokenizer.save_pretrained(tmp_path / "tiny")
     (tmp_path / "text.txt").write_text(" ".join(TEXT))

@@ -452,8 +452,13 @@ class SelectionOptions(_Options):
     )
     min_kv_groups: int = Field(1, description="KV groups every layer keeps (0 allows removing a whole attention block)")
     round_to: int = Field(1, description="kept MLP channels per layer are a multiple of N")
-    deploy_target: Literal["any", "vllm"] = Field(
-        "any", description="vllm: prune only what vLLM's nemotron-nas serves: MLP channels, whole attention blocks (with --min_kv_groups 0)"
+    deploy_target: Literal[
+        "any", "hf", "vllm", "llamacpp:f32", "llamacpp:f16", "llamacpp:q8_0", "llamacpp:q4_0", "llamacpp:q5_0",
+        "llamacpp:q4_k_m", "llamacpp:q5_k_m", "llamacpp:q6_k",
+    ] = Field(
+        "any", description="where the model runs (prunellm/export/targets.py): any, hf; vllm: prune only what vLLM's "
+        "nemotron-nas serves (MLP channels, whole attention blocks with --min_kv_groups 0); llamacpp:<type>: kept MLP "
+        "widths are multiples of the GGUF type's block (32 for q8_0/q4_0/q5_0, 256 for q4_k_m/q5_k_m/q6_k), with --round_to by lcm"
     )
 
     _kv_not_negative = field_validator("min_kv_groups")(_not_negative)

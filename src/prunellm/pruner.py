@@ -117,10 +117,25 @@ def unit_kinds(budget: BudgetOptions) -> tuple[str, ...]:
     return kinds
 
 
-def check_deploy_target(selection: SelectionOptions, allocation: AllocationOptions) -> None:
-    """``--deploy_target vllm`` serves whole attention blocks only, which per-layer rates do not keep."""
-    if selection.deploy_target == "vllm" and allocation.allocation == "layerwise":
-        raise PrunellmError("--deploy_target vllm needs --allocation global (layerwise rates remove single KV groups, which vLLM cannot serve)")
+def check_deploy_target(selection: SelectionOptions, allocation: AllocationOptions, model: nn.Module | None = None) -> None:
+    """Refuse flags (and, given ``model``, a model) the ``--deploy_target`` cannot serve: ``vllm`` serves whole attention
+    blocks only, which per-layer rates do not keep, and runs only the head sizes of its attention kernel."""
+    from .export.targets import deploy_target
+    from .units import head_dim
+
+    target = deploy_target(selection.deploy_target)
+    if target.whole_attention and allocation.allocation == "layerwise":
+        raise PrunellmError(
+            f"--deploy_target {target.name} needs --allocation global (layerwise rates remove single KV groups, which vLLM cannot serve)"
+        )
+    if model is not None and target.head_dims is not None:
+        d_h = head_dim(model.config, spec_for(model.config))
+        if d_h not in target.head_dims:
+            raise PrunellmError(
+                f"--deploy_target {target.name}: this model's head_dim {d_h} is not one vLLM-CPU's attention runs "
+                f"({', '.join(map(str, target.head_dims))}); pruning keeps it, so serve it elsewhere (--deploy_target llamacpp:f16, then "
+                "prunellm export --format gguf)"
+            )
 
 
 @dataclass(frozen=True)
@@ -167,7 +182,7 @@ def reach_of(model: nn.Module, budget: BudgetOptions, selection: SelectionOption
         by_layer.setdefault(u.layer, {})[u.kind] = u
     by_rate = sum(allocation.max_pruning_rate * prunable[i] for i in active)  # allocate_rates' bound, exactly
     by_units = sum(
-        layer_removable(by_layer[i].get("kv_group"), by_layer[i].get("mlp_channel"), share, selection.min_kv_groups, selection.round_to)
+        layer_removable(by_layer[i].get("kv_group"), by_layer[i].get("mlp_channel"), share, constraints.min_kv_groups, constraints.round_to)
         for i in active if i in by_layer
     )  # fmt: skip
     slack = min((u.cost for u in units if u.layer in active), default=0)  # select_layerwise ends within one unit
@@ -193,6 +208,8 @@ def _relaxations(
         out.append((f"the whole layer range (--layer_start 0 --layer_end {n_layers})", changed, selection, allocation))
     if selection.min_kv_groups:
         out.append(("--min_kv_groups 0", budget, selection.model_copy(update={"min_kv_groups": 0}), allocation))
+    if selection.deploy_target != "any":
+        out.append(("--deploy_target any", budget, selection.model_copy(update={"deploy_target": "any"}), allocation))
     if allocation.allocation == "layerwise":
         if selection.round_to > 1:
             out.append(("--round_to 1", budget, selection.model_copy(update={"round_to": 1}), allocation))
@@ -213,6 +230,7 @@ def check_reachable(
     removing every unit the flags allow cannot reach (naming the most that can go and the flags that would allow
     more), or, layerwise, one below what ``--min_pruning_rate`` removes in the first of ``rounds``. Also refuses a bad
     layer range or freeze flags (:func:`eligible_layers`). Returns the :class:`Reach` of one round."""
+    check_deploy_target(selection, allocation, model)
     reach = reach_of(model, budget, selection, allocation)
     ratio, total = budget.pruning_ratio, reach.total
     if round(ratio * total) > reach.limit:
@@ -230,6 +248,8 @@ def check_reachable(
             where.append(f"--min_kv_groups {selection.min_kv_groups}")
         if allocation.allocation == "layerwise":
             where.append(f"--max_pruning_rate {allocation.max_pruning_rate:g} a layer")
+        if selection.deploy_target != "any":
+            where.append(f"--deploy_target {selection.deploy_target}")
         raise PrunellmError(
             f"--pruning_ratio {ratio:g} is out of reach: removing every unit these flags allow ({', '.join(where)}) takes at most "
             f"{reach.most / total:.4f} of all {total:,} parameters, embeddings included; {fix}"
@@ -337,9 +357,14 @@ def compute_priors(
 
 
 def selection_constraints(selection: SelectionOptions) -> SelectionConstraints:
-    """What every pruned layer must keep (``--deploy_target vllm``: whole attention blocks only)."""
-    return SelectionConstraints(min_kv_groups=selection.min_kv_groups, round_to=selection.round_to,
-                                whole_attention=selection.deploy_target == "vllm")  # fmt: skip
+    """What every pruned layer must keep: ``--min_kv_groups``, and what ``--deploy_target`` needs (its row in
+    :data:`prunellm.export.targets.DEPLOY_TARGETS`): kept MLP widths that are multiples of both ``--round_to`` and the
+    target's quant block (their lcm), whole attention blocks for ``vllm``."""
+    from .export.targets import deploy_target
+
+    target = deploy_target(selection.deploy_target)
+    return SelectionConstraints(min_kv_groups=selection.min_kv_groups, round_to=math.lcm(selection.round_to, target.mlp_multiple),
+                                whole_attention=target.whole_attention)  # fmt: skip
 
 
 def plan_from_selection(

@@ -8,8 +8,8 @@ tensors at its own width (``llama``, ``qwen2`` and ``qwen3`` take the widths of 
 
 Zero-output blocks (:class:`~prunellm.hf_modeling.ZeroAttention` / ``ZeroMLP``): ``deci`` skips a layer's
 attention when its head count is 0, exactly. Its FFN-free layer (width 0) also drops that layer's attention
-output, so a removed MLP after a live attention block is written as a 1-channel MLP of zeros instead
-(``down(silu(0) * 0) = 0``: the same function, 2 * hidden + hidden parameters).
+output, so a removed MLP after a live attention block is written as an MLP of zeros instead (``down(silu(0) * 0)
+= 0``: the same function), 1 channel wide, or one quant block (32) for q8_0 so that it quantizes too.
 
 llama.cpp applies rotary embeddings to adjacent pairs (``rope_type`` normal) in ``llama`` and ``deci``;
 Hugging Face rotates the two halves of each head: q/k rows (and biases) are permuted per head so both give
@@ -25,7 +25,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, MODEL_TENSOR, TENSOR_NAMES
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, LlamaFileType, MODEL_TENSOR, TENSOR_NAMES
 from gguf.quants import quantize
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -203,14 +203,16 @@ def choose_target(model: PreTrainedModel) -> GgufTarget:
         reasons.append(reason)
     widths = facts.widths
     first_odd = next((i for i, w in enumerate(widths) if w != widths[0]), 0)
-    hint = "" if facts.uniform else "; prune with uniform widths per layer (--pruning_distribution uniform) to export it"
+    # llama.cpp's graph for this family takes one width for all layers: depth pruning keeps every layer's widths
+    hint = "" if facts.uniform else "; to export it, prune with prunellm layers (whole layers; every other layer keeps its widths)"
     raise PrunellmError(
         f"this {family} model cannot be written as GGUF: {'; '.join(reasons)} (layer {first_odd}: {widths[first_odd]}){hint}"
     )
 
 
-def layer_tensors(model: PreTrainedModel, index: int, target: GgufTarget) -> LayerTensors:
-    """One decoder layer's llama.cpp tensors (float32, Hugging Face (out, in) layout)."""
+def layer_tensors(model: PreTrainedModel, index: int, target: GgufTarget, zero_ff: int = 1) -> LayerTensors:
+    """One decoder layer's llama.cpp tensors (float32, Hugging Face (out, in) layout); ``zero_ff``: the width of the
+    all-zero MLP that stands for a removed one after a live attention block (a quant block, so it quantizes too)."""
     spec = spec_for(model.config)
     block = decoder_layers(model, spec)[index]
     d_h = head_dim(model.config, spec)
@@ -248,12 +250,12 @@ def layer_tensors(model: PreTrainedModel, index: int, target: GgufTarget) -> Lay
         if zero_attention:
             n_ff = 0  # the whole layer is the identity: deci skips its FFN (and the attention outputs 0)
         else:
-            # deci drops the attention output of an FFN-free layer: an all-zero 1-channel MLP outputs 0 exactly
-            n_ff = 1
+            # deci drops the attention output of an FFN-free layer: an all-zero MLP outputs 0 exactly
+            n_ff = zero_ff
             out[_name(T.FFN_NORM, index)] = ffn_norm
-            out[_name(T.FFN_GATE, index)] = np.zeros((1, hidden), np.float32)
-            out[_name(T.FFN_UP, index)] = np.zeros((1, hidden), np.float32)
-            out[_name(T.FFN_DOWN, index)] = np.zeros((hidden, 1), np.float32)
+            out[_name(T.FFN_GATE, index)] = np.zeros((n_ff, hidden), np.float32)
+            out[_name(T.FFN_UP, index)] = np.zeros((n_ff, hidden), np.float32)
+            out[_name(T.FFN_DOWN, index)] = np.zeros((hidden, n_ff), np.float32)
     else:
         gate, up, down = (get_module(mlp, getattr(spec.mlp, key)) for key in ("gate", "up", "down"))
         n_ff = gate.out_features
@@ -265,15 +267,34 @@ def layer_tensors(model: PreTrainedModel, index: int, target: GgufTarget) -> Lay
     return LayerTensors(n_head, n_kv, n_ff, out)
 
 
-def _encode(name: str, data: np.ndarray, outtype: OutType) -> tuple[np.ndarray, GGMLQuantizationType | None]:
-    """Norms and biases stay float32; matrices become f16 or Q8_0 (f16 where a row is not a multiple of 32)."""
+QUANT_TYPES = {"q8_0": GGMLQuantizationType.Q8_0}  # outtype -> the quantized type of the weight matrices
+
+
+def _encode(data: np.ndarray, outtype: OutType) -> tuple[np.ndarray, GGMLQuantizationType | None, bool]:
+    """Norms and biases stay float32; matrices become f16 or Q8_0 (f16 where a row is not a multiple of the block):
+    the array, its raw type (None: from the numpy dtype), and whether it fell back to f16."""
     if outtype == "f32" or data.ndim == 1:
-        return data.astype(np.float32), None
-    if outtype == "q8_0" and data.shape[-1] % 32 == 0:
-        return quantize(data, GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0
-    if outtype == "q8_0":
-        log.info("%s: rows of %d values are not a multiple of 32, written as f16", name, data.shape[-1])
-    return data.astype(np.float16), None
+        return data.astype(np.float32), None, False
+    kind = QUANT_TYPES.get(outtype)
+    if kind is not None and data.shape[-1] % GGML_QUANT_SIZES[kind][0] == 0:
+        return quantize(data, kind), kind, False
+    return data.astype(np.float16), None, kind is not None
+
+
+def warn_fallbacks(fallbacks: list[str], matrices: int, outtype: OutType) -> None:
+    """One warning for the matrices a quantized outtype left in f16, naming the ``--deploy_target`` that avoids it."""
+    if not fallbacks:
+        return
+    from .targets import mlp_target_for
+
+    block = GGML_QUANT_SIZES[QUANT_TYPES[outtype]][0]
+    down = [n for n in fallbacks if n.startswith("blk.") and ".ffn_down." in n]
+    fix = (f"; prune with --deploy_target {mlp_target_for(outtype)} to keep every MLP width a multiple of {block}"
+           if down else "")  # fmt: skip
+    log.warning(
+        "--outtype %s: %d of %d weight matrices (%d ffn_down, first %s) have rows that are not a multiple of %d and were "
+        "written as f16%s", outtype, len(fallbacks), matrices, len(down), fallbacks[0], block, fix,
+    )  # fmt: skip
 
 
 def export_gguf(
@@ -300,7 +321,8 @@ def export_gguf(
     target = choose_target(model)
     vocab = gguf_vocab(tokenizer, model.get_input_embeddings().weight.shape[0])
     n_layers = len(decoder_layers(model, spec))
-    layers = [layer_tensors(model, i, target) for i in range(n_layers)]
+    zero_ff = GGML_QUANT_SIZES[QUANT_TYPES[outtype]][0] if outtype in QUANT_TYPES else 1
+    layers = [layer_tensors(model, i, target, zero_ff) for i in range(n_layers)]
     d_h = head_dim(config, spec)
     embed = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight
@@ -336,9 +358,13 @@ def export_gguf(
         tensors[_name(MODEL_TENSOR.OUTPUT_NORM)] = _norm_array(get_module(model, spec.final_norm).weight, spec.name)
         if not tied:  # llama.cpp reuses token_embd when output.weight is absent
             tensors[_name(MODEL_TENSOR.OUTPUT)] = _array(head)
+        fallbacks = []
         for tensor_name, data in tensors.items():
-            encoded, raw_dtype = _encode(tensor_name, data, outtype)
+            encoded, raw_dtype, fell_back = _encode(data, outtype)
+            if fell_back:
+                fallbacks.append(tensor_name)
             writer.add_tensor(tensor_name, encoded, raw_dtype=raw_dtype)
+        warn_fallbacks(fallbacks, sum(data.ndim > 1 for data in tensors.values()), outtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()

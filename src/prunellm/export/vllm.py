@@ -31,6 +31,7 @@ from ..paths import atomic_dir
 from ..specs import spec_for
 from ..surgery import layer_widths
 from ..units import decoder_layers, get_module, head_dim
+from .targets import VLLM_HEAD_DIMS
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,17 @@ def block_configs(model: PreTrainedModel) -> list[dict]:
             ffn["intermediate_size"] = w["intermediate_size"]
         blocks.append({"attention": attention, "ffn": ffn})
     return blocks
+
+
+def check_head_dim(model: PreTrainedModel) -> None:
+    """Refuse, in one line, a head size vLLM-CPU's attention kernel is not compiled for (it would fail at the first
+    request with "Unsupported CPU attention configuration"): :data:`prunellm.export.targets.VLLM_HEAD_DIMS`."""
+    d_h = head_dim(model.config, spec_for(model.config))
+    if d_h not in VLLM_HEAD_DIMS:
+        raise PrunellmError(
+            f"this model's head_dim is {d_h}; vLLM-CPU's attention runs head_dim {', '.join(map(str, VLLM_HEAD_DIMS))} "
+            "only (\"Unsupported CPU attention configuration\" at the first request): export it with --format gguf for llama.cpp"
+        )
 
 
 def _needs_nemotron_nas(model: PreTrainedModel) -> bool:
@@ -196,6 +208,7 @@ def export_vllm(
     """
     if outtype not in DTYPES:
         raise PrunellmError(f"--outtype {outtype} is for --format gguf: vLLM takes --outtype f32 or f16")
+    check_head_dim(model)
     output = Path(output)
     if not _needs_nemotron_nas(model):
         log.info("every layer has the same widths: writing the standard %s architecture", type(model).__name__)
