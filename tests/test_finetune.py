@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import REPO, make_tiny_model
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments
@@ -20,6 +21,7 @@ from prunellm.data import load_text
 from prunellm.errors import PrunellmError
 from prunellm.finetune import FineTuner
 from prunellm.finetune.data import PadCollator, tokenize_instructions
+from prunellm.finetune.distill import sparse_kl, teacher_targets
 from prunellm.finetune.engine import _DistillTrainer
 from prunellm.models import load_tokenizer
 from prunellm.options import DistillOptions, FinetuneData, FinetuneTarget, TrackingOptions, TrainOptions
@@ -118,17 +120,19 @@ class _Interrupt(TrainerCallback):
             raise KeyboardInterrupt
 
 
-@pytest.mark.parametrize("use_lora", [True, False], ids=["lora", "full"])
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tokenizer, text_file, tmp_path, use_lora):
+@pytest.mark.parametrize("use_lora,distill", [(True, False), (False, False), (False, True)], ids=["lora", "full", "full-distill"])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tokenizer, text_file, tmp_path, use_lora, distill):
     options = training(max_steps=6, save_steps=3, learning_rate=1e-2, batch_size=4, micro_batch_size=2)
     lora_data = data(text_file, num_samples=32, val_set_size=0)
-    whole = FineTuner(pruned_model(tokenizer), tokenizer, use_lora=use_lora, training=options)
+    # distillation: the resumed run rebuilds the teacher cache, which gives the same rows for the same windows
+    kd = dict(distill=DistillOptions(distill_alpha=0.5, distill_top_k=8), teacher=make_tiny_model("llama", seed=1, vocab_size=len(tokenizer))) if distill else {}
+    whole = FineTuner(pruned_model(tokenizer), tokenizer, use_lora=use_lora, training=options, **kd)
     whole.finetune(data=lora_data, output_dir=tmp_path / "whole")
-    crashed = FineTuner(pruned_model(tokenizer), tokenizer, use_lora=use_lora, training=options, callbacks=[_Interrupt(4)])
+    crashed = FineTuner(pruned_model(tokenizer), tokenizer, use_lora=use_lora, training=options, callbacks=[_Interrupt(4)], **kd)
     with pytest.raises(KeyboardInterrupt):
         crashed.finetune(data=lora_data, output_dir=tmp_path / "crashed")
     assert sorted(p.name for p in (tmp_path / "crashed" / "checkpoints").iterdir()) == ["checkpoint-3"]
-    resumed = FineTuner(pruned_model(tokenizer), tokenizer, use_lora=use_lora, training=options)
+    resumed = FineTuner(pruned_model(tokenizer), tokenizer, use_lora=use_lora, training=options, **kd)
     metrics = resumed.finetune(data=lora_data, output_dir=tmp_path / "crashed", resume_from_checkpoint="last")
     assert metrics["steps"] == 6 and metrics["train_tokens"] == 3 * 4 * 32
     expected, got = whole.model.state_dict(), resumed.model.state_dict()
@@ -170,6 +174,113 @@ def test_distillation_from_the_unpruned_model_trains(tokenizer, text_file, tmp_p
                       distill=DistillOptions(distill_alpha=0.5), teacher=teacher)  # fmt: skip
     metrics = tuner.finetune(data=data(text_file, num_samples=24), output_dir=tmp_path)
     assert metrics["eval_loss"] < metrics["eval_loss_before"]
+
+
+def test_sparse_kl_over_the_whole_vocabulary_is_the_full_kl():
+    student, teacher = torch.randn(2, 40, 300, generator=torch.Generator().manual_seed(0)).mul(3).unbind()
+    t = 2.0
+    full = F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True, reduction="sum")
+    torch.testing.assert_close(sparse_kl(student, teacher_targets(teacher, 300, t), t), full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sparse_kl(student, teacher_targets(teacher, 10_000, t), t), full, rtol=1e-5, atol=1e-5)  # k clamps to V
+    # k < V: the top-k tokens plus one rest bucket, against the formula in float64
+    k = 16
+    p, q = F.softmax(teacher.double() / t, -1), F.softmax(student.double() / t, -1)
+    top = p.topk(k, -1).indices
+    p_top, q_top = p.gather(-1, top), q.gather(-1, top)
+    p_rest, q_rest = 1 - p_top.sum(-1), 1 - q_top.sum(-1)
+    expected = (p_top * (p_top / q_top).log()).sum() + (p_rest * (p_rest / q_rest).log()).sum()
+    got = sparse_kl(student, teacher_targets(teacher, k, t), t)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
+    assert 0 < got < full  # merging the tail into one bucket can only lose information
+    # the same teacher as student: 0, including the rest bucket
+    assert sparse_kl(teacher, teacher_targets(teacher, k, t), t).abs() < 1e-5
+
+
+def test_cached_rows_follow_the_examples_through_shuffled_padded_batches(tokenizer, tmp_path):
+    """Instructions (prompt labels −100, different lengths) batched in another order read their own cache rows."""
+    rows = [{"instruction": "Say hi.", "input": "", "output": "Hi there."}, {"instruction": "Count.", "input": "to 3", "output": "1 2 3"},
+            {"instruction": "Name a colour.", "input": "", "output": "Blue, like the sea on a clear day."}]  # fmt: skip
+    examples = [{**e, "example_index": i} for i, e in enumerate(tokenize_instructions(tokenizer, rows, FinetuneData()))]
+    collator = PadCollator(tokenizer.pad_token_id)
+    model = make_tiny_model("llama", vocab_size=len(tokenizer))
+    teacher = make_tiny_model("llama", seed=1, vocab_size=len(tokenizer))
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    options = DistillOptions(distill_alpha=0.5, distill_top_k=32, distill_cache_dtype="float32")
+    live = _DistillTrainer(model=model, args=args, teacher=teacher, distill=options, data_collator=collator)
+    cached = _DistillTrainer(model=model, args=args, teacher=teacher, distill=options, data_collator=collator)
+    cache = cached.build_teacher_cache(examples)
+    assert cache.positions == sum(sum(label != -100 for label in e["labels"][1:]) for e in examples)
+    assert cache.nbytes == cache.positions * (32 * 8 + 4)
+    batch = collator([examples[2], examples[0], examples[1]])
+    model.train()
+    with torch.no_grad():
+        torch.testing.assert_close(cached.compute_loss(model, dict(batch)), live.compute_loss(model, {k: v for k, v in batch.items() if k != "example_index"}))
+
+
+def test_a_teacher_cache_that_does_not_fit_is_refused_with_the_fix(tokenizer, tmp_path, monkeypatch):
+    psutil = pytest.importorskip("psutil")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("Memory", (), {"available": 2**20})())
+    examples = [{"input_ids": list(range(33)), "attention_mask": [1] * 33, "labels": list(range(33))}]
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    trainer = _DistillTrainer(model=make_tiny_model("llama", vocab_size=len(tokenizer)), args=args, distill=DistillOptions(distill_top_k=10**6),
+                              teacher=make_tiny_model("llama", vocab_size=len(tokenizer)), data_collator=PadCollator(0))  # fmt: skip
+    with pytest.raises(PrunellmError, match=r"32 labelled positions × top-49152\), more than half .* lower --distill_top_k"):
+        trainer.build_teacher_cache(examples)
+
+
+def _losses(tuner: FineTuner, **finetune) -> tuple[list[float], dict]:
+    seen: list[float] = []
+
+    class Record(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                seen.append(logs["loss"])
+
+    tuner.callbacks.append(Record())
+    return seen, tuner.finetune(**finetune)
+
+
+def test_cached_teacher_trains_like_the_live_teacher_and_runs_it_once_per_window(text_file, tmp_path):
+    """k = vocabulary: the cached teacher's trajectory is the live full KL's; over 2 epochs the teacher sees each window once."""
+    tokenizer = _word_tokenizer(text_file.read_text(), size=200)
+    teacher = make_tiny_model("llama", seed=1, vocab_size=len(tokenizer))
+    windows = 0
+
+    def count(module, args, kwargs, output):
+        nonlocal windows
+        windows += kwargs["input_ids"].shape[0]
+
+    teacher.register_forward_hook(count, with_kwargs=True)
+    options = training(max_steps=None, num_epochs=2.0, learning_rate=5e-3)  # 16 windows / 4 = 4 steps per epoch
+    runs = {}
+    for name, distill in (("live", DistillOptions(distill_top_k=0)),
+                          ("cached", DistillOptions(distill_top_k=len(tokenizer), distill_cache_dtype="float32"))):  # fmt: skip
+        windows = 0
+        tuner = FineTuner(pruned_model(tokenizer), tokenizer, use_lora=False, training=options, distill=distill, teacher=teacher,
+                          tracking=TrackingOptions(logging_steps=1))  # fmt: skip
+        losses, metrics = _losses(tuner, data=data(text_file, num_samples=16, val_set_size=0), output_dir=tmp_path / name)
+        runs[name] = (losses, metrics, windows)
+    (live, live_metrics, live_windows), (cached, metrics, cached_windows) = runs["live"], runs["cached"]
+    assert len(live) == len(cached) == 8 and live_metrics["steps"] == metrics["steps"] == 8
+    assert cached == pytest.approx(live, rel=1e-4)
+    assert live_windows == 2 * 16 and cached_windows == 16  # live: every batch of both epochs; cached: one pass
+    assert live_metrics["teacher_cache_seconds"] is None and metrics["teacher_cache_seconds"] > 0
+    assert metrics["teacher_cache_bytes"] == 16 * 31 * (len(tokenizer) * 8 + 4)
+    assert 0 < metrics["tokens_per_second_with_cache"] < metrics["tokens_per_second"]
+
+
+def test_a_second_run_on_the_same_windows_reuses_the_teacher_cache(tokenizer, text_file, tmp_path):
+    teacher = make_tiny_model("llama", seed=1, vocab_size=len(tokenizer))
+    tuner = FineTuner(pruned_model(tokenizer), tokenizer, use_lora=True, training=training(max_steps=2), distill=DistillOptions(distill_top_k=4),
+                      teacher=teacher)  # fmt: skip
+    first = tuner.finetune(data=data(text_file, num_samples=8, val_set_size=0), output_dir=tmp_path / "a")
+    cache = tuner.teacher_cache
+    tuner.model = pruned_model(tokenizer)
+    tuner.use_lora = False  # another method on the same windows
+    second = tuner.finetune(data=data(text_file, num_samples=8, val_set_size=0), output_dir=tmp_path / "b")
+    assert tuner.teacher_cache is cache and first["teacher_cache_seconds"] > 0 and second["teacher_cache_seconds"] == 0
+    third = tuner.finetune(data=data(text_file, num_samples=8, val_set_size=0, seq_len=16), output_dir=tmp_path / "c")
+    assert tuner.teacher_cache is not cache and third["teacher_cache_seconds"] > 0  # other windows: a new cache
 
 
 # --- command line ------------------------------------------------------------------------------------------------

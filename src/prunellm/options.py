@@ -699,6 +699,11 @@ class DistillOptions(_Options):
     distill_from: str | None = Field(None, description="teacher (the unpruned base model): smollm2-135m, a directory or a hub id")
     distill_alpha: float = Field(0.5, ge=0, le=1, description="weight of the KL term, in [0, 1]")
     distill_temperature: float = Field(2.0, gt=0, description="softmax temperature of both logits")
+    distill_top_k: int = Field(
+        64, ge=0, description="KL over the teacher's k likeliest tokens + the rest mass; 0: the full KL, teacher run on every batch"
+    )
+    distill_cache: bool = Field(True, description="run the teacher once per training window before training and reuse it (top-k > 0)")
+    distill_cache_dtype: Literal["float16", "float32"] = Field("float16", description="dtype of the cached teacher log-probabilities")
 
 
 class FinetuneOptions(_Options):

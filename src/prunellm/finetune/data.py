@@ -297,4 +297,6 @@ class PadCollator:
             for key in batch:
                 values = example[key]
                 batch[key][row, : len(values)] = torch.as_tensor(values, dtype=torch.long)
+        if "example_index" in examples[0]:  # distillation's key into its teacher cache, (B,)
+            batch["example_index"] = torch.tensor([e["example_index"] for e in examples], dtype=torch.long)
         return batch

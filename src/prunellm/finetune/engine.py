@@ -13,11 +13,11 @@ import json
 import logging
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
@@ -28,7 +28,8 @@ from ..evaluation import evaluate, save_results
 from ..options import DistillOptions, EvalOptions, FinetuneData, LoraOptions, TrackingOptions, TrainOptions, split_list
 from ..paths import atomic_dir, final_path, write_json_atomic
 from ..specs import spec_for
-from .data import IGNORE_INDEX, PadCollator, TrainingData, training_data
+from .data import PadCollator, TrainingData, training_data
+from .distill import EXAMPLE_INDEX, DistillTrainer
 
 log = logging.getLogger(__name__)
 
@@ -209,39 +210,7 @@ class _Progress(ProgressCallback):
         return None
 
 
-class _DistillTrainer(Trainer):
-    """Trainer whose training loss is (1 − α)·NLL + α·T²·KL(teacher ‖ student) over the labelled positions.
-
-    Both terms are summed over the positions whose next-token label is not −100 (padding and, by default,
-    prompt tokens never count) and divided like the library's own loss: by ``num_items_in_batch`` (all
-    labelled tokens of the accumulated batch) when the Trainer passes it, else by this batch's count.
-    Validation uses the plain LM loss, so validation losses stay comparable with and without distillation.
-    """
-
-    def __init__(self, *args, teacher: nn.Module, distill: DistillOptions, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.teacher = teacher.to(self.args.device).eval()
-        self.teacher.requires_grad_(False)
-        self.distill = distill
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if not model.training:
-            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        labels = inputs["labels"][:, 1:]  # (B, T-1): the token each position predicts
-        mask = labels != IGNORE_INDEX
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        with torch.no_grad():
-            teacher_logits = self.teacher(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-        student = outputs.logits[:, :-1][mask].float()  # (N, V) labelled positions only
-        teacher = teacher_logits[:, :-1][mask].float()
-        t, alpha = self.distill.distill_temperature, self.distill.distill_alpha
-        nll = F.cross_entropy(student, labels[mask], reduction="sum")
-        kl = F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True, reduction="sum") * t * t
-        count = num_items_in_batch if num_items_in_batch is not None else mask.sum().clamp(min=1)
-        loss = ((1 - alpha) * nll + alpha * kl) / count
-        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
-            loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count is global
-        return (loss, outputs) if return_outputs else loss
+_DistillTrainer = DistillTrainer  # the name earlier code and tests import
 
 
 def training_arguments(
@@ -347,6 +316,8 @@ class FineTuner:
         self.distill = distill
         self.teacher = teacher
         self.callbacks = list(callbacks)
+        self.teacher_cache = None  # distillation's cached teacher targets, reused by a later finetune() on the same windows
+        self.teacher_cache_key: tuple | None = None
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token  # masked by the attention mask and label −100
 
@@ -401,6 +372,7 @@ class FineTuner:
             if config is not None:  # the pad id the batches use (saved with the model)
                 config.pad_token_id = self.tokenizer.pad_token_id
 
+        cache = self._teacher_cache(trainer, examples)
         before = trainer.evaluate()["eval_loss"] if examples.validation and resume is None else None
         tokens_at_start = json.loads((Path(resume) / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0) if resume else 0
         result = trainer.train(resume_from_checkpoint=resume)
@@ -417,6 +389,10 @@ class FineTuner:
             "train_tokens": tokens,
             "train_seconds": round(runtime, 3),
             "tokens_per_second": round(tokens / runtime, 2) if runtime else None,
+            # distillation's teacher pass before training (outside train_seconds), and tokens/s counting it
+            "teacher_cache_seconds": round(cache.seconds, 3) if cache else None,
+            "teacher_cache_bytes": cache.nbytes if cache else None,
+            "tokens_per_second_with_cache": round(tokens / (runtime + cache.seconds), 2) if cache and runtime else None,
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "bf16": args.bf16,
             "processes": args.world_size,
@@ -450,6 +426,19 @@ class FineTuner:
         self.teacher = teacher
         return teacher
 
+    def _teacher_cache(self, trainer: Trainer, examples: TrainingData):
+        """One teacher pass over the training windows, reused by every epoch (or the cache of an earlier run on them)."""
+        if not isinstance(trainer, DistillTrainer) or not self.distill.distill_cache or not self.distill.distill_top_k:
+            return None
+        key = (self.distill.distill_top_k, self.distill.distill_temperature, self.distill.distill_cache_dtype, id(trainer.teacher),
+               hash(tuple(tuple(e["input_ids"]) + (-1,) + tuple(e["labels"]) for e in examples.train)))  # fmt: skip
+        if self.teacher_cache is not None and self.teacher_cache_key == key:  # e.g. LoRA then full on the same data
+            log.info("reusing the teacher cache of the previous run on the same windows")
+            trainer.teacher_cache = replace(self.teacher_cache, seconds=0.0)  # this run paid nothing for it
+            return trainer.teacher_cache
+        self.teacher_cache, self.teacher_cache_key = trainer.build_teacher_cache(examples.train), key
+        return self.teacher_cache
+
     def _trainable(self, targets: list[str]) -> nn.Module:
         if not self.use_lora:
             self.model.requires_grad_(True)
@@ -473,13 +462,14 @@ class FineTuner:
         kwargs: dict[str, Any] = dict(
             model=model,
             args=args,
-            train_dataset=Dataset.from_list(examples.train),
+            # distillation keys its teacher cache by the example's index, which the collator passes through
+            train_dataset=Dataset.from_list([{**e, EXAMPLE_INDEX: i} for i, e in enumerate(examples.train)] if teacher is not None else examples.train),
             eval_dataset=Dataset.from_list(examples.validation) if examples.validation else None,
             data_collator=PadCollator(self.tokenizer.pad_token_id),
             processing_class=self.tokenizer,
             callbacks=[_LogAndStopOnNan(), *self.callbacks],
         )
-        trainer = _DistillTrainer(teacher=teacher, distill=self.distill, **kwargs) if teacher is not None else Trainer(**kwargs)
+        trainer = DistillTrainer(teacher=teacher, distill=self.distill, **kwargs) if teacher is not None else Trainer(**kwargs)
         if trainer.pop_callback(ProgressCallback) is not None:
             trainer.add_callback(_Progress)
         return trainer
