@@ -154,7 +154,7 @@ def test_batch_sizes_lora_targets_checkpoints_and_trackers_are_checked(tmp_path)
         lora_targets(model, "q_proj,c_attn")
     with pytest.raises(PrunellmError, match="--resume_from_checkpoint '.*nowhere' does not exist"):
         resolve_checkpoint(str(tmp_path / "nowhere"), tmp_path / "checkpoints")
-    with pytest.raises(PrunellmError, match="--resume_from_checkpoint last: no checkpoint-N folder"):
+    with pytest.raises(PrunellmError, match="--resume_from_checkpoint last: no complete checkpoint-N folder"):
         resolve_checkpoint("last", tmp_path / "checkpoints")
     assert report_to(TrackingOptions()) == "none"
     assert use_bf16("fp32") is False and use_bf16("auto") == (torch.cuda.is_available() and torch.cuda.is_bf16_supported())

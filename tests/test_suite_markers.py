@@ -16,7 +16,7 @@ REAL_MODEL_FILES = {
 }
 REAL_MODEL_TESTS = {
     "tests/test_models.py::test_converted_model_matches_gguf_logits",
-    "tests/test_zeroshot.py::test_smollm2_scores_the_local_tasks_above_chance_where_it_can",
+    "tests/test_zeroshot.py::test_cli_scores_dense_smollm2_above_chance_on_offline_tasks_without_the_hub",
     "tests/test_api.py::test_api_on_smollm2_evaluates_a_valid_results_document",
 }
 # one collection of the default run, each test with whether `-m real_model` selects it
