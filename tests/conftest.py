@@ -199,3 +199,12 @@ def link_tree(source: Path, target: Path) -> Path:
             shutil.copy2(src, dst)
 
     return Path(shutil.copytree(source, target, copy_function=link))
+
+
+def save_cli_workspace(root: Path) -> Path:
+    """``root/tiny`` (a 3-layer Qwen2: q/k/v biases, no o_proj/down_proj biases, SmolLM2's tokenizer) and
+    ``root/text.txt`` (:data:`STORY`): what the command-line tests prune."""
+    save_tiny_model_dir(root / "tiny", num_hidden_layers=3)
+    (root / "text.txt").write_text(STORY)
+    return root
+

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import REPO, make_tiny_model, save_tiny_model_dir
+from conftest import REPO, make_tiny_model, save_cli_workspace
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -31,12 +31,7 @@ def _tokenizer() -> PreTrainedTokenizerFast:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    # a tiny random model with a real tokenizer (transformers 5 picks the tokenizer class from model_type,
-    # so a model directory needs a tokenizer of its family's kind: SmolLM2's BPE serves)
-    root = tmp_path_factory.mktemp("cli")
-    save_tiny_model_dir(root / "tiny", num_hidden_layers=3)
-    (root / "text.txt").write_text(TEXT)
-    return root
+    return save_cli_workspace(tmp_path_factory.mktemp("cli"))
 
 
 def _prune_args(ws, name: str, *extra: str) -> list[str]:

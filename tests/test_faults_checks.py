@@ -8,7 +8,7 @@ import json
 import re
 
 import pytest
-from conftest import STORY, save_tiny_model_dir
+from conftest import save_cli_workspace
 
 import prunellm.pruner as pruner
 from prunellm.cli import main
@@ -20,11 +20,7 @@ from prunellm.units import all_units, count_parameters
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    # as tests/test_cli.py: a tiny 3-layer qwen2 (q/k/v biases, no o_proj/down_proj biases) with SmolLM2's tokenizer
-    root = tmp_path_factory.mktemp("faults")
-    save_tiny_model_dir(root / "tiny", num_hidden_layers=3)
-    (root / "text.txt").write_text(STORY)
-    return root
+    return save_cli_workspace(tmp_path_factory.mktemp("faults"))
 
 
 @pytest.fixture
