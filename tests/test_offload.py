@@ -128,7 +128,7 @@ def test_cli_offload_gives_the_same_plan_and_model(tmp_path):
         args = ["prune", "--base_model", str(tmp_path / "tiny"), "--output_dir", str(tmp_path / "results"), "--output_name", name,
                 "--dataset", str(text), "--taylor_num_samples", "8", "--taylor_seq_len", "32", "--gradient_batch_size", "4",
                 "--pruning_ratio", "0.02", "--importance_method", "taylor", "--units", "kv_group,mlp_channel",
-                "--iterative_steps", "1", *extra]  # fmt: skip  (--offload prunes in one round: compare one round)
+                "--iterative_steps", "1", "--prior_measure", "kl", *extra]  # fmt: skip  (--offload: one round, exact Δ: compare those)
         assert main(args) == 0
         plans[name] = json.loads((tmp_path / "results" / name / "plan.json").read_text())
     assert plans["offload"]["layers"] == plans["memory"]["layers"] == plans["disk"]["layers"]

@@ -122,7 +122,7 @@ def test_prune_offload_with_priors_and_layerwise_allocation_gives_the_in_memory_
     flags = ["--taylor_num_samples", "4", "--taylor_seq_len", "32", "--gradient_batch_size", "2", "--pruning_ratio", "0.02",
              "--layer_importance_num_samples", "4", "--block_importance_num_samples", "4", "--reconstruct", "none",
              "--temperature", "1", "--allocation", "layerwise", "--layer_importance_method", "removal",
-             "--iterative_steps", "1"]  # fmt: skip  (--offload prunes in one round: compare one round)
+             "--iterative_steps", "1", "--prior_measure", "kl"]  # fmt: skip  (--offload: one round, exact Δ: compare those)
     memory = _run(tiny_run, "prune", "priors_memory", *flags)
     offloaded = _run(tiny_run, "prune", "priors_offload", *flags, "--offload")
     assert offloaded["layers"] == memory["layers"] and offloaded["params_after"] == memory["params_after"]

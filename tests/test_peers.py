@@ -69,13 +69,13 @@ def test_render_gives_one_line_per_method_with_both_ratios_and_errors():
     section = {
         "protocol": {"num_samples": 32, "seq_len": 128, "seed": 42, "windows": 64, "calibration": "WikiText-2 validation"},
         "dense": {"ppl": dense}, "prunellm_default": {"criterion": "taylor", "normalization": "block", "reconstruct": "lstsq"},
-        "rows": [row("flap", 0.2, 120.0, 75.0), row("prunellm", 0.2, 90.0, 60.0), row("prunellm", 0.3, 180.0, 100.0),
+        "rows": [row("flap", 0.2, 120.0, 75.0), {**row("prunellm", 0.2, 90.0, 60.0), "prune_seconds": 12.34}, row("prunellm", 0.3, 180.0, 100.0),
                  {"row": "llm_pruner/0.2", "method": "llm_pruner", "ratio": 0.2, "seconds": 3.0, "error": "RuntimeError: x"}],
     }  # fmt: skip
     text = render(section)
     lines = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
-    assert lines["| prunellm default"].endswith("| 20.0 % | 1.50 | 1.20 | 30.0 % | 3.00 | 2.00 |")
-    assert lines["| FLAP (WIFV, UL-UM, bias compensation), its own code"].endswith("| 20.0 % | 2.00 | 1.50 | — | — | — |")
+    assert lines["| prunellm default"].endswith("| 20.0 % | 1.50 | 1.20 | 12.3 | 30.0 % | 3.00 | 2.00 | — |")  # prune s beside quality
+    assert lines["| FLAP (WIFV, UL-UM, bias compensation), its own code"].endswith("| 20.0 % | 2.00 | 1.50 | — | — | — | — | — |")
     assert "| error | error |" in lines["| LLM-Pruner (Taylor param_first, block-wise, layers 4–28), its own code"]
     assert "error: RuntimeError: x" in text and "criterion `taylor`" in text
 
@@ -171,37 +171,37 @@ def test_flap_from_its_code_runs_gemma3_with_each_layers_own_rotary_embedding():
     assert torch.isfinite(model(ids[:2]).logits).all()
 
 
-def test_prunellm_row_runs_the_cli_defaults_through_the_ablation_row(monkeypatch):
-    """The peer table's prunellm row is PruneRecipe's defaults, pruned by the ablation's one row function."""
-    import benchmarks.ablation
-    from benchmarks.ablation import prune_row
+def test_prunellm_row_is_prunellm_run_with_the_recipes_defaults(tmp_path):
+    """The peer table's prunellm row is ``prunellm.run`` (the CLI's code) with PruneRecipe's defaults on the
+    protocol's text: the same weights as a user's call, overrides recorded, and scoring windows checked against the
+    protocol's where the recipe scores."""
+    from conftest import save_tiny_model_dir
+
+    import prunellm as pl
+    from benchmarks.common import WIKITEXT_VALID
     from benchmarks.peers.run import _prune_prunellm, prunellm_default
+    from prunellm.data import sample_calibration
     from prunellm.options import PruneRecipe
 
     recipe, d = PruneRecipe(), prunellm_default()
     assert (d["criterion"], d["normalization"], d["reconstruct"], d["units"], d["temperature"]) == (
         recipe.scoring.importance_method, recipe.selection.normalization, recipe.reconstruction.reconstruct,
         recipe.budget.units, recipe.priors.temperature)  # fmt: skip
-    assert d["iterative_steps"] == recipe.budget.rounds()
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2)).eval()  # fmt: skip
-    ids = torch.randint(0, 128, (8, 32))
-    # the prior's Δloss as if measured (no calibration text needed): layer 1 costs more to remove than layer 0
-    deltas = {"layer": [0.5, 2.0], "attention": [0.2, 0.4], "mlp": [0.3, 3.0]}
-    total, cache = count_parameters(base), {("deltas", d["prior_measure"]): deltas}
-    monkeypatch.setattr(benchmarks.ablation, "prior_deltas", lambda model, tokenizer, measure: deltas)  # later rounds' priors
-    model, info = _prune_prunellm(base, None, ids, 0.1, cache)
-    assert info["setting"] == d and abs((1 - count_parameters(model) / total) - 0.1) < 0.02
-    if d["temperature"] == "auto":
-        used = info["temperature_used"]
-        assert all(t > 0 for t in (used if isinstance(used, list) else [used]))
-        assert not isinstance(used, list) or len(used) == d["iterative_steps"]
-    fields = {"criterion": "magnitude", "units": "all", "normalization": "block", "reconstruct": "none", "target": "pruned",
-              "select": "plan", "temperature": 0.0, "ratio": 0.1}  # fmt: skip
-    _, plan, extra = prune_row(base, None, ids, fields, cache)
-    assert extra == {} and ("magnitude", ("kv_group", "mlp_channel")) in cache and len(cache) == 3  # two scores, the deltas
-    assert count_parameters(base) == total  # rows prune copies
+    assert d["iterative_steps"] == recipe.budget.rounds() and d["prior_measure"] == "fisher"  # auto, in memory
+    folder = save_tiny_model_dir(tmp_path / "tiny", "llama", num_hidden_layers=2)
+    base, tokenizer = pl.load(str(folder))
+    ids = sample_calibration(tokenizer, str(WIKITEXT_VALID), 8, 32, 42)
+    model, info = _prune_prunellm(base, tokenizer, ids, 0.005, {})
+    assert info["setting"] == d and "priors" in info["stage_seconds"]["stages"]
+    same, _ = pl.run(pl.Recipe(base_model=str(folder), pruning_ratio=0.005, dataset=str(WIKITEXT_VALID), calibration_num_samples=8,
+                               calibration_seq_len=32, reconstruct_num_samples=8, reconstruct_seq_len=32), pl.load(str(folder))[0], tokenizer)  # fmt: skip
+    theirs = same.state_dict()
+    assert all(torch.equal(tensor, theirs[name]) for name, tensor in model.state_dict().items())
+    assert count_parameters(base) == count_parameters(pl.load(str(folder))[0])  # the row prunes a copy
+    _, info = _prune_prunellm(base, tokenizer, ids, 0.005, {}, importance_method="taylor", temperature=0)
+    assert info["setting"]["temperature"] == 0 and info["setting"]["importance_method"] == "taylor"
+    with pytest.raises(RuntimeError, match="not the protocol's calibration windows"):
+        _prune_prunellm(base, tokenizer, ids[:, :16], 0.005, {}, importance_method="taylor")  # other windows than it scored
 
 
 def test_the_row_at_flaps_count_removes_what_flaps_row_removed_and_is_compared_to_it(tmp_path):

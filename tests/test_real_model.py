@@ -116,11 +116,12 @@ def test_default_recipe_beats_random_and_magnitude_and_its_prior_helps(smollm, e
     import prunellm as pl
     from prunellm.options import PriorOptions
     from prunellm.priors import ablation_deltas, matched_temperature, prior_multipliers, resolve_tau
+    from prunellm.pruner import prior_measure
 
     base, tokenizer = smollm
     ids = sample_calibration(tokenizer, "shakespeare", 32, 128, seed=0)
     layer_ids, block_ids = (sample_calibration(tokenizer, "shakespeare", 8, 128, seed=s) for s in (1, 2))
-    measure = PriorOptions().prior_measure
+    measure = prior_measure(PriorOptions())  # the default's, in memory
     deltas = [ablation_deltas(base, layer_ids, "layer", measure=measure)] + [
         ablation_deltas(base, block_ids, t, measure=measure) for t in ("attention", "mlp")
     ]

@@ -30,6 +30,7 @@ from collections.abc import Callable
 import torch
 
 from benchmarks.ablation import MODEL, NUM_SAMPLES, SEED, SEQ_LEN, WINDOWS, evaluate_windows, into_results, ratio_cell, start, texts_of
+from benchmarks.common import WIKITEXT_VALID
 
 log = logging.getLogger("benchmarks.peers")
 RATIOS = (0.2, 0.3)
@@ -85,6 +86,7 @@ def widths(model) -> dict[str, list[int]]:
 def prunellm_default() -> dict:
     """The settings of prunellm's row: :class:`~prunellm.options.PruneRecipe`'s defaults."""
     from prunellm.options import PruneRecipe
+    from prunellm.pruner import prior_measure
     from prunellm.reconstruction import resolve_select
 
     recipe = PruneRecipe()
@@ -92,25 +94,34 @@ def prunellm_default() -> dict:
     return {"criterion": recipe.scoring.importance_method, "normalization": selection.normalization,
             "reconstruct": reconstruction.reconstruct, "reconstruct_damp": reconstruction.reconstruct_damp,
             "reconstruct_target": reconstruction.reconstruct_target, "reconstruct_select": resolve_select(reconstruction.reconstruct_select, recipe.scoring.importance_method, reconstruction.reconstruct),
-            "temperature": recipe.priors.temperature, "tau": recipe.priors.tau, "prior_measure": recipe.priors.prior_measure,
+            "temperature": recipe.priors.temperature, "tau": recipe.priors.tau, "prior_measure": prior_measure(recipe.priors),
             "min_kv_groups": selection.min_kv_groups,
             "round_to": selection.round_to, "units": recipe.budget.units, "iterative_steps": recipe.budget.rounds(),
             "gradient_batch_size": recipe.calibration.gradient_batch_size}  # fmt: skip
 
 
 def _prune_prunellm(base, tokenizer, ids, ratio: float, cache: dict, **overrides) -> tuple[object, dict]:
-    """prunellm's default (``overrides``: settings of :func:`prunellm_default` that differ, e.g. ``temperature=0``)."""
-    from benchmarks.ablation import prune_row
+    """prunellm's row: :func:`prunellm.run`, the CLI's code and defaults, on a copy of ``base`` with the protocol's
+    calibration text. Its scoring windows are the protocol's ``ids`` (same text, count, length and seed: checked by
+    hash where the recipe scores); the refit and the priors draw their own windows of that text with the CLI's seeds, as ``prunellm prune
+    --dataset`` would. ``overrides``: recipe options by flag name (``temperature=0``); ``cache`` is unused (every row
+    runs the whole recipe, as a user's command does)."""
+    import prunellm as pl
+    from prunellm.data import tensor_hash
+    from prunellm.options import RunOptions
+    from prunellm.runs import StageClock
 
-    d = prunellm_default() | overrides
-    fields = {"criterion": d["criterion"], "kinds": tuple(d["units"].split(",")), "normalization": d["normalization"],
-              "reconstruct": d["reconstruct"], "target": d["reconstruct_target"], "select": d["reconstruct_select"],
-              "temperature": d["temperature"], "tau": d["tau"], "prior_measure": d["prior_measure"], "ratio": ratio,
-              "min_kv_groups": d["min_kv_groups"],
-              "round_to": d["round_to"], "damp": d["reconstruct_damp"], "batch_size": d["gradient_batch_size"],
-              "rounds": d["iterative_steps"]}  # fmt: skip
-    model, _, extra = prune_row(base, tokenizer, ids, fields, cache)
-    return model, {"setting": d, **extra}
+    recipe = pl.Recipe(
+        base_model=getattr(base.config, "_name_or_path", "") or MODEL, pruning_ratio=ratio, dataset=str(WIKITEXT_VALID),
+        calibration_num_samples=ids.shape[0], calibration_seq_len=ids.shape[1], reconstruct_num_samples=ids.shape[0],
+        reconstruct_seq_len=ids.shape[1],
+    ).replace(**overrides)  # fmt: skip
+    clock = StageClock()
+    with clock.running():
+        model, plan = pl.run(recipe, copy.deepcopy(base), tokenizer, options=RunOptions(seed=SEED))
+    if plan.calibration.get("hash", tensor_hash(ids)) != tensor_hash(ids):  # no hash: the scores were not needed
+        raise RuntimeError("prunellm's scoring windows are not the protocol's calibration windows")
+    return model, {"setting": prunellm_default() | overrides, "stage_seconds": clock.report()}
 
 
 def _prune_flap(base, ids, target: int, mirror) -> tuple[object, dict]:
@@ -272,7 +283,7 @@ def render(section: dict) -> str:
     d = section["prunellm_default"]
     texts = texts_of(dense)
     header = "| method | " + " | ".join(
-        f"removed (~{ratio * 100:g} %)" + "".join(f" | {label} ÷ dense" for _, label in texts)
+        f"removed (~{ratio * 100:g} %)" + "".join(f" | {label} ÷ dense" for _, label in texts) + " | prune s"
         for ratio in ratios
     ) + " |"  # fmt: skip
     if model == MODEL:
@@ -303,20 +314,23 @@ def render(section: dict) -> str:
         f"the target. prunellm default = `PruneRecipe` defaults: criterion `{d['criterion']}`, units "
         f"`{d.get('units', 'kv_group,mlp_channel')}`, allocation `{d['normalization']}`, H-GSP temperature "
         f"`{d.get('temperature', 0)}` (Δ: {d.get('prior_measure', 'loss')}), reconstruct `{d['reconstruct']}`, units chosen by "
-        f"`{d.get('reconstruct_select', 'plan')}`, {d.get('iterative_steps', 1)} round(s) (same windows; the priors' Δloss too). "
+        f"`{d.get('reconstruct_select', 'plan')}`, {d.get('iterative_steps', 1)} round(s), run by `prunellm.run` (the CLI's "
+        "code): its scores (where the recipe needs them) on these windows, its refit and prior on windows of their own "
+        "from the same text (the CLI's seeds). Prune s = wall seconds of pruning alone, every row in one run on one machine. "
         + ("The same default at FLAP's parameter count removes exactly what FLAP's row of that ratio removed (FLAP "
            "cuts whole shares of every layer and cannot land on the target; measured where FLAP's count is furthest "
            "from it, — elsewhere). " if any(r["method"] == "prunellm_at_flap" for r in section["rows"]) else "")
         + "Peers are run from pinned commits "
         "of their repositories, adapted as `benchmarks/peers/` documents.", "",
-        header, "|---|" + ("---|" * (1 + len(texts))) * len(ratios),
+        header, "|---|" + ("---|" * (2 + len(texts))) * len(ratios),
     ]  # fmt: skip
     for method in (m for m in METHODS if any(row.split("/")[0] == m for row in expected)):
         cells = []
         for ratio in ratios:
             row = rows.get((method, ratio))
             removed = "—" if row is None or row.get("error") else f"{row['removed'] * 100:.1f} %"
-            cells += [removed, *(_cell(row, key, dense) for key, _ in texts)]
+            seconds = "—" if row is None or row.get("error") or "prune_seconds" not in row else f"{row['prune_seconds']:.1f}"
+            cells += [removed, *(_cell(row, key, dense) for key, _ in texts), seconds]
         lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
     lines += _against_flap(rows, ratios, texts, dense)
     if model == MODEL:

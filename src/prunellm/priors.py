@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import Stats, UnitKey, batches_of, capture_block_inputs, run_block
+from .calibration import Stats, UnitKey, _only_sliced_params_require_grad, batches_of, capture_block_inputs, run_block
 from .data import tensor_hash
 from .errors import PrunellmError
 from .models import input_device
@@ -29,8 +29,9 @@ from .specs import spec_for
 from .units import decoder_layers, get_module
 
 Target = Literal["layer", "attention", "mlp"]
-Measure = Literal["loss", "kl"]
-MEASURES = ("loss", "kl")
+Measure = Literal["loss", "kl", "fisher"]
+MEASURES = ("loss", "kl", "fisher")
+FISHER_SAMPLES = 2  # label draws (backward passes) per calibration batch of ``measure="fisher"``
 
 
 def _zero_output_hook(module, args, kwargs, output):
@@ -134,7 +135,7 @@ def ablation_deltas_of(
     layer read once). Computed once per weights, forward hooks and windows: the layer prior and the layerwise
     allocation ask for the same layer ablations."""
     if measure not in MEASURES:
-        raise PrunellmError(f"--prior_measure '{measure}' is not valid: use {' or '.join(MEASURES)}")
+        raise PrunellmError(f"--prior_measure '{measure}' is not valid: use {', '.join(MEASURES[:-1])} or {MEASURES[-1]}")
     indices = list(range(len(decoder_layers(model)))) if layers is None else list(layers)
     if offload is None:
         check_in_memory(model)
@@ -144,7 +145,16 @@ def ablation_deltas_of(
         del cached[stale]
     keys = {target: (target, measure, batch_size, tuple(indices), tensor_hash(input_ids), version) for target in targets}
     missing = tuple(target for target in targets if keys[target] not in cached)
-    if missing:
+    if missing and measure == "fisher":
+        if offload is not None:
+            raise PrunellmError(
+                "--prior_measure fisher needs the model in memory (one backward pass through all layers): with "
+                "--offload use --prior_measure kl (exact ablations, one layer on the device at a time)"
+            )
+        estimates = _fisher_deltas(model, input_ids, missing, batch_size, indices)
+        for target in missing:
+            cached[keys[target]] = [max(value, 0.0) for value in estimates[target]]
+    elif missing:
         if offload is not None:
             base, losses = offload.ablated_losses(model, input_ids, missing, batch_size, indices, measure)
         else:
@@ -213,6 +223,63 @@ def _ablated_losses(
                 base_total += _next_token_loss(head(norm(hidden)), batch) * n
             count += n
     return base_total / count, [totals[i] / count for i in indices]
+
+
+def _fisher_deltas(
+    model: nn.Module, input_ids: torch.Tensor, targets: tuple[Target, ...], batch_size: int, indices: list[int],
+    samples: int = FISHER_SAMPLES,
+) -> dict[Target, list[float]]:
+    """Every ablation's KL(p_dense ‖ p_ablated), estimated from one forward and ``samples`` backward passes a batch.
+
+    The change δ that an ablation makes to the residual stream leaving its own layer is computed exactly (that one
+    layer rerun with the block zeroed, or for a whole layer its input minus its output); its effect on the next-token
+    distributions of every later position is taken to second order, KL ≈ ½ δᵀFδ, where F is the Fisher information
+    of the window's next-token distributions at that point of the stream. With labels y drawn from the model's own
+    distributions, E_y[(∇ log p(y)·δ)²] = δᵀFδ, so one backward pass per draw gives the estimate of every
+    ablation at once. Second order is exact as δ → 0 and underestimates the few blocks whose removal breaks the
+    model outright (SmolLM2's first MLP); their rank stays near the top (docs/benchmarks.md, issue 39).
+    Deterministic: the draws use a generator seeded the same way every call.
+    """
+    spec = spec_for(model.config)
+    blocks = decoder_layers(model, spec)
+    norm, head = get_module(model, spec.final_norm), model.get_output_embeddings()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    device = input_device(model)
+    generator = torch.Generator(device=device).manual_seed(0)
+    totals = {target: dict.fromkeys(indices, 0.0) for target in targets}
+    count = 0
+    with _only_sliced_params_require_grad(model, ()):
+        for batch in tqdm(list(batches_of(input_ids, batch_size)), desc="prior (Fisher estimate)", leave=False):
+            batch = batch.to(device)
+            hidden, kwargs = capture_block_inputs(model, blocks, batch)
+            stream = [hidden.detach().requires_grad_(True)]
+            with torch.enable_grad():
+                for layer, block in enumerate(blocks):
+                    stream.append(run_block(block, stream[-1], kwargs[layer]))
+                logits = head(norm(stream[-1]))
+                log_probs = _next_token_log_probs(torch.tanh(logits / cap) * cap if cap else logits)
+            changes = {}
+            with torch.no_grad():
+                for target in targets:
+                    for layer in indices:
+                        if target == "layer":
+                            changed = stream[layer]
+                        else:
+                            with ablated(model, layer, target):
+                                changed = run_block(blocks[layer], stream[layer], kwargs[layer])
+                        changes[(target, layer)] = changed - stream[layer + 1]
+                cumulative = log_probs.detach().exp().flatten(0, 1).cumsum(-1)  # inverse-CDF draws (multinomial is slow on CPU)
+                cumulative /= cumulative[:, -1:].clone()
+            for draw in range(samples):
+                uniform = torch.rand(cumulative.shape[0], 1, generator=generator, device=device)
+                labels = torch.searchsorted(cumulative, uniform).clamp_(max=cumulative.shape[1] - 1).view(*log_probs.shape[:-1], 1)
+                picked = log_probs.gather(-1, labels).sum()
+                grads = torch.autograd.grad(picked, stream[1:], retain_graph=draw < samples - 1)
+                for (target, layer), delta in changes.items():
+                    along = (grads[layer].float() * delta.float()).sum(dim=(1, 2)).double()  # one per window
+                    totals[target][layer] += float(along.pow(2).sum()) / (2 * samples)
+            count += batch.shape[0] * (batch.shape[1] - 1)
+    return {target: [totals[target][i] / count for i in indices] for target in targets}
 
 
 def _ablated_losses_full(

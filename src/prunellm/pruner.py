@@ -331,17 +331,28 @@ def ablation_windows(tokenizer, calibration: CalibrationOptions, seed: int, targ
 def compute_priors(
     model: nn.Module, tokenizer, priors: PriorOptions, calibration: CalibrationOptions, seed: int, out: Path,
     offload: Offload | None = None, values: dict[UnitKey, torch.Tensor] | None = None,
+    kinds: tuple[str, ...] = UNIT_KINDS,
 ) -> dict[UnitKey, float] | None:
     """Layer/block Δloss priors (skipped when ``--temperature 0``; ``offload``: one layer on the device at a time);
-    writes both JSON files. ``values``: the normalised scores without priors, which ``--temperature auto`` matches."""
+    writes both JSON files. ``values``: the normalised scores without priors, which ``--temperature auto`` matches.
+    ``kinds``: the unit kinds pruned; a block kind none of them is in is not ablated (its Δ would multiply no unit's
+    score) and its multipliers are 1. ``--prior_measure fisher`` estimates every Δ from one pass over the layer
+    ablations' windows; the exact measures ablate layers and blocks on windows of their own."""
     if priors.temperature == 0:
         return None
+    measure = prior_measure(priors, offload)
     layer_ids = ablation_windows(tokenizer, calibration, seed, "layer")
-    block_ids = ablation_windows(tokenizer, calibration, seed, "block")
     batch = calibration.gradient_batch_size
-    layer_d = ablation_deltas(model, layer_ids, "layer", batch, offload=offload, measure=priors.prior_measure)
-    blocks = ablation_deltas_of(model, block_ids, ("attention", "mlp"), batch, offload=offload, measure=priors.prior_measure)  # offloaded: one sweep
-    attn_d, mlp_d = blocks["attention"], blocks["mlp"]
+    targets = tuple(target for target, kind in (("attention", "kv_group"), ("mlp", "mlp_channel")) if kind in kinds)
+    if measure == "fisher":  # one forward and backward pass estimates every target: one set of windows
+        blocks = ablation_deltas_of(model, layer_ids, ("layer", *targets), batch, offload=offload, measure="fisher")
+        layer_d = blocks.pop("layer")
+    else:
+        layer_d = ablation_deltas(model, layer_ids, "layer", batch, offload=offload, measure=measure)
+        block_ids = ablation_windows(tokenizer, calibration, seed, "block")
+        blocks = ablation_deltas_of(model, block_ids, targets, batch, offload=offload, measure=measure)  # offloaded: one sweep
+    unmeasured = [math.e - 1.0] * len(layer_d)  # ln(1 + Δ) = 1 at every T: the multiplier of a kind not pruned
+    attn_d, mlp_d = blocks.get("attention", unmeasured), blocks.get("mlp", unmeasured)
     tau = resolve_tau(priors.tau, layer_d)
     temperature = resolve_temperature(priors.temperature, (layer_d, attn_d, mlp_d), tau, values)
     unit_spread = prior_spread(prior_multipliers(layer_d, attn_d, mlp_d, 1.0, tau), values) if values else None
@@ -349,11 +360,21 @@ def compute_priors(
         log.info("--temperature auto: T = %.3f (the prior's spread ×%.2f between the pruned blocks matched to the "
                  "scores' within-block spread)", temperature, unit_spread or 1.0)  # fmt: skip
     spread_field = {} if unit_spread is None else {"prior_spread_p90_over_p10": unit_spread}
-    metric = {"loss": "delta_loss_zero_ablation", "kl": "kl_from_dense_zero_ablation"}[priors.prior_measure]
+    metric = {"loss": "delta_loss_zero_ablation", "kl": "kl_from_dense_zero_ablation",
+              "fisher": "kl_from_dense_zero_ablation_fisher_estimate"}[measure]  # fmt: skip
     write_json_atomic(out / "layer_importance_loss.json",
                       {"metric": metric, "layers": layer_d, "tau": tau, "temperature": temperature, **spread_field})  # fmt: skip
-    write_json_atomic(out / "block_importance_loss.json", {"metric": metric, "attention": attn_d, "mlp": mlp_d})
+    write_json_atomic(out / "block_importance_loss.json", {"metric": metric, **blocks})
     return prior_multipliers(layer_d, attn_d, mlp_d, temperature, tau)
+
+
+def prior_measure(priors: PriorOptions, offload: Offload | None = None) -> str:
+    """``--prior_measure`` resolved: ``auto`` is ``fisher`` (every block's Δ from one forward and two backward passes a
+    batch; on SmolLM2 as good as the exact KL at a fifth of its time, docs/benchmarks.md) in memory and ``kl`` with
+    ``--offload`` (the exact ablations stream one layer at a time; the estimate needs the whole backward pass)."""
+    if priors.prior_measure == "auto":
+        return "kl" if offload is not None else "fisher"
+    return priors.prior_measure
 
 
 def selection_constraints(selection: SelectionOptions) -> SelectionConstraints:
@@ -408,12 +429,19 @@ def score_and_plan(
     units = [u for u in all_units(model, kinds) if u.layer in layers]
     total = count_parameters(model)
     calibration_info: dict[str, Any] = {"needs": sorted(criterion.needs)}
-    with stage("score"):
-        scores = score_units(model, tokenizer, recipe, run, units, calibration_info)
+    rechosen = scores_rechosen(recipe)
+    if rechosen:  # only the counts matter: ranks in index order stand in for the scores, the refit chooses the units
+        log.info("%s: each block's count comes from the prior alone and the refit re-chooses its units, so the dense "
+                 "scoring pass is skipped", rechosen)  # fmt: skip
+        calibration_info.update(needs=[], scoring=f"skipped: {rechosen}")
+        scores = {(u.layer, u.kind): torch.zeros(u.count) for u in units}
+    else:
+        with stage("score"):
+            scores = score_units(model, tokenizer, recipe, run, units, calibration_info)
     normalization = recipe.selection.normalization
     values = normalized_values(units, scores, normalization)
     with stage("priors"):
-        priors = compute_priors(model, tokenizer, recipe.priors, calib, run.seed, out, run_offload(run), values)
+        priors = compute_priors(model, tokenizer, recipe.priors, calib, run.seed, out, run_offload(run), values, kinds)
     with stage("select"):
         if priors is not None:
             values = normalized_values(units, scores, normalization, priors)
@@ -426,12 +454,26 @@ def score_and_plan(
                 run_offload(run),
             )
         else:
-            selection = select_global(units, values, scores, target, constraints, total)
+            selection = select_global(units, values, {} if rechosen else scores, target, constraints, total)
+            if rechosen:  # the table's per-index values were stand-ins: only the removed column (as applied) holds
+                selection.table[:] = [{**row, "value": float("nan")} for row in selection.table]
     plan = plan_from_selection(
         model, selection.kept, recipe, total, total - selection.removed_params, calibration_info, run.seed,
         reconstruction or {"mode": "none"},
     )  # fmt: skip
     return plan, selection.table
+
+
+def scores_rechosen(recipe: PruneRecipe) -> str | None:
+    """Why the criterion's dense scores cannot change the pruned model (``None`` where they can): ``uniform``
+    normalisation turns them into ranks within each block, so every block's count under the global ranking comes from
+    the prior and the block's size alone, and a re-selecting refit (``--reconstruct_select fluctuation``/``obs``)
+    chooses each block's units again on the pruned model's inputs (the default recipe)."""
+    reconstruction = recipe.reconstruction
+    select = resolve_select(reconstruction.reconstruct_select, recipe.scoring.importance_method, reconstruction.reconstruct)
+    if recipe.selection.normalization == "uniform" and select != "plan" and recipe.allocation.allocation == "global":
+        return f"--normalization uniform with --reconstruct_select {select}"
+    return None
 
 
 def score_units(
