@@ -134,8 +134,8 @@ def test_one_loader_one_return_type_and_the_remedy_in_the_config(tmp_path):
 
 def test_run_gives_the_clis_model_for_every_family(family, tmp_path):
     """One composition: ``prunellm.run(recipe)`` in memory and ``prunellm prune`` with the same options give
-    bit-identical weights (the recipe's defaults: fluctuation, uniform, the prior's Fisher estimate, lstsq_bias refit
-    re-choosing the units; two rounds asked for, as auto gives above a ratio of 0.2)."""
+    bit-identical weights (the recipe's defaults: fluctuation, uniform, the KL prior, lstsq_bias refit
+    re-choosing the units; two rounds, as auto)."""
     from conftest import STORY, save_tiny_model_dir
 
     from prunellm.cli import main

@@ -220,5 +220,5 @@ def test_layer_pruning_script_flags(tiny_dir):
     out = tiny_dir / "r" / "alloc"
     plan = json.loads((out / "plan.json").read_text())
     assert abs(plan["achieved_ratio"] - 0.05) < 0.01
-    assert len(json.loads((out / "layer_importance.json").read_text())["pruning_rates"]) == 4  # one round at 0.05
+    assert len(json.loads((out / "rounds" / "1" / "layer_importance.json").read_text())["pruning_rates"]) == 4  # 2 rounds
     assert (out / "evaluation_results.json").is_file() and (out / "evaluation_results_base.json").is_file()

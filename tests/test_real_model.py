@@ -116,12 +116,11 @@ def test_default_recipe_beats_random_and_magnitude_and_its_prior_helps(smollm, e
     import prunellm as pl
     from prunellm.options import PriorOptions
     from prunellm.priors import ablation_deltas, matched_temperature, prior_multipliers, resolve_tau
-    from prunellm.pruner import prior_measure
 
     base, tokenizer = smollm
     ids = sample_calibration(tokenizer, "shakespeare", 32, 128, seed=0)
     layer_ids, block_ids = (sample_calibration(tokenizer, "shakespeare", 8, 128, seed=s) for s in (1, 2))
-    measure = prior_measure(PriorOptions())  # the default's, in memory
+    measure = PriorOptions().prior_measure
     deltas = [ablation_deltas(base, layer_ids, "layer", measure=measure)] + [
         ablation_deltas(base, block_ids, t, measure=measure) for t in ("attention", "mlp")
     ]
@@ -164,3 +163,31 @@ def test_pruning_in_rounds_keeps_the_informed_criterion_ahead_and_the_count_on_t
         assert abs(plan.achieved_ratio - 0.2) < 1e-4 and count_parameters(model) == plan.params_after + report["added_params"]
         result[criterion] = _ppl(model, eval_ids)
     assert result["fluctuation"] < result["random"], result
+
+
+def test_the_cli_prunellm_run_and_the_peer_row_prune_smollm2_to_the_same_weights(smollm, tmp_path):
+    """One pipeline (issue 35): ``prunellm prune``, ``prunellm.run`` and the peer table's prunellm row give SmolLM2
+    bit-identical weights with the recipe's defaults (uniform shares reshaped by the prior, the re-selecting refit,
+    two rounds; calibration shortened, the prior's Δ estimated and the refit's damping fixed to keep it short)."""
+    import prunellm as pl
+    from benchmarks.common import WIKITEXT_VALID
+    from benchmarks.peers.run import _prune_prunellm
+    from prunellm.checkpoint import load_checkpoint
+    from prunellm.cli import main
+
+    base, tokenizer = smollm
+    ids = sample_calibration(tokenizer, str(WIKITEXT_VALID), 16, 128, seed=42)  # the peer protocol's windows, fewer
+    # (the refit needs more tokens than a projection keeps input columns: 16 × 128 ≥ 80 % of 1536)
+    small = {"dataset": str(WIKITEXT_VALID), "calibration_num_samples": 16, "calibration_seq_len": 128, "reconstruct_num_samples": 16,
+             "reconstruct_seq_len": 128, "layer_importance_num_samples": 4, "reconstruct_damp": 1.0, "prior_measure": "fisher",
+             "pruning_ratio": 0.2}  # fmt: skip
+    flags = [f"--{name}={value}" for name, value in small.items()]
+    assert main(["prune", "--base_model", "smollm2-135m", "--output_dir", str(tmp_path), "--output_name", "cli", *flags]) == 0
+    by_cli = load_checkpoint(tmp_path / "cli" / "model").state_dict()
+    by_run, plan = pl.run(pl.Recipe(base_model="smollm2-135m", **small), copy.deepcopy(base), tokenizer)
+    by_row, _ = _prune_prunellm(base, tokenizer, ids, 0.2, {}, layer_importance_num_samples=4, reconstruct_damp=1.0, prior_measure="fisher")
+    assert len(plan.rounds) == 2 and plan.calibration["scoring"].startswith("skipped")
+    for model in (by_run, by_row):
+        ours = model.state_dict()
+        assert ours.keys() == by_cli.keys()
+        assert all(torch.equal(ours[name], by_cli[name]) for name in ours)

@@ -75,18 +75,18 @@ def match_setting(removed: Callable[[float], int], target: int, low: float = 0.0
 
 
 def widths(model) -> dict[str, list[int]]:
-    """Per-layer KV heads and MLP channels of a (pruned) Llama-like model, read from its projections."""
-    layers = model.model.layers
-    return {
-        "kv_heads": [layer.self_attn.k_proj.out_features // layer.self_attn.head_dim for layer in layers],
-        "mlp_channels": [layer.mlp.gate_proj.out_features for layer in layers],
-    }
+    """Per-layer KV heads and MLP channels of a (pruned) model, 0 where a whole block went (prunellm's units read
+    any family's projections through its spec)."""
+    from prunellm.units import decoder_layers, layer_units
+
+    n_layers = len(decoder_layers(model))
+    return {kind: [layer_units(model, i, unit).count for i in range(n_layers)]
+            for kind, unit in (("kv_heads", "kv_group"), ("mlp_channels", "mlp_channel"))}  # fmt: skip
 
 
 def prunellm_default() -> dict:
     """The settings of prunellm's row: :class:`~prunellm.options.PruneRecipe`'s defaults."""
     from prunellm.options import PruneRecipe
-    from prunellm.pruner import prior_measure
     from prunellm.reconstruction import resolve_select
 
     recipe = PruneRecipe()
@@ -94,9 +94,9 @@ def prunellm_default() -> dict:
     return {"criterion": recipe.scoring.importance_method, "normalization": selection.normalization,
             "reconstruct": reconstruction.reconstruct, "reconstruct_damp": reconstruction.reconstruct_damp,
             "reconstruct_target": reconstruction.reconstruct_target, "reconstruct_select": resolve_select(reconstruction.reconstruct_select, recipe.scoring.importance_method, reconstruction.reconstruct),
-            "temperature": recipe.priors.temperature, "tau": recipe.priors.tau, "prior_measure": prior_measure(recipe.priors),
+            "temperature": recipe.priors.temperature, "tau": recipe.priors.tau, "prior_measure": recipe.priors.prior_measure,
             "min_kv_groups": selection.min_kv_groups,
-            "round_to": selection.round_to, "units": recipe.budget.units, "iterative_steps": recipe.budget.rounds(),
+            "round_to": selection.round_to, "units": recipe.budget.units, "iterative_steps": recipe.budget.iterative_steps,
             "gradient_batch_size": recipe.calibration.gradient_batch_size}  # fmt: skip
 
 
@@ -121,7 +121,8 @@ def _prune_prunellm(base, tokenizer, ids, ratio: float, cache: dict, **overrides
         model, plan = pl.run(recipe, copy.deepcopy(base), tokenizer, options=RunOptions(seed=SEED))
     if plan.calibration.get("hash", tensor_hash(ids)) != tensor_hash(ids):  # no hash: the scores were not needed
         raise RuntimeError("prunellm's scoring windows are not the protocol's calibration windows")
-    return model, {"setting": prunellm_default() | overrides, "stage_seconds": clock.report()}
+    setting = prunellm_default() | overrides | {"rounds": recipe.budget.rounds()}
+    return model, {"setting": setting, "stage_seconds": clock.report()}
 
 
 def _prune_flap(base, ids, target: int, mirror) -> tuple[object, dict]:
@@ -314,9 +315,11 @@ def render(section: dict) -> str:
         f"the target. prunellm default = `PruneRecipe` defaults: criterion `{d['criterion']}`, units "
         f"`{d.get('units', 'kv_group,mlp_channel')}`, allocation `{d['normalization']}`, H-GSP temperature "
         f"`{d.get('temperature', 0)}` (Δ: {d.get('prior_measure', 'loss')}), reconstruct `{d['reconstruct']}`, units chosen by "
-        f"`{d.get('reconstruct_select', 'plan')}`, {d.get('iterative_steps', 1)} round(s), run by `prunellm.run` (the CLI's "
-        "code): its scores (where the recipe needs them) on these windows, its refit and prior on windows of their own "
-        "from the same text (the CLI's seeds). Prune s = wall seconds of pruning alone, every row in one run on one machine. "
+        f"`{d.get('reconstruct_select', 'plan')}`, rounds `{d.get('iterative_steps', 1)}` (auto: 2 in memory). Rows whose "
+        "settings list their `rounds` ran through `prunellm.run` (the CLI's code): scores (where the recipe needs them) "
+        "on these windows, refit and prior on windows of their own from the same text (the CLI's seeds); earlier rows "
+        "composed the stages in the benchmark and refitted on the scoring windows. Prune s = wall seconds of pruning "
+        "alone, on the machine of the run as loaded as it was. "
         + ("The same default at FLAP's parameter count removes exactly what FLAP's row of that ratio removed (FLAP "
            "cuts whole shares of every layer and cannot land on the target; measured where FLAP's count is furthest "
            "from it, — elsewhere). " if any(r["method"] == "prunellm_at_flap" for r in section["rows"]) else "")

@@ -340,7 +340,7 @@ def compute_priors(
     ablations' windows; the exact measures ablate layers and blocks on windows of their own."""
     if priors.temperature == 0:
         return None
-    measure = prior_measure(priors, offload)
+    measure = priors.prior_measure
     layer_ids = ablation_windows(tokenizer, calibration, seed, "layer")
     batch = calibration.gradient_batch_size
     targets = tuple(target for target, kind in (("attention", "kv_group"), ("mlp", "mlp_channel")) if kind in kinds)
@@ -366,15 +366,6 @@ def compute_priors(
                       {"metric": metric, "layers": layer_d, "tau": tau, "temperature": temperature, **spread_field})  # fmt: skip
     write_json_atomic(out / "block_importance_loss.json", {"metric": metric, **blocks})
     return prior_multipliers(layer_d, attn_d, mlp_d, temperature, tau)
-
-
-def prior_measure(priors: PriorOptions, offload: Offload | None = None) -> str:
-    """``--prior_measure`` resolved: ``auto`` is ``fisher`` (every block's Δ from one forward and two backward passes a
-    batch; on SmolLM2 as good as the exact KL at a fifth of its time, docs/benchmarks.md) in memory and ``kl`` with
-    ``--offload`` (the exact ablations stream one layer at a time; the estimate needs the whole backward pass)."""
-    if priors.prior_measure == "auto":
-        return "kl" if offload is not None else "fisher"
-    return priors.prior_measure
 
 
 def selection_constraints(selection: SelectionOptions) -> SelectionConstraints:
