@@ -202,3 +202,18 @@ def test_ablation_variants_fisher_matches_autograd_and_patches_only_for_the_row(
         with variants.VARIANTS[name][2]():
             pass
     assert (fluctuation.slice_fluctuation, reconstruction._fluctuation_choice) == originals
+
+
+def test_prior_agreement_compares_each_cheaper_way_with_the_exact_ablations():
+    from benchmarks.prior_agreement import POSITIONS, agreement, render
+
+    exact = [8.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    same_order = agreement(exact, [v / 2 for v in exact])
+    assert same_order["spearman"] == 1.0 and same_order["top5_shared"] == 5
+    reversed_order = agreement(exact, [1 / v for v in exact])
+    assert reversed_order["spearman"] < 0 and reversed_order["top5_shared"] < 5
+    section = {"model": "m", "windows": [16, 128], "threads": 2, "seconds": {"kl": 300.0, "fisher": 30.0, f"kl_{POSITIONS}_positions": 200.0},
+               "estimates": {"fisher": {"mlp": reversed_order}, f"kl_{POSITIONS}_positions": {"mlp": same_order}}}  # fmt: skip
+    text = render(section)
+    assert f"| kl_{POSITIONS}_positions (200 s) | mlp | 1.000 |" in text and "| fisher (30 s) | mlp |" in text
+    assert "exact 8.00, fisher 0.12" in text

@@ -437,8 +437,8 @@ def test_prior_measure_kl_records_divergences_and_changes_only_the_prior(workspa
 
 
 def test_iterative_steps_prune_in_rounds_that_compose_count_and_replay(workspace):
-    """--iterative_steps 3: three rounds, each scored (priors included) and refitted on the model the one before
-    left; the plan's layers are the original indices all rounds keep, its count is the checkpoint's, the table
+    """--iterative_steps 3: three rounds, each scored and refitted on the model the one before left (the prior
+    measured in round 1 and reused, the default --prior_rounds first); the plan's layers are the original indices all rounds keep, its count is the checkpoint's, the table
     lists each unit once, and the plan replays to the same weights."""
     recon = ("--reconstruct", "lstsq_bias", "--reconstruct_num_samples", "8", "--reconstruct_seq_len", "32")
     priors = ("--temperature", "auto", "--layer_importance_num_samples", "4", "--block_importance_num_samples", "4")
@@ -461,8 +461,8 @@ def test_iterative_steps_prune_in_rounds_that_compose_count_and_replay(workspace
         assert layer_units(model, index, "mlp_channel").count == len(layer["mlp_channels"])
         widths = [len(r["layers"][index]["mlp_channels"]) for r in plan["rounds"]]
         assert widths == sorted(widths, reverse=True) and widths[-1] == len(layer["mlp_channels"])
-    for step in (1, 2, 3):  # each round measured its own prior
-        assert (out / "rounds" / str(step) / "layer_importance_loss.json").is_file()
+    for step in (1, 2, 3):  # each round's prior files: round 1's measurement
+        assert json.loads((out / "rounds" / str(step) / "layer_importance_loss.json").read_text()).get("measured_in", "rounds/1") == "rounds/1"
     with open(out / "analysis" / "global_group_table.csv", newline="") as handle:
         table = list(csv.DictReader(handle))
     keys = [(r["layer"], r["unit"], r["index"]) for r in table]
@@ -473,6 +473,30 @@ def test_iterative_steps_prune_in_rounds_that_compose_count_and_replay(workspace
     a = load_file(out / "model" / "model.safetensors")
     b = load_file(workspace / "results" / "rounds_replay" / "model" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_prior_rounds_first_measures_the_prior_once_and_reuses_it(workspace, monkeypatch):
+    """--prior_rounds first: in two rounds the ablation passes run once (on the unpruned model) and round 2 selects
+    with the same multipliers, its files those of round 1 saying where they were measured; the default (every)
+    measures again on the model round 1 left, whose Δ differ. Round 1 is the same either way; first is the default."""
+    import prunellm.pruner as pruner
+
+    calls = []
+    measure = pruner.compute_priors
+    monkeypatch.setattr(pruner, "compute_priors", lambda *a, **k: calls.append(a[-1]) or measure(*a, **k))
+    args = ("--importance_method", "magnitude", "--units", "kv_group,mlp_channel", "--normalization", "block", "--temperature", "1",
+            "--layer_importance_num_samples", "4", "--block_importance_num_samples", "4", "--reconstruct", "none",
+            "--iterative_steps", "2", "--pruning_ratio", "0.02")  # fmt: skip
+    assert main(_prune_args(workspace, "every", *args, "--prior_rounds", "every")) == 0 and len(calls) == 2
+    assert main(_prune_args(workspace, "first", *args, "--prior_rounds", "first")) == 0 and len(calls) == 3
+    read = lambda name, step, file: json.loads((workspace / "results" / name / "rounds" / str(step) / file).read_text())  # noqa: E731
+    for file in ("layer_importance_loss.json", "block_importance_loss.json"):
+        assert read("first", 2, file) == {**read("first", 1, file), "measured_in": "rounds/1"}
+        assert read("first", 1, file) == read("every", 1, file) and read("every", 2, file) != read("every", 1, file)
+    assert main(_prune_args(workspace, "default", *args)) == 0 and len(calls) == 4
+    plans = {name: json.loads((workspace / "results" / name / "plan.json").read_text()) for name in ("every", "first", "default")}
+    assert plans["default"]["layers"] == plans["first"]["layers"]
+    assert plans["first"]["rounds"][0] == plans["every"]["rounds"][0] and plans["first"]["recipe"]["prior_rounds"] == "first"
 
 
 def test_iterative_steps_with_offload_is_refused_before_any_work(workspace, capsys):

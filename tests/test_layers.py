@@ -15,7 +15,7 @@ from prunellm.cli import main, translate_seed_layer_flags
 from prunellm.errors import PrunellmError
 from prunellm.criteria.depth import hidden_change_scores
 from prunellm.layers import allocate_rates, choose_layers_to_remove, select_layerwise
-from prunellm.priors import _ablated_losses, _ablated_losses_full, ablated, ablation_deltas, ablation_deltas_of
+from prunellm.priors import _ablated_losses, _ablated_losses_full, ablated, ablation_deltas, ablation_deltas_of, scored_positions
 from prunellm.selection import normalized_values
 from prunellm.surgery import remove_layers
 from prunellm.specs import spec_for
@@ -68,6 +68,33 @@ def test_kl_deltas_are_the_ablated_distributions_divergence_from_the_dense_ones(
         assert ablation_deltas(model, ids, "mlp", batch_size=2, layers=[1], measure="kl") == [pytest.approx(0.0, abs=1e-6)]
     with pytest.raises(PrunellmError, match="--prior_measure 'nll' is not valid: use loss, kl or fisher"):
         ablation_deltas(model, ids, target, measure="nll")
+
+
+@pytest.mark.parametrize("target", ["layer", "mlp"])
+def test_kl_on_a_subset_of_positions_is_the_divergence_at_those_positions(family, target):
+    """``positions=P`` (``--prior_positions``): the KL averaged over P evenly spaced positions of each window, the last
+    predicting one included, computed here by hand from full forward passes; the fast path and the full-forward path
+    (soft-capped heads, HF's ``logits_to_keep``) agree, it is cached apart from the all-positions KL, and P at or
+    above the window's predicting positions is every position."""
+    model = make_tiny_model(family, num_hidden_layers=3)
+    ids = calibration_ids(n=5, length=16)
+    picked = scored_positions(16, 5)
+    assert picked.tolist() == [2, 5, 8, 11, 14] and scored_positions(16, 15) is None and scored_positions(16, 0) is None
+    by_hand = []
+    with torch.no_grad():
+        dense = torch.log_softmax(model(ids).logits[:, picked].float(), dim=-1)
+        for layer in range(3):
+            with ablated(model, layer, target):
+                q = torch.log_softmax(model(ids).logits[:, picked].float(), dim=-1)
+            by_hand.append(float((dense.exp() * (dense - q)).sum(-1).mean()))
+    _, fast = _ablated_losses(model, ids, target, 2, [0, 1, 2], "kl", 5)
+    _, full = _ablated_losses_full(model, ids, target, 2, [0, 1, 2], "kl", 5)
+    torch.testing.assert_close(torch.tensor(fast), torch.tensor(by_hand), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(full), torch.tensor(by_hand), rtol=1e-4, atol=1e-6)
+    subset = ablation_deltas(model, ids, target, batch_size=2, measure="kl", positions=5)
+    every = ablation_deltas(model, ids, target, batch_size=2, measure="kl")
+    torch.testing.assert_close(torch.tensor(subset), torch.tensor(by_hand), rtol=1e-4, atol=1e-6)
+    assert subset != every and ablation_deltas(model, ids, target, batch_size=2, measure="kl", positions=15) == every
 
 
 def test_ablation_deltas_are_computed_once_per_weights_and_calibration():

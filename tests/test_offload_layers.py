@@ -178,10 +178,12 @@ def test_offloaded_ablation_refuses_a_soft_capped_head():
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_offloaded_kl_deltas_equal_in_memory(family, saved):  # noqa: F811
     """The prior's KL measure, offloaded: the LM head read a vocabulary slice at a time for both the dense and the
-    ablated distributions gives the in-memory divergences."""
+    ablated distributions gives the in-memory divergences, at every position and at ``--prior_positions``."""
     model, folder = saved(family)
     ids = calibration_ids(model.config.vocab_size, n=5, length=16, seed=6)
-    expected = ablation_deltas_of(model, ids, ("attention", "mlp"), batch_size=2, measure="kl")
-    offloaded = ablation_deltas_of(load_lazy(str(folder)), ids, ("attention", "mlp"), batch_size=2, offload=Offload("cpu"), measure="kl")
-    for target, deltas in expected.items():
-        torch.testing.assert_close(torch.tensor(offloaded[target]), torch.tensor(deltas), rtol=1e-4, atol=1e-6)
+    for positions in (None, 6):  # every position, and --prior_positions 6
+        expected = ablation_deltas_of(model, ids, ("attention", "mlp"), batch_size=2, measure="kl", positions=positions)
+        offloaded = ablation_deltas_of(load_lazy(str(folder)), ids, ("attention", "mlp"), batch_size=2, offload=Offload("cpu"),
+                                       measure="kl", positions=positions)  # fmt: skip
+        for target, deltas in expected.items():
+            torch.testing.assert_close(torch.tensor(offloaded[target]), torch.tensor(deltas), rtol=1e-4, atol=1e-6)

@@ -188,6 +188,7 @@ def test_prunellm_row_is_prunellm_run_with_the_recipes_defaults(tmp_path):
         recipe.scoring.importance_method, recipe.selection.normalization, recipe.reconstruction.reconstruct,
         recipe.budget.units, recipe.priors.temperature)  # fmt: skip
     assert d["iterative_steps"] == recipe.budget.iterative_steps == "auto" and d["prior_measure"] == recipe.priors.prior_measure
+    assert (d["prior_positions"], d["prior_rounds"]) == (recipe.priors.prior_positions, recipe.priors.prior_rounds)
     folder = save_tiny_model_dir(tmp_path / "tiny", "llama", num_hidden_layers=2)
     base, tokenizer = pl.load(str(folder))
     ids = sample_calibration(tokenizer, str(WIKITEXT_VALID), 8, 32, 42)

@@ -7,6 +7,7 @@ present) or the held-out Shakespeare plays: never the calibration text.
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -120,10 +121,10 @@ def test_default_recipe_beats_random_and_magnitude_and_its_prior_helps(smollm, e
     base, tokenizer = smollm
     ids = sample_calibration(tokenizer, "shakespeare", 32, 128, seed=0)
     layer_ids, block_ids = (sample_calibration(tokenizer, "shakespeare", 8, 128, seed=s) for s in (1, 2))
-    measure = PriorOptions().prior_measure
-    deltas = [ablation_deltas(base, layer_ids, "layer", measure=measure)] + [
-        ablation_deltas(base, block_ids, t, measure=measure) for t in ("attention", "mlp")
-    ]
+    options = PriorOptions()  # the default's Δ; only MLP channels are pruned, so attention is not ablated (multiplier 1)
+    layer_d = ablation_deltas(base, layer_ids, "layer", measure=options.prior_measure, positions=options.prior_positions)
+    mlp_d = ablation_deltas(base, block_ids, "mlp", measure=options.prior_measure, positions=options.prior_positions)
+    deltas = [layer_d, [math.e - 1.0] * len(layer_d), mlp_d]
     tau = resolve_tau("auto", deltas[0])
     result, temperatures = {}, {}
     for name, prior in (("fluctuation", True), ("fluctuation", False), ("magnitude", True), ("random", True)):

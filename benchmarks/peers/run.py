@@ -95,6 +95,7 @@ def prunellm_default() -> dict:
             "reconstruct": reconstruction.reconstruct, "reconstruct_damp": reconstruction.reconstruct_damp,
             "reconstruct_target": reconstruction.reconstruct_target, "reconstruct_select": resolve_select(reconstruction.reconstruct_select, recipe.scoring.importance_method, reconstruction.reconstruct),
             "temperature": recipe.priors.temperature, "tau": recipe.priors.tau, "prior_measure": recipe.priors.prior_measure,
+            "prior_positions": recipe.priors.prior_positions, "prior_rounds": recipe.priors.prior_rounds,
             "min_kv_groups": selection.min_kv_groups,
             "round_to": selection.round_to, "units": recipe.budget.units, "iterative_steps": recipe.budget.iterative_steps,
             "gradient_batch_size": recipe.calibration.gradient_batch_size}  # fmt: skip
@@ -314,7 +315,7 @@ def render(section: dict) -> str:
         "(embeddings included; FLAP's added biases counted), each peer's own ratio setting chosen to land nearest "
         f"the target. prunellm default = `PruneRecipe` defaults: criterion `{d['criterion']}`, units "
         f"`{d.get('units', 'kv_group,mlp_channel')}`, allocation `{d['normalization']}`, H-GSP temperature "
-        f"`{d.get('temperature', 0)}` (Δ: {d.get('prior_measure', 'loss')}), reconstruct `{d['reconstruct']}`, units chosen by "
+        f"`{d.get('temperature', 0)}` (Δ: {d.get('prior_measure', 'loss')}{_prior_detail(d)}), reconstruct `{d['reconstruct']}`, units chosen by "
         f"`{d.get('reconstruct_select', 'plan')}`, rounds `{d.get('iterative_steps', 1)}` (auto: 2 in memory). Rows whose "
         "settings list their `rounds` ran through `prunellm.run` (the CLI's code): scores (where the recipe needs them) "
         "on these windows, refit and prior on windows of their own from the same text (the CLI's seeds); earlier rows "
@@ -399,6 +400,16 @@ def main() -> None:
         measure(args.out, rows, args.peer_source, args.threads, args.model)
         return
     into_results(section_name(args.model), read_rows(args.out, args.model), merge=True)
+
+
+def _prior_detail(setting: dict) -> str:
+    """How the default's prior was measured, where the row records it: the KL's positions per window and the rounds
+    that measured it (``--prior_positions``, ``--prior_rounds``)."""
+    if "prior_positions" not in setting:
+        return ""
+    positions = setting["prior_positions"] or "all"
+    rounds = "every round" if setting["prior_rounds"] == "every" else "the first round only"
+    return f" at {positions} positions a window, measured in {rounds}"
 
 
 def section_name(model: str) -> str:

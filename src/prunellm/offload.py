@@ -443,13 +443,13 @@ def _head_losses_and_grads(onloader: Onloader, head: nn.Linear, normed: list[tor
 
 
 def _head_kl(onloader: Onloader, head: nn.Linear, reference: list[torch.Tensor], normed: list[torch.Tensor]) -> float:
-    """Token-weighted mean KL(p_reference ‖ p) of the next-token distributions at every position but the last, from
-    two final-norm outputs per micro-batch (``reference``: the dense model's), with the LM head read one vocabulary
+    """Token-weighted mean KL(p_reference ‖ p) of the next-token distributions at the positions given, from two
+    final-norm outputs (B, P, H) per micro-batch (``reference``: the dense model's), with the LM head read one vocabulary
     slice at a time: both chunks' full logit rows are filled slice by slice (the head read twice per chunk), in
     float32 as :func:`prunellm.priors.mean_kl` computes them in memory."""
     device = onloader.device
     vocab, width = head.weight.shape
-    xs = [torch.cat([h[:, :-1].reshape(-1, width) for h in hs]) for hs in (reference, normed)]
+    xs = [torch.cat([h.reshape(-1, width) for h in hs]) for hs in (reference, normed)]
     budget = LOGITS_CHUNK_BYTES if device.type == "cpu" else LOGITS_CHUNK_BYTES_ACCELERATOR
     chunk = max(1, budget // (8 * vocab))  # two chunks of rows at a time
     rows = _vocab_rows(vocab, width, head.weight.element_size())

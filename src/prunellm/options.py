@@ -435,6 +435,18 @@ class PriorOptions(_Options):
         "every block from one forward and two backward passes a batch instead of a partial forward per ablation: about "
         "10x faster, as good on SmolLM2, worse on Gemma 3; in memory only)"
     )
+    prior_positions: int = Field(
+        32, description="with --prior_measure kl: the KL of every ablation is averaged over this many evenly spaced "
+        "positions of each window (the LM head and softmax run on those only; the layers on all); 0 = every position"
+    )
+
+    prior_rounds: Literal["first", "every"] = Field(
+        "first", description="with --iterative_steps above 1: measure the prior on the model of every round, or on the "
+        "first round's (the unpruned model's) only and reuse its multipliers in the later rounds (one measurement instead "
+        "of one a round; every round still scores, selects and refits the model it is given)"
+    )
+
+    _positions = field_validator("prior_positions")(_not_negative)
 
     @field_validator("temperature", mode="before")
     @classmethod

@@ -82,9 +82,10 @@ class LayerPasses(Protocol):
     implementation is :class:`prunellm.sweep.Offload` (one decoder layer on the device at a time). It is handed in,
     not imported, because the offloaded passes are built on the criteria."""
 
-    def ablated_losses(self, model: nn.Module, input_ids: torch.Tensor, targets: tuple[Target, ...], batch_size: int, indices: list[int], measure: Measure = "loss") -> tuple[float, dict[Target, list[float]]]:
+    def ablated_losses(self, model: nn.Module, input_ids: torch.Tensor, targets: tuple[Target, ...], batch_size: int, indices: list[int], measure: Measure = "loss", positions: int | None = None) -> tuple[float, dict[Target, list[float]]]:
         """(dense loss, per target the loss with that block of each layer in ``indices`` ablated); ``measure="kl"``:
-        (0, per target the mean KL divergence of each ablation's next-token distributions from the dense ones)."""
+        (0, per target the mean KL divergence of each ablation's next-token distributions from the dense ones, at
+        :func:`scored_positions` of each window)."""
 
     def hidden_change(self, model: nn.Module, input_ids: torch.Tensor, batch_size: int) -> dict[str, list[float]]:
         """Per layer, token-weighted 1 − cos(h_in, h_out) ("block_influence") and ‖h_out − h_in‖ / ‖h_in‖ ("activation")."""
@@ -108,6 +109,7 @@ def ablation_deltas(
     *,
     offload: LayerPasses | None = None,
     measure: Measure = "loss",
+    positions: int | None = None,
 ) -> list[float]:
     """Δ of ablating ``target`` in each layer: the loss's rise clamped at 0 (``measure="loss"``) or the mean KL
     divergence of the ablated next-token distributions from the dense ones (``"kl"``).
@@ -117,8 +119,12 @@ def ablation_deltas(
     one batch's hidden states). Models whose head is more than ``lm_head(final_norm(h))`` (logit soft-capping)
     use full forward passes instead. ``offload`` (:class:`prunellm.sweep.Offload`; needed for a
     :func:`~prunellm.offload.load_lazy` skeleton): the same Δ with one decoder layer on the device at a time.
+    ``positions`` (``kl`` only): the KL is averaged over that many evenly spaced positions of each window
+    (:func:`scored_positions`) instead of all; the layers still run on every position (causal attention needs
+    them), only the LM head and the softmax, several layers' worth of work per ablation, run on fewer.
     """
-    return ablation_deltas_of(model, input_ids, (target,), batch_size, layers, offload=offload, measure=measure)[target]
+    return ablation_deltas_of(model, input_ids, (target,), batch_size, layers, offload=offload, measure=measure,
+                              positions=positions)[target]  # fmt: skip
 
 
 def ablation_deltas_of(
@@ -130,6 +136,7 @@ def ablation_deltas_of(
     *,
     offload: LayerPasses | None = None,
     measure: Measure = "loss",
+    positions: int | None = None,
 ) -> dict[Target, list[float]]:
     """:func:`ablation_deltas` of several targets on the same windows; offloaded, one sweep serves them all (every
     layer read once). Computed once per weights, forward hooks and windows: the layer prior and the layerwise
@@ -143,7 +150,8 @@ def ablation_deltas_of(
     cached = _DELTAS.setdefault(model, {})
     for stale in [key for key in cached if key[-1] != version]:  # older weights' entries can never match again
         del cached[stale]
-    keys = {target: (target, measure, batch_size, tuple(indices), tensor_hash(input_ids), version) for target in targets}
+    picked = positions if measure == "kl" and scored_positions(input_ids.shape[1], positions) is not None else None
+    keys = {target: (target, measure, picked, batch_size, tuple(indices), tensor_hash(input_ids), version) for target in targets}
     missing = tuple(target for target in targets if keys[target] not in cached)
     if missing and measure == "fisher":
         if offload is not None:
@@ -156,18 +164,18 @@ def ablation_deltas_of(
             cached[keys[target]] = [max(value, 0.0) for value in estimates[target]]
     elif missing:
         if offload is not None:
-            base, losses = offload.ablated_losses(model, input_ids, missing, batch_size, indices, measure)
+            base, losses = offload.ablated_losses(model, input_ids, missing, batch_size, indices, measure, picked)
         else:
             run = _ablated_losses_full if getattr(model.config, "final_logit_softcapping", None) else _ablated_losses
             losses = {}
             for target in missing:
-                base, losses[target] = run(model, input_ids, target, batch_size, indices, measure)
+                base, losses[target] = run(model, input_ids, target, batch_size, indices, measure, picked)
         for target in missing:
             cached[keys[target]] = [max(loss - base, 0.0) for loss in losses[target]]
     return {target: list(cached[keys[target]]) for target in targets}
 
 
-# model -> {(target, measure, batch, layers, calibration hash, (weights version, hooks version)): deltas}; weak, so no model is kept alive
+# model -> {(target, measure, positions, batch, layers, calibration hash, (weights version, hooks version)): deltas}; weak, so no model is kept alive
 _DELTAS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
@@ -187,10 +195,12 @@ def _hooks_version(model: nn.Module) -> tuple:
 
 
 def _ablated_losses(
-    model: nn.Module, input_ids: torch.Tensor, target: Target, batch_size: int, indices: list[int], measure: Measure = "loss"
+    model: nn.Module, input_ids: torch.Tensor, target: Target, batch_size: int, indices: list[int], measure: Measure = "loss",
+    positions: int | None = None,
 ) -> tuple[float, list[float]]:
     """(dense loss, loss with each ablation), rerunning only the layers from the ablated one on; ``measure="kl"``:
-    (0, mean KL divergence of each ablation's next-token distributions from the dense model's)."""
+    (0, mean KL divergence of each ablation's next-token distributions from the dense model's at
+    :func:`scored_positions`)."""
     spec = spec_for(model.config)
     blocks = decoder_layers(model, spec)
     norm, head = get_module(model, spec.final_norm), model.get_output_embeddings()
@@ -202,12 +212,12 @@ def _ablated_losses(
             batch = batch.to(input_device(model))
             hidden, kwargs = capture_block_inputs(model, blocks, batch)
             n = batch.shape[0] * (batch.shape[1] - 1)
-            reference = None
+            reference, picked = None, scored_positions(batch.shape[1], positions)
             if measure == "kl":  # the dense distributions first: every ablation is compared with them
                 dense = hidden
                 for layer, block in enumerate(blocks):
                     dense = run_block(block, dense, kwargs[layer])
-                reference = _next_token_log_probs(head(norm(dense)))
+                reference = _log_probs(head(norm(predicting(dense, picked))))
             for layer, block in enumerate(blocks):
                 if layer in wanted:
                     if target == "layer":
@@ -217,7 +227,10 @@ def _ablated_losses(
                             ablated_out = run_block(block, hidden, kwargs[layer])
                     for later in range(layer + 1, len(blocks)):
                         ablated_out = run_block(blocks[later], ablated_out, kwargs[later])
-                    totals[layer] += _divergence(head(norm(ablated_out)), batch, reference) * n
+                    if reference is None:
+                        totals[layer] += _next_token_loss(head(norm(ablated_out)), batch) * n
+                    else:
+                        totals[layer] += mean_kl(reference, _log_probs(head(norm(predicting(ablated_out, picked))))) * n
                 hidden = run_block(block, hidden, kwargs[layer])
             if reference is None:
                 base_total += _next_token_loss(head(norm(hidden)), batch) * n
@@ -283,10 +296,12 @@ def _fisher_deltas(
 
 
 def _ablated_losses_full(
-    model: nn.Module, input_ids: torch.Tensor, target: Target, batch_size: int, indices: list[int], measure: Measure = "loss"
+    model: nn.Module, input_ids: torch.Tensor, target: Target, batch_size: int, indices: list[int], measure: Measure = "loss",
+    positions: int | None = None,
 ) -> tuple[float, list[float]]:
     """(dense loss, loss with each ablation) by full forward passes of the model (any head); ``measure="kl"``: (0,
-    mean KL divergence from the dense model's next-token distributions), batch by batch."""
+    mean KL divergence from the dense model's next-token distributions at :func:`scored_positions`), batch by batch
+    (the head on those positions only, HF's ``logits_to_keep``)."""
     if measure == "loss":
         losses = []
         for layer in tqdm(indices, desc=f"{target} ablation", leave=False):
@@ -298,11 +313,13 @@ def _ablated_losses_full(
     with torch.no_grad():
         for batch in tqdm(list(batches_of(input_ids, batch_size)), desc=f"{target} ablation (KL)", leave=False):
             batch = batch.to(device)
-            reference = _next_token_log_probs(model(input_ids=batch, use_cache=False).logits)
+            picked = scored_positions(batch.shape[1], positions)
+            keep = torch.arange(batch.shape[1] - 1, device=device) if picked is None else picked.to(device)
+            reference = _log_probs(model(input_ids=batch, use_cache=False, logits_to_keep=keep).logits)
             n = batch.shape[0] * (batch.shape[1] - 1)
             for i, layer in enumerate(indices):
                 with ablated(model, layer, target):
-                    totals[i] += _divergence(model(input_ids=batch, use_cache=False).logits, batch, reference) * n
+                    totals[i] += mean_kl(reference, _log_probs(model(input_ids=batch, use_cache=False, logits_to_keep=keep).logits)) * n
             count += n
     return 0.0, [t / count for t in totals]
 
@@ -314,14 +331,28 @@ def _next_token_loss(logits: torch.Tensor, batch: torch.Tensor) -> float:
 
 def _next_token_log_probs(logits: torch.Tensor) -> torch.Tensor:
     """(B, T−1, V) float32 log-probabilities of the next token at every position but the last."""
-    return torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    return _log_probs(logits[:, :-1])
 
 
-def _divergence(logits: torch.Tensor, batch: torch.Tensor, reference: torch.Tensor | None) -> float:
-    """The next-token loss of ``logits`` (``reference`` None), else the mean over positions of KL(reference ‖ them)."""
-    if reference is None:
-        return _next_token_loss(logits, batch)
-    return mean_kl(reference, _next_token_log_probs(logits))
+def _log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """float32 log-probabilities over the vocabulary (last dimension)."""
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def scored_positions(seq_len: int, count: int | None) -> torch.Tensor | None:
+    """The positions of a ``seq_len``-token window at which the prior's KL is measured: ``count`` evenly spaced ones
+    of the ``seq_len − 1`` that predict a next token, the last of them included; None (all of them) where ``count``
+    is None or 0 or not below ``seq_len − 1``."""
+    predicting_count = seq_len - 1
+    if not count or count >= predicting_count:
+        return None
+    return (torch.arange(1, count + 1) * predicting_count) // count - 1
+
+
+def predicting(hidden: torch.Tensor, picked: torch.Tensor | None) -> torch.Tensor:
+    """The hidden states (B, T, H) at the positions whose next-token distributions are compared: ``picked``, or every
+    position but the last."""
+    return hidden[:, :-1] if picked is None else hidden[:, picked.to(hidden.device)]
 
 
 def mean_kl(reference: torch.Tensor, log_probs: torch.Tensor) -> float:

@@ -6,6 +6,7 @@ Score, plan and surgery stay separate steps with the Plan in the middle, so a pl
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -348,9 +349,10 @@ def compute_priors(
         blocks = ablation_deltas_of(model, layer_ids, ("layer", *targets), batch, offload=offload, measure="fisher")
         layer_d = blocks.pop("layer")
     else:
-        layer_d = ablation_deltas(model, layer_ids, "layer", batch, offload=offload, measure=measure)
+        positions = priors.prior_positions
+        layer_d = ablation_deltas(model, layer_ids, "layer", batch, offload=offload, measure=measure, positions=positions)
         block_ids = ablation_windows(tokenizer, calibration, seed, "block")
-        blocks = ablation_deltas_of(model, block_ids, targets, batch, offload=offload, measure=measure)  # offloaded: one sweep
+        blocks = ablation_deltas_of(model, block_ids, targets, batch, offload=offload, measure=measure, positions=positions)  # offloaded: one sweep
     unmeasured = [math.e - 1.0] * len(layer_d)  # ln(1 + Δ) = 1 at every T: the multiplier of a kind not pruned
     attn_d, mlp_d = blocks.get("attention", unmeasured), blocks.get("mlp", unmeasured)
     tau = resolve_tau(priors.tau, layer_d)
@@ -406,11 +408,12 @@ def plan_from_selection(
 
 def score_and_plan(
     model: nn.Module, tokenizer, recipe: PruneRecipe, run: RunOptions, out: Path, reconstruction: dict[str, Any] | None = None,
-    target_params: int | None = None,
+    target_params: int | None = None, measured_prior: MeasuredPrior | None = None,
 ) -> tuple[Plan, list[dict]]:
     """Score every eligible unit, rank globally and return the complete Plan (with ``reconstruction``, the settings of
     :func:`reconstruction_settings`) plus the per-unit table (no surgery). ``target_params``: parameters to remove
-    (default: the recipe's ratio of the model's)."""
+    (default: the recipe's ratio of the model's). ``measured_prior``: where an earlier round's prior is kept for reuse
+    (``--prior_rounds first``): measured here if it holds none yet, else reused."""
     spec_for(model.config)  # refuse unknown families before any work
     kinds = unit_kinds(recipe.budget)
     check_deploy_target(recipe.selection, recipe.allocation)
@@ -432,7 +435,12 @@ def score_and_plan(
     normalization = recipe.selection.normalization
     values = normalized_values(units, scores, normalization)
     with stage("priors"):
-        priors = compute_priors(model, tokenizer, recipe.priors, calib, run.seed, out, run_offload(run), values, kinds)
+        if measured_prior is not None and measured_prior.multipliers is not None:
+            priors = measured_prior.reuse(out)
+        else:
+            priors = compute_priors(model, tokenizer, recipe.priors, calib, run.seed, out, run_offload(run), values, kinds)
+            if measured_prior is not None:
+                measured_prior.keep(priors, out)
     with stage("select"):
         if priors is not None:
             values = normalized_values(units, scores, normalization, priors)
@@ -453,6 +461,26 @@ def score_and_plan(
         reconstruction or {"mode": "none"},
     )  # fmt: skip
     return plan, selection.table
+
+
+@dataclass
+class MeasuredPrior:
+    """The prior measured in one round and reused by the later ones (``--prior_rounds first``)."""
+
+    multipliers: dict[UnitKey, float] | None = None
+    folder: Path | None = None  # where the measuring round wrote its files
+
+    def keep(self, multipliers: dict[UnitKey, float] | None, folder: Path) -> None:
+        self.multipliers, self.folder = multipliers, folder
+
+    def reuse(self, out: Path) -> dict[UnitKey, float] | None:
+        """The kept multipliers; ``out`` gets the measuring round's files, each saying where it was measured."""
+        log.info("--prior_rounds first: the prior measured in %s is reused", self.folder.name if self.folder else "round 1")
+        for name in ("layer_importance_loss.json", "block_importance_loss.json"):
+            source = self.folder / name
+            if source.is_file():
+                write_json_atomic(out / name, {**json.loads(source.read_text()), "measured_in": f"rounds/{self.folder.name}"})
+        return self.multipliers
 
 
 def scores_rechosen(recipe: PruneRecipe) -> str | None:
@@ -720,7 +748,7 @@ def round_goals(ratio: float, steps: int, total: int) -> list[int]:
 
 def prune_in_rounds(model: nn.Module, tokenizer, recipe: PruneRecipe, run: RunOptions, out: Path) -> tuple[Plan, list[dict], dict]:
     """``--iterative_steps N``: N rounds, each scoring the model the previous round left (priors and T measured
-    again, ``out/rounds/<k>/`` holds their files), selecting its step of the budget and applying it with the
+    again, or with ``--prior_rounds first`` the first round's reused; ``out/rounds/<k>/`` holds their files), selecting its step of the budget and applying it with the
     reconstruction. Returns the plan of all rounds (original indices in ``layers``), the per-unit table (each unit
     once: the row of the round that removed it, the last round's for the kept) and the reconstruction report."""
     settings = checked_reconstruction_settings(tokenizer, recipe, run)
@@ -732,10 +760,12 @@ def prune_in_rounds(model: nn.Module, tokenizer, recipe: PruneRecipe, run: RunOp
     native = projection_biases(model)
     goals = round_goals(recipe.budget.pruning_ratio, recipe.budget.rounds(run.offload), total)
     reach = reach_of(model, recipe.budget, recipe.selection, recipe.allocation)  # of one round, on the original model
+    measured_prior = MeasuredPrior() if recipe.priors.prior_rounds == "first" else None
     for step, goal in enumerate(goals, 1):
         log.info("--iterative_steps: round %d of %d, %d parameters to remove in all", step, len(goals), goal)
         try:
-            plan, table = score_and_plan(model, tokenizer, recipe, run, out / "rounds" / str(step), settings, goal - removed)
+            plan, table = score_and_plan(model, tokenizer, recipe, run, out / "rounds" / str(step), settings, goal - removed,
+                                         measured_prior)  # fmt: skip
         except PrunellmError as exc:  # exc names this round's share; say the user's ratio and which round refused
             # the hint only where one round on the original model could remove it all
             if reach.least <= goals[-1] <= reach.limit:

@@ -45,7 +45,7 @@ from .offload import (
     layer_inputs,
     offloaded_stats,
 )
-from .priors import Measure, Target, ablated
+from .priors import Measure, Target, ablated, predicting, scored_positions
 from .specs import spec_for
 from .units import LayerUnits, decoder_layers, get_module
 
@@ -59,8 +59,8 @@ class Offload:
     device: str | torch.device = "cpu"
     folder: str | Path | None = None
 
-    def ablated_losses(self, model: nn.Module, input_ids: torch.Tensor, targets: tuple[Target, ...], batch_size: int, indices: list[int], measure: Measure = "loss") -> tuple[float, dict[Target, list[float]]]:
-        return ablated_losses(model, input_ids, targets, batch_size, indices, self, measure)
+    def ablated_losses(self, model: nn.Module, input_ids: torch.Tensor, targets: tuple[Target, ...], batch_size: int, indices: list[int], measure: Measure = "loss", positions: int | None = None) -> tuple[float, dict[Target, list[float]]]:
+        return ablated_losses(model, input_ids, targets, batch_size, indices, self, measure, positions)
 
     def hidden_change(self, model: nn.Module, input_ids: torch.Tensor, batch_size: int) -> dict[str, list[float]]:
         return hidden_change(model, input_ids, batch_size, self)
@@ -116,22 +116,24 @@ class LayerSweep:
         return total / sum(sizes)
 
     @torch.no_grad()
-    def kl(self, reference: list[torch.Tensor], hidden: list[torch.Tensor]) -> float:
+    def kl(self, reference: list[torch.Tensor], hidden: list[torch.Tensor], picked: torch.Tensor | None = None) -> float:
         """Token-weighted mean KL divergence of the next-token distributions of the last layer's outputs ``hidden``
-        from those of ``reference`` (the dense model's), as :func:`prunellm.priors.mean_kl` weighs them."""
+        from those of ``reference`` (the dense model's) at the positions ``picked`` (None: all but the last), as
+        :func:`prunellm.priors.mean_kl` weighs them."""
         norm, head = get_module(self.model, self.spec.final_norm), get_module(self.model, self.spec.lm_head)
         with self.onloader.onloaded(norm):
-            normed = [[norm(h.to(self.device)) for h in hs] for hs in (reference, hidden)]
+            normed = [[norm(predicting(h.to(self.device), picked)) for h in hs] for hs in (reference, hidden)]
         return _head_kl(self.onloader, head, *normed)
 
 
 def ablated_losses(
     model: nn.Module, input_ids: torch.Tensor, targets: tuple[Target, ...], batch_size: int, indices: list[int], offload: Offload,
-    measure: Measure = "loss",
+    measure: Measure = "loss", positions: int | None = None,
 ) -> tuple[float, dict[Target, list[float]]]:
     """(dense loss, per target the loss with that block of each layer in ``indices`` ablated), one layer on the
     device at a time and every layer read once for all targets and layers; ``measure="kl"``: (0, per target the
-    mean KL divergence of each ablation's next-token distributions from the dense model's).
+    mean KL divergence of each ablation's next-token distributions from the dense model's at
+    :func:`~prunellm.priors.scored_positions`).
 
     The same numbers as the in-memory :func:`prunellm.priors._ablated_losses` up to float rounding.
     """
@@ -139,6 +141,7 @@ def ablated_losses(
     sweep = LayerSweep(model, input_ids, batch_size, offload)
     n = len(sweep.layers)
     wanted = set(indices)
+    picked = scored_positions(input_ids.shape[1], positions)
     scratch = None if offload.folder is None else Path(tempfile.mkdtemp(prefix="prunellm-ablation-", dir=_made(offload.folder)))
     branches = HiddenStore(scratch)  # branch t·n + L (target t, layer L) -> its hidden states at the boundary reached
     try:
@@ -164,7 +167,7 @@ def ablated_losses(
                 losses[target] = []
                 for index in indices:
                     branch = branches.get(t * n + index)
-                    losses[target].append(sweep.loss(branch) if reference is None else sweep.kl(reference, branch))
+                    losses[target].append(sweep.loss(branch) if reference is None else sweep.kl(reference, branch, picked))
                     branches.drop(t * n + index)
     finally:
         if scratch is not None:
