@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from prunellm.checkpoint import load_checkpoint, save_model
 from prunellm.errors import PrunellmError
 from prunellm.reconstruction import (
-    DAMP_GRID, InputStats, choose_damp, compensate_projection, prune_with_reconstruction, resolve_select, solve_lstsq,
+    DAMP_GRID, InputStats, _System, choose_damp, compensate_projection, prune_with_reconstruction, resolve_select, solve_lstsq,
 )  # fmt: skip
 from prunellm.surgery import prune_units
 from prunellm.units import count_parameters, decoder_layers, layer_units
@@ -84,6 +84,29 @@ def test_auto_damp_refits_when_it_generalises_and_leaves_the_weights_when_not():
         folds.append(x.T @ x)
     chosen, errors = choose_damp(weight, folds, kept)
     assert chosen is None
+
+
+@pytest.mark.parametrize("noise", [0.02, 3.0, 30.0])  # the minimum at λ = 0.01, 1 and 10
+def test_the_damping_walk_finds_the_grid_minimum_with_fewer_solves(noise):
+    """Walking the grid downhill from λ = 1 chooses what trying every λ would, here with its minimum at either end or
+    inside, and solves for fewer λ than the grid holds."""
+    torch.manual_seed(1)
+    weight = torch.randn(6, 24)
+    kept = torch.arange(16)
+    folds = []
+    for _ in range(2):
+        x = torch.randn(60, 24, dtype=torch.float64)
+        x[:, 16:] = x[:, :8] + noise * torch.randn(60, 8, dtype=torch.float64)  # removed columns: kept ones + noise
+        folds.append(x.T @ x)
+    chosen, errors = choose_damp(weight, folds, kept)
+    exhaustive = {}
+    for damp in DAMP_GRID:
+        systems = [_System.build(gram, weight, kept) for gram in folds]
+        exhaustive[damp] = sum(held.error((systems[1 - i]).solve(weight[:, kept], damp)[0]) for i, held in enumerate(systems))
+    best = min(exhaustive, key=exhaustive.get)
+    assert chosen == best
+    assert errors["cv_error"][str(best)] == pytest.approx(exhaustive[best])
+    assert len(errors["cv_error"]) < len(DAMP_GRID)
 
 
 def test_auto_damp_keeps_original_weights_when_cross_validation_says_so():

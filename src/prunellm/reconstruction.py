@@ -71,7 +71,8 @@ SELECTS = ("plan", "obs", "fluctuation")
 RESCORABLE = ("fluctuation",)  # criteria that a layer's input statistics on the pruned model measure again
 LSTSQ_MODES = ("lstsq", "lstsq_bias")
 Damp = Union[float, Literal["auto"]]
-DAMP_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)  # λ / mean(diag H_SS) tried by damp="auto"
+DAMP_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)  # λ / mean(diag H_SS) that damp="auto" may choose
+DAMP_START = 1.0  # where damp="auto" starts its walk down the grid (the λ most projections choose)
 SOLVER = "ridge_to_original_free_intercept"  # recorded in plans: replaying a plan made by another solver would differ
 
 
@@ -327,6 +328,10 @@ def choose_damp(
 ) -> tuple[float | None, dict]:
     """λ of :data:`DAMP_GRID` with the lowest held-out output error under k-fold cross-validation.
 
+    The held-out error of a ridge refit falls and then rises with λ, so the grid is walked downhill from
+    :data:`DAMP_START` and stops at the first λ whose neighbour is worse: three λ of the grid's five or six on most
+    projections instead of all (about half the refit's solves), the same λ wherever the error has one minimum on the
+    grid. The report lists the λ evaluated.
     Returns ``(None, errors)`` when no λ beats leaving the kept columns as they are on the held-out folds.
     ``fold_systems`` (systems for an explicit target) replace the ones built from ``fold_grams`` and ``weight``;
     ``free_last``: the last kept column is an unpenalised intercept (see :class:`_System`).
@@ -335,19 +340,27 @@ def choose_damp(
     # each fold's products once, not once per λ
     folds = fold_systems if fold_systems is not None else [_System.build(gram, w, kept, free_last) for gram in fold_grams]
     total = sum(folds[1:], folds[0])
+    trains = [total - held_out for held_out in folds]
     plain = w[:, kept]
     grid = DAMP_GRID + ((math.inf,) if free_last else ())  # ∞: the intercept alone moves (``bias``)
-    cv = dict.fromkeys(grid, 0.0)
-    baseline = 0.0
-    for held_out in folds:
-        train = total - held_out
-        baseline += held_out.error(plain)
-        for damp in grid:
-            solution, _ = train.solve(plain, damp)
-            cv[damp] += held_out.error(solution)
-    best = min(cv, key=cv.get)
-    errors = {"cv_error_no_refit": baseline, "cv_error": {str(k): v for k, v in cv.items()}}
-    return (best if cv[best] < baseline else None), errors
+    cv: dict[float, float] = {}
+
+    def held_out_error(index: int) -> float:
+        damp = grid[index]
+        if damp not in cv:
+            cv[damp] = sum(held.error(train.solve(plain, damp)[0]) for train, held in zip(trains, folds))
+        return cv[damp]
+
+    start = best = grid.index(DAMP_START)
+    for step in (-1, 1):
+        while 0 <= best + step < len(grid) and held_out_error(best + step) < held_out_error(best):
+            best += step
+        if best != start:  # went downhill one way: the other way is uphill from the start
+            break
+    baseline = sum(held_out.error(plain) for held_out in folds)
+    chosen = grid[best]
+    errors = {"cv_error_no_refit": baseline, "cv_error": {str(k): cv[k] for k in sorted(cv)}}
+    return (chosen if cv[chosen] < baseline else None), errors
 
 
 def _augment_target(cross: torch.Tensor, target_sum: torch.Tensor) -> torch.Tensor:
