@@ -1,6 +1,6 @@
 """Issue 39: do the prior's cheaper Δ rank layers and blocks as the exact ablations do?
 
-On SmolLM2-135M and the default recipe's prior windows (Shakespeare train plays, 16 × 128 tokens, the layer
+On SmolLM2-135M and the default recipe's prior windows (Shakespeare train plays, ``--layer_importance_num_samples`` × 128 tokens, the layer
 ablations' seed), every layer, attention block and MLP block is ablated exactly (``kl``: the mean KL divergence of
 the next-token distributions from the dense model's at every position, each ablation rerunning the layers after it)
 and measured two cheaper ways: ``fisher`` (½ δᵀFδ from one forward and two backward passes a batch) and ``kl`` at

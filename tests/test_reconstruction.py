@@ -7,6 +7,7 @@ import torch
 from conftest import calibration_ids, make_tiny_model
 from transformers import AutoModelForCausalLM
 
+from prunellm import reconstruction
 from prunellm.checkpoint import load_checkpoint, save_model
 from prunellm.errors import PrunellmError
 from prunellm.reconstruction import (
@@ -120,6 +121,29 @@ def test_auto_damp_keeps_original_weights_when_cross_validation_says_so():
     weight, bias, report = compensate_projection(linear, stats, torch.arange(6), "lstsq", damp="auto")
     assert report["kept_original"] and report["damp"] is None and bias is None
     torch.testing.assert_close(weight, linear.weight.detach()[:, :6])
+
+
+def test_replaying_a_pruned_layer_from_its_statistics_pass_equals_running_it(family, monkeypatch):
+    """The next layer's inputs come from the down projection's statistics pass (the attention's output and the
+    channels' inputs kept, the refitted projection applied) instead of a second run of the layer: the same hidden
+    states as running the pruned, refitted layer, in every layer of every family."""
+    model = make_tiny_model(family)
+    layers = len(decoder_layers(model))
+    kept = {(layer, "mlp_channel"): _kept_mlp(model, layer, 2 + layer) for layer in range(layers)}
+    kept[(0, "kv_group")] = [0]  # the attention pruned and refitted first: the replay must see its new output
+    replay, replayed = reconstruction._Replay.run, []
+
+    def checked(self, layer, index, kwargs_list, hidden, columns):
+        outputs = replay(self, layer, index, kwargs_list, hidden, columns)
+        for output, rerun in zip(outputs, reconstruction._run_layer(layer, index, hidden, kwargs_list), strict=True):
+            torch.testing.assert_close(output, rerun, rtol=1e-5, atol=1e-6)
+        replayed.append(index)
+        return outputs
+
+    monkeypatch.setattr(reconstruction._Replay, "run", checked)
+    prune_with_reconstruction(model, kept, calibration_ids(n=4, length=16), "lstsq_bias", damp="auto", batch_size=2)
+    assert replayed == list(range(layers))
+    assert not any("forward" in vars(module) for module in model.modules())  # the classes' forwards again
 
 
 def test_auto_damp_on_a_pruned_model_lowers_calibration_error_and_works_with_one_batch(family):

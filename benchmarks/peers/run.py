@@ -96,6 +96,7 @@ def prunellm_default() -> dict:
             "reconstruct_target": reconstruction.reconstruct_target, "reconstruct_select": resolve_select(reconstruction.reconstruct_select, recipe.scoring.importance_method, reconstruction.reconstruct),
             "temperature": recipe.priors.temperature, "tau": recipe.priors.tau, "prior_measure": recipe.priors.prior_measure,
             "prior_positions": recipe.priors.prior_positions, "prior_rounds": recipe.priors.prior_rounds,
+            "prior_windows": [recipe.calibration.layer_importance_num_samples, recipe.calibration.block_importance_num_samples],
             "min_kv_groups": selection.min_kv_groups,
             "round_to": selection.round_to, "units": recipe.budget.units, "iterative_steps": recipe.budget.iterative_steps,
             "gradient_batch_size": recipe.calibration.gradient_batch_size}  # fmt: skip
@@ -403,13 +404,14 @@ def main() -> None:
 
 
 def _prior_detail(setting: dict) -> str:
-    """How the default's prior was measured, where the row records it: the KL's positions per window and the rounds
-    that measured it (``--prior_positions``, ``--prior_rounds``)."""
+    """How the default's prior was measured, where the row records it: the KL's positions per window, the windows and
+    the rounds that measured it (``--prior_positions``, ``--*_importance_num_samples``, ``--prior_rounds``)."""
     if "prior_positions" not in setting:
         return ""
     positions = setting["prior_positions"] or "all"
     rounds = "every round" if setting["prior_rounds"] == "every" else "the first round only"
-    return f" at {positions} positions a window, measured in {rounds}"
+    windows = setting.get("prior_windows", [16, 16])  # rows before the setting was recorded ran the old default
+    return f" at {positions} positions of {windows[0]} windows (layers) and {windows[1]} (blocks), measured in {rounds}"
 
 
 def section_name(model: str) -> str:

@@ -167,7 +167,7 @@ def collect_activation_stats(
 
 
 @contextlib.contextmanager
-def _only_sliced_params_require_grad(model: nn.Module, params: Iterable[nn.Parameter]) -> Iterator[None]:
+def only_sliced_params_require_grad(model: nn.Module, params: Iterable[nn.Parameter]) -> Iterator[None]:
     wanted = {id(p) for p in params}
     before = {id(p): p.requires_grad for p in model.parameters()}
     for p in model.parameters():
@@ -329,7 +329,7 @@ def collect_gradient_stats(
     device = input_device(model)
     was_training = model.training
     losses = []
-    with _only_sliced_params_require_grad(model, params):
+    with only_sliced_params_require_grad(model, params):
         handles = reducer.hook()
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

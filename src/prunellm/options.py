@@ -410,8 +410,10 @@ class CalibrationOptions(_Options):
     calibration_num_samples: int = Field(128, description="calibration windows of the scoring pass, for every criterion (old name: --taylor_num_samples)")
     calibration_seq_len: int = Field(128, description="tokens per calibration window, scoring and the priors' ablations (old name: --taylor_seq_len)")
     gradient_batch_size: int = Field(4, description="calibration windows per forward(+backward) pass")
-    layer_importance_num_samples: int = Field(16, description="calibration windows for the layer ablation prior")
-    block_importance_num_samples: int = Field(16, description="calibration windows for the block ablation prior")
+    # 8 windows each (was 16): half the prior's time; over three pairs (SmolLM2 at 20 %, two seeds; Gemma 3 at 5 %)
+    # no worse on the peer table's texts (README, issue 39), Spearman 0.98-0.99 of Δ against 16 windows'
+    layer_importance_num_samples: int = Field(8, description="calibration windows for the layer ablation prior")
+    block_importance_num_samples: int = Field(8, description="calibration windows for the block ablation prior")
     use_gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory)")
 
     _positive = field_validator("calibration_num_samples", "calibration_seq_len", "gradient_batch_size",

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import Stats, UnitKey, _only_sliced_params_require_grad, batches_of, capture_block_inputs, run_block
+from .calibration import Stats, UnitKey, only_sliced_params_require_grad, batches_of, capture_block_inputs, run_block
 from .data import tensor_hash
 from .errors import PrunellmError
 from .models import input_device
@@ -150,8 +150,8 @@ def ablation_deltas_of(
     cached = _DELTAS.setdefault(model, {})
     for stale in [key for key in cached if key[-1] != version]:  # older weights' entries can never match again
         del cached[stale]
-    picked = positions if measure == "kl" and scored_positions(input_ids.shape[1], positions) is not None else None
-    keys = {target: (target, measure, picked, batch_size, tuple(indices), tensor_hash(input_ids), version) for target in targets}
+    kl_positions = positions if measure == "kl" and scored_positions(input_ids.shape[1], positions) is not None else None
+    keys = {target: (target, measure, kl_positions, batch_size, tuple(indices), tensor_hash(input_ids), version) for target in targets}
     missing = tuple(target for target in targets if keys[target] not in cached)
     if missing and measure == "fisher":
         if offload is not None:
@@ -164,12 +164,12 @@ def ablation_deltas_of(
             cached[keys[target]] = [max(value, 0.0) for value in estimates[target]]
     elif missing:
         if offload is not None:
-            base, losses = offload.ablated_losses(model, input_ids, missing, batch_size, indices, measure, picked)
+            base, losses = offload.ablated_losses(model, input_ids, missing, batch_size, indices, measure, kl_positions)
         else:
             run = _ablated_losses_full if getattr(model.config, "final_logit_softcapping", None) else _ablated_losses
             losses = {}
             for target in missing:
-                base, losses[target] = run(model, input_ids, target, batch_size, indices, measure, picked)
+                base, losses[target] = run(model, input_ids, target, batch_size, indices, measure, kl_positions)
         for target in missing:
             cached[keys[target]] = [max(loss - base, 0.0) for loss in losses[target]]
     return {target: list(cached[keys[target]]) for target in targets}
@@ -261,7 +261,7 @@ def _fisher_deltas(
     generator = torch.Generator(device=device).manual_seed(0)
     totals = {target: dict.fromkeys(indices, 0.0) for target in targets}
     count = 0
-    with _only_sliced_params_require_grad(model, ()):
+    with only_sliced_params_require_grad(model, ()):
         for batch in tqdm(list(batches_of(input_ids, batch_size)), desc="prior (Fisher estimate)", leave=False):
             batch = batch.to(device)
             hidden, kwargs = capture_block_inputs(model, blocks, batch)

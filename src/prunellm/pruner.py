@@ -475,7 +475,8 @@ class MeasuredPrior:
 
     def reuse(self, out: Path) -> dict[UnitKey, float] | None:
         """The kept multipliers; ``out`` gets the measuring round's files, each saying where it was measured."""
-        log.info("--prior_rounds first: the prior measured in %s is reused", self.folder.name if self.folder else "round 1")
+        assert self.folder is not None, "reuse() follows keep()"
+        log.info("--prior_rounds first: the prior measured in %s is reused", self.folder.name)
         for name in ("layer_importance_loss.json", "block_importance_loss.json"):
             source = self.folder / name
             if source.is_file():

@@ -57,7 +57,7 @@ from .errors import PrunellmError
 from .hf_modeling import BIAS_COMPENSATION_KEY
 from .models import input_device
 from .plan import Plan, compose_rounds, kept_units_of, set_kept_units_of
-from .specs import spec_for
+from .specs import ArchitectureSpec, spec_for
 from .surgery import prune_units, sync_config
 from .units import decoder_layers, get_module, index_ranges, layer_units
 
@@ -141,6 +141,37 @@ def _run_layer(layer: nn.Module, index: int, hidden: list[torch.Tensor], kwargs_
         return [run_block(layer, h, kw[index]) for h, kw in zip(hidden, kwargs_list)]
 
 
+@dataclass
+class _Replay:
+    """A layer's pruned output from what its down projection's statistics pass already computed: the attention's
+    output and the down projection's input, per batch. The layer runs with its attention returning the kept output
+    and its MLP returning the refitted down projection of the kept channels' inputs (a channel's input does not
+    depend on which other channels are kept), so only the norms and residual sums run again, in the family's own
+    order, instead of the whole layer (about a third of the refit's layer work)."""
+
+    spec: ArchitectureSpec
+    inputs: list[torch.Tensor] = field(default_factory=list)
+    attention_outputs: list = field(default_factory=list)
+
+    def attention(self, layer: nn.Module) -> nn.Module:
+        return get_module(layer, self.spec.attention.module)
+
+    def run(self, layer: nn.Module, index: int, kwargs_list: list[list[dict]], hidden: list[torch.Tensor], kept_columns: torch.Tensor) -> list[torch.Tensor]:
+        """The layer's output per batch with its current (pruned, refitted) down projection."""
+        attention, mlp = self.attention(layer), get_module(layer, self.spec.mlp.module)
+        down = get_module(mlp, self.spec.mlp.down)
+        outputs = []
+        with torch.no_grad():
+            for h, kw, x, attended in zip(hidden, kwargs_list, self.inputs, self.attention_outputs):
+                attention.forward = lambda *args, _out=attended, **kwargs: _out
+                mlp.forward = lambda *args, _x=x, **kwargs: down(_x.index_select(-1, kept_columns.to(_x.device)))
+                try:
+                    outputs.append(run_block(layer, h, kw[index]))
+                finally:
+                    del attention.forward, mlp.forward  # the class's forward again
+        return outputs
+
+
 # what a target function gets for one batch: the batch index, the projection's input x (tokens, in) and, when the
 # whole layer ran, the layer's output and the projection's output (each (tokens, hidden)); returns y (tokens, out)
 TargetFn = Callable[[int, torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], torch.Tensor]
@@ -156,13 +187,15 @@ def _collect_input_stats(
     folds: int = 1,
     target: TargetFn | None = None,
     target_needs_output: bool = False,
+    replay: "_Replay | None" = None,
 ) -> InputStats:
     """Run the layer up to ``path`` over every batch, accumulating Σx (and XᵀX) of ``path``'s input.
 
     Each batch's XᵀX is computed in float32 (fast BLAS) and summed into a float64 accumulator; with ``folds`` > 1
     batch b also goes to fold b mod ``folds`` (the total Gram is their sum). With ``target``, Σ x yᵀ, Σ‖y‖² and
     Σ y of the target outputs are accumulated too (``target_needs_output``: the whole layer runs, and the target
-    function receives the layer's and the projection's outputs).
+    function receives the layer's and the projection's outputs). ``replay``: keeps each batch's input of ``path``
+    and the attention's output, so the layer's pruned output can follow without rerunning it (:class:`_Replay`).
     """
     linear = get_module(layer, path)
     n = linear.in_features
@@ -198,6 +231,8 @@ def _collect_input_stats(
         stats.tokens += x.shape[0]
 
     def pre_hook(module, args):
+        if replay is not None:
+            replay.inputs.append(args[0].detach())
         x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (tokens, in)
         if target_needs_output:
             seen["x"] = x
@@ -210,6 +245,8 @@ def _collect_input_stats(
         seen["projection"] = output.detach().reshape(-1, output.shape[-1]).float()
 
     handles = [linear.register_forward_pre_hook(pre_hook)]
+    if replay is not None:
+        handles.append(replay.attention(layer).register_forward_hook(lambda module, args, output: replay.attention_outputs.append(output)))
     if target_needs_output:
         handles.append(linear.register_forward_hook(post_hook))
     try:
@@ -611,6 +648,7 @@ def prune_with_reconstruction(
         layer = layers[index]
         entry: dict = {"layer": index}
         targets = {}
+        replay, replay_columns = None, None
         if dense_hidden is not None:
             dense = _run_dense_layer(layer, index, down_path, dense_hidden, kwargs_list)
             targets = _target_fns(target, dense, hidden)
@@ -626,9 +664,11 @@ def prune_with_reconstruction(
             # statistics of the projection's input with the attention of this layer already pruned
             folds = 2 if mode in LSTSQ_MODES and damp == "auto" else 1
             fn, needs_output = targets.get(kind, (None, False))
+            # the down projection's pass stops where the layer's last projection starts: what it saw gives the output
+            replay = _Replay(spec) if kind == "mlp_channel" and not needs_output else None
             stats = _collect_input_stats(
                 layer, index, proj, hidden, kwargs_list, need_gram=mode in LSTSQ_MODES or select == "fluctuation", folds=folds, target=fn,
-                target_needs_output=needs_output,
+                target_needs_output=needs_output, replay=replay,
             )  # fmt: skip
             columns = next(s for s in units.slices if s.module == proj)
             width = columns.width
@@ -638,9 +678,12 @@ def prune_with_reconstruction(
                 kept[key] = _fluctuation_choice(get_module(layer, proj), stats, columns, units.count, len(kept[key]))
             indices = kept[key] if pruned_here else list(range(units.count))
             keep = torch.as_tensor(sorted(indices), dtype=torch.long)
+            kept_columns = index_ranges(keep, width)
             new_weight, new_bias, entry[kind] = compensate_projection(
-                get_module(layer, proj), stats, index_ranges(keep, width), mode, damp, refit_unpruned=refit_unpruned
+                get_module(layer, proj), stats, kept_columns, mode, damp, refit_unpruned=refit_unpruned
             )
+            if replay is not None:
+                replay_columns = kept_columns
             if pruned_here:
                 prune_units(model, {key: kept[key]})  # slices the unit's rows and the projection's columns
             projection = get_module(layer, proj)
@@ -650,7 +693,10 @@ def prune_with_reconstruction(
                 report.added_params += new_bias.numel() if projection.bias is None else 0
                 projection.bias = nn.Parameter(new_bias, requires_grad=projection.weight.requires_grad)
                 compensated = True
-        hidden = _run_layer(layer, index, hidden, kwargs_list)  # the next layer sees this layer's pruned output
+        if replay is not None and len(replay.inputs) == len(hidden):
+            hidden = replay.run(layer, index, kwargs_list, hidden, replay_columns)  # this layer's pruned output
+        else:
+            hidden = _run_layer(layer, index, hidden, kwargs_list)  # the next layer sees this layer's pruned output
         if dense_hidden is not None:
             dense_hidden = [o.reshape(h.shape).to(h.dtype) for o, h in zip(dense.outputs, dense_hidden)]
         report.layers.append(entry)
