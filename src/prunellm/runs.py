@@ -41,12 +41,14 @@ def log_to_file(path: Path) -> Iterator[None]:
 
 class StageClock:
     """Wall seconds per stage of a run (summed over repeats, e.g. rounds), in the order the stages were first
-    entered. Stages are timed where the work is, with :func:`stage`, while the clock is :meth:`running`."""
+    entered. Stages are timed where the work is, with :func:`stage`, while the clock is :meth:`running`. A stage
+    entered inside another counts for the outer one and is itemised under it (``"outer/inner"`` in ``parts``)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.parts: dict[str, float] = {}
         self.started = time.perf_counter()
-        self.in_stage = False  # a stage entered inside another counts for the outer one only
+        self.path: list[str] = []  # the stages entered and not yet left, outermost first
 
     @contextlib.contextmanager
     def running(self) -> Iterator["StageClock"]:
@@ -61,10 +63,12 @@ class StageClock:
         self.seconds[name] = self.seconds.get(name, 0.0) + seconds
 
     def report(self) -> dict[str, Any]:
-        """``{"stages": {name: s}, "other_seconds": …, "total_seconds": …}``: other is what no stage claimed."""
+        """``{"stages": {name: s}, "parts": {"outer/inner": s}, "other_seconds": …, "total_seconds": …}``: other is
+        what no stage claimed; parts itemise a stage (they need not add up to it)."""
         total = time.perf_counter() - self.started
         stages = {name: round(s, 3) for name, s in self.seconds.items()}
-        return {"stages": stages, "other_seconds": round(max(total - sum(self.seconds.values()), 0.0), 3),
+        parts = {"parts": {name: round(s, 3) for name, s in self.parts.items()}} if self.parts else {}
+        return {"stages": stages, **parts, "other_seconds": round(max(total - sum(self.seconds.values()), 0.0), 3),
                 "total_seconds": round(total, 3)}  # fmt: skip
 
 
@@ -74,15 +78,21 @@ _CLOCK: contextvars.ContextVar[StageClock | None] = contextvars.ContextVar("prun
 @contextlib.contextmanager
 def stage(name: str) -> Iterator[None]:
     """Time the block as stage ``name`` of the running :class:`StageClock` (nothing when none runs). A stage
-    entered inside another counts for the outer one only, so the stages never add up to more than the run."""
+    entered inside another counts for the outer one only, so the stages never add up to more than the run; it is
+    itemised as ``"outer/name"`` in the report's ``parts``."""
     clock = _CLOCK.get()
-    if clock is None or clock.in_stage:
+    if clock is None:
         yield
         return
-    clock.in_stage = True
+    clock.path.append(name)
+    key = "/".join(clock.path)
     started = time.perf_counter()
     try:
         yield
     finally:
-        clock.in_stage = False
-        clock.add(name, time.perf_counter() - started)
+        clock.path.pop()
+        seconds = time.perf_counter() - started
+        if clock.path:
+            clock.parts[key] = clock.parts.get(key, 0.0) + seconds
+        else:
+            clock.add(name, seconds)
