@@ -152,10 +152,11 @@ def render(section: dict) -> str:
             f"{r['prune_seconds'] / (r['params'] / 1e8):.0f} | {r['peak_rss_gb']:.1f} |"
         )  # fmt: skip
     b = section.get("exponent_in_memory")
+    sizes = len({r["params"] for r in section["rows"] if r["mode"] == "memory"})
     lines += ["", "Fitted exponent of prune seconds on parameters, in memory: " + ("—" if b is None else f"**{b:.2f}**") +
-              " (1 = linear). The prior's exact ablations rerun every later layer, L²/2 layer passes per window and kind, "
-              "and each refit solve is cubic in the MLP's kept width: both grow faster than the parameters as models "
-              "get deeper and wider.", "",
+              f" (1 = linear) over {sizes} sizes of different depth and width, so read the stages rather than the fit: the "
+              "prior's exact ablations rerun every later layer, L²/2 layer passes per window and kind (deep models), and "
+              "each refit solve is cubic in the MLP's kept width (wide models): both grow faster than the parameters.", "",
               "The same default on one H100, by arithmetic (Llama-3 shapes; assumed sustained 300 TFLOP/s for the bf16 "
               "layer passes, 30 TFLOP/s for the fp64 solves; `--offload` prunes in one round and reads each layer once "
               "per sweep on top):", "",
