@@ -424,6 +424,28 @@ def test_temperature_auto_records_the_matched_t_and_prunes_by_it(workspace):
     assert matched_temperature(base, {}) == 0.0  # nothing to match: no prior
 
 
+@pytest.mark.parametrize("tau, far, skipped", [("-inf", "-1e30", "layer ablations"), ("inf", "1e30", "block ablations")])
+def test_a_pure_prior_skips_the_ablations_it_would_not_use(workspace, tau, far, skipped):
+    """``--tau -inf`` takes every multiplier from its block's Δ and ``inf`` from its layer's: the other kind's ablations
+    are not run (no stage for them, the file says so), and the plan is the one a tau far beyond every Δ gives with
+    both kinds measured."""
+    args = ("--importance_method", "magnitude", "--units", "kv_group,mlp_channel", "--normalization", "block",
+            "--layer_importance_num_samples", "4", "--block_importance_num_samples", "4", "--reconstruct", "none", "--iterative_steps", "1")  # fmt: skip
+    assert main(_prune_args(workspace, f"pure{tau}", "--tau", tau, *args)) == 0
+    assert main(_prune_args(workspace, f"far{tau}", "--tau", far, *args)) == 0
+    read = lambda name, file: json.loads((workspace / "results" / name / file).read_text())  # noqa: E731
+    assert read(f"pure{tau}", "plan.json")["layers"] == read(f"far{tau}", "plan.json")["layers"]
+    assert f"priors/{skipped}" not in read(f"pure{tau}", "logs/timings.json")["parts"]
+    assert f"priors/{skipped}" in read(f"far{tau}", "logs/timings.json")["parts"]
+    if skipped == "layer ablations":
+        layers = read(f"pure{tau}", "layer_importance_loss.json")
+        assert layers["layers"] is None and "--tau -inf" in layers["skipped"]
+        assert read(f"pure{tau}", "layer_importance_loss.json")["temperature"] == read(f"far{tau}", "layer_importance_loss.json")["temperature"]
+    else:
+        blocks = read(f"pure{tau}", "block_importance_loss.json")
+        assert "mlp" not in blocks and "--tau inf" in blocks["skipped"]
+
+
 def test_prior_measure_kl_records_divergences_and_changes_only_the_prior(workspace):
     """--prior_measure kl (the default): the prior's files name the measure and hold KL divergences (positive for
     every block of a random model: each changes the distribution), which differ from the loss measure's Δ on the

@@ -239,3 +239,26 @@ def test_the_ratio_to_flap_carries_a_paired_interval_where_both_rows_kept_their_
     ratio, low, high = (float(x) for x in text.replace("[", "").replace("]", "").replace(",", "").split())
     assert ratio == 0.8 and low < high and low <= 1.0
     assert _ratio_to({"ppl": {"t": 80.0}}, flap_row, "t") == "0.800"  # a row measured before windows were kept
+
+
+def test_variants_of_the_default_are_rows_of_their_own_and_a_table_of_speed_beside_quality():
+    """Each variant is one change of the recipe by flag name (the row runs ``prunellm.run`` with it); the table lists
+    PPL ÷ FLAP's per text with prune seconds and their multiple of FLAP's, the default first."""
+    import prunellm as pl
+    from benchmarks.peers.run import LABELS, METHODS, VARIANTS
+
+    for method, overrides in VARIANTS.items():
+        assert method in METHODS and method in LABELS
+        assert pl.Recipe().replace(**overrides) != pl.Recipe()  # every override is a recipe flag with a valid value
+    dense = {"shakespeare_eval": 60.0, "wikitext2_test": 50.0}
+    row = lambda m, a, b, s: {"row": f"{m}/0.2", "method": m, "ratio": 0.2, "removed": 0.2, "seconds": 1.0,  # noqa: E731
+                              "prune_seconds": s, "ppl": {"shakespeare_eval": a, "wikitext2_test": b}, "setting": {}}  # fmt: skip
+    section = {
+        "protocol": {"num_samples": 32, "seq_len": 128, "seed": 42, "windows": 64, "calibration": "WikiText-2 validation"},
+        "dense": {"ppl": dense}, "prunellm_default": {"criterion": "fluctuation", "normalization": "uniform", "reconstruct": "lstsq"},
+        "rows": [row("flap", 120.0, 75.0, 5.0), row("prunellm_one_round", 96.0, 67.5, 50.0), row("prunellm", 90.0, 60.0, 100.0)],
+    }  # fmt: skip
+    lines = render(section).splitlines()
+    start = lines.index("| at ~20 % | held-out Shakespeare ÷ FLAP | WikiText-2 test ÷ FLAP | prune s | × FLAP's time |")
+    assert lines[start + 2] == "| prunellm default | 0.750 | 0.800 | 100.0 | 20× |"
+    assert lines[start + 3] == f"| {LABELS['prunellm_one_round']} | 0.800 | 0.900 | 50.0 | 10× |"

@@ -41,7 +41,16 @@ RATIOS = (0.2, 0.3)
 # setting ~0.19 and ~0.28). LLM-Pruner's llama3.py and Torch-Pruning's LLM example are written for Llama modules.
 SECOND_FAMILY = "gemma3-270m"
 SECOND_FAMILY_ROWS = tuple(f"{m}/{r}" for r in (0.05, 0.075) for m in ("flap", "prunellm", "prunellm_no_prior"))
-METHODS = ("flap", "llm_pruner", "torch_pruning", "prunellm", "prunellm_at_flap", "prunellm_no_prior")
+# Variants of the default, each one change of the recipe (flag names): the speed/quality table beside the peers, so
+# the default is chosen on both (issue 39). Opt-in rows: ``--rows prunellm_one_round/0.2 ...``.
+VARIANTS: dict[str, dict] = {
+    "prunellm_no_prior": {"temperature": 0.0},
+    "prunellm_block_prior": {"tau": float("-inf")},
+    "prunellm_one_round": {"iterative_steps": 1},
+    "prunellm_no_prior_one_round": {"temperature": 0.0, "iterative_steps": 1},
+    "prunellm_fisher_prior": {"prior_measure": "fisher"},
+}
+METHODS = ("flap", "llm_pruner", "torch_pruning", "prunellm", "prunellm_at_flap", *VARIANTS)
 # the order rows are measured in: the issue's comparison first, then the third peer. ``prunellm_at_flap`` removes
 # exactly as many parameters as FLAP's row of its ratio did (the issue compares at matched parameter counts, and
 # FLAP's whole-layer shares cannot land on the target: at ~20 % its largest setting without a KV head removes
@@ -56,6 +65,10 @@ LABELS = {
     "prunellm": "prunellm default",
     "prunellm_at_flap": "prunellm default at FLAP's parameter count",
     "prunellm_no_prior": "prunellm default without the H-GSP prior (`--temperature 0`)",
+    "prunellm_block_prior": "prunellm default with the block prior alone (`--tau -inf`: no layer ablations)",
+    "prunellm_one_round": "prunellm default in one round (`--iterative_steps 1`)",
+    "prunellm_no_prior_one_round": "prunellm default without the prior, in one round (`--temperature 0 --iterative_steps 1`)",
+    "prunellm_fisher_prior": "prunellm default with the Fisher estimate of the prior (`--prior_measure fisher`)",
 }
 
 
@@ -197,8 +210,8 @@ def measure(out: str, rows: tuple[str, ...] = ROWS, mirror: str | None = None, t
                 matched = removed_by(out, f"flap/{ratio}")
                 model, info = _prune_prunellm(base, tokenizer, ids, matched / total, cache)
                 info["matched_removed_params"] = matched
-            elif method == "prunellm_no_prior":
-                model, info = _prune_prunellm(base, tokenizer, ids, ratio_f, cache, temperature=0.0)
+            elif method in VARIANTS:
+                model, info = _prune_prunellm(base, tokenizer, ids, ratio_f, cache, **VARIANTS[method])
             elif method == "flap":
                 model, info = _prune_flap(base, ids, target, mirror)
             elif method == "llm_pruner":
@@ -276,6 +289,30 @@ def _against_flap(rows: dict, ratios: list[float], texts: list[tuple[str, str]],
     return ["", *out] if out else []
 
 
+def _variants_table(rows: dict, ratios: list[float], texts: list[tuple[str, str]]) -> list[str]:
+    """Speed beside quality for the default and each measured variant of it (:data:`VARIANTS`): per ratio, PPL ÷ FLAP's
+    on every text, prune seconds and their multiple of FLAP's (issue 39: the default is chosen on both)."""
+    lines = []
+    for ratio in ratios:
+        flap_row = rows.get(("flap", ratio))
+        measured = [m for m in ("prunellm", *VARIANTS) if rows.get((m, ratio)) and not rows[(m, ratio)].get("error")]
+        if not flap_row or flap_row.get("error") or len(measured) < 2:
+            continue
+        if not lines:
+            lines = ["", "Speed beside quality: the default and variants of it, each one change of the recipe, from the same "
+                     "run's protocol (opt-in rows `--rows prunellm_one_round/0.2 …`). PPL ÷ FLAP's own code's (lower is "
+                     "better), prune seconds and their multiple of FLAP's:"]  # fmt: skip
+        lines += ["", f"| at ~{ratio * 100:g} % | " + " | ".join(f"{label} ÷ FLAP" for _, label in texts)
+                  + " | prune s | × FLAP's time |", "|---|" + "---|" * (len(texts) + 2)]  # fmt: skip
+        for method in measured:
+            row = rows[(method, ratio)]
+            cells = [f"{row['ppl'][key] / flap_row['ppl'][key]:.3f}" for key, _ in texts]
+            seconds = row.get("prune_seconds")
+            times = f"{seconds / flap_row['prune_seconds']:.0f}×" if seconds and flap_row.get("prune_seconds") else "—"
+            lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + f" | {seconds if seconds else '—'} | {times} |")
+    return lines
+
+
 def render(section: dict) -> str:
     """Markdown of the peer table: one line per method, removed share and PPL ÷ dense at each ratio."""
     p, dense = section["protocol"], section["dense"]["ppl"]
@@ -338,6 +375,7 @@ def render(section: dict) -> str:
             cells += [removed, *(_cell(row, key, dense) for key, _ in texts), seconds]
         lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
     lines += _against_flap(rows, ratios, texts, dense)
+    lines += _variants_table(rows, ratios, texts)
     if model == MODEL:
         lines += ["", "Measured earlier for issue 17 with minimally adapted peer code at 20 % (same windows and protocol; "
                   "the issue does not name its first text): FLAP 19.7 % → 2.43 / 1.69 (WikiText-2 test), LLM-Pruner "

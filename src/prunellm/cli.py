@@ -402,11 +402,30 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     return run_eval(args)
 
 
+def _negative_number(token: str) -> bool:
+    try:
+        return token.startswith("-") and float(token) < 0
+    except ValueError:
+        return False
+
+
+def joined_negative_numbers(argv: list[str]) -> list[str]:
+    """``--flag -inf`` as ``--flag=-inf``: argparse reads ``-inf`` or ``-1e30`` after a flag as an option (it takes
+    only ``-digits[.digits]`` for a negative number), so ``--tau -inf`` as README writes it would be refused."""
+    out: list[str] = []
+    for token in argv:
+        if _negative_number(token) and out and out[-1].startswith("--") and "=" not in out[-1]:
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``prunellm`` console script."""
     from .paths import discarded_outputs, forget_discarded
 
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = joined_negative_numbers(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)

@@ -344,32 +344,43 @@ def compute_priors(
     measure = priors.prior_measure
     layer_ids = ablation_windows(tokenizer, calibration, seed, "layer")
     batch = calibration.gradient_batch_size
-    targets = tuple(target for target, kind in (("attention", "kv_group"), ("mlp", "mlp_channel")) if kind in kinds)
+    n_layers = len(decoder_layers(model))
+    # --tau -inf takes every multiplier from its block's Δ and inf from its layer's: the other ablations decide nothing
+    pure = {-math.inf: "block", math.inf: "layer"}.get(priors.tau) if priors.tau != "auto" else None
+    targets = () if pure == "layer" else tuple(t for t, kind in (("attention", "kv_group"), ("mlp", "mlp_channel")) if kind in kinds)
+    measured_layers = pure != "block"
     if measure == "fisher":  # one forward and backward pass estimates every target: one set of windows
-        blocks = ablation_deltas_of(model, layer_ids, ("layer", *targets), batch, offload=offload, measure="fisher")
-        layer_d = blocks.pop("layer")
+        blocks = ablation_deltas_of(model, layer_ids, ("layer",) * measured_layers + targets, batch, offload=offload, measure="fisher")
+        layer_d = blocks.pop("layer", None)
     else:
         positions = priors.prior_positions
-        with stage("layer ablations"):
-            layer_d = ablation_deltas(model, layer_ids, "layer", batch, offload=offload, measure=measure, positions=positions)
-        block_ids = ablation_windows(tokenizer, calibration, seed, "block")
-        with stage("block ablations"):  # offloaded: one sweep for every kind
-            blocks = ablation_deltas_of(model, block_ids, targets, batch, offload=offload, measure=measure, positions=positions)
-    unmeasured = [math.e - 1.0] * len(layer_d)  # ln(1 + Δ) = 1 at every T: the multiplier of a kind not pruned
+        layer_d, blocks = None, {}
+        if measured_layers:
+            with stage("layer ablations"):
+                layer_d = ablation_deltas(model, layer_ids, "layer", batch, offload=offload, measure=measure, positions=positions)
+        if targets:
+            block_ids = ablation_windows(tokenizer, calibration, seed, "block")
+            with stage("block ablations"):  # offloaded: one sweep for every kind
+                blocks = ablation_deltas_of(model, block_ids, targets, batch, offload=offload, measure=measure, positions=positions)
+    unmeasured = [math.e - 1.0] * n_layers  # ln(1 + Δ) = 1 at every T: the multiplier of a kind not pruned
     attn_d, mlp_d = blocks.get("attention", unmeasured), blocks.get("mlp", unmeasured)
-    tau = resolve_tau(priors.tau, layer_d)
-    temperature = resolve_temperature(priors.temperature, (layer_d, attn_d, mlp_d), tau, values)
-    unit_spread = prior_spread(prior_multipliers(layer_d, attn_d, mlp_d, 1.0, tau), values) if values else None
+    # not measured under --tau -inf: a stand-in never below tau, so every multiplier takes its block's Δ
+    layer_in_use = [math.inf] * n_layers if layer_d is None else layer_d
+    tau = resolve_tau(priors.tau, layer_in_use)
+    temperature = resolve_temperature(priors.temperature, (layer_in_use, attn_d, mlp_d), tau, values)
+    unit_spread = prior_spread(prior_multipliers(layer_in_use, attn_d, mlp_d, 1.0, tau), values) if values else None
     if priors.temperature == "auto":
         log.info("--temperature auto: T = %.3f (the prior's spread ×%.2f between the pruned blocks matched to the "
                  "scores' within-block spread)", temperature, unit_spread or 1.0)  # fmt: skip
     spread_field = {} if unit_spread is None else {"prior_spread_p90_over_p10": unit_spread}
     metric = {"loss": "delta_loss_zero_ablation", "kl": "kl_from_dense_zero_ablation",
               "fisher": "kl_from_dense_zero_ablation_fisher_estimate"}[measure]  # fmt: skip
+    skipped = {"layers": None, "skipped": "--tau -inf: every multiplier is its block's Δ"} if layer_d is None else {"layers": layer_d}
     write_json_atomic(out / "layer_importance_loss.json",
-                      {"metric": metric, "layers": layer_d, "tau": tau, "temperature": temperature, **spread_field})  # fmt: skip
-    write_json_atomic(out / "block_importance_loss.json", {"metric": metric, **blocks})
-    return prior_multipliers(layer_d, attn_d, mlp_d, temperature, tau)
+                      {"metric": metric, **skipped, "tau": tau, "temperature": temperature, **spread_field})  # fmt: skip
+    blocks_skipped = {"skipped": "--tau inf: every multiplier is its layer's Δ"} if pure == "layer" else {}
+    write_json_atomic(out / "block_importance_loss.json", {"metric": metric, **blocks, **blocks_skipped})
+    return prior_multipliers(layer_in_use, attn_d, mlp_d, temperature, tau)
 
 
 def selection_constraints(selection: SelectionOptions) -> SelectionConstraints:
