@@ -330,7 +330,7 @@ def _scoring_folder(model: nn.Module, calibration: torch.Tensor, units: list[Lay
     return Path(offload_dir) / f"prunellm-scoring-{digest}"
 
 
-def _vocab_rows(vocab: int, width: int, element_bytes: int = 4) -> int:
+def vocab_rows(vocab: int, width: int, element_bytes: int = 4) -> int:
     """Rows of the embedding or LM head per vocabulary slice read (at most ``VOCAB_SLICE_BYTES``)."""
     return max(1, min(VOCAB_SLICE_BYTES // (element_bytes * width), vocab))
 
@@ -341,7 +341,7 @@ def _input_embeddings(onloader: Onloader, embed: nn.Module, batches: list[torch.
     vocab, width = embed.weight.shape
     out = [torch.empty(*b.shape, width, dtype=dtype, device=onloader.device) for b in batches]
     ids = [b.to(onloader.device) for b in batches]
-    rows = _vocab_rows(vocab, width, embed.weight.element_size())
+    rows = vocab_rows(vocab, width, embed.weight.element_size())
     for start in range(0, vocab, rows):
         weight = onloader.rows(embed, "weight", start, min(start + rows, vocab))  # (rows, H)
         for e, i in zip(out, ids):
@@ -369,7 +369,7 @@ def layer_inputs(model: nn.Module, onloader: Onloader, batches: list[torch.Tenso
     return [first.detach() for first, _ in captured], [per_layer for _, per_layer in captured]
 
 
-def _head_losses_and_grads(onloader: Onloader, head: nn.Linear, normed: list[torch.Tensor], batches: list[torch.Tensor], grads: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def head_losses_and_grads(onloader: Onloader, head: nn.Linear, normed: list[torch.Tensor], batches: list[torch.Tensor], grads: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """HF's causal-LM loss of every micro-batch (mean over its B·(T−1) shifted tokens, logits upcast to float32)
     and its gradient with respect to the final-norm output, with the LM head read one vocabulary slice at a time.
 
@@ -393,7 +393,7 @@ def _head_losses_and_grads(onloader: Onloader, head: nn.Linear, normed: list[tor
     weights = torch.cat([torch.full((n,), 1.0 / n, dtype=torch.float32, device=device) for n in sizes])
     budget = LOGITS_CHUNK_BYTES if device.type == "cpu" else LOGITS_CHUNK_BYTES_ACCELERATOR
     chunk = max(1, budget // (4 * vocab))
-    rows = _vocab_rows(vocab, width, head.weight.element_size())
+    rows = vocab_rows(vocab, width, head.weight.element_size())
     slices = [(start, min(start + rows, vocab)) for start in range(0, vocab, rows)]
 
     def head_slices() -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor | None]]:
@@ -442,7 +442,7 @@ def _head_losses_and_grads(onloader: Onloader, head: nn.Linear, normed: list[tor
     return losses, upstream
 
 
-def _head_kl(onloader: Onloader, head: nn.Linear, reference: list[torch.Tensor], normed: list[torch.Tensor]) -> float:
+def head_kl(onloader: Onloader, head: nn.Linear, reference: list[torch.Tensor], normed: list[torch.Tensor]) -> float:
     """Token-weighted mean KL(p_reference ‖ p) of the next-token distributions at the positions given, from two
     final-norm outputs (B, P, H) per micro-batch (``reference``: the dense model's), with the LM head read one vocabulary
     slice at a time: both chunks' full logit rows are filled slice by slice (the head read twice per chunk), in
@@ -452,7 +452,7 @@ def _head_kl(onloader: Onloader, head: nn.Linear, reference: list[torch.Tensor],
     xs = [torch.cat([h.reshape(-1, width) for h in hs]) for hs in (reference, normed)]
     budget = LOGITS_CHUNK_BYTES if device.type == "cpu" else LOGITS_CHUNK_BYTES_ACCELERATOR
     chunk = max(1, budget // (8 * vocab))  # two chunks of rows at a time
-    rows = _vocab_rows(vocab, width, head.weight.element_size())
+    rows = vocab_rows(vocab, width, head.weight.element_size())
     slices = [(start, min(start + rows, vocab)) for start in range(0, vocab, rows)]
     total = 0.0
     for first in range(0, xs[0].shape[0], chunk):
@@ -480,15 +480,20 @@ def check_linear_head(model: nn.Module, what: str) -> None:
         )
 
 
-def _buffers_on(model: nn.Module, device: torch.device) -> dict:
-    """Move every buffer (rotary frequencies) to ``device``; returns what to put back."""
+@contextlib.contextmanager
+def buffers_on(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Every buffer (rotary frequencies) on ``device`` while the block runs, put back where it was after it."""
     before = {}
     for module in model.modules():
         for name, buf in module._buffers.items():
             if buf is not None and buf.device != device:
                 before[(module, name)] = buf
                 module._buffers[name] = buf.to(device)
-    return before
+    try:
+        yield
+    finally:
+        for (module, name), buf in before.items():
+            module._buffers[name] = buf
 
 
 def offloaded_stats(
@@ -539,7 +544,8 @@ def offloaded_stats(
 
     batches = batches_of(calibration, batch_size)
     gradients = "gradients" in needs
-    restore = _buffers_on(model, device)
+    placed = contextlib.ExitStack()
+    placed.enter_context(buffers_on(model, device))
     scratch = progress = None
     if gradients and offload_dir is not None:  # this scoring's folder: removed when it succeeds, resumed if not
         scratch = _scoring_folder(model, calibration, units, criterion, batch_size, offload_dir)
@@ -592,8 +598,7 @@ def offloaded_stats(
                             device, progress, scores, resumed)  # fmt: skip
         finished = True
     finally:
-        for (module, name), buf in restore.items():
-            module._buffers[name] = buf
+        placed.close()
         if scratch is not None and finished:
             shutil.rmtree(scratch, ignore_errors=True)
     return scores, stats
@@ -605,7 +610,7 @@ def _loss_at_top(onloader: Onloader, norm: nn.Module, head: nn.Module, hidden: l
     with onloader.onloaded(norm):
         with torch.no_grad():
             normed = [norm(h.to(device)) for h in hidden]  # (B, T, H) per micro-batch
-        losses, grads = _head_losses_and_grads(onloader, head, normed, batches)
+        losses, grads = head_losses_and_grads(onloader, head, normed, batches)
         del normed
         for index, (h, batch, grad) in enumerate(zip(hidden, batches, grads)):
             losses[index] = check_loss(losses[index], index)

@@ -17,10 +17,7 @@ projection's float64 Gram matrix.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -28,9 +25,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import UnitKey, batches_of
-from .checkpoint import finish_checkpoint
+from .checkpoint import SHARD_BYTES, ShardWriter, finish_checkpoint
 from .errors import PrunellmError
-from .offload import Onloader, _buffers_on, _vocab_rows, is_lazy, layer_inputs, to_meta
+from .offload import Onloader, vocab_rows, buffers_on, is_lazy, layer_inputs, to_meta
 from .paths import atomic_dir
 from .plan import Plan
 from .reconstruction import prune_with_reconstruction
@@ -39,105 +36,6 @@ from .surgery import prune_units, remove_layers
 from .units import decoder_layers
 
 log = logging.getLogger(__name__)
-
-SHARD_BYTES = 2 * 2**30  # an output shard is closed once it holds this much (HF names and index)
-HEADER_ROOM = 2**20  # bytes reserved for a shard's JSON header (~10 k tensor names); a full header closes the shard
-_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-           torch.bool: "BOOL"}  # fmt: skip
-
-
-class _ShardFile:
-    """One safetensors file written tensor by tensor: the data goes straight to disk, the header (names, dtypes,
-    shapes, offsets) is written at the front on :meth:`close` into room reserved for it (padded with spaces, as
-    safetensors itself pads), so no shard is ever held in memory."""
-
-    def __init__(self, path: Path) -> None:
-        self.path, self.file = path, open(path, "wb")
-        self.file.write(b"\0" * (8 + HEADER_ROOM))
-        self.entries: dict[str, dict] = {}
-        self.size = 0
-
-    def header(self, extra: dict | None = None) -> bytes:
-        entries = {**self.entries, **(extra or {})}
-        return json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
-
-    def fits(self, name: str, tensor: torch.Tensor) -> bool:
-        entry = {name: {"dtype": "BOOL", "shape": list(tensor.shape), "data_offsets": [self.size, self.size + 2**62]}}
-        return len(self.header(entry)) <= HEADER_ROOM
-
-    def add(self, name: str, parts: list[torch.Tensor] | Iterator[torch.Tensor], dtype: torch.dtype, shape: list[int]) -> None:
-        """Write a tensor of ``shape`` from ``parts``, consecutive row slices (or the whole tensor), as they come."""
-        start = self.size
-        for part in parts:
-            data = part.detach().to("cpu", dtype).contiguous()
-            if data.numel():
-                self.file.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
-            self.size += data.numel() * data.element_size()
-        expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        if self.size - start != expected:
-            raise RuntimeError(f"tensor '{name}': {self.size - start} bytes written, its shape {shape} needs {expected}")
-        self.entries[name] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [start, self.size]}
-
-    def close(self) -> None:
-        header = self.header()
-        self.file.seek(0)
-        self.file.write(HEADER_ROOM.to_bytes(8, "little") + header + b" " * (HEADER_ROOM - len(header)))
-        self.file.close()
-
-
-class ShardWriter:
-    """Tensors written to safetensors shards of about ``shard_bytes`` as they come (straight to disk), named and
-    indexed as ``save_pretrained`` names them (``model.safetensors``, or ``model-0000k-of-0000n.safetensors`` + index)."""
-
-    def __init__(self, folder: Path, shard_bytes: int = SHARD_BYTES) -> None:
-        self.folder, self.shard_bytes = folder, shard_bytes
-        self.current: _ShardFile | None = None
-        self.shards: list[list[str]] = []  # the tensor names of each closed shard
-        self.names: set[str] = set()
-        self.total = 0
-
-    def __enter__(self) -> ShardWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, traceback) -> None:
-        if exc_type is not None and self.current is not None:
-            # an open shard file would keep its temporary folder from being removed (NFS, Windows)
-            self.current.file.close()
-            self.current = None
-
-    def add(self, name: str, tensor: torch.Tensor, parts: Iterator[torch.Tensor] | None = None) -> None:
-        """Write ``tensor``, or a tensor of its shape and dtype (a meta one will do) from ``parts``, its row slices."""
-        if name in self.names:
-            raise RuntimeError(f"tensor '{name}' written twice")
-        self.names.add(name)
-        if self.current is not None and not self.current.fits(name, tensor):
-            self.flush()
-        if self.current is None:
-            self.current = _ShardFile(self.folder / f".shard-{len(self.shards):05d}.tmp")
-        self.current.add(name, [tensor] if parts is None else parts, tensor.dtype, list(tensor.shape))
-        self.total += tensor.numel() * tensor.element_size()
-        if self.current.size >= self.shard_bytes:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.current is not None:
-            self.current.close()
-            self.shards.append(sorted(self.current.entries))
-            self.current = None
-
-    def close(self) -> None:
-        """Close the open shard, give the shards their final names and write the index when there are several."""
-        self.flush()
-        n = len(self.shards)
-        names = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
-        for k, name in enumerate(names):
-            (self.folder / f".shard-{k:05d}.tmp").replace(self.folder / name)
-        if n > 1:
-            weight_map = {tensor: name for name, shard in zip(names, self.shards) for tensor in shard}
-            index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
-            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
 
 class _LayerStream:
     """``enter(i)``: decoder layer i read onto the device; ``exit(i)``: its (pruned) tensors to the output shard
@@ -199,8 +97,7 @@ def save_pruned_streamed(
     with atomic_dir(out_dir) as tmp, ShardWriter(tmp, shard_bytes) as writer:  # an error or a stop signal removes tmp
         _copy_outside_layers(model, spec, onloader, writer)
         stream = _LayerStream(model, onloader, writer, plan.removed_layers)
-        restore = _buffers_on(model, device)
-        try:
+        with buffers_on(model, device):
             if reconstruct == "none":
                 for index in tqdm(range(len(stream.layers)), desc="streamed surgery", unit="layer", leave=False):
                     if index not in stream.new_index:  # a removed layer is not read at all (depth pruning)
@@ -221,9 +118,6 @@ def save_pruned_streamed(
                 if select != "plan":
                     plan.set_kept_units(result.kept)
                 report = {"mode": reconstruct, "added_params": result.added_params, "layers": result.layers}
-        finally:
-            for (module, name), buf in restore.items():
-                module._buffers[name] = buf
         remove_layers(model, plan.removed_layers)
         writer.close()
         model.config.save_pretrained(tmp)
@@ -250,7 +144,7 @@ def _copy_outside_layers(model: nn.Module, spec, onloader: Onloader, writer: Sha
                 parts = iter([onloader.weights.read([name], torch.device("cpu"))[name]])
             else:
                 length = tensor.shape[0]
-                rows = _vocab_rows(length, max(1, tensor[0].numel()), tensor.element_size())
+                rows = vocab_rows(length, max(1, tensor[0].numel()), tensor.element_size())
                 parts = (onloader.rows(module, pname, start, min(start + rows, length)) for start in range(0, max(length, 1), rows))
             writer.add(name, tensor, parts)
         elif tensor.device.type != "meta":  # a persistent buffer the skeleton holds for real

@@ -38,10 +38,10 @@ from .criteria.depth import change_sums
 from .offload import (
     HiddenStore,
     Onloader,
-    _buffers_on,
-    _head_kl,
-    _head_losses_and_grads,
+    buffers_on,
     check_linear_head,
+    head_kl,
+    head_losses_and_grads,
     layer_inputs,
     offloaded_stats,
 )
@@ -87,13 +87,9 @@ class LayerSweep:
 
     @contextlib.contextmanager
     def running(self) -> Iterator[list[torch.Tensor]]:
-        restore = _buffers_on(self.model, self.device)  # rotary frequencies on the compute device for the pass
-        try:
+        with buffers_on(self.model, self.device):  # rotary frequencies on the compute device for the pass
             hidden, self.kwargs = layer_inputs(self.model, self.onloader, self.batches)
             yield hidden
-        finally:
-            for (module, name), buf in restore.items():
-                module._buffers[name] = buf
 
     def onloaded(self, index: int):
         return self.onloader.onloaded(self.layers[index])
@@ -110,7 +106,7 @@ class LayerSweep:
         norm, head = get_module(self.model, self.spec.final_norm), get_module(self.model, self.spec.lm_head)
         with self.onloader.onloaded(norm):
             normed = [norm(h.to(self.device)) for h in hidden]
-        losses, _ = _head_losses_and_grads(self.onloader, head, normed, self.batches, grads=False)
+        losses, _ = head_losses_and_grads(self.onloader, head, normed, self.batches, grads=False)
         sizes = [b[:, 1:].numel() for b in self.batches]
         total = sum(check_loss(loss, i) * n for i, (loss, n) in enumerate(zip(losses, sizes)))
         return total / sum(sizes)
@@ -123,7 +119,7 @@ class LayerSweep:
         norm, head = get_module(self.model, self.spec.final_norm), get_module(self.model, self.spec.lm_head)
         with self.onloader.onloaded(norm):
             normed = [[norm(predicting(h.to(self.device), picked)) for h in hs] for hs in (reference, hidden)]
-        return _head_kl(self.onloader, head, *normed)
+        return head_kl(self.onloader, head, *normed)
 
 
 def ablated_losses(
