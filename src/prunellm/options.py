@@ -771,7 +771,9 @@ class ExportOptions(_Options):
         "gguf", description="gguf: one file for llama.cpp / Ollama; vllm: a nemotron-nas folder (config + safetensors) for vLLM"
     )
     output: str = Field("export", description="folder that receives the exported model")
-    outtype: Literal["f32", "f16", "q8_0"] = Field(
-        "f16", description="weight matrices as f32, f16 or q8_0 (q8_0: gguf only; norms and biases stay f32)"
+    outtype: Literal["f32", "f16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"] = Field(
+        "f16", description="weight matrices as f32, f16, q8_0 or llama.cpp's K-quant mixes q4_k_m, q5_k_m, q6_k (quantized "
+        "by llama.cpp's own kernels, needs xllamacpp: the types llama-quantize chooses per tensor); every type but f32 "
+        "and f16 is gguf only; norms and biases stay f32"
     )
     overwrite: bool = Field(False, description="replace an existing output folder (vllm) or .gguf file")

@@ -1,6 +1,6 @@
 """Export a pruned (or dense) model to serving engines: llama.cpp (GGUF) and vLLM (nemotron-nas).
 
-``prunellm export --model RESULTS_OR_MODEL_DIR --format gguf|vllm --output DIR [--outtype f32|f16|q8_0]``
+``prunellm export --model RESULTS_OR_MODEL_DIR --format gguf|vllm --output DIR [--outtype f32|f16|q8_0|q4_k_m|q5_k_m|q6_k]``
 and :func:`export_model` do the same. What each engine can express is data in :mod:`.gguf` and :mod:`.vllm`;
 a model they cannot express is refused with one line naming the layer and what breaks it.
 
@@ -38,8 +38,8 @@ def export_model(options: ExportOptions | None = None, **overrides) -> Path:
     from ..paths import check_output
 
     options = ExportOptions(**{**(options.model_dump() if options else {}), **overrides})
-    if options.format == "vllm" and options.outtype == "q8_0":
-        raise PrunellmError("--outtype q8_0 is for --format gguf: vLLM takes --outtype f32 or f16")
+    if options.format == "vllm" and options.outtype not in ("f32", "f16"):
+        raise PrunellmError(f"--outtype {options.outtype} is for --format gguf: vLLM takes --outtype f32 or f16")
     model_dir = resolve_model_path(options.model, flag="--model")
     inputs = [("--model", options.model), ("--model", model_dir)]
     name = export_name(model_dir)

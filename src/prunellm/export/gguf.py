@@ -26,6 +26,7 @@ from typing import Literal
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, LlamaFileType, MODEL_TENSOR, TENSOR_NAMES
+from gguf import GGMLQuantizationType as T
 from gguf.quants import quantize
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -35,13 +36,17 @@ from ..hf_modeling import ZeroAttention, ZeroMLP
 from ..specs import spec_for
 from ..surgery import layer_widths
 from ..units import decoder_layers, get_module, head_dim
+from . import ggml
+from .ggml import K_MIXES, fitting, mix_types
 from .rope import ROPE_SCALING, check_rope, write_rope
 from .tokenizer import gguf_vocab, write_vocab
 
 log = logging.getLogger(__name__)
 
-OutType = Literal["f32", "f16", "q8_0"]
-FILE_TYPES = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "q8_0": LlamaFileType.MOSTLY_Q8_0}
+OutType = Literal["f32", "f16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"]
+OUTTYPES: tuple[str, ...] = ("f32", "f16", "q8_0", "q4_k_m", "q5_k_m", "q6_k")
+FILE_TYPES = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "q8_0": LlamaFileType.MOSTLY_Q8_0,
+              "q4_k_m": LlamaFileType.MOSTLY_Q4_K_M, "q5_k_m": LlamaFileType.MOSTLY_Q5_K_M, "q6_k": LlamaFileType.MOSTLY_Q6_K}  # fmt: skip
 
 # optional parts of a layer, as found in the model: q/k/v biases, o_proj bias, MLP biases, q/k head norms
 Feature = Literal["qkv_bias", "o_bias", "mlp_bias", "qk_norm", "untied_head"]
@@ -267,22 +272,31 @@ def layer_tensors(model: PreTrainedModel, index: int, target: GgufTarget, zero_f
     return LayerTensors(n_head, n_kv, n_ff, out)
 
 
-QUANT_TYPES = {"q8_0": GGMLQuantizationType.Q8_0}  # outtype -> the quantized type of the weight matrices
+# outtype -> the quantized type of its weight matrices (the K mixes: the type of most of them)
+QUANT_TYPES = {"q8_0": GGMLQuantizationType.Q8_0, **{name: mix[0] for name, mix in K_MIXES.items()}}
 
 
-def _encode(data: np.ndarray, outtype: OutType) -> tuple[np.ndarray, GGMLQuantizationType | None, bool]:
-    """Norms and biases stay float32; matrices become f16 or Q8_0 (f16 where a row is not a multiple of the block):
-    the array, its raw type (None: from the numpy dtype), and whether it fell back to f16."""
-    if outtype == "f32" or data.ndim == 1:
-        return data.astype(np.float32), None, False
-    kind = QUANT_TYPES.get(outtype)
-    if kind is not None and data.shape[-1] % GGML_QUANT_SIZES[kind][0] == 0:
-        return quantize(data, kind), kind, False
-    return data.astype(np.float16), None, kind is not None
+def tensor_types(tensors: dict[str, np.ndarray], outtype: OutType, tied: bool) -> dict[str, GGMLQuantizationType]:
+    """The type of every tensor: norms and biases F32; matrices f32, f16, Q8_0 (F16 where a row is not a multiple of
+    its block), or the K mix llama-quantize would choose (:func:`prunellm.export.ggml.mix_types`)."""
+    if outtype in K_MIXES:
+        return mix_types({name: data.shape for name, data in tensors.items()}, outtype, tied)
+    matrix = {"f32": T.F32, "f16": T.F16}.get(outtype, T.Q8_0)
+    return {name: T.F32 if data.ndim == 1 else fitting(matrix, data.shape[-1]) for name, data in tensors.items()}
 
 
-def warn_fallbacks(fallbacks: list[str], matrices: int, outtype: OutType) -> None:
-    """One warning for the matrices a quantized outtype left in f16, naming the ``--deploy_target`` that avoids it."""
+def _encode(data: np.ndarray, kind: GGMLQuantizationType) -> tuple[np.ndarray, GGMLQuantizationType | None]:
+    """The array as ``kind`` and its raw type (None: from the numpy dtype); Q8_0 by gguf-py, K-quants by ggml."""
+    if kind in (T.F32, T.F16):
+        return data.astype(np.float32 if kind == T.F32 else np.float16), None
+    if kind == T.Q8_0:
+        return quantize(data, kind), kind
+    return ggml.quantize(data, kind), kind
+
+
+def warn_fallbacks(fallbacks: dict[str, GGMLQuantizationType], matrices: int, outtype: OutType) -> None:
+    """One warning for the matrices a quantized outtype wrote in another type than it chose (their rows are not a
+    multiple of its block), naming the ``--deploy_target`` that avoids it for ``ffn_down``."""
     if not fallbacks:
         return
     from .targets import mlp_target_for
@@ -291,9 +305,11 @@ def warn_fallbacks(fallbacks: list[str], matrices: int, outtype: OutType) -> Non
     down = [n for n in fallbacks if n.startswith("blk.") and ".ffn_down." in n]
     fix = (f"; prune with --deploy_target {mlp_target_for(outtype)} to keep every MLP width a multiple of {block}"
            if down else "")  # fmt: skip
+    written = "/".join(sorted({kind.name for kind in fallbacks.values()}))
     log.warning(
         "--outtype %s: %d of %d weight matrices (%d ffn_down, first %s) have rows that are not a multiple of %d and were "
-        "written as f16%s", outtype, len(fallbacks), matrices, len(down), fallbacks[0], block, fix,
+        "written as %s, as llama-quantize writes them%s", outtype, len(fallbacks), matrices, len(down), next(iter(fallbacks)),
+        block, written, fix,
     )  # fmt: skip
 
 
@@ -310,12 +326,17 @@ def export_gguf(
         model: a Hugging Face causal LM of a supported family, dense or pruned by prunellm.
         tokenizer: its (byte-level BPE) tokenizer.
         output: the folder that receives ``<name>-<outtype>.gguf``.
-        outtype: ``f32``, ``f16`` or ``q8_0`` for the weight matrices (norms and biases stay float32).
+        outtype: ``f32``, ``f16``, ``q8_0`` for the weight matrices (norms and biases stay float32), or llama.cpp's
+            K-quant mixes ``q4_k_m``, ``q5_k_m``, ``q6_k`` (quantized by ggml, in the types llama-quantize chooses).
         name: the file's stem and its ``general.name``.
 
     Returns:
         The path of the GGUF file.
     """
+    if outtype not in FILE_TYPES:
+        raise PrunellmError(f"--outtype {outtype} is not a GGUF type prunellm writes: use one of {', '.join(OUTTYPES)}")
+    if outtype in K_MIXES:
+        ggml.check_available()  # before any work
     config = model.config
     spec = spec_for(config)
     target = choose_target(model)
@@ -358,12 +379,12 @@ def export_gguf(
         tensors[_name(MODEL_TENSOR.OUTPUT_NORM)] = _norm_array(get_module(model, spec.final_norm).weight, spec.name)
         if not tied:  # llama.cpp reuses token_embd when output.weight is absent
             tensors[_name(MODEL_TENSOR.OUTPUT)] = _array(head)
-        fallbacks = []
+        kinds = tensor_types(tensors, outtype, tied)
         for tensor_name, data in tensors.items():
-            encoded, raw_dtype, fell_back = _encode(data, outtype)
-            if fell_back:
-                fallbacks.append(tensor_name)
+            encoded, raw_dtype = _encode(data, kinds[tensor_name])
             writer.add_tensor(tensor_name, encoded, raw_dtype=raw_dtype)
+        block = GGML_QUANT_SIZES[QUANT_TYPES[outtype]][0] if outtype in QUANT_TYPES else 1
+        fallbacks = {name: kinds[name] for name, data in tensors.items() if data.ndim > 1 and data.shape[-1] % block}
         warn_fallbacks(fallbacks, sum(data.ndim > 1 for data in tensors.values()), outtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
