@@ -335,6 +335,18 @@ first run's in the third decimal, 2 vs 1 torch threads; `taylor/block/lstsq_bias
   ~20 % and ~30 %); the figures above under "measured earlier" are the issue's, kept for reference."""
 
 
+def held_out_token_sets(tokenizer) -> dict[str, torch.Tensor]:
+    """The protocol's held-out texts, tokenized: Shakespeare's held-out plays, WikiText-2 test and, where Debian's
+    bible-kjv is installed, the King James Bible (a third text, of another kind than both)."""
+    token_sets = eval_token_sets(tokenizer)
+    bible = kjv_text()
+    if bible is not None:
+        from prunellm.data import tokenize_text
+
+        token_sets["kjv"] = tokenize_text(tokenizer, bible[:400_000])
+    return token_sets
+
+
 def start(out: str, threads: int = 2, model: str = MODEL):
     """What every row of a protocol run needs: ``(base, tokenizer, token_sets, ids, total, done, emit)``.
 
@@ -349,12 +361,7 @@ def start(out: str, threads: int = 2, model: str = MODEL):
 
     base, tokenizer = pl.load(model)
     base.eval()
-    token_sets = eval_token_sets(tokenizer)
-    bible = kjv_text()
-    if bible is not None:  # a third held-out text, of another kind than both
-        from prunellm.data import tokenize_text
-
-        token_sets["kjv"] = tokenize_text(tokenizer, bible[:400_000])
+    token_sets = held_out_token_sets(tokenizer)
     ids = calibration_windows(tokenizer)
     total = count_parameters(base)
     done = set()

