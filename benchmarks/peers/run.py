@@ -45,7 +45,7 @@ SECOND_FAMILY_ROWS = tuple(f"{m}/{r}" for r in (0.05, 0.075) for m in ("flap", "
 # the default is chosen on both (issue 39). Opt-in rows: ``--rows prunellm_one_round/0.2 ...``.
 VARIANTS: dict[str, dict] = {
     "prunellm_no_prior": {"temperature": 0.0},
-    "prunellm_block_prior": {"tau": float("-inf")},
+    "prunellm_block_prior": {"tau": "-inf"},
     "prunellm_one_round": {"iterative_steps": 1},
     "prunellm_no_prior_one_round": {"temperature": 0.0, "iterative_steps": 1},
     "prunellm_fisher_prior": {"prior_measure": "fisher"},
