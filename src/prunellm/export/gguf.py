@@ -36,8 +36,8 @@ from ..hf_modeling import ZeroAttention, ZeroMLP
 from ..specs import spec_for
 from ..surgery import layer_widths
 from ..units import decoder_layers, get_module, head_dim
-from . import ggml
-from .ggml import K_MIXES, fitting, mix_types
+from .ggml import K_MIXES, check_available, fitting, mix_types
+from .ggml import quantize as ggml_quantize
 from .rope import ROPE_SCALING, check_rope, write_rope
 from .tokenizer import gguf_vocab, write_vocab
 
@@ -291,7 +291,7 @@ def _encode(data: np.ndarray, kind: GGMLQuantizationType) -> tuple[np.ndarray, G
         return data.astype(np.float32 if kind == T.F32 else np.float16), None
     if kind == T.Q8_0:
         return quantize(data, kind), kind
-    return ggml.quantize(data, kind), kind
+    return ggml_quantize(data, kind), kind
 
 
 def warn_fallbacks(fallbacks: dict[str, GGMLQuantizationType], matrices: int, outtype: OutType) -> None:
@@ -336,7 +336,7 @@ def export_gguf(
     if outtype not in FILE_TYPES:
         raise PrunellmError(f"--outtype {outtype} is not a GGUF type prunellm writes: use one of {', '.join(OUTTYPES)}")
     if outtype in K_MIXES:
-        ggml.check_available()  # before any work
+        check_available()  # before any work
     config = model.config
     spec = spec_for(config)
     target = choose_target(model)
