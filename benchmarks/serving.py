@@ -73,6 +73,18 @@ def build_models():
     return tokenizer, total, [("dense", dense), ("depth (7 layers)", depth), ("width (MLP, per-layer)", width)]
 
 
+def interleaved_timings(servers: list, ids: list[int], rounds: int) -> list[list[dict]]:
+    """Per server, llama.cpp's prefill and decode tokens/s of each round: every round runs each server once in turn
+    (so a machine whose speed drifts slows them alike), after one untimed warm-up round."""
+    timings: list[list[dict]] = [[] for _ in servers]
+    for round_index in range(rounds + 1):
+        for i, server in enumerate(servers):
+            c = server.complete(ids, NEW_TOKENS)
+            if round_index:
+                timings[i].append({"prefill": c.prompt_per_second, "decode": c.predicted_per_second})
+    return timings
+
+
 def _median(rows: list[dict], key: str) -> float:
     return round(statistics.median(r[key] for r in rows), 1)
 
@@ -98,12 +110,7 @@ def run(rounds: int = 5, threads: int = 1) -> dict:
             out["models"].append({"label": label, "params": count_parameters(model),
                                   "removed": round(1 - count_parameters(model) / total, 4),
                                   "gguf_arch": choose_target(model).arch})  # fmt: skip
-        timings: list[list[dict]] = [[] for _ in servers]
-        for round_index in range(rounds + 1):
-            for i, server in enumerate(servers):
-                c = server.complete(ids, NEW_TOKENS)
-                if round_index:  # round 0 warms up
-                    timings[i].append({"prefill": c.prompt_per_second, "decode": c.predicted_per_second})
+        timings = interleaved_timings(servers, ids, rounds)
         del servers
         for row, rows in zip(out["models"], timings):
             row["llamacpp_prefill_tok_s"] = _median(rows, "prefill")
@@ -262,12 +269,7 @@ def run_quantized(rounds: int = 5, threads: int = 1) -> dict:
                                        "gguf_arch": choose_target(model).arch, "file_mb": round(path.stat().st_size / 2**20, 1),
                                        "served_ppl": ppl}))  # fmt: skip
         servers = [LlamaCpp(path, threads=threads, n_ctx=512) for path, _ in entries]
-        timings: list[list[dict]] = [[] for _ in servers]
-        for round_index in range(rounds + 1):
-            for i, server in enumerate(servers):
-                c = server.complete(ids, NEW_TOKENS)
-                if round_index:  # round 0 warms up
-                    timings[i].append({"prefill": c.prompt_per_second, "decode": c.predicted_per_second})
+        timings = interleaved_timings(servers, ids, rounds)
         del servers
     for (_, row), rows in zip(entries, timings):
         row["prefill_tok_s"], row["decode_tok_s"] = _median(rows, "prefill"), _median(rows, "decode")

@@ -74,6 +74,20 @@ FAMILIES = {
 }
 
 
+def byte_level_bpe(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer (the GPT-2 kind) trained in code on ``texts``, ``<|endoftext|>`` as BOS and EOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>"], show_progress=False)  # fmt: skip
+    backend.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+
+
 def make_tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
     """A 2-layer, hidden-64, 4-query/2-KV-head model of ``family`` with seeded random weights."""
     config_cls, model_cls, extra = FAMILIES[family]

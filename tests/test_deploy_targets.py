@@ -10,8 +10,7 @@ from pathlib import Path
 import gguf
 import pytest
 import torch
-from conftest import make_tiny_model
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from conftest import byte_level_bpe, make_tiny_model
 from transformers import PreTrainedTokenizerFast
 
 from prunellm.cli import build_parser
@@ -30,13 +29,7 @@ COMMAND_OPTIONS = {"prune": PruneRecipe, "layers": LayersRecipe, "export": Expor
 
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<|endoftext|>"], show_progress=False)  # fmt: skip
-    backend.train_from_iterator(TEXT, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    return byte_level_bpe(TEXT, 300)
 
 
 def tiny(family: str, tokenizer, **overrides):

@@ -10,8 +10,9 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from conftest import byte_level_bpe
 
 from prunellm.errors import PrunellmError
 from prunellm.export.ggml import K_MIXES, mix_types, more_bits
@@ -26,13 +27,7 @@ TEXT = ["The quick brown fox jumps over the lazy dog.", "Pruning removes channel
 
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<|endoftext|>"], show_progress=False)  # fmt: skip
-    backend.train_from_iterator(TEXT, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    return byte_level_bpe(TEXT, 300)
 
 
 def llama_256(tokenizer, layers: int = 8) -> LlamaForCausalLM:
