@@ -44,7 +44,6 @@ from .tokenizer import gguf_vocab, write_vocab
 log = logging.getLogger(__name__)
 
 OutType = Literal["f32", "f16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"]
-OUTTYPES: tuple[str, ...] = ("f32", "f16", "q8_0", "q4_k_m", "q5_k_m", "q6_k")
 FILE_TYPES = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "q8_0": LlamaFileType.MOSTLY_Q8_0,
               "q4_k_m": LlamaFileType.MOSTLY_Q4_K_M, "q5_k_m": LlamaFileType.MOSTLY_Q5_K_M, "q6_k": LlamaFileType.MOSTLY_Q6_K}  # fmt: skip
 
@@ -334,7 +333,7 @@ def export_gguf(
         The path of the GGUF file.
     """
     if outtype not in FILE_TYPES:
-        raise PrunellmError(f"--outtype {outtype} is not a GGUF type prunellm writes: use one of {', '.join(OUTTYPES)}")
+        raise PrunellmError(f"--outtype {outtype} is not a GGUF type prunellm writes: use one of {', '.join(FILE_TYPES)}")
     if outtype in K_MIXES:
         check_available()  # before any work
     config = model.config
