@@ -15,7 +15,8 @@ from prunellm.cli import main, translate_seed_layer_flags
 from prunellm.errors import PrunellmError
 from prunellm.criteria.depth import hidden_change_scores
 from prunellm.layers import allocate_rates, choose_layers_to_remove, select_layerwise
-from prunellm.priors import _ablated_losses, _ablated_losses_full, ablated, ablation_deltas, ablation_deltas_of, scored_positions
+from prunellm.priors import _ablated_losses_full, ablated, ablation_deltas, ablation_deltas_of, scored_positions
+from prunellm.sweep import IN_PLACE
 from prunellm.selection import normalized_values
 from prunellm.surgery import remove_layers
 from prunellm.specs import spec_for
@@ -24,11 +25,13 @@ from prunellm.units import all_units, count_parameters, decoder_layers, get_modu
 
 @pytest.mark.parametrize("target", ["layer", "attention", "mlp"])
 def test_prefix_reusing_ablation_equals_full_forward_ablation(family, target):
-    # the fast path reruns only layers L.. from the hidden state entering L; it must give the same Δloss as
-    # ablating inside a full forward pass of the model (which uses the model's own head and loss)
+    # the sweep reruns only layers L.. from the hidden state entering L (every branch advanced as the windows go up
+    # the layers, the head read in slices); it must give the same Δloss as ablating inside a full forward pass of
+    # the model (which uses the model's own head and loss)
     model = make_tiny_model(family, num_hidden_layers=4)
     ids = calibration_ids(n=5, length=16)
-    fast_base, fast = _ablated_losses(model, ids, target, 2, [0, 1, 2, 3])
+    fast_base, by_target = IN_PLACE.ablated_losses(model, ids, (target,), 2, [0, 1, 2, 3])
+    fast = by_target[target]
     full_base, full = _ablated_losses_full(model, ids, target, 2, [0, 1, 2, 3])
     assert abs(fast_base - full_base) < 1e-5 and len(set(full)) == 4 and full_base not in full
     torch.testing.assert_close(torch.tensor(fast), torch.tensor(full), rtol=1e-5, atol=1e-5)
@@ -51,9 +54,9 @@ def test_kl_deltas_are_the_ablated_distributions_divergence_from_the_dense_ones(
             with ablated(model, layer, target):
                 q = torch.log_softmax(model(ids).logits[:, :-1].float(), dim=-1)
             by_hand.append(float((dense.exp() * (dense - q)).sum(-1).mean()))
-    _, fast = _ablated_losses(model, ids, target, 2, [0, 1, 2], "kl")
+    _, fast = IN_PLACE.ablated_losses(model, ids, (target,), 2, [0, 1, 2], "kl")
     _, full = _ablated_losses_full(model, ids, target, 2, [0, 1, 2], "kl")
-    torch.testing.assert_close(torch.tensor(fast), torch.tensor(by_hand), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(fast[target]), torch.tensor(by_hand), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(torch.tensor(full), torch.tensor(by_hand), rtol=1e-4, atol=1e-6)
     assert min(by_hand) > 0
     kl = ablation_deltas(model, ids, target, batch_size=2, measure="kl")
@@ -87,9 +90,9 @@ def test_kl_on_a_subset_of_positions_is_the_divergence_at_those_positions(family
             with ablated(model, layer, target):
                 q = torch.log_softmax(model(ids).logits[:, picked].float(), dim=-1)
             by_hand.append(float((dense.exp() * (dense - q)).sum(-1).mean()))
-    _, fast = _ablated_losses(model, ids, target, 2, [0, 1, 2], "kl", 5)
+    _, fast = IN_PLACE.ablated_losses(model, ids, (target,), 2, [0, 1, 2], "kl", 5)
     _, full = _ablated_losses_full(model, ids, target, 2, [0, 1, 2], "kl", 5)
-    torch.testing.assert_close(torch.tensor(fast), torch.tensor(by_hand), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(fast[target]), torch.tensor(by_hand), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(torch.tensor(full), torch.tensor(by_hand), rtol=1e-4, atol=1e-6)
     subset = ablation_deltas(model, ids, target, batch_size=2, measure="kl", positions=5)
     every = ablation_deltas(model, ids, target, batch_size=2, measure="kl")
@@ -101,7 +104,7 @@ def test_ablation_deltas_are_computed_once_per_weights_and_calibration():
     model = make_tiny_model("llama", num_hidden_layers=3)
     ids = calibration_ids(n=4, length=16)
     calls = []
-    handle = model.lm_head.register_forward_hook(lambda *a: calls.append(1))
+    handle = decoder_layers(model)[0].register_forward_hook(lambda *a: calls.append(1))  # every pass runs layer 0
     first = ablation_deltas(model, ids, "layer")
     n_calls = len(calls)
     assert ablation_deltas(model, ids, "layer") == first and len(calls) == n_calls  # the prior and layerwise share it

@@ -13,15 +13,17 @@ from prunellm.errors import PrunellmError
 from prunellm.layers import layer_importance
 from prunellm.offload import load_lazy
 from prunellm.sweep import Offload
-from prunellm.priors import _ablated_losses, ablation_deltas, ablation_deltas_of
+from prunellm.priors import _ablated_losses_full, ablation_deltas, ablation_deltas_of
 
 
 @pytest.mark.parametrize("target", ["layer", "attention", "mlp"])
 def test_offloaded_ablation_deltas_equal_in_memory(family, target, saved):  # noqa: F811
     model, folder = saved(family)
     ids = calibration_ids(model.config.vocab_size, n=5, length=16, seed=4)
-    base, losses = _ablated_losses(model, ids, target, 2, [0, 1, 2])
+    base, losses = _ablated_losses_full(model, ids, target, 2, [0, 1, 2])  # full forward passes: no sweep
     reference = [max(loss - base, 0.0) for loss in losses]
+    in_place = ablation_deltas(model, ids, target, batch_size=2)  # the same sweep, every layer used where it is
+    torch.testing.assert_close(torch.tensor(in_place), torch.tensor(reference), rtol=1e-4, atol=1e-6)
     lazy = load_lazy(str(folder))
     offloaded = ablation_deltas(lazy, ids, target, batch_size=2, offload=Offload("cpu"))
     torch.testing.assert_close(torch.tensor(offloaded), torch.tensor(reference), rtol=1e-4, atol=1e-6)

@@ -16,13 +16,19 @@ from torch import nn
 
 from .criteria import LAYER_REGISTRY, get_layer_criterion
 from .errors import PrunellmError
-from .priors import LayerPasses, check_in_memory
+from .sweep import Offload
 from .units import count_parameters, decoder_layers
 
 LayerCriterion = Literal["block_influence", "ppl", "taylor", "activation", "removal"]
 
 
-def layer_importance(model: nn.Module, input_ids: torch.Tensor, method: str, batch_size: int = 4, offload: LayerPasses | None = None) -> list[float]:
+def check_in_memory(model: nn.Module) -> None:
+    """An in-memory pass needs the weights: refuse a :func:`~prunellm.offload.load_lazy` skeleton (meta tensors)."""
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise PrunellmError("the model's weights are on disk (a load_lazy skeleton): pass offload=prunellm.sweep.Offload(device)")
+
+
+def layer_importance(model: nn.Module, input_ids: torch.Tensor, method: str, batch_size: int = 4, offload: Offload | None = None) -> list[float]:
     """One importance score per decoder layer (higher = more important), by a registered layer criterion
     (``offload``, :class:`prunellm.sweep.Offload`: the same scores with one decoder layer on the device at a time;
     needed for a :func:`~prunellm.offload.load_lazy` skeleton)."""
@@ -69,7 +75,7 @@ def choose_layers_to_remove(
     iterative: bool = False,
     batch_size: int = 4,
     candidates: list[int] | None = None,
-    offload: LayerPasses | None = None,
+    offload: Offload | None = None,
 ) -> tuple[list[int], list[float]]:
     """The ``n_remove`` least important layers (and the first-round scores of every layer); ``offload``: scored with
     one decoder layer on the device at a time."""

@@ -31,6 +31,7 @@ import shutil
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -48,11 +49,13 @@ from .calibration import (
     check_loss,
     run_block,
 )
-from .criteria import CriterionOptions, get_criterion
 from .dtypes import DType, torch_dtype
 from .errors import PrunellmError
 from .specs import spec_for
 from .units import LayerUnits, decoder_layers, get_module
+
+if TYPE_CHECKING:
+    from .criteria.registry import CriterionOptions
 
 log = logging.getLogger(__name__)
 
@@ -154,9 +157,10 @@ class Onloader:
     From disk (a :func:`load_lazy` skeleton) the tensors are read from the shards and the meta parameters are
     put back after; from host memory they are copied to the device (or used as they are when already there).
     Either way the module holds fresh ``Parameter`` objects while on the device and its own ones after.
+    ``device=None`` (a model in memory, in place): every module is used where it is and nothing is moved.
     """
 
-    def __init__(self, model: nn.Module, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, device: torch.device | None) -> None:
         self.model, self.device = model, device
         self.weights = _WEIGHTS.get(model)
         self.names = {id(m): name for name, m in model.named_modules(remove_duplicate=False)}
@@ -166,6 +170,14 @@ class Onloader:
         tied = getattr(model, "_tied_weights_keys", None)
         if isinstance(tied, dict):
             self.aliases.update(tied)
+        if device is None and self.weights is not None:
+            raise PrunellmError("the model's weights are on disk (a load_lazy skeleton): pass offload=prunellm.sweep.Offload(device) (--offload)")
+
+    def device_of(self, module: nn.Module) -> torch.device:
+        """Where ``module`` runs: the compute device, or in place the device of its first parameter."""
+        if self.device is not None:
+            return self.device
+        return next(module.parameters()).device
 
     def _key(self, name: str) -> str:
         if self.weights is None or name in self.weights:
@@ -179,6 +191,8 @@ class Onloader:
         """Rows ``start:stop`` of ``module``'s parameter ``name`` on the compute device in the model's dtype, read
         from the shards (only those rows) or sliced from host memory; the module keeps its own parameter."""
         p = module._parameters[name]
+        if self.device is None:
+            return p.detach()[start:stop]
         if self.weights is None:
             return p.detach()[start:stop].to(self.device)
         full = f"{self.names[id(module)]}.{name}".lstrip(".")
@@ -204,6 +218,9 @@ class Onloader:
     @contextlib.contextmanager
     def onloaded(self, *modules: nn.Module) -> Iterator[None]:
         """The parameters of ``modules`` on the compute device for the duration of the block."""
+        if self.device is None:
+            yield
+            return
         slots = self._fresh(modules)
         try:
             for sub, pname, _, new in slots:
@@ -219,6 +236,8 @@ class Onloader:
     def materialize(self, module: nn.Module) -> None:
         """Put ``module``'s parameters on the compute device for good (surgery may replace them); :func:`to_meta`
         drops them again."""
+        if self.device is None:
+            return
         for sub, pname, _, new in self._fresh((module,)):
             sub._parameters[pname] = new
 
@@ -330,6 +349,12 @@ def _scoring_folder(model: nn.Module, calibration: torch.Tensor, units: list[Lay
     return Path(offload_dir) / f"prunellm-scoring-{digest}"
 
 
+def logits_budget(onloader: Onloader, device: torch.device) -> int:
+    """Bytes of one chunk's logit rows at the top: small on a CPU that offloads (host memory is what offloading
+    saves), an accelerator's or an in-memory model's larger (fewer, bigger products with the head)."""
+    return LOGITS_CHUNK_BYTES if device.type == "cpu" and onloader.device is not None else LOGITS_CHUNK_BYTES_ACCELERATOR
+
+
 def vocab_rows(vocab: int, width: int, element_bytes: int = 4) -> int:
     """Rows of the embedding or LM head per vocabulary slice read (at most ``VOCAB_SLICE_BYTES``)."""
     return max(1, min(VOCAB_SLICE_BYTES // (element_bytes * width), vocab))
@@ -339,8 +364,9 @@ def _input_embeddings(onloader: Onloader, embed: nn.Module, batches: list[torch.
     """Each micro-batch's input embeddings (B, T, H), gathered from the embedding read one vocabulary slice at a
     time, so the whole (vocab × H) table never exists on the device (a plain lookup: rows are copied exactly)."""
     vocab, width = embed.weight.shape
-    out = [torch.empty(*b.shape, width, dtype=dtype, device=onloader.device) for b in batches]
-    ids = [b.to(onloader.device) for b in batches]
+    device = onloader.device_of(embed)
+    out = [torch.empty(*b.shape, width, dtype=dtype, device=device) for b in batches]
+    ids = [b.to(device) for b in batches]
     rows = vocab_rows(vocab, width, embed.weight.element_size())
     for start in range(0, vocab, rows):
         weight = onloader.rows(embed, "weight", start, min(start + rows, vocab))  # (rows, H)
@@ -365,7 +391,7 @@ def layer_inputs(model: nn.Module, onloader: Onloader, batches: list[torch.Tenso
             del embeds
         else:
             with onloader.onloaded(embed):
-                captured = [capture_block_inputs(model, layers, batch.to(onloader.device)) for batch in batches]
+                captured = [capture_block_inputs(model, layers, batch.to(onloader.device_of(embed))) for batch in batches]
     return [first.detach() for first, _ in captured], [per_layer for _, per_layer in captured]
 
 
@@ -383,7 +409,7 @@ def head_losses_and_grads(onloader: Onloader, head: nn.Linear, normed: list[torc
     normed: (B, T, H) per micro-batch (detached); returns (losses, dL/dnormed per micro-batch); without ``grads``
     the losses only (the head read once per chunk; no gradients returned).
     """
-    device = onloader.device
+    device = onloader.device_of(head)
     vocab, width = head.weight.shape
     dtype = normed[0].dtype
     sizes = [ids[:, 1:].numel() for ids in batches]
@@ -391,7 +417,7 @@ def head_losses_and_grads(onloader: Onloader, head: nn.Linear, normed: list[torc
     y = torch.cat([ids[:, 1:].reshape(-1) for ids in batches]).to(device)
     # each token's weight in its micro-batch's mean (float32 1/n, as HF's mean reduction divides)
     weights = torch.cat([torch.full((n,), 1.0 / n, dtype=torch.float32, device=device) for n in sizes])
-    budget = LOGITS_CHUNK_BYTES if device.type == "cpu" else LOGITS_CHUNK_BYTES_ACCELERATOR
+    budget = logits_budget(onloader, device)
     chunk = max(1, budget // (4 * vocab))
     rows = vocab_rows(vocab, width, head.weight.element_size())
     slices = [(start, min(start + rows, vocab)) for start in range(0, vocab, rows)]
@@ -442,29 +468,40 @@ def head_losses_and_grads(onloader: Onloader, head: nn.Linear, normed: list[torc
     return losses, upstream
 
 
-def head_kl(onloader: Onloader, head: nn.Linear, reference: list[torch.Tensor], normed: list[torch.Tensor]) -> float:
+def head_kl(
+    onloader: Onloader, head: nn.Linear, reference: list[torch.Tensor], normed: list[torch.Tensor],
+    cache: dict[int, torch.Tensor] | None = None,
+) -> float:  # fmt: skip
     """Token-weighted mean KL(p_reference ‖ p) of the next-token distributions at the positions given, from two
     final-norm outputs (B, P, H) per micro-batch (``reference``: the dense model's), with the LM head read one vocabulary
-    slice at a time: both chunks' full logit rows are filled slice by slice (the head read twice per chunk), in
-    float32 as :func:`prunellm.priors.mean_kl` computes them in memory."""
-    device = onloader.device
+    slice at a time: each chunk's full logit rows are filled slice by slice, in float32 as
+    :func:`prunellm.priors.mean_kl` computes them. ``cache`` (a dict, empty at first): the reference's
+    log-probabilities of each chunk are kept there and reused by the next call with the same ``reference``,
+    instead of recomputed (the head read twice per chunk)."""
+    device = onloader.device_of(head)
     vocab, width = head.weight.shape
     xs = [torch.cat([h.reshape(-1, width) for h in hs]) for hs in (reference, normed)]
-    budget = LOGITS_CHUNK_BYTES if device.type == "cpu" else LOGITS_CHUNK_BYTES_ACCELERATOR
+    budget = logits_budget(onloader, device)
     chunk = max(1, budget // (8 * vocab))  # two chunks of rows at a time
     rows = vocab_rows(vocab, width, head.weight.element_size())
     slices = [(start, min(start + rows, vocab)) for start in range(0, vocab, rows)]
     total = 0.0
     for first in range(0, xs[0].shape[0], chunk):
         last = min(first + chunk, xs[0].shape[0])
-        both = [torch.empty(last - first, vocab, dtype=x.dtype, device=device) for x in xs]
+        p = None if cache is None else cache.get(first)
+        todo = xs if p is None else xs[1:]
+        filled = [torch.empty(last - first, vocab, dtype=x.dtype, device=device) for x in todo]
         for start, stop in slices:
             weight = onloader.rows(head, "weight", start, stop)
             bias = onloader.rows(head, "bias", start, stop) if head.bias is not None else None
-            for logits, x in zip(both, xs):
+            for logits, x in zip(filled, todo):
                 logits[:, start:stop] = F.linear(x[first:last].to(device), weight, bias)
-        p, q = (torch.log_softmax(logits.float(), dim=1) for logits in both)
-        del both
+        *new_p, q = (torch.log_softmax(logits.float(), dim=1) for logits in filled)
+        del filled
+        if p is None:
+            p = new_p[0]
+            if cache is not None:
+                cache[first] = p
         total += float((p.exp() * (p - q)).sum())
         del p, q
     return total / xs[0].shape[0]
@@ -512,6 +549,9 @@ def offloaded_stats(
     ``model`` is a :func:`load_lazy` skeleton (weights read from its shards) or a model in host memory (layers
     copied to ``device`` one at a time). Scores equal the in-memory pass's up to float rounding.
     """
+    # here, not at the top: the criteria package registers the depth criteria, which run on sweep.py, built on this
+    from .criteria.registry import CriterionOptions, get_criterion
+
     crit = get_criterion(criterion, flag="criterion")
     options = options or CriterionOptions()
     device = torch.device(device)

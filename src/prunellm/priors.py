@@ -12,55 +12,24 @@ that happens to leave the calibration token's probability alone). Every unit's s
 
 from __future__ import annotations
 
-import contextlib
 import math
 import weakref
-from typing import Iterator, Literal, Protocol
+from typing import Literal
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import Stats, UnitKey, only_sliced_params_require_grad, batches_of, capture_block_inputs, run_block
+from .calibration import UnitKey, only_sliced_params_require_grad, batches_of, capture_block_inputs, run_block
 from .data import tensor_hash
 from .errors import PrunellmError
 from .models import input_device
 from .specs import spec_for
+from .sweep import IN_PLACE, MEASURES, Measure, Offload, Target, ablated, scored_positions
 from .units import decoder_layers, get_module
 
-Target = Literal["layer", "attention", "mlp"]
-Measure = Literal["loss", "kl", "fisher"]
-MEASURES = ("loss", "kl", "fisher")
+
 FISHER_SAMPLES = 2  # label draws (backward passes) per calibration batch of ``measure="fisher"``
-
-
-def _zero_output_hook(module, args, kwargs, output):
-    if isinstance(output, tuple):  # attention returns (output, weights)
-        return (torch.zeros_like(output[0]),) + tuple(output[1:])
-    return torch.zeros_like(output)
-
-
-def _identity_layer_hook(module, args, kwargs, output):
-    hidden = args[0] if args else kwargs["hidden_states"]
-    if isinstance(output, tuple):
-        return (hidden,) + tuple(output[1:])
-    return hidden
-
-
-@contextlib.contextmanager
-def ablated(model: nn.Module, layer: int, target: Target) -> Iterator[None]:
-    """Within the block, ``target`` of decoder layer ``layer`` outputs zero (a layer: passes its input on)."""
-    spec = spec_for(model.config)
-    block = decoder_layers(model, spec)[layer]
-    if target == "layer":
-        handle = block.register_forward_hook(_identity_layer_hook, with_kwargs=True)
-    else:
-        path = spec.attention.module if target == "attention" else spec.mlp.module
-        handle = get_module(block, path).register_forward_hook(_zero_output_hook, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 @torch.no_grad()
@@ -77,29 +46,6 @@ def mean_loss(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 4) ->
     return total / count
 
 
-class LayerPasses(Protocol):
-    """The forward/gradient passes of the priors and the layer criteria run another way than in memory: the one
-    implementation is :class:`prunellm.sweep.Offload` (one decoder layer on the device at a time). It is handed in,
-    not imported, because the offloaded passes are built on the criteria."""
-
-    def ablated_losses(self, model: nn.Module, input_ids: torch.Tensor, targets: tuple[Target, ...], batch_size: int, indices: list[int], measure: Measure = "loss", positions: int | None = None) -> tuple[float, dict[Target, list[float]]]:
-        """(dense loss, per target the loss with that block of each layer in ``indices`` ablated); ``measure="kl"``:
-        (0, per target the mean KL divergence of each ablation's next-token distributions from the dense ones, at
-        :func:`scored_positions` of each window)."""
-
-    def hidden_change(self, model: nn.Module, input_ids: torch.Tensor, batch_size: int) -> dict[str, list[float]]:
-        """Per layer, token-weighted 1 − cos(h_in, h_out) ("block_influence") and ‖h_out − h_in‖ / ‖h_in‖ ("activation")."""
-
-    def gradient_stats(self, model: nn.Module, input_ids: torch.Tensor, units: list, criterion: str, batch_size: int) -> Stats:
-        """The gradient pass's Stats for ``criterion``'s terms over ``units``."""
-
-
-def check_in_memory(model: nn.Module) -> None:
-    """An in-memory pass needs the weights: refuse a :func:`~prunellm.offload.load_lazy` skeleton (meta tensors)."""
-    if any(p.device.type == "meta" for p in model.parameters()):
-        raise PrunellmError("the model's weights are on disk (a load_lazy skeleton): pass offload=prunellm.sweep.Offload(device)")
-
-
 def ablation_deltas(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -107,7 +53,7 @@ def ablation_deltas(
     batch_size: int = 4,
     layers: list[int] | None = None,
     *,
-    offload: LayerPasses | None = None,
+    offload: Offload | None = None,
     measure: Measure = "loss",
     positions: int | None = None,
 ) -> list[float]:
@@ -134,7 +80,7 @@ def ablation_deltas_of(
     batch_size: int = 4,
     layers: list[int] | None = None,
     *,
-    offload: LayerPasses | None = None,
+    offload: Offload | None = None,
     measure: Measure = "loss",
     positions: int | None = None,
 ) -> dict[Target, list[float]]:
@@ -144,8 +90,6 @@ def ablation_deltas_of(
     if measure not in MEASURES:
         raise PrunellmError(f"--prior_measure '{measure}' is not valid: use {', '.join(MEASURES[:-1])} or {MEASURES[-1]}")
     indices = list(range(len(decoder_layers(model)))) if layers is None else list(layers)
-    if offload is None:
-        check_in_memory(model)
     version = (_weights_version(model), _hooks_version(model))
     cached = _DELTAS.setdefault(model, {})
     for stale in [key for key in cached if key[-1] != version]:  # older weights' entries can never match again
@@ -163,13 +107,12 @@ def ablation_deltas_of(
         for target in missing:
             cached[keys[target]] = [max(value, 0.0) for value in estimates[target]]
     elif missing:
-        if offload is not None:
-            base, losses = offload.ablated_losses(model, input_ids, missing, batch_size, indices, measure, kl_positions)
-        else:
-            run = _ablated_losses_full if getattr(model.config, "final_logit_softcapping", None) else _ablated_losses
+        if offload is None and getattr(model.config, "final_logit_softcapping", None):  # a head the sweep cannot slice
             losses = {}
             for target in missing:
-                base, losses[target] = run(model, input_ids, target, batch_size, indices, measure, kl_positions)
+                base, losses[target] = _ablated_losses_full(model, input_ids, target, batch_size, indices, measure, kl_positions)
+        else:
+            base, losses = (offload or IN_PLACE).ablated_losses(model, input_ids, missing, batch_size, indices, measure, kl_positions)
         for target in missing:
             cached[keys[target]] = [max(loss - base, 0.0) for loss in losses[target]]
     return {target: list(cached[keys[target]]) for target in targets}
@@ -192,50 +135,6 @@ def _hooks_version(model: nn.Module) -> tuple:
         for name, m in model.named_modules()
         if m._forward_hooks or m._forward_pre_hooks
     )
-
-
-def _ablated_losses(
-    model: nn.Module, input_ids: torch.Tensor, target: Target, batch_size: int, indices: list[int], measure: Measure = "loss",
-    positions: int | None = None,
-) -> tuple[float, list[float]]:
-    """(dense loss, loss with each ablation), rerunning only the layers from the ablated one on; ``measure="kl"``:
-    (0, mean KL divergence of each ablation's next-token distributions from the dense model's at
-    :func:`scored_positions`)."""
-    spec = spec_for(model.config)
-    blocks = decoder_layers(model, spec)
-    norm, head = get_module(model, spec.final_norm), model.get_output_embeddings()
-    wanted = set(indices)
-    totals = dict.fromkeys(indices, 0.0)
-    base_total, count = 0.0, 0
-    with torch.no_grad():
-        for batch in tqdm(list(batches_of(input_ids, batch_size)), desc=f"{target} ablation", leave=False):
-            batch = batch.to(input_device(model))
-            hidden, kwargs = capture_block_inputs(model, blocks, batch)
-            n = batch.shape[0] * (batch.shape[1] - 1)
-            reference, picked = None, scored_positions(batch.shape[1], positions)
-            if measure == "kl":  # the dense distributions first: every ablation is compared with them
-                dense = hidden
-                for layer, block in enumerate(blocks):
-                    dense = run_block(block, dense, kwargs[layer])
-                reference = _log_probs(head(norm(predicting(dense, picked))))
-            for layer, block in enumerate(blocks):
-                if layer in wanted:
-                    if target == "layer":
-                        ablated_out = hidden
-                    else:
-                        with ablated(model, layer, target):
-                            ablated_out = run_block(block, hidden, kwargs[layer])
-                    for later in range(layer + 1, len(blocks)):
-                        ablated_out = run_block(blocks[later], ablated_out, kwargs[later])
-                    if reference is None:
-                        totals[layer] += _next_token_loss(head(norm(ablated_out)), batch) * n
-                    else:
-                        totals[layer] += mean_kl(reference, _log_probs(head(norm(predicting(ablated_out, picked))))) * n
-                hidden = run_block(block, hidden, kwargs[layer])
-            if reference is None:
-                base_total += _next_token_loss(head(norm(hidden)), batch) * n
-            count += n
-    return base_total / count, [totals[i] / count for i in indices]
 
 
 def _fisher_deltas(
@@ -324,11 +223,6 @@ def _ablated_losses_full(
     return 0.0, [t / count for t in totals]
 
 
-def _next_token_loss(logits: torch.Tensor, batch: torch.Tensor) -> float:
-    """Mean cross-entropy of predicting token t+1 from position t (float32 logits)."""
-    return float(torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch[:, 1:].flatten()))
-
-
 def _next_token_log_probs(logits: torch.Tensor) -> torch.Tensor:
     """(B, T−1, V) float32 log-probabilities of the next token at every position but the last."""
     return _log_probs(logits[:, :-1])
@@ -337,22 +231,6 @@ def _next_token_log_probs(logits: torch.Tensor) -> torch.Tensor:
 def _log_probs(logits: torch.Tensor) -> torch.Tensor:
     """float32 log-probabilities over the vocabulary (last dimension)."""
     return torch.log_softmax(logits.float(), dim=-1)
-
-
-def scored_positions(seq_len: int, count: int | None) -> torch.Tensor | None:
-    """The positions of a ``seq_len``-token window at which the prior's KL is measured: ``count`` evenly spaced ones
-    of the ``seq_len − 1`` that predict a next token, the last of them included; None (all of them) where ``count``
-    is None or 0 or not below ``seq_len − 1``."""
-    predicting_count = seq_len - 1
-    if not count or count >= predicting_count:
-        return None
-    return (torch.arange(1, count + 1) * predicting_count) // count - 1
-
-
-def predicting(hidden: torch.Tensor, picked: torch.Tensor | None) -> torch.Tensor:
-    """The hidden states (B, T, H) at the positions whose next-token distributions are compared: ``picked``, or every
-    position but the last."""
-    return hidden[:, :-1] if picked is None else hidden[:, picked.to(hidden.device)]
 
 
 def mean_kl(reference: torch.Tensor, log_probs: torch.Tensor) -> float:
