@@ -26,7 +26,8 @@ def measure(criterion: str, num_samples: int, seq_len: int, batch_size: int) -> 
     """One measurement in this process (call in a fresh process)."""
     import torch
 
-    from prunellm.calibration import collect_activation_stats, collect_gradient_stats
+    from prunellm.calibration import collect_gradient_stats
+    from prunellm.offload import activation_stats
     from prunellm.criteria import get_criterion
     from prunellm.data import sample_calibration
     from prunellm.models import load_model, load_tokenizer
@@ -54,7 +55,7 @@ def measure(criterion: str, num_samples: int, seq_len: int, batch_size: int) -> 
         if "gradients" in spec.needs:
             collect_gradient_stats(model, calibration, units, terms=spec.gradient_terms, batch_size=batch_size)
         elif "activations" in spec.needs:
-            collect_activation_stats(model, calibration, units, batch_size=batch_size)
+            activation_stats(model, calibration, units, batch_size=batch_size)
         elapsed = time.perf_counter() - started
     peak = peak_rss_mb()
     weight_mb = weight_bytes / 2**20

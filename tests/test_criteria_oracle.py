@@ -13,7 +13,8 @@ import pytest
 import torch
 from conftest import calibration_ids, make_tiny_model
 
-from prunellm.calibration import collect_activation_stats, collect_gradient_stats
+from prunellm.calibration import collect_gradient_stats
+from prunellm.offload import activation_stats
 from prunellm.criteria import CriterionOptions, get_criterion
 from prunellm.specs import spec_for
 from prunellm.units import all_units, decoder_layers, head_dim
@@ -91,7 +92,7 @@ def test_wanda_scores_match_hand_computed_activation_norms(family, batch_size):
     model = make_tiny_model(family)
     ids = calibration_ids(model.config.vocab_size, n=12, length=16, seed=8)
     units = list(all_units(model))
-    stats = collect_activation_stats(model, ids, units, batch_size=batch_size)
+    stats = activation_stats(model, ids, units, batch_size=batch_size)
     scores = get_criterion("wanda").score(model, units, stats, CriterionOptions(seed=0))
     # the oracle's ‖X‖: every linear's input over all calibration tokens, one forward pass of the whole set
     squares: dict[int, torch.Tensor] = {}
@@ -141,7 +142,7 @@ def test_fluctuation_scores_match_hand_computed_variance(family):
     model = make_tiny_model(family)
     ids = calibration_ids(model.config.vocab_size, n=12, length=16, seed=8)
     units = list(all_units(model))
-    stats = collect_activation_stats(model, ids, units, batch_size=4)
+    stats = activation_stats(model, ids, units, batch_size=4)
     scores = get_criterion("fluctuation").score(model, units, stats, CriterionOptions(seed=0))
     inputs = _output_projection_inputs(model, ids)
     for u in units:
@@ -164,7 +165,7 @@ def test_obs_scores_are_the_error_left_after_the_best_refit(family):
     model = make_tiny_model(family)
     ids = calibration_ids(model.config.vocab_size, n=12, length=16, seed=8)
     units = list(all_units(model))
-    stats = collect_activation_stats(model, ids, units, batch_size=4, grams=True)
+    stats = activation_stats(model, ids, units, batch_size=4, grams=True)
     scores = get_criterion("obs").score(model, units, stats, CriterionOptions(seed=0))
     inputs = _output_projection_inputs(model, ids)
     for u in units:

@@ -206,3 +206,32 @@ def test_a_crashed_offloaded_scoring_restarts_where_it_stopped(saved, tmp_path, 
     _assert_same(pl.score(lazy, ids, "taylor_mix", batch_size=4, offload_dir=tmp_path / "h"), reference)
     layers_read = [name.split(".")[2] for name in read if name.startswith("model.layers.")]
     assert layers_read[: len(layers_read) // 2] and set(layers_read[:1]) == {"2"}  # forward resumed at layer 2
+
+
+def test_the_activation_pass_is_one_code_in_memory_and_offloaded(family, saved):
+    """The activation statistics (fluctuation, wanda, obs) come from one layer-by-layer pass, its layers used in place
+    or read from the shards one at a time: bit-identical to each other and to the same hooks on HF's own forward."""
+    from prunellm.calibration import Stats, activation_hooks
+    from prunellm.offload import activation_stats
+    from prunellm.units import all_units, decoder_layers
+
+    model, folder = saved(family)
+    ids = calibration_ids(model.config.vocab_size, n=6, length=16, seed=3)
+    units = [u for u in all_units(model) if u.layer < 2]  # the pass stops after layer 1
+    by_forward = Stats()
+    handles = activation_hooks(decoder_layers(model), units, by_forward, grams=True)
+    with torch.no_grad():
+        for batch in ids.split(4):
+            model(input_ids=batch, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    in_place = activation_stats(model, ids, units, batch_size=4, grams=True)
+    offloaded = activation_stats(load_lazy(str(folder)), ids, units, batch_size=4, grams=True, device="cpu")
+    for stats in (in_place, offloaded):
+        for table in ("act_sq", "act_sum", "act_gram"):
+            ours, theirs = getattr(stats, table), getattr(by_forward, table)
+            assert ours.keys() == theirs.keys() and ours, table
+            assert all(torch.equal(ours[key], theirs[key]) for key in theirs), table
+        assert stats.act_tokens == ids.numel()
+    with pytest.raises(PrunellmError, match="pass offload=prunellm.sweep.Offload"):
+        activation_stats(load_lazy(str(folder)), ids, units)  # weights on disk, no device to read them to

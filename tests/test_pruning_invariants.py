@@ -10,7 +10,8 @@ import torch
 from conftest import calibration_ids, make_tiny_model
 from transformers import AutoModelForCausalLM
 
-from prunellm.calibration import collect_activation_stats, collect_gradient_stats
+from prunellm.calibration import collect_gradient_stats
+from prunellm.offload import activation_stats
 from prunellm.checkpoint import load_checkpoint, save_model
 from prunellm.criteria import CRITERIA, CriterionOptions, get_criterion
 from prunellm.hf_modeling import ZeroAttention, ZeroMLP
@@ -26,7 +27,7 @@ def _scores(model, criterion: str, ids: torch.Tensor):
     if "gradients" in c.needs:
         stats = collect_gradient_stats(model, ids, units, terms=c.gradient_terms, batch_size=4)
     elif "activations" in c.needs:
-        stats = collect_activation_stats(model, ids, units, grams="gram" in c.activation_terms)
+        stats = activation_stats(model, ids, units, grams="gram" in c.activation_terms)
     else:
         stats = None
     return units, c.score(model, units, stats, CriterionOptions(seed=0))

@@ -92,13 +92,13 @@ def test_depth_pruning_informed_beats_last_and_random_layers(smollm, eval_ids):
 @pytest.mark.parametrize("criterion,normalization", [("fluctuation", "block_standard")])
 def test_activation_criteria_beat_random_and_magnitude_at_20_percent(smollm, eval_ids, criterion, normalization):
     """The issue-17 criteria, each with the allocation it is measured with in docs/benchmarks.md, no reconstruction."""
-    from prunellm.calibration import collect_activation_stats
+    from prunellm.offload import activation_stats
 
     base, tokenizer = smollm
     calibration = sample_calibration(tokenizer, "shakespeare", 32, 128, seed=0)
     units = list(all_units(base))
     total = count_parameters(base)
-    stats = collect_activation_stats(base, calibration, units, batch_size=8, grams=criterion == "obs")
+    stats = activation_stats(base, calibration, units, batch_size=8, grams=criterion == "obs")
     result = {}
     for name in (criterion, "magnitude", "random"):
         scores = get_criterion(name).score(base, units, stats, CriterionOptions(seed=0))

@@ -26,12 +26,12 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import nn
 
-from .calibration import Stats, UnitKey, collect_activation_stats, collect_gradient_stats
+from .calibration import Stats, UnitKey, collect_gradient_stats
 from .criteria import CriterionOptions, get_criterion
 from .data import sample_calibration, tensor_hash
 from .errors import PrunellmError
 from .models import DType, load_model, load_tokenizer
-from .offload import is_lazy, offloaded_stats
+from .offload import activation_stats, is_lazy, offloaded_stats
 from .options import EvalOptions, PruneRecipe
 from .plan import LayerPlan, Plan, package_versions
 from .selection import Normalization, SelectionConstraints, normalized_values, select_global
@@ -117,7 +117,7 @@ def collect_stats(
         )  # fmt: skip
     if "activations" in needs:
         grams = "gram" in get_criterion(criterion).activation_terms
-        return collect_activation_stats(model, calibration, units, batch_size=batch_size, grams=grams)
+        return activation_stats(model, calibration, units, batch_size=batch_size, grams=grams)
     return Stats()
 
 

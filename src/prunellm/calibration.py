@@ -121,7 +121,7 @@ def activation_hooks(layers: nn.ModuleList, units: list[LayerUnits], stats: Stat
     """Forward pre-hooks adding Σ x and Σ x² of every input feature of every sliced projection of ``units`` to
     ``stats`` (float32), and with ``grams`` the Gram matrix XᵀX of the projections whose input columns a unit owns
     (o_proj, down_proj); returns the handles to remove. Each module is hooked once even if two unit kinds name it.
-    The in-memory and the offloaded (layer by layer) activation passes both record through these."""
+    The activation pass (:func:`prunellm.offload.activation_stats`, in memory or offloaded) records through these."""
     gram_keys = {module_key(u.layer, s.module) for u in units for s in u.slices if s.dim == 1} if grams else set()
 
     def hook_for(key: str):
@@ -145,25 +145,6 @@ def activation_hooks(layers: nn.ModuleList, units: list[LayerUnits], stats: Stat
                 hooked.add(key)
                 handles.append(get_module(layers[unit.layer], s.module).register_forward_pre_hook(hook_for(key)))
     return handles
-
-
-@torch.no_grad()
-def collect_activation_stats(
-    model: nn.Module, input_ids: torch.Tensor, units: list[LayerUnits], batch_size: int = 8, *, grams: bool = False
-) -> Stats:
-    """Forward pass recording Σ x and Σ x² of every input feature of every sliced projection (float32), and with
-    ``grams`` the Gram matrix XᵀX of the projections whose input columns a unit owns (o_proj, down_proj)."""
-    stats = Stats()
-    handles = activation_hooks(decoder_layers(model), units, stats, grams=grams)
-    device = input_device(model)
-    try:
-        for batch in tqdm(batches_of(input_ids, batch_size), desc="activation statistics", leave=False):
-            model(input_ids=batch.to(device), use_cache=False)
-            stats.act_tokens += batch.numel()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return stats
 
 
 @contextlib.contextmanager

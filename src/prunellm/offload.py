@@ -29,7 +29,7 @@ import json
 import logging
 import shutil
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -171,7 +171,7 @@ class Onloader:
         if isinstance(tied, dict):
             self.aliases.update(tied)
         if device is None and self.weights is not None:
-            raise PrunellmError("the model's weights are on disk (a load_lazy skeleton): pass offload=prunellm.sweep.Offload(device) (--offload)")
+            raise PrunellmError("the model's weights are on disk (a load_lazy skeleton): pass offload=prunellm.sweep.Offload(device) (activation_stats: device=; the command line: --offload)")
 
     def device_of(self, module: nn.Module) -> torch.device:
         """Where ``module`` runs: the compute device, or in place the device of its first parameter."""
@@ -533,6 +533,46 @@ def buffers_on(model: nn.Module, device: torch.device) -> Iterator[None]:
             module._buffers[name] = buf
 
 
+def activation_stats(
+    model: nn.Module, calibration: torch.Tensor, units: list[LayerUnits], *, batch_size: int = 4, grams: bool = False,
+    device: str | torch.device | None = None, stats: Stats | None = None, on_layer: Callable[[int], None] | None = None,
+) -> Stats:  # fmt: skip
+    """The activation pass: Σ x and Σ x² of every input feature of every sliced projection of ``units`` (float32),
+    with ``grams`` the Gram matrix XᵀX of the projections whose input columns a unit owns (o_proj, down_proj), as
+    the calibration windows go up the decoder layers one layer at a time (every micro-batch through a layer before
+    the next; :func:`~prunellm.calibration.activation_hooks` record). It stops after the highest layer with units.
+
+    ``device=None``: every layer used where it is (a model in memory); a device: one layer on it at a time, read
+    from the shards of a :func:`load_lazy` skeleton or copied from host memory: the same code, the same sums in the
+    same order. ``stats``: the Stats to fill (default a new one); ``on_layer(i)`` runs while layer i is on the device,
+    after its statistics are in (an offloaded criterion that reads the layer's weights scores there).
+    """
+    stats = stats if stats is not None else Stats()
+    layers = decoder_layers(model)
+    onloader = Onloader(model, None if device is None else torch.device(device))
+    batches = batches_of(calibration, batch_size)
+    stats.act_tokens += sum(b.numel() for b in batches)
+    top = max((unit.layer for unit in units), default=-1)
+    placed = contextlib.ExitStack()
+    if onloader.device is not None:  # rotary frequencies on the compute device for the pass
+        placed.enter_context(buffers_on(model, onloader.device))
+    with placed, torch.no_grad():
+        hidden, kwargs = layer_inputs(model, onloader, batches)
+        for index in tqdm(range(top + 1), desc="activation statistics", unit="layer", leave=False):
+            layer = layers[index]
+            with onloader.onloaded(layer):
+                handles = activation_hooks(layers, [unit for unit in units if unit.layer == index], stats, grams=grams)
+                try:
+                    at = onloader.device_of(layer)
+                    hidden = [run_block(layer, h.to(at), kw[index]) for h, kw in zip(hidden, kwargs)]
+                finally:
+                    for handle in handles:
+                        handle.remove()
+                if on_layer is not None:
+                    on_layer(index)
+    return stats
+
+
 def offloaded_stats(
     model: nn.Module,
     calibration: torch.Tensor | None,
@@ -582,12 +622,16 @@ def offloaded_stats(
                     score_layer(index)
         return scores, stats
 
+    if "gradients" not in needs:  # activations: the forward sweep scores each layer while it is on the device
+        activation_stats(model, calibration, units, batch_size=batch_size, grams="gram" in crit.activation_terms, device=device,
+                         stats=stats, on_layer=score_layer)  # fmt: skip
+        return scores, stats
+
     batches = batches_of(calibration, batch_size)
-    gradients = "gradients" in needs
     placed = contextlib.ExitStack()
     placed.enter_context(buffers_on(model, device))
     scratch = progress = None
-    if gradients and offload_dir is not None:  # this scoring's folder: removed when it succeeds, resumed if not
+    if offload_dir is not None:  # this scoring's folder: removed when it succeeds, resumed if not
         scratch = _scoring_folder(model, calibration, units, criterion, batch_size, offload_dir)
         progress = ScoringProgress(scratch)
     store = HiddenStore(scratch)
@@ -598,7 +642,6 @@ def offloaded_stats(
     try:
         log.info("offloaded %s scoring: %d layers one at a time on %s, %d micro-batches", criterion, len(layers), device, len(batches))
         hidden, kwargs = layer_inputs(model, onloader, batches)
-        stats.act_tokens = 0 if gradients else sum(b.numel() for b in batches)
         lowest = min(by_layer, default=0)  # the backward sweep stops at the lowest scored layer
         start = 0
         if scratch is not None and resumed is None:  # an interrupted forward sweep restarts at the last input stored
@@ -608,34 +651,20 @@ def offloaded_stats(
             if stored > lowest:
                 start = stored - 1
                 hidden = [h.to(device) for h in store.get(start)]
-        # forward sweep: each layer's input kept for the backward sweep; activation criteria score here
+        # forward sweep: each layer's input kept for the backward sweep
         for index in tqdm(range(start, len(layers) if resumed is None else 0), desc="offloaded forward", unit="layer", leave=False):
-            if gradients and index >= lowest:
-                if not store.has(index):
-                    store.put(index, hidden)
-            elif index > max(by_layer, default=-1):
-                break  # nothing above is scored
-            with onloader.onloaded(layers[index]):
-                handles = [] if gradients else activation_hooks(
-                    layers, by_layer.get(index, []), stats, grams="gram" in crit.activation_terms
-                )
-                try:
-                    with torch.no_grad():
-                        hidden = [run_block(layers[index], h.to(device), kw[index]) for h, kw in zip(hidden, kwargs)]
-                finally:
-                    for handle in handles:
-                        handle.remove()
-                if not gradients:
-                    score_layer(index)
-        if gradients:
-            if resumed is not None:
-                for table, values in resumed["tables"].items():
-                    if table == "scores":
-                        scores.update(values)
-                    else:
-                        stats.gradient_terms.setdefault(table.removeprefix("term:"), {}).update(values)
-            _backward_sweep(model, spec, layers, onloader, store, hidden, kwargs, batches, units, crit, stats, score_layer,
-                            device, progress, scores, resumed)  # fmt: skip
+            if index >= lowest and not store.has(index):
+                store.put(index, hidden)
+            with onloader.onloaded(layers[index]), torch.no_grad():
+                hidden = [run_block(layers[index], h.to(device), kw[index]) for h, kw in zip(hidden, kwargs)]
+        if resumed is not None:
+            for table, values in resumed["tables"].items():
+                if table == "scores":
+                    scores.update(values)
+                else:
+                    stats.gradient_terms.setdefault(table.removeprefix("term:"), {}).update(values)
+        _backward_sweep(model, spec, layers, onloader, store, hidden, kwargs, batches, units, crit, stats, score_layer,
+                        device, progress, scores, resumed)  # fmt: skip
         finished = True
     finally:
         placed.close()
