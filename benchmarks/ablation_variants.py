@@ -161,20 +161,23 @@ def fisher_token() -> Iterator[None]:
 @contextlib.contextmanager
 def ridge_obs() -> Iterator[None]:
     """Re-scoring by the ridge refit's single-removal error at λ = mean(diag C)."""
-    import prunellm.reconstruction as reconstruction
+    import dataclasses
+
+    from prunellm.criteria import RESELECTIONS
     from prunellm.units import reduce_to_units
 
-    def choice(linear, stats, columns, count, keep):
-        mean = stats.sum / stats.tokens
-        covariance = stats.gram / stats.tokens - torch.outer(mean, mean)  # (in, in) float64, intercept free
+    def choice(inputs, keep):
+        mean = inputs.total / inputs.tokens
+        covariance = inputs.gram / inputs.tokens - torch.outer(mean, mean)  # (in, in) float64, intercept free
         lam = covariance.diagonal().mean()
         inverse = torch.cholesky_inverse(torch.linalg.cholesky(covariance + lam * torch.eye(len(covariance), dtype=covariance.dtype)))
         left = (1 / inverse.diagonal() - lam).clamp_min(0)  # Var(x_j | the others) under the ridge
-        per_column = left * linear.weight.detach().double().pow(2).sum(0)
-        score = reduce_to_units(per_column[None, :].float(), columns, count).cpu()
+        per_column = left * inputs.linear.weight.detach().double().pow(2).sum(0)
+        score = reduce_to_units(per_column[None, :].float(), inputs.columns, inputs.count).cpu()
         return sorted(torch.topk(score, keep).indices.tolist())
 
-    with mock.patch.object(reconstruction, "_fluctuation_choice", choice):
+    # the re-selection the fluctuation criterion's plans get (``auto``), choosing by this instead
+    with mock.patch.dict(RESELECTIONS, {"fluctuation": dataclasses.replace(RESELECTIONS["fluctuation"], choose=choice)}):
         yield
 
 

@@ -197,11 +197,11 @@ def test_ablation_variants_fisher_matches_autograd_and_patches_only_for_the_row(
         assert torch.allclose(residual[i].double(), h.pow(2).sum(0), rtol=1e-4, atol=1e-12)
     assert all(p.requires_grad for p in model.parameters())  # the gradient pass gives the weights back as they were
 
-    originals = (fluctuation.slice_fluctuation, reconstruction._fluctuation_choice)
+    originals = (fluctuation.slice_fluctuation, reconstruction.RESELECTIONS["fluctuation"])
     for name in variants.VARIANTS:
         with variants.VARIANTS[name][2]():
             pass
-    assert (fluctuation.slice_fluctuation, reconstruction._fluctuation_choice) == originals
+    assert (fluctuation.slice_fluctuation, reconstruction.RESELECTIONS["fluctuation"]) == originals
 
 
 def test_prior_agreement_compares_each_cheaper_way_with_the_exact_ablations():

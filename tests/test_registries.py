@@ -134,3 +134,42 @@ def test_a_depth_criterion_registered_outside_the_package_chooses_layers():
             choose_layers_to_remove(model, calibration_ids(model.config.vocab_size, n=2), "nope", 1)
     finally:
         LAYER_REGISTRY.pop("last_is_least")
+
+
+def test_a_reselection_registered_outside_the_package_chooses_the_units_surgery_applies(tmp_path):
+    """``--reconstruct_select`` is a registry like the criteria: a re-selection registered here is valid in a Recipe,
+    is picked by ``auto`` for the criterion it measures again, chooses each pruned layer's units from the pruned
+    model's inputs (the plan's count kept), is what the Plan records and the model holds, and is refused where the
+    refit cannot serve it (the replay of such a Plan: tests/test_cli.py)."""
+    from conftest import STORY, save_tiny_model_dir
+
+    from prunellm.criteria import RESELECTIONS, register_reselection
+    from prunellm.reconstruction import resolve_select
+
+    seen = []
+
+    @register_reselection("highest_indices", "the units of highest index", rescores="magnitude")
+    def highest_indices(inputs, keep):
+        seen.append((inputs.count, keep, inputs.tokens, tuple(inputs.gram.shape)))
+        return list(range(inputs.count - keep, inputs.count))
+
+    try:
+        folder = save_tiny_model_dir(tmp_path / "tiny", "llama", num_hidden_layers=2)
+        (tmp_path / "text.txt").write_text(STORY)
+        small = {"dataset": str(tmp_path / "text.txt"), "calibration_num_samples": 8, "calibration_seq_len": 32,
+                 "reconstruct_num_samples": 16, "reconstruct_seq_len": 32, "pruning_ratio": 0.005, "temperature": 0,
+                 "iterative_steps": 1, "importance_method": "magnitude", "units": "mlp_channel"}  # fmt: skip
+        assert resolve_select("auto", "magnitude", "lstsq_bias") == "highest_indices"
+        assert resolve_select("auto", "magnitude", "none") == "plan" and resolve_select("auto", "taylor", "lstsq") == "plan"
+        width = pl.load(str(folder))[0].config.intermediate_size
+        model, plan = pl.run(pl.Recipe(base_model=str(folder), **small))  # auto: magnitude's re-selection
+        assert seen and all(keep < count == width and tokens == 16 * 32 and gram[0] == width for count, keep, tokens, gram in seen)
+        pruned = {key: units for key, units in plan.kept_units().items() if len(units) < width}
+        assert len(pruned) == len(seen) and all(units == list(range(width - len(units), width)) for units in pruned.values())
+        assert [model.model.layers[layer].mlp.down_proj.in_features for layer, _ in sorted(pruned)] == [len(u) for _, u in sorted(pruned.items())]
+        with pytest.raises(PrunellmError, match="reconstruct_select highest_indices chooses units during reconstruction"):
+            pl.run(pl.Recipe(base_model=str(folder), **small | {"reconstruct": "none", "reconstruct_select": "highest_indices"}))
+        with pytest.raises(ValueError, match="use one of auto, plan, fluctuation, obs, highest_indices"):
+            pl.Recipe(reconstruct_select="nope")
+    finally:
+        RESELECTIONS.pop("highest_indices")

@@ -504,12 +504,22 @@ class ReconstructionOptions(_Options):
         "inputs), dense (the dense model's projection output), residual (the dense model's residual stream: corrects "
         "the error of earlier layers too)"
     )
-    reconstruct_select: Literal["auto", "plan", "fluctuation", "obs"] = Field(
+    reconstruct_select: str = Field(
         "auto", description="which units each layer loses: plan (the criterion's), fluctuation (the plan's count per "
         "layer, the units of lowest fluctuation re-measured on the pruned model's inputs, layer by layer), obs (the "
         "plan's count per layer, chosen by greedy OBS on the pruned model's inputs, each removal followed by the "
-        "optimal refit; lstsq modes); auto = fluctuation when the criterion is fluctuation, else plan"
+        "optimal refit; lstsq modes), or one registered by a user; auto = the re-selection that measures the "
+        "criterion again (fluctuation for fluctuation), else plan"
     )
+
+    @field_validator("reconstruct_select")
+    @classmethod
+    def _reselection(cls, value):
+        from .criteria import RESELECTIONS  # the registry, so a re-selection registered by a user is valid here too
+
+        if value not in ("auto", "plan", *RESELECTIONS):
+            raise ValueError(f"is not valid: use one of {', '.join(('auto', 'plan', *RESELECTIONS))}")
+        return value
 
     _positive = field_validator("reconstruct_num_samples", "reconstruct_seq_len")(_at_least_one)
 

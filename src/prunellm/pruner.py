@@ -60,7 +60,7 @@ from .priors import ablation_deltas, ablation_deltas_of, prior_multipliers, prio
 from .selection import SelectionConstraints, normalized_values, removal_limit, select_global
 from .specs import spec_for
 from .sweep import Offload
-from .reconstruction import SOLVER, added_bias_params, projection_biases, prune_plan_rounds, resolve_select
+from .reconstruction import SOLVER, added_bias_params, check_reselection, projection_biases, prune_plan_rounds, resolve_select
 from .runs import StageClock, log_to_file, stage, write_command
 from .surgery import remove_layers
 from .units import UNIT_KINDS, LayerUnits, all_units, count_parameters, decoder_layers
@@ -1099,14 +1099,8 @@ def check_prune_recipe(recipe: PruneRecipe) -> None:
         parse_distribution(recipe.allocation.pruning_distribution)
     check_deploy_target(recipe.selection, recipe.allocation)
     reconstruction = recipe.reconstruction
-    if reconstruction.reconstruct_select == "obs" and reconstruction.reconstruct not in ("lstsq", "lstsq_bias"):
-        raise PrunellmError(
-            f"--reconstruct_select obs chooses units for a least-squares refit: use --reconstruct lstsq or lstsq_bias, not {reconstruction.reconstruct}"
-        )
-    if reconstruction.reconstruct_select == "fluctuation" and reconstruction.reconstruct == "none":
-        raise PrunellmError(
-            "--reconstruct_select fluctuation chooses units during reconstruction: use --reconstruct bias, lstsq or lstsq_bias, not none"
-        )
+    mode = reconstruction.reconstruct
+    check_reselection(resolve_select(reconstruction.reconstruct_select, recipe.scoring.importance_method, mode), mode)
 
 
 def prune(

@@ -53,6 +53,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import StopForward, UnitKey, batches_of, capture_block_inputs, run_block
+from .criteria import RESELECTIONS, PrunedInputs, Reselection
 from .errors import PrunellmError
 from .hf_modeling import BIAS_COMPENSATION_KEY
 from .models import input_device
@@ -67,9 +68,6 @@ log = logging.getLogger(__name__)
 Mode = Literal["none", "bias", "lstsq", "lstsq_bias"]
 Target = Literal["pruned", "dense", "residual"]
 TARGETS = ("pruned", "dense", "residual")
-Select = Literal["plan", "obs", "fluctuation"]
-SELECTS = ("plan", "obs", "fluctuation")
-RESCORABLE = ("fluctuation",)  # criteria that a layer's input statistics on the pruned model measure again
 LSTSQ_MODES = ("lstsq", "lstsq_bias")
 Damp = Union[float, Literal["auto"]]
 DAMP_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)  # λ / mean(diag H_SS) that damp="auto" may choose
@@ -587,38 +585,28 @@ class _DenseLayer:
         return t.reshape(-1, t.shape[-1]).float()
 
 
-def _obs_choice(linear: nn.Linear, stats: InputStats, width: int, count: int, keep: int, mode: Mode) -> list[int]:
-    """The ``keep`` units (of ``count``, ``width`` input columns each) greedy OBS keeps, on this layer's inputs.
-
-    OBS's own light damping (:data:`prunellm.criteria.obs.DAMP`): damping it as much as cross-validation picks for the
-    plan's refit was measured worse on every held-out text (docs/benchmarks.md)."""
-    from .criteria.obs import greedy_obs_removal
-
-    weight, gram, fixed = linear.weight.detach().cpu(), stats.gram, 0
-    if mode == "lstsq_bias":  # the intercept column is refitted with the others and never removed
-        bias = linear.bias.detach().cpu() if linear.bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype)
-        weight, (gram, _), fixed = torch.cat([weight, bias[:, None]], 1), stats.augmented(), 1
-    removed = set(greedy_obs_removal(weight, gram, width, count - keep, fixed=fixed)[0])
-    return [i for i in range(count) if i not in removed]
+def check_reselection(select: str, mode: str) -> Reselection | None:
+    """The registered re-selection ``--reconstruct_select`` names (``None``: ``plan``), refused where the refit
+    ``mode`` cannot serve it."""
+    if select == "plan":
+        return None
+    if select not in RESELECTIONS:
+        raise PrunellmError(f"--reconstruct_select '{select}' is not valid: use one of {', '.join(('plan', *RESELECTIONS))}")
+    if mode == "none":
+        raise PrunellmError(f"--reconstruct_select {select} chooses units during reconstruction: use --reconstruct bias, lstsq or lstsq_bias, not none")
+    reselection = RESELECTIONS[select]
+    if reselection.least_squares_only and mode not in LSTSQ_MODES:
+        raise PrunellmError(f"--reconstruct_select {select} chooses units for a least-squares refit: use --reconstruct lstsq or lstsq_bias, not {mode}")
+    return reselection
 
 
 def resolve_select(select: str, criterion: str, mode: str) -> str:
-    """``--reconstruct_select auto``: re-measure the plan's criterion on each layer's pruned-model inputs where the
-    input statistics the refit gathers measure it (:data:`RESCORABLE`), else keep the plan's units."""
+    """``--reconstruct_select auto``: the registered re-selection that measures the plan's criterion again on each
+    layer's pruned-model inputs (:data:`~prunellm.criteria.RESELECTIONS`, ``rescores``), else keep the plan's units."""
     if select != "auto":
         return select
-    return criterion if criterion in RESCORABLE and mode != "none" else "plan"
-
-
-def _fluctuation_choice(linear: nn.Linear, stats: InputStats, columns, count: int, keep: int) -> list[int]:
-    """The ``keep`` units (of ``count``; ``columns``: their input-column slice of ``linear``) of highest fluctuation
-    on this layer's pruned-model inputs — the fluctuation criterion's formula, which the plan applied to the dense
-    model's inputs."""
-    from .criteria.fluctuation import population_variance, slice_fluctuation
-
-    variance = population_variance(stats.sum, torch.diagonal(stats.gram), stats.tokens)
-    score = slice_fluctuation(linear, variance, columns, count).cpu()
-    return sorted(torch.topk(score, keep).indices.tolist())
+    again = next((r.name for r in RESELECTIONS.values() if r.rescores == criterion), None)
+    return again if again is not None and mode != "none" else "plan"
 
 
 def _run_dense_layer(layer: nn.Module, index: int, down: str, hidden: list[torch.Tensor], kwargs_list: list[list[dict]]) -> _DenseLayer:
@@ -662,7 +650,7 @@ def prune_with_reconstruction(
     batch_size: int = 8,
     target: Target = "pruned",
     refit_unpruned: bool = False,
-    select: Select = "plan",
+    select: str = "plan",
     *,
     capture=None,
     on_layer=None,
@@ -675,8 +663,7 @@ def prune_with_reconstruction(
     the layer-0 inputs gathered without the whole embedding, and ``on_layer.enter(i)`` / ``on_layer.exit(i)``
     around layer i's work (read it from the shards; write it to the output shard and drop it).
     """
-    if mode == "none" and select != "plan":
-        raise PrunellmError(f"--reconstruct_select {select} chooses units during reconstruction: use --reconstruct bias, lstsq or lstsq_bias, not none")
+    reselection = check_reselection(select, mode)
     if mode == "none":
         prune_units(model, kept)
         return ReconstructionReport(mode="none", kept=dict(kept))
@@ -684,10 +671,6 @@ def prune_with_reconstruction(
         raise PrunellmError(f"--reconstruct '{mode}' is not valid: use one of none, bias, lstsq, lstsq_bias")
     if target not in TARGETS:
         raise PrunellmError(f"--reconstruct_target '{target}' is not valid: use one of {', '.join(TARGETS)}")
-    if select not in SELECTS:
-        raise PrunellmError(f"--reconstruct_select '{select}' is not valid: use one of {', '.join(SELECTS)}")
-    if select == "obs" and mode not in LSTSQ_MODES:
-        raise PrunellmError(f"--reconstruct_select obs chooses units for a least-squares refit: use --reconstruct lstsq or lstsq_bias, not {mode}")
     if damp != "auto" and (isinstance(damp, str) or damp < 0):
         raise PrunellmError(f"--reconstruct_damp {damp} is not valid: use auto or a number ≥ 0")
     spec = spec_for(model.config)
@@ -727,15 +710,15 @@ def prune_with_reconstruction(
             replay = _Replay(spec) if kind == "mlp_channel" and not needs_output else None
             with stage("statistics"):
                 stats = _collect_input_stats(
-                    layer, index, proj, hidden, kwargs_list, need_gram=mode in LSTSQ_MODES or select == "fluctuation", folds=folds,
+                    layer, index, proj, hidden, kwargs_list, need_gram=mode in LSTSQ_MODES or reselection is not None, folds=folds,
                     target=fn, target_needs_output=needs_output, replay=replay,
                 )  # fmt: skip
             columns = next(s for s in units.slices if s.module == proj)
             width = columns.width
-            if pruned_here and select == "obs":
-                kept[key] = _obs_choice(get_module(layer, proj), stats, width, units.count, len(kept[key]), mode)
-            elif pruned_here and select == "fluctuation":
-                kept[key] = _fluctuation_choice(get_module(layer, proj), stats, columns, units.count, len(kept[key]))
+            if pruned_here and reselection is not None:  # the re-selection step: measure, choose, record (report.kept)
+                inputs = PrunedInputs(get_module(layer, proj), columns, units.count, stats.sum, stats.gram, stats.tokens,
+                                      intercept=mode == "lstsq_bias")  # fmt: skip
+                kept[key] = reselection.choose(inputs, len(kept[key]))
             indices = kept[key] if pruned_here else list(range(units.count))
             keep = torch.as_tensor(sorted(indices), dtype=torch.long)
             kept_columns = index_ranges(keep, width)
@@ -800,7 +783,7 @@ def prune_plan_rounds(
     damp: Damp = "auto",
     batch_size: int = 8,
     target: Target = "pruned",
-    select: Select = "plan",
+    select: str = "plan",
 ) -> ReconstructionReport:
     """Apply every round of ``plan`` (one, unless it was made with ``--iterative_steps``) by
     :func:`prune_with_reconstruction`, each round on the model the one before left. With ``select`` other than

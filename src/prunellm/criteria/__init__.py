@@ -13,20 +13,24 @@ from . import depth, fluctuation, magnitude, obs, random_, taylor, wanda  # noqa
 from .registry import (
     LAYER_REGISTRY,
     REGISTRY,
+    RESELECTIONS,
     Criterion,
     CriterionOptions,
     LayerCriterion,
     Need,
     ScoreFn,
+    PrunedInputs,
+    Reselection,
     get_criterion,
     get_layer_criterion,
     register,
     register_layer,
+    register_reselection,
 )
 
 __all__ = [
-    "CRITERIA", "LAYER_REGISTRY", "REGISTRY", "Criterion", "CriterionOptions", "LayerCriterion", "Need", "ScoreFn",
-    "get_criterion", "get_layer_criterion", "register", "register_layer",
+    "CRITERIA", "LAYER_REGISTRY", "REGISTRY", "RESELECTIONS", "Criterion", "PrunedInputs", "Reselection", "CriterionOptions", "LayerCriterion", "Need", "ScoreFn",
+    "get_criterion", "get_layer_criterion", "register", "register_layer", "register_reselection",
 ]  # fmt: skip
 
 CRITERIA: tuple[str, ...] = tuple(REGISTRY)

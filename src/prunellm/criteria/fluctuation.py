@@ -13,7 +13,7 @@ import torch
 
 from ..calibration import module_key
 from ..units import reduce_to_units
-from .registry import register, sum_over_slices
+from .registry import PrunedInputs, register, register_reselection, sum_over_slices
 
 
 def population_variance(total: torch.Tensor, squares: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -42,3 +42,16 @@ def fluctuation(model, units, stats, options):
         return slice_fluctuation(linear, input_variance(stats, module_key(unit.layer, s.module)), s, unit.count)
 
     return sum_over_slices(model, units, slice_score)
+
+
+@register_reselection(
+    "fluctuation", "the plan's count per layer, the units of lowest fluctuation re-measured on the pruned model's inputs",
+    rescores="fluctuation",
+)
+def reselect_by_fluctuation(inputs: PrunedInputs, keep: int) -> list[int]:
+    """The ``keep`` units of highest fluctuation on the pruned model's inputs: this criterion's formula, which the
+    plan applied to the dense model's inputs, measured again on the inputs the layer sees after the cuts below it."""
+    variance = population_variance(inputs.total, torch.diagonal(inputs.gram), inputs.tokens)
+    score = slice_fluctuation(inputs.linear, variance, inputs.columns, inputs.count).cpu()
+    return sorted(torch.topk(score, keep).indices.tolist())
+

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..calibration import module_key
-from .registry import register, sum_over_slices
+from .registry import PrunedInputs, register, register_reselection, sum_over_slices
 
 DAMP = 0.01
 
@@ -106,3 +106,21 @@ def obs(model, units, stats, options):
         return obs_errors(linear.weight.detach().float().cpu(), stats.act_gram[module_key(unit.layer, s.module)], s.width)
 
     return sum_over_slices(model, units, slice_score)
+
+
+@register_reselection(
+    "obs", "the plan's count per layer, chosen by greedy OBS on the pruned model's inputs, each removal followed by the "
+    "optimal refit", least_squares_only=True,
+)
+def reselect_by_obs(inputs: PrunedInputs, keep: int) -> list[int]:
+    """The ``keep`` units greedy OBS keeps on the pruned model's inputs, with OBS's own light damping (:data:`DAMP`):
+    damping it as much as cross-validation picks for the plan's refit was measured worse on every held-out text
+    (docs/benchmarks.md). With a free intercept the bias column is refitted with the others and never removed."""
+    weight, gram, fixed = inputs.linear.weight.detach().cpu(), inputs.gram, 0
+    if inputs.intercept:
+        bias = inputs.linear.bias
+        bias = bias.detach().cpu() if bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype)
+        weight, gram, fixed = torch.cat([weight, bias[:, None]], 1), inputs.augmented_gram(), 1
+    removed = set(greedy_obs_removal(weight, gram, inputs.columns.width, inputs.count - keep, fixed=fixed)[0])
+    return [i for i in range(inputs.count) if i not in removed]
+

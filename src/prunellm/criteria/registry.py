@@ -83,6 +83,56 @@ def get_criterion(name: str, flag: str = "--importance_method") -> Criterion:
     return REGISTRY[name]
 
 
+@dataclass(frozen=True)
+class PrunedInputs:
+    """One output projection (o_proj or down_proj) of a layer being pruned, and what the refit measured on its input
+    on the pruned model (every earlier layer already cut and refitted): the data a re-selection chooses from."""
+
+    linear: nn.Linear
+    columns: object  # the units' input-column Slice of ``linear`` (``columns.width`` columns per unit)
+    count: int  # units in the layer
+    total: torch.Tensor  # Σ x per input column (in,), float64
+    gram: torch.Tensor  # Σ x xᵀ (in, in), float64
+    tokens: int
+    intercept: bool  # the refit has a free intercept (--reconstruct lstsq_bias): the bias is refitted with the columns
+
+    def augmented_gram(self) -> torch.Tensor:
+        """The Gram matrix of [x, 1] (in + 1, in + 1), the system a refit with an intercept solves."""
+        top = torch.cat([self.gram, self.total[:, None]], 1)
+        last = torch.cat([self.total, torch.tensor([float(self.tokens)], dtype=self.total.dtype)])
+        return torch.cat([top, last[None, :]], 0)
+
+
+ReselectFn = Callable[[PrunedInputs, int], list[int]]  # (inputs, how many units to keep) -> the kept indices, sorted
+
+
+@dataclass(frozen=True)
+class Reselection:
+    """A registered re-selection (``--reconstruct_select``): during surgery, layer by layer, it keeps the plan's count
+    of units but chooses which, on the pruned model's inputs; the units it applied are written back into the Plan."""
+
+    name: str
+    choose: ReselectFn
+    help: str
+    rescores: str | None  # the criterion whose formula it measures again: --reconstruct_select auto picks it for it
+    least_squares_only: bool  # chooses for a least-squares refit: needs --reconstruct lstsq or lstsq_bias
+
+
+RESELECTIONS: dict[str, Reselection] = {}
+
+
+def register_reselection(name: str, help: str, rescores: str | None = None, least_squares_only: bool = False):
+    """Decorator: register ``fn(inputs: PrunedInputs, keep: int) -> kept indices`` as ``--reconstruct_select name``;
+    ``rescores``: the criterion whose formula it applies again (``auto`` re-selects with it when that criterion made
+    the plan)."""
+
+    def wrap(fn: ReselectFn) -> ReselectFn:
+        RESELECTIONS[name] = Reselection(name, fn, help, rescores, least_squares_only)
+        return fn
+
+    return wrap
+
+
 LayerScoreFn = Callable[..., list[float]]  # (model, input_ids, batch_size[, offload]) -> one float per layer
 
 
