@@ -48,7 +48,7 @@ def run(criteria: tuple[str, ...] = CRITERIA, ratios: tuple[float, ...] = RATIOS
     from prunellm.options import PruneRecipe, RunOptions
     from prunellm.pruner import ablation_windows, collect_stats, compute_priors, select_by_layer_rates, selection_constraints
     from prunellm.reconstruction import prune_with_reconstruction
-    from prunellm.selection import SelectionConstraints, normalized_values, select_global
+    from prunellm.selection import normalized_values, select_global
     from prunellm.units import count_parameters
 
     torch.manual_seed(0)

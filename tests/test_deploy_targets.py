@@ -16,7 +16,8 @@ from transformers import PreTrainedTokenizerFast
 from prunellm.cli import build_parser
 from prunellm.errors import PrunellmError
 from prunellm.export.targets import DEPLOY_TARGETS, VLLM_HEAD_DIMS, deploy_target_names
-from prunellm.options import AllocationOptions, BudgetOptions, ExportOptions, LayersRecipe, PruneRecipe, SelectionOptions, build_options
+from prunellm.cli import build_options
+from prunellm.options import AllocationOptions, BudgetOptions, ExportOptions, LayersRecipe, PruneRecipe, SelectionOptions
 from prunellm.pruner import check_deploy_target, check_reachable, reach_of, selection_constraints
 from prunellm.specs import spec_for
 from prunellm.selection import SelectionConstraints, normalized_values, select_global

@@ -392,7 +392,8 @@ def test_prune_with_finetune_recovers_in_the_same_process(tokenizer, text_file, 
 
 def test_finetune_flag_forms(tmp_path):
     from prunellm.cli import build_parser
-    from prunellm.options import FinetuneOptions, build_options
+    from prunellm.cli import build_options
+    from prunellm.options import FinetuneOptions
 
     def parsed(*flags: str) -> FinetuneOptions:
         return build_options(FinetuneOptions, build_parser().parse_args(["prune", *flags]))

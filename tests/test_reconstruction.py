@@ -228,7 +228,7 @@ def test_too_few_tokens_is_refused():
 def test_lstsq_bias_error_is_at_most_that_of_bias_and_of_lstsq(family, kind):
     """The intercept refit solves over a space holding both the bias shift and the plain refit."""
     ids = calibration_ids(n=16, length=32)
-    keep = [0] if kind == "kv_group" else _kept_mlp(model_ := make_tiny_model(family), 0, 2)
+    keep = [0] if kind == "kv_group" else _kept_mlp(make_tiny_model(family), 0, 2)
     proj_of = lambda m: decoder_layers(m)[0].self_attn.o_proj if kind == "kv_group" else decoder_layers(m)[0].mlp.down_proj  # noqa: E731
     reference = make_tiny_model(family)
     target = _capture(reference, proj_of(reference), ids)

@@ -6,16 +6,12 @@ dtype, seed, output folder). Every model is strict (``extra="forbid"``): a missp
 
 from __future__ import annotations
 
-import argparse
 import functools
-import types
-import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .errors import PrunellmError
 
 
 class _Options(BaseModel):
@@ -196,26 +192,7 @@ def split_list(value: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# argparse generated from the option models
-
-
-def parse_bool(text: str) -> bool:
-    """Accept the seed's ``--flag True`` / ``--flag False`` as well as a bare ``--flag``."""
-    lowered = str(text).strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
-
-
-def _unwrap_optional(annotation: Any) -> Any:
-    origin = typing.get_origin(annotation)
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return annotation
+# the flat flag names of the option models (the command line's flags: cli.py builds argparse from them)
 
 
 @dataclass(frozen=True)
@@ -254,46 +231,6 @@ def option_flags(model: type[BaseModel]) -> dict[str, Flag]:
             section = None if name in renamed else name
             flags[flag] = Flag((name, sub), inner.annotation, getattr(default, sub), help_text or inner.description or "", section)
     return flags
-
-
-def add_options(parser: argparse.ArgumentParser, model: type[BaseModel], title: str | None = None) -> None:
-    """Add one ``--flag`` per option of ``model`` (help and default from the field); each nested group that keeps
-    its field names gets its own ``--help`` section, ``<title>: <group>``."""
-    title = title or model.__name__
-    sections = {None: parser.add_argument_group(title, (model.__doc__ or "").strip().splitlines()[0])}
-    for flag, entry in option_flags(model).items():
-        if entry.section not in sections:
-            doc = (option_groups(model)[entry.section].__doc__ or "").strip().splitlines()[0]
-            sections[entry.section] = parser.add_argument_group(f"{title}: {entry.section}", doc)
-        annotation = _unwrap_optional(entry.annotation)
-        kwargs: dict[str, Any] = {"dest": flag, "default": argparse.SUPPRESS}
-        if annotation is bool:
-            kwargs.update(nargs="?", const=True, type=parse_bool, metavar="BOOL")
-        elif typing.get_origin(annotation) is Literal:
-            choices = typing.get_args(annotation)
-            kwargs.update(choices=choices, type=type(choices[0]))
-        elif annotation in (int, float, str):
-            kwargs.update(type=annotation)
-        else:
-            kwargs.update(type=str)
-        old_names = [f"--{old}" for old, new in RENAMED_OPTIONS.items() if new == flag]
-        sections[entry.section].add_argument(f"--{flag}", *old_names, help=f"{entry.help} (default: {entry.default})", **kwargs)
-
-
-def build_options(model: type[BaseModel], namespace: argparse.Namespace) -> BaseModel:
-    """Instantiate ``model`` from the parsed flags that belong to it (flat flags into their groups); errors name
-    the flag."""
-    flags = option_flags(model)
-    values = {flag: getattr(namespace, flag) for flag in flags if hasattr(namespace, flag)}
-    try:
-        return model(**values)
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        loc = tuple(error.get("loc") or ())
-        by_path = {entry.path: flag for flag, entry in flags.items()}
-        flag = by_path.get(loc[:2]) or by_path.get(loc[:1])
-        where = f"--{flag} {values.get(flag, '')}" if flag else model.__name__ + " "
-        raise PrunellmError(f"{where}: {error['msg'].removeprefix('Value error, ')}") from None
 
 
 def _at_least_one(cls, value):
