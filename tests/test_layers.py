@@ -252,3 +252,29 @@ def test_layer_pruning_script_flags(tiny_dir):
     assert abs(plan["achieved_ratio"] - 0.05) < 0.01
     assert len(json.loads((out / "rounds" / "1" / "layer_importance.json").read_text())["pruning_rates"]) == 4  # 2 rounds
     assert (out / "evaluation_results.json").is_file() and (out / "evaluation_results_base.json").is_file()
+
+
+def test_ablations_computed_in_bfloat16_rank_like_the_weights_dtype_and_leave_the_weights_alone(family):
+    """``--prior_dtype bfloat16``: the sweep's layers compute in bfloat16 (each layer's weights cast while it runs);
+    the deltas stay close to float32's and keep its order, the model keeps its float32 weights, and the cache keeps
+    the two apart."""
+    from prunellm.sweep import Offload
+
+    model = make_tiny_model(family, num_hidden_layers=3)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    ids = calibration_ids(n=4, length=16)
+    exact = ablation_deltas_of(model, ids, ("layer", "mlp"), batch_size=2, measure="kl")
+    half = ablation_deltas_of(model, ids, ("layer", "mlp"), batch_size=2, measure="kl", offload=Offload(device=None, dtype=torch.bfloat16))
+    for target in ("layer", "mlp"):
+        assert half[target] != exact[target]  # computed, not the float32 entry of the cache
+        torch.testing.assert_close(torch.tensor(half[target]), torch.tensor(exact[target]), rtol=0.1, atol=1e-3)
+        assert torch.tensor(half[target]).argmax() == torch.tensor(exact[target]).argmax()
+    assert all(p.dtype == torch.float32 and torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+
+def test_prior_dtype_is_refused_with_the_fisher_estimate():
+    from prunellm.options import PruneRecipe
+    from prunellm.pruner import check_prune_recipe
+
+    with pytest.raises(PrunellmError, match="--prior_dtype bfloat16 sets the dtype of the ablations"):
+        check_prune_recipe(PruneRecipe(prior_dtype="bfloat16", prior_measure="fisher"))

@@ -49,6 +49,7 @@ VARIANTS: dict[str, dict] = {
     "prunellm_one_round": {"iterative_steps": 1},
     "prunellm_no_prior_one_round": {"temperature": 0.0, "iterative_steps": 1},
     "prunellm_fisher_prior": {"prior_measure": "fisher"},
+    "prunellm_bf16_prior": {"prior_dtype": "bfloat16"},
 }
 METHODS = ("flap", "llm_pruner", "torch_pruning", "prunellm", "prunellm_at_flap", *VARIANTS)
 # the order rows are measured in: the comparison first, then the third peer. ``prunellm_at_flap`` removes
@@ -69,6 +70,7 @@ LABELS = {
     "prunellm_one_round": "prunellm default in one round (`--iterative_steps 1`)",
     "prunellm_no_prior_one_round": "prunellm default without the prior, in one round (`--temperature 0 --iterative_steps 1`)",
     "prunellm_fisher_prior": "prunellm default with the Fisher estimate of the prior (`--prior_measure fisher`)",
+    "prunellm_bf16_prior": "prunellm default with the prior's ablations computed in bfloat16 (`--prior_dtype bfloat16`)",
 }
 
 

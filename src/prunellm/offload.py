@@ -158,10 +158,11 @@ class Onloader:
     put back after; from host memory they are copied to the device (or used as they are when already there).
     Either way the module holds fresh ``Parameter`` objects while on the device and its own ones after.
     ``device=None`` (a model in memory, in place): every module is used where it is and nothing is moved.
+    ``dtype``: the modules compute in this dtype (their parameters copied in it while on the device); None: their own.
     """
 
-    def __init__(self, model: nn.Module, device: torch.device | None) -> None:
-        self.model, self.device = model, device
+    def __init__(self, model: nn.Module, device: torch.device | None, dtype: torch.dtype | None = None) -> None:
+        self.model, self.device, self.dtype = model, device, dtype
         self.weights = _WEIGHTS.get(model)
         self.names = {id(m): name for name, m in model.named_modules(remove_duplicate=False)}
         spec = spec_for(model.config)
@@ -212,13 +213,14 @@ class Onloader:
         fresh = []
         for sub, pname, p, full in slots:
             data = loaded[keys[full]] if self.weights is not None else p.detach()
-            fresh.append((sub, pname, p, nn.Parameter(data.to(self.device, p.dtype), requires_grad=False)))
+            device = self.device if self.device is not None else p.device
+            fresh.append((sub, pname, p, nn.Parameter(data.to(device, self.dtype or p.dtype), requires_grad=False)))
         return fresh
 
     @contextlib.contextmanager
     def onloaded(self, *modules: nn.Module) -> Iterator[None]:
         """The parameters of ``modules`` on the compute device for the duration of the block."""
-        if self.device is None:
+        if self.device is None and self.dtype is None:
             yield
             return
         slots = self._fresh(modules)
@@ -230,7 +232,7 @@ class Onloader:
             for sub, pname, p, _ in slots:
                 sub._parameters[pname] = p
             del slots
-            if self.device.type == "cpu":
+            if self.device is not None and self.device.type == "cpu":
                 rss.trim_heap()  # freed layers go back to the OS, not to the next layer's peak
 
     def materialize(self, module: nn.Module) -> None:
@@ -386,7 +388,7 @@ def layer_inputs(model: nn.Module, onloader: Onloader, batches: list[torch.Tenso
     layers, embed = decoder_layers(model, spec), get_module(model, spec.embed)
     with torch.no_grad():
         if type(embed) is nn.Embedding:
-            embeds = _input_embeddings(onloader, embed, batches, next(layers[0].parameters()).dtype)
+            embeds = _input_embeddings(onloader, embed, batches, onloader.dtype or next(layers[0].parameters()).dtype)
             captured = [capture_block_inputs(model, layers, None, inputs_embeds=e) for e in embeds]
             del embeds
         else:

@@ -95,7 +95,8 @@ def ablation_deltas_of(
     for stale in [key for key in cached if key[-1] != version]:  # older weights' entries can never match again
         del cached[stale]
     kl_positions = positions if measure == "kl" and scored_positions(input_ids.shape[1], positions) is not None else None
-    keys = {target: (target, measure, kl_positions, batch_size, tuple(indices), tensor_hash(input_ids), version) for target in targets}
+    dtype = getattr(offload, "dtype", None)  # a placement that computes in another dtype measures other deltas
+    keys = {target: (target, measure, kl_positions, batch_size, tuple(indices), tensor_hash(input_ids), dtype, version) for target in targets}
     missing = tuple(target for target in targets if keys[target] not in cached)
     if missing and measure == "fisher":
         if offload is not None:
@@ -107,7 +108,7 @@ def ablation_deltas_of(
         for target in missing:
             cached[keys[target]] = [max(value, 0.0) for value in estimates[target]]
     elif missing:
-        if offload is None and getattr(model.config, "final_logit_softcapping", None):  # a head the sweep cannot slice
+        if (offload is None or offload.device is None) and getattr(model.config, "final_logit_softcapping", None):  # a head the sweep cannot slice
             losses = {}
             for target in missing:
                 base, losses[target] = _ablated_losses_full(model, input_ids, target, batch_size, indices, measure, kl_positions)

@@ -6,6 +6,7 @@ Score, plan and surgery stay separate steps with the Plan in the middle, so a pl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -23,6 +24,7 @@ from .calibration import Stats, UnitKey
 from .checkpoint import save_model
 from .criteria import CriterionOptions, get_criterion
 from .data import describe_source, sample_calibration, tensor_hash
+from .dtypes import torch_dtype
 from .errors import PrunellmError
 from .evaluation import evaluate, save_results
 from .models import check_context, load_model, load_tokenizer
@@ -59,7 +61,7 @@ from .plan import LayerPlan, Plan, RoundPlan, compose_rounds, kept_units_of, pac
 from .priors import ablation_deltas, ablation_deltas_of, prior_multipliers, prior_spread, resolve_tau, resolve_temperature
 from .selection import SelectionConstraints, normalized_values, removal_limit, select_global
 from .specs import spec_for
-from .sweep import Offload
+from .sweep import IN_PLACE, Offload
 from .reconstruction import SOLVER, added_bias_params, check_reselection, projection_biases, prune_plan_rounds, resolve_select
 from .runs import StageClock, log_to_file, stage, write_command
 from .surgery import remove_layers
@@ -349,6 +351,8 @@ def compute_priors(
     pure = {-math.inf: "block", math.inf: "layer"}.get(priors.tau) if priors.tau != "auto" else None
     targets = () if pure == "layer" else tuple(t for t, kind in (("attention", "kv_group"), ("mlp", "mlp_channel")) if kind in kinds)
     measured_layers = pure != "block"
+    if priors.prior_dtype != "weights" and measure != "fisher":  # the ablations' layers compute in that dtype (cast per layer)
+        offload = dataclasses.replace(offload or IN_PLACE, dtype=torch_dtype(priors.prior_dtype))
     if measure == "fisher":  # one forward and backward pass estimates every target: one set of windows
         blocks = ablation_deltas_of(model, layer_ids, ("layer",) * measured_layers + targets, batch, offload=offload, measure="fisher")
         layer_d = blocks.pop("layer", None)
@@ -1098,6 +1102,9 @@ def check_prune_recipe(recipe: PruneRecipe) -> None:
     if recipe.allocation.allocation == "layerwise":
         parse_distribution(recipe.allocation.pruning_distribution)
     check_deploy_target(recipe.selection, recipe.allocation)
+    if recipe.priors.prior_dtype != "weights" and recipe.priors.prior_measure == "fisher":
+        raise PrunellmError(f"--prior_dtype {recipe.priors.prior_dtype} sets the dtype of the ablations (--prior_measure kl or loss); "
+                            "--prior_measure fisher runs in the weights' dtype: leave --prior_dtype out")
     reconstruction = recipe.reconstruction
     mode = reconstruction.reconstruct
     check_reselection(resolve_select(reconstruction.reconstruct_select, recipe.scoring.importance_method, mode), mode)

@@ -118,6 +118,7 @@ class Offload:
 
     device: str | torch.device | None = "cpu"
     folder: str | Path | None = None
+    dtype: torch.dtype | None = None  # the layers compute in this dtype (--prior_dtype bfloat16); None: the weights' own
 
     def ablated_losses(self, model: nn.Module, input_ids: torch.Tensor, targets: tuple[Target, ...], batch_size: int, indices: list[int], measure: Measure = "loss", positions: int | None = None) -> tuple[float, dict[Target, list[float]]]:
         return ablated_losses(model, input_ids, targets, batch_size, indices, self, measure, positions)
@@ -145,7 +146,7 @@ class LayerSweep:
     def __init__(self, model: nn.Module, input_ids: torch.Tensor, batch_size: int, offload: Offload) -> None:
         self.model, self.spec = model, spec_for(model.config)
         self.layers = decoder_layers(model, self.spec)
-        self.onloader = Onloader(model, None if offload.device is None else torch.device(offload.device))
+        self.onloader = Onloader(model, None if offload.device is None else torch.device(offload.device), offload.dtype)
         self.batches = batches_of(input_ids, batch_size)
         self.kwargs: list[list[dict]] = []
         self._reference: dict[int, torch.Tensor] | None = None  # the dense log-probabilities per chunk, for every KL
@@ -176,7 +177,7 @@ class LayerSweep:
         norm, head = get_module(self.model, self.spec.final_norm), get_module(self.model, self.spec.lm_head)
         with self.onloader.onloaded(norm):
             device = self.onloader.device_of(norm)
-            normed = [norm(h.to(device)) for h in hidden]
+            normed = [norm(h.to(device)).to(head.weight.dtype) for h in hidden]
         losses, _ = head_losses_and_grads(self.onloader, head, normed, self.batches, grads=False)
         sizes = [b[:, 1:].numel() for b in self.batches]
         total = sum(check_loss(loss, i) * n for i, (loss, n) in enumerate(zip(losses, sizes)))
@@ -191,7 +192,7 @@ class LayerSweep:
         norm, head = get_module(self.model, self.spec.final_norm), get_module(self.model, self.spec.lm_head)
         with self.onloader.onloaded(norm):
             device = self.onloader.device_of(norm)
-            normed = [[norm(predicting(h.to(device), picked)) for h in hs] for hs in (reference, hidden)]
+            normed = [[norm(predicting(h.to(device), picked)).to(head.weight.dtype) for h in hs] for hs in (reference, hidden)]
         if self._reference is None:
             rows = sum(h.shape[0] * h.shape[1] for h in normed[0])
             self._reference = {} if rows * head.weight.shape[0] * 4 <= REFERENCE_BYTES else None
